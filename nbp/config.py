@@ -1,0 +1,143 @@
+"""Model configurations: dataclasses with named presets, saved as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration is inconsistent or names an unknown preset."""
+
+
+def _tuple3(name: str, value) -> tuple[int, int, int]:
+    t = tuple(int(x) for x in value)
+    if len(t) != 3 or min(t) < 1:
+        raise ConfigError(f"{name}: expected three positive ints (t, h, w), got {value!r}")
+    return t
+
+
+@dataclass
+class TransformerConfig:
+    """The published GPT-2 style NBP generator (OFFICIAL_NBP.md).
+
+    Token layout (ids the model sees):
+
+    * ``hybrid`` (UCF): 0 = begin-of-video, 1..L-1 = middle-bos fillers, then
+      the condition vocabulary (``cond_vocab_size`` ids), then the video codes.
+    * ``bov`` without hybrid: 0 = begin-of-video, condition, video codes.
+    * neither (K600): condition (if any), then the video codes.
+    """
+
+    vocab_size: int = 64000
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1536
+    max_seq_len: int = 5120          # length of the learned position table
+    latent_shape: tuple = (5, 16, 16)  # (t, h, w) code grid of one clip
+    block_shape: tuple = (1, 1, 16)  # (bt, bh, bw); L = bt * bh * bw tokens per step
+    hybrid: bool = False             # causal start of L tokens, then blocks (UCF models)
+    bov: bool = False                # sequence starts with a begin-of-video id
+    cond_len: int = 0                # condition tokens per sequence (8 text tokens, 1 class)
+    cond_vocab_size: int = 0         # condition vocabulary T (text or classes)
+    codebook_size: int = 64000       # tokenizer codes
+    dropout: float = 0.0             # embedding, attention-output and MLP dropout (training)
+
+    def __post_init__(self):
+        self.latent_shape = _tuple3("latent_shape", self.latent_shape)
+        self.block_shape = _tuple3("block_shape", self.block_shape)
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len", "codebook_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for g, b, axis in zip(self.latent_shape, self.block_shape, "thw"):
+            if g % b:
+                raise ConfigError(f"block_shape {self.block_shape} does not tile latent_shape "
+                                  f"{self.latent_shape}: {axis} = {g} is not divisible by {b}")
+        if self.hybrid and not self.bov:
+            raise ConfigError("hybrid models start with a begin-of-video id: set bov=True")
+        if self.video_offset + self.codebook_size > self.vocab_size:
+            raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the layout needs: "
+                              f"video ids start at {self.video_offset} and there are "
+                              f"{self.codebook_size} codes")
+
+    @property
+    def block_size(self) -> int:
+        """L, tokens generated per step."""
+        return math.prod(self.block_shape)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def video_len(self) -> int:
+        return math.prod(self.latent_shape)
+
+    @property
+    def cond_offset(self) -> int:
+        """Id of condition token 0."""
+        return self.block_size if self.hybrid else int(self.bov)
+
+    @property
+    def video_offset(self) -> int:
+        """Id of video code 0."""
+        return self.cond_offset + self.cond_vocab_size
+
+    @property
+    def bov_id(self) -> int:
+        return 0
+
+    # --- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["latent_shape"], d["block_shape"] = list(self.latent_shape), list(self.block_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown TransformerConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TransformerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
+        if name not in TRANSFORMER_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(TRANSFORMER_PRESETS)}")
+        return dataclasses.replace(TRANSFORMER_PRESETS[name], **overrides)
+
+
+_K600 = dict(vocab_size=64000, latent_shape=(5, 16, 16), block_shape=(1, 1, 16))
+# UCF: LLaMA-2 text vocabulary (32000) shifted by L, 8 text tokens, hybrid start.
+_UCF = dict(vocab_size=64000 + 32000 + 16, latent_shape=(5, 16, 16), block_shape=(1, 1, 16),
+            hybrid=True, bov=True, cond_len=8, cond_vocab_size=32000)
+
+TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
+    "k600-base": TransformerConfig(n_layer=24, n_head=16, n_embd=1536, **_K600),
+    "k600-xl": TransformerConfig(n_layer=24, n_head=32, n_embd=2048, **_K600),
+    "k600-3b": TransformerConfig(n_layer=32, n_head=32, n_embd=3072, **_K600),
+    "ucf-base": TransformerConfig(n_layer=24, n_head=16, n_embd=1536, **_UCF),
+    "ucf-3b": TransformerConfig(n_layer=32, n_head=32, n_embd=3072, **_UCF),
+    # Small models for tests and CPU work.
+    "tiny": TransformerConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, max_seq_len=128,
+                              latent_shape=(3, 4, 4), block_shape=(1, 1, 4), codebook_size=64),
+    "tiny-hybrid": TransformerConfig(vocab_size=4 + 10 + 64, n_layer=2, n_head=2, n_embd=32,
+                                     max_seq_len=128, latent_shape=(3, 4, 4), block_shape=(1, 1, 4),
+                                     hybrid=True, bov=True, cond_len=3, cond_vocab_size=10,
+                                     codebook_size=64),
+}

@@ -1,0 +1,70 @@
+"""File output: atomic writes and video files (GIF / MP4)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_path", "atomic_write_text", "save_video", "video_to_uint8"]
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it into place on success.
+
+    Readers never see a half-written file, and a failure leaves any existing
+    file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def video_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] float in [0, 1] -> [T, H, W, 3] uint8."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video: expected [3, T, H, W], got shape {tuple(video.shape)}")
+    v = video.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return v.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def save_video(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
+    """Write a video ``[3, T, H, W]`` or a batch ``[B, 3, T, H, W]`` (tiled side by side).
+
+    The format follows the suffix: ``.gif`` or ``.mp4``. Written atomically.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise ValueError(f"path: expected a .gif or .mp4 file name, got {str(path)!r}")
+    if fps <= 0:
+        raise ValueError(f"fps: expected a positive number, got {fps}")
+    if video.dim() == 5:  # tile the batch horizontally: [3, T, H, B*W]
+        video = torch.cat(list(video), dim=-1)
+    frames = video_to_uint8(video)
+    import imageio.v3 as iio
+
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".gif":
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+        else:
+            h, w = frames.shape[1:3]
+            if h % 2 or w % 2:  # yuv420p needs even sizes
+                frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            iio.imwrite(tmp, frames, extension=".mp4", plugin="pyav", codec="libx264", fps=fps)
+    return path

@@ -1,0 +1,166 @@
+"""NBPTransformer: the published GPT-2 style generator, state-dict compatible.
+
+Parameter names match the published checkpoints' ``transformer.*`` keys:
+``tok_emb``, ``pos_emb`` [1, max_seq_len, C], ``blocks.{i}.ln1``,
+``blocks.{i}.attn.{query,key,value,proj}``, ``blocks.{i}.ln2``,
+``blocks.{i}.mlp.{0,2}``, ``ln_f``, ``head`` (no bias) and the buffer
+``uncond_embedding`` [cond_len, C] used for classifier-free guidance.
+
+The model is written as small pieces (``embed``, ``Block``, ``logits``) with
+attention injected as a function, so the teacher-forced forward (block-causal
+attention over the whole sequence) and the generator's cached decode step
+share every weight and every line of the layer math.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nbp_kernels
+
+from .config import TransformerConfig
+
+__all__ = ["NBPTransformer", "AttendFn"]
+
+# attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.key = nn.Linear(C, C)
+        self.query = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
+        self.proj = nn.Linear(C, C)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, S, C = t.shape
+        return t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int) -> torch.Tensor:
+        """x: [B, S, C] -> [B, S, C]."""
+        q, k, v = (self.split_heads(lin(x)) for lin in (self.query, self.key, self.value))
+        y = attend(q, k, v, layer_idx)                      # [B, H, S, D]
+        y = y.transpose(1, 2).reshape(x.shape)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.attn = SelfAttention(cfg)
+        # Indices 0 and 2 carry the weights, as in the published state dict.
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C),
+                                 nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attend, layer_idx)
+        return x + self.mlp(self.ln2(x))
+
+
+class NBPTransformer(nn.Module):
+    """Decoder-only transformer over NBP token sequences.
+
+    ``model(input_ids, cond_len=0)`` returns teacher-forced logits [B, S, V]
+    (float32 or the parameter dtype) under the NBP mask from the config.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.max_seq_len, C))
+        self.drop = nn.Dropout(config.dropout)
+        self.register_buffer("uncond_embedding", torch.randn(config.cond_len, C) / C ** 0.5)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # --- pieces shared with the generator ------------------------------------
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+              prefix_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Token + position embeddings [B, S, C].
+
+        input_ids: int64 [B, S]. positions: int64 [B, S] or [S] (default
+        0..S-1). prefix_embeddings: [P, C] or [B, P, C], replacing the token
+        embeddings of the first P positions (the unconditional branch of CFG).
+        """
+        B, S = input_ids.shape
+        if positions is None:
+            if S > self.config.max_seq_len:
+                raise ValueError(f"input_ids: sequence length {S} exceeds max_seq_len "
+                                 f"{self.config.max_seq_len} of the position table")
+            pos = self.pos_emb[:, :S]
+        else:
+            pos = self.pos_emb[0, positions]
+        x = self.tok_emb(input_ids)
+        if prefix_embeddings is not None:
+            P = prefix_embeddings.shape[-2]
+            x = torch.cat([prefix_embeddings.to(x.dtype).expand(B, P, -1), x[:, P:]], dim=1)
+        return self.drop(x + pos)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + vocabulary head: [B, S, C] -> [B, S, V]."""
+        return self.head(self.ln_f(x))
+
+    def run_layers(self, x: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, attend, i)
+        return x
+
+    def block_causal_attend(self, *, cond_len: int = 0, block_size: int | None = None,
+                            hybrid: bool | None = None, backend: str = "auto") -> AttendFn:
+        """An attend function applying the NBP mask over the whole sequence."""
+        L = self.config.block_size if block_size is None else block_size
+        hy = self.config.hybrid if hybrid is None else hybrid
+
+        def attend(q, k, v, layer_idx):
+            return nbp_kernels.block_causal_attention(q, k, v, block_size=L, cond_len=cond_len,
+                                                      hybrid=hy, backend=backend)
+        return attend
+
+    # --- teacher-forced forward ---------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cond_len: int = 0, *, block_size: int | None = None,
+                hybrid: bool | None = None, prefix_embeddings: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+        """input_ids: int64 [B, S] -> logits [B, S, V].
+
+        Position p's logits predict position p + L (L = block_size, default
+        the config's). ``block_size``/``hybrid`` override the config's mask
+        (``block_size=1`` gives plain causal NTP).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids: expected an int64 tensor [batch, seq], got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        attend = self.block_causal_attend(cond_len=cond_len, block_size=block_size,
+                                          hybrid=hybrid, backend=backend)
+        x = self.embed(input_ids.long(), prefix_embeddings=prefix_embeddings)
+        return self.logits(self.run_layers(x, attend))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, cond_len: int = 0,
+             **kwargs) -> torch.Tensor:
+        """Mean cross-entropy of ``targets`` [B, S] (-100 = ignored) under the forward's logits."""
+        logits = self(input_ids, cond_len, **kwargs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,135 @@
+"""The one semantic definition of every op in ``nbp_kernels``.
+
+Plain PyTorch, computed in float32, written to be obviously right rather than
+fast. Every backend (``torch``, ``triton``, ``cuda``) is tested against these
+functions. Shapes follow DESIGN.md: ``[batch, heads, seq, head_dim]``; caches
+are preallocated ``[batch, heads, max_seq, head_dim]``; ``seq_lens`` is an
+int32 tensor ``[batch]``.
+
+The NBP mask (query position ``i``, key position ``j``, the first ``cond_len``
+positions being the condition):
+
+* ``j < cond_len``: visible to every row;
+* ``i < cond_len <= j``: hidden;
+* otherwise visible iff ``block_id(j) <= block_id(i)``.
+
+``block_id`` numbers the video positions ``p >= cond_len``:
+
+* non-hybrid: ``(p - cond_len) // block_size``;
+* hybrid: the first ``block_size`` video positions are blocks of one token
+  (a causal start), then blocks of ``block_size`` from ``cond_len + block_size``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "block_ids",
+    "nbp_mask",
+    "masked_attention",
+    "block_causal_attention",
+    "block_decode_attention",
+    "kv_append_",
+]
+
+
+def block_ids(positions: torch.Tensor, *, block_size: int, cond_len: int = 0,
+              hybrid: bool = False) -> torch.Tensor:
+    """Block index of each position (int64, same shape as ``positions``).
+
+    Condition positions (``p < cond_len``) get -1.
+    """
+    v = positions - cond_len
+    if hybrid:
+        ids = torch.where(v < block_size, v, block_size + (v - block_size) // block_size)
+    else:
+        ids = torch.div(v, block_size, rounding_mode="floor")
+    return torch.where(v < 0, torch.full_like(ids, -1), ids)
+
+
+def nbp_mask(q_len: int, kv_len: int | None = None, *, block_size: int, cond_len: int = 0,
+             hybrid: bool = False, q_offset: int | None = None,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean NBP mask ``[q_len, kv_len]``; True where the query may attend.
+
+    Query row ``r`` sits at absolute position ``q_offset + r`` (default
+    ``kv_len - q_len``, i.e. the queries are the last ``q_len`` keys).
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    i = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    j = torch.arange(kv_len, device=device)[None, :]
+    bi = block_ids(i, block_size=block_size, cond_len=cond_len, hybrid=hybrid)
+    bj = block_ids(j, block_size=block_size, cond_len=cond_len, hybrid=hybrid)
+    in_cond_j = j < cond_len
+    in_cond_i = i < cond_len
+    return in_cond_j | (~in_cond_i & (bj <= bi))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Softmax attention with an explicit boolean mask, in float32.
+
+    q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; mask: bool broadcastable to
+    [B, H, Sq, Sk]. Returns [B, H, Sq, D] in q's dtype. Rows with no visible
+    key return zeros (never NaN).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", p, v.float()).to(q.dtype)
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                           block_size: int, cond_len: int = 0, hybrid: bool = False,
+                           scale: float | None = None) -> torch.Tensor:
+    """Full-sequence attention under the NBP mask.
+
+    q, k, v: [B, H, S, D], any float dtype. Returns [B, H, S, D] in q's dtype.
+    Differentiable (autograd through the float32 computation).
+    """
+    mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
+                    hybrid=hybrid, device=q.device)
+    return masked_attention(q, k, v, mask, scale)
+
+
+def kv_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
+               v_new: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Write a block in place: ``cache[b, :, seq_lens[b] : seq_lens[b] + L] = new[b]``.
+
+    k_cache, v_cache: [B, H, M, D]; k_new, v_new: [B, H, L, D]; seq_lens: int [B].
+    Positions outside the block are left untouched. The caller guarantees
+    ``seq_lens[b] + L <= M`` (the public wrappers check it).
+    """
+    L = k_new.shape[2]
+    for b, s in enumerate(seq_lens.tolist()):
+        k_cache[b, :, s:s + L] = k_new[b].to(k_cache.dtype)
+        v_cache[b, :, s:s + L] = v_new[b].to(v_cache.dtype)
+
+
+def block_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seq_lens: torch.Tensor, *, k_new: torch.Tensor | None = None,
+                           v_new: torch.Tensor | None = None,
+                           scale: float | None = None) -> torch.Tensor:
+    """One decode step: a block of L queries per sequence against its cache.
+
+    q: [B, H, L, D]; k_cache, v_cache: [B, H, M, D]; seq_lens: int [B], the
+    number of valid cached positions before this block. With k_new/v_new
+    ([B, H, L, D]) they are first written in place at ``seq_lens[b]``.
+    Query row ``r`` of sequence ``b`` attends to every cache position
+    ``< seq_lens[b] + L`` (the whole block is visible to each of its rows).
+    Returns [B, H, L, D] in q's dtype.
+    """
+    if k_new is not None:
+        kv_append_(k_cache, v_cache, k_new, v_new, seq_lens)
+    L = q.shape[2]
+    outs = []
+    for b, s in enumerate(seq_lens.tolist()):
+        n = s + L
+        mask = torch.ones(L, n, dtype=torch.bool, device=q.device)
+        outs.append(masked_attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
+                                     mask, scale))
+    return torch.cat(outs, dim=0)

@@ -1,0 +1,41 @@
+"""The ``torch`` backend: vectorised PyTorch (SDPA), no host synchronisation.
+
+The CPU default and the GPU fallback. Same semantics as ``reference.py``, but
+without Python loops over the batch so it stays usable inside a captured graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import nbp_mask
+
+
+def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
+    """q, k, v: [B, H, S, D] -> [B, H, S, D]; differentiable."""
+    mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
+                    hybrid=hybrid, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _block_index(seq_lens: torch.Tensor, L: int, H: int, D: int) -> torch.Tensor:
+    pos = seq_lens.long()[:, None] + torch.arange(L, device=seq_lens.device)   # [B, L]
+    return pos[:, None, :, None].expand(-1, H, -1, D)                            # [B, H, L, D]
+
+
+def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
+    """Scatter the block into the caches at ``seq_lens[b]`` (in place)."""
+    B, H, L, D = k_new.shape
+    idx = _block_index(seq_lens, L, H, D)
+    k_cache.scatter_(2, idx, k_new.to(k_cache.dtype))
+    v_cache.scatter_(2, idx, v_new.to(v_cache.dtype))
+
+
+def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None):
+    """q: [B, H, L, D] against caches [B, H, M, D]; keys ``< seq_lens[b] + L`` visible."""
+    if k_new is not None:
+        kv_append_(k_cache, v_cache, k_new, v_new, seq_lens)
+    L, M = q.shape[2], k_cache.shape[2]
+    visible = torch.arange(M, device=q.device)[None, :] < (seq_lens.long()[:, None] + L)  # [B, M]
+    return F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                          attn_mask=visible[:, None, None, :], scale=scale)
