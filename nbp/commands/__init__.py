@@ -1,0 +1,1 @@
+"""Subcommands of the ``nbp`` CLI, one module each (see nbp.cli)."""

@@ -1,0 +1,52 @@
+"""``nbp info``: versions, devices and which kernel backends are usable."""
+from __future__ import annotations
+
+import json
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    import nbp
+    import nbp_kernels
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    info = {
+        "nbp": nbp.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "devices": {d: (torch.cuda.get_device_name(d) if d != "cpu" else platform.processor() or "cpu")
+                    for d in devices},
+        "backends": {d: {b: (ok if ok else f"no ({why})")
+                         for b in nbp_kernels.dispatch.BACKENDS
+                         for ok, why in [nbp_kernels.backend_status(b, d)]}
+                     for d in devices},
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for key in ("nbp", "python", "torch", "triton", "cuda_runtime"):
+        print(f"{key:>13}: {info[key]}")
+    for dev, name in info["devices"].items():
+        print(f"{'device':>13}: {dev} ({name})")
+        for b, status in info["backends"][dev].items():
+            print(f"{'':>15}{b:<10} {'yes' if status is True else status}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="versions, devices and usable kernel backends")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=run)
