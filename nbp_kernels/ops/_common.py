@@ -39,8 +39,18 @@ def is_available(device) -> tuple[bool, str]:
     if device.type == "cpu" and interpreting():
         return True, ""
     if device.type == "cpu":
-        return False, "triton runs on CPU tensors only in the interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        return False, ("triton runs on CPU tensors only in the interpreter "
+                       "(set TRITON_INTERPRET=1 before importing triton)")
     return False, f"triton backend supports cuda devices, got {device.type}"
+
+
+MAX_HEAD_DIM = 256  # larger tiles would not fit a GPU's registers/shared memory
+
+
+def check_head_dim(name: str, d: int) -> None:
+    """Raise ValueError unless ``d`` (the head dim of tensor ``name``) fits the attention kernels."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: the triton backend supports head_dim in [1, {MAX_HEAD_DIM}], got {d}")
 
 
 def next_pow2(n: int) -> int:

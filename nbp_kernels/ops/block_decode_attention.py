@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (LOG2E, dot_precision, head_split, interpreting, last_dim_contiguous, sm_count,
-                      strides3, tl, triton)
+from ._common import (LOG2E, check_head_dim, dot_precision, head_split, interpreting,
+                      last_dim_contiguous, sm_count, strides3, tl, triton)
 from .block_causal_attention import _load_rows, _load_t, _store_rows
 
 
@@ -185,7 +185,9 @@ def choose_splits(batch: int, heads: int, L: int, max_seq: int, device: torch.de
 
 
 def decode(q, k_cache, v_cache, seq_lens, k_new, v_new, scale: float, num_splits: int = 0):
-    """Launch the split kernel (+ reduction). Shapes as ``block_decode_attention``; returns [B, H, L, D] q.dtype.
+    """Launch the split kernel (+ reduction); shapes as ``block_decode_attention``.
+
+    Returns [B, H, L, D] in q.dtype.
 
     ``num_splits`` 0 chooses from the shape (``choose_splits``).
     """
@@ -253,6 +255,9 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     overrides the split count chosen from the shape. Arguments are validated
     by the public wrapper ``nbp_kernels.block_decode_attention``.
     """
+    check_head_dim("q", q.shape[-1])
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 0):
+        raise ValueError(f"num_splits: expected a non-negative int (0 = choose), got {num_splits!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     splits = int(num_splits or 0)
     if k_new is None:
