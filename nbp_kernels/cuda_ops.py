@@ -1,0 +1,221 @@
+"""The ``cuda`` backend: hand-written CUDA kernels from ``csrc/`` (module ``nbp_kernels._C``).
+
+Ops (semantics exactly ``nbp_kernels.reference``):
+
+* ``block_decode_attention``: split-KV (flash-decoding) decode step with the
+  fused in-place append. fp16/bf16 run on tensor cores (16-row query tiles:
+  L = 16 is one tile, L = 1 a zero-padded tile, any other L <= 256 several
+  tiles); fp32 runs on CUDA cores (kernel specialised for L = 1 and 16-row
+  tiles otherwise). head_dim 64, 96 or 128. ``seq_lens`` is read on the device.
+* ``kv_append_``: in-place block append (any dtype; head_dim * itemsize a
+  multiple of 16 bytes).
+* ``block_causal_attention``: not implemented here (raises
+  ``NotImplementedError`` naming the backends that have it); ``auto`` never
+  picks ``cuda`` for it.
+
+The compiled module takes raw device pointers, strides and the current CUDA
+stream, so it does not depend on torch's C++ ABI. Both ops are registered as
+``torch.library`` custom ops (``nbp::cuda_block_decode_attention``,
+``nbp::cuda_kv_append``) with fake implementations, so they trace under
+``torch.compile`` and can be captured in CUDA graphs (run once before
+capturing so the kernels are loaded).
+
+Positions past ``max_seq`` are never written; with an unchecked overflow
+(``check_bounds=False`` upstream) the keys attended are clamped to
+``max_seq``, and negative lengths are clamped to 0 (memory-safe, not
+meaningful).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+import math
+
+import torch
+
+from ._validate import check_append, check_decode
+
+try:
+    from . import _C
+    _IMPORT_ERROR = ""
+except ImportError as e:  # not built: the package still works without it
+    _C = None
+    _IMPORT_ERROR = str(e)
+
+__all__ = ["block_causal_attention", "block_decode_attention", "kv_append_", "is_available",
+           "build_info", "arch_supported"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DECODE_HEAD_DIMS = (64, 96, 128)
+MAX_BLOCK_LEN = 256
+BUILD_HINT = "build it with: NBP_BUILD_CUDA=1 python setup.py build_ext --inplace"
+
+
+def build_info() -> dict | None:
+    """``{"archs": [...], "cuda_runtime": "13.0", ...}`` of the compiled module, or None if not built."""
+    return None if _C is None else dict(_C.build_info())
+
+
+def arch_supported(capability: tuple[int, int], archs: list[str]) -> bool:
+    """Whether code compiled for ``archs`` (``sm_80``, ``sm_90a``, ``compute_90``) runs on ``capability``.
+
+    ``sm_XY`` SASS runs on the same major with minor >= Y; ``sm_XYa`` only on
+    exactly X.Y; ``compute_XY`` PTX is JIT-compiled on any X.Y or newer.
+    """
+    for a in archs:
+        kind, _, num = a.partition("_")
+        specific = num.endswith("a")
+        major, minor = divmod(int(num.rstrip("a")), 10)
+        if kind == "sm" and specific and tuple(capability) == (major, minor):
+            return True
+        if kind == "sm" and not specific and capability[0] == major and capability[1] >= minor:
+            return True
+        if kind == "compute" and tuple(capability) >= (major, minor):
+            return True
+    return False
+
+
+def is_available(device) -> tuple[bool, str]:
+    """(usable, reason) for this backend on ``device``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the cuda backend needs a CUDA device, got {device}"
+    if _C is None:
+        return False, f"nbp_kernels._C is not built ({_IMPORT_ERROR}); {BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    cap = torch.cuda.get_device_capability(device)
+    archs = _C.build_info()["archs"]
+    if not arch_supported(cap, archs):
+        return False, (f"nbp_kernels._C was built for {archs}, but {torch.cuda.get_device_name(device)} "
+                       f"is sm_{cap[0]}{cap[1]}; rebuild with NBP_CUDA_ARCHS including {cap[0]}{cap[1]}")
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """A read-only input the kernels can address with 16-byte vectors (copied only if needed)."""
+    row = t.element_size()
+    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all((s * row) % 16 == 0 for s in _strides(t)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _check_backend_args(q, k_cache, v_cache, k_new, v_new) -> None:
+    named = [("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)]
+    for name, t in named:
+        if t is not None and t.dtype != q.dtype:
+            raise ValueError(f"{name}: the cuda backend expects the same dtype as q ({q.dtype}), got {t.dtype}")
+    if q.shape[-1] not in DECODE_HEAD_DIMS:
+        raise ValueError(f"q: the cuda decode kernel supports head_dim in {DECODE_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[2] > MAX_BLOCK_LEN:
+        raise ValueError(f"q: the cuda decode kernel supports blocks of at most {MAX_BLOCK_LEN} queries, "
+                         f"got L = {q.shape[2]}")
+    if q.device.type != "cuda":
+        raise ValueError(f"q: the cuda backend expects CUDA tensors, got device {q.device}")
+
+
+@torch.library.custom_op("nbp::cuda_block_decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+               k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    B, H, L, D = q.shape
+    M = k_cache.shape[2]
+    q = _kernel_ready(q)
+    k_new = None if k_new is None else _kernel_ready(k_new)
+    v_new = None if v_new is None else _kernel_ready(v_new)
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    splits = _C.num_splits(B, H, L, M, _num_sms(q.device.index if q.device.index is not None
+                                                  else torch.cuda.current_device()))
+    rows = B * H * L * splits
+    part_o = torch.empty(rows * D if splits > 1 else 0, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(rows if splits > 1 else 0, dtype=torch.float32, device=q.device)
+    zero = (0, 0, 0)
+    with torch.cuda.device(q.device):
+        _C.decode(q.data_ptr(), _strides(q), k_cache.data_ptr(), _strides(k_cache),
+                  v_cache.data_ptr(), _strides(v_cache),
+                  0 if k_new is None else k_new.data_ptr(), zero if k_new is None else _strides(k_new),
+                  0 if v_new is None else v_new.data_ptr(), zero if v_new is None else _strides(v_new),
+                  out.data_ptr(), _strides(out), seq_lens.data_ptr(), B, H, L, M, D,
+                  DTYPE_CODES[q.dtype], float(scale), splits,
+                  part_o.data_ptr() if splits > 1 else 0, part_o.numel(),
+                  part_lse.data_ptr() if splits > 1 else 0, part_lse.numel(),
+                  torch.cuda.current_stream(q.device).cuda_stream)
+    return out
+
+
+@_decode_op.register_fake
+def _decode_fake(q, k_cache, v_cache, seq_lens, k_new, v_new, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("nbp::cuda_kv_append", mutates_args=("k_cache", "v_cache"))
+def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               seq_lens: torch.Tensor) -> None:
+    B, H, L, D = k_new.shape
+    k_new, v_new = _kernel_ready(k_new), _kernel_ready(v_new)
+    seq_lens = seq_lens.contiguous()
+    with torch.cuda.device(k_new.device):
+        _C.append(k_cache.data_ptr(), _strides(k_cache), v_cache.data_ptr(), _strides(v_cache),
+                  k_new.data_ptr(), _strides(k_new), v_new.data_ptr(), _strides(v_new),
+                  seq_lens.data_ptr(), B, H, L, k_cache.shape[2], D, DTYPE_CODES[k_new.dtype],
+                  torch.cuda.current_stream(k_new.device).cuda_stream)
+
+
+@_append_op.register_fake
+def _append_fake(k_cache, v_cache, k_new, v_new, seq_lens):
+    return None
+
+
+def _require_built() -> None:
+    if _C is None:
+        raise RuntimeError(f"the cuda backend is not built ({_IMPORT_ERROR}); {BUILD_HINT}")
+
+
+def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None):
+    """One decode step (see ``reference.block_decode_attention``).
+
+    q: [B, H, L, D] fp32/fp16/bf16, D in {64, 96, 128}, L <= 256; k_cache,
+    v_cache: [B, H, M, D], same dtype, last dim contiguous, 16-byte aligned
+    (updated in place when k_new/v_new, [B, H, L, D], are given); seq_lens:
+    int32 [B] on the same device. Returns [B, H, L, D] (contiguous) in q's dtype.
+    """
+    check_decode(q, k_cache, v_cache, seq_lens, k_new, v_new, check_bounds=False)
+    _check_backend_args(q, k_cache, v_cache, k_new, v_new)
+    _require_built()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.nbp.cuda_block_decode_attention(q, k_cache, v_cache, seq_lens, k_new, v_new, scale)
+
+
+def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
+    """In-place append (see ``reference.kv_append_``).
+
+    k_cache, v_cache: [B, H, M, D]; k_new, v_new: [B, H, L, D], all one dtype,
+    D * itemsize a multiple of 16 bytes; seq_lens: int32 [B].
+    """
+    check_append(k_cache, v_cache, k_new, v_new, seq_lens, check_bounds=False)
+    for name, t in (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != k_cache.dtype:
+            raise ValueError(f"{name}: the cuda backend expects the same dtype as k_cache "
+                             f"({k_cache.dtype}), got {t.dtype}")
+    if k_new.device.type != "cuda":
+        raise ValueError(f"k_new: the cuda backend expects CUDA tensors, got device {k_new.device}")
+    if (k_new.shape[-1] * k_new.element_size()) % 16 != 0:
+        raise ValueError(f"k_new: the cuda append needs head_dim * itemsize to be a multiple of 16 bytes, "
+                         f"got {k_new.shape[-1]} x {k_new.element_size()}")
+    _require_built()
+    torch.ops.nbp.cuda_kv_append(k_cache, v_cache, k_new, v_new, seq_lens)
+
+
+def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
+    """Not provided by this backend: the CUDA kernels cover the decode step only."""
+    raise NotImplementedError("the cuda backend implements block_decode_attention and kv_append_ only; "
+                              "use backend='triton' (GPU) or 'torch' for block_causal_attention")
