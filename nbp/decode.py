@@ -1,0 +1,150 @@
+"""Prefill and decode steps of ``FastGenerator`` against a static KV cache.
+
+``ModelRunner`` drives the model's pieces (``embed``, ``run_layers``,
+``logits``) with attention functions that write the cache in place through
+``nbp_kernels``. ``DecodeStep`` owns the static buffers of one step shape
+(rows x tokens fed) and either runs the step eagerly or replays it from a CUDA
+graph captured once: the graph reads token ids, positions (from
+``cache.seq_lens``), the guidance weight and the sampling noise from device
+buffers, so nothing in a step needs the host.
+"""
+from __future__ import annotations
+
+import torch
+
+import nbp_kernels
+
+from .cache import StaticKVCache
+from .model import NBPTransformer
+from .sampler import BatchedSampler
+from .sampling import cfg_mix
+
+__all__ = ["ModelRunner", "DecodeStep", "select_tokens"]
+
+
+class ModelRunner:
+    """Prefill and decode logits of ``model`` with ``cache`` (rows = cache.batch).
+
+    mask_block / hybrid / cond_len: the NBP mask of the request (StepPlan);
+    length: the cache positions the request can reach (attention reads only these).
+    """
+
+    def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, backend: str,
+                 mask_block: int, hybrid: bool, cond_len: int, length: int):
+        self.model, self.cache, self.backend = model, cache, backend
+        self.mask_block, self.hybrid, self.cond_len = mask_block, hybrid, cond_len
+        self.layers = [cache.layer(i, length) for i in range(model.config.n_layer)]
+
+    def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
+                n_logits: int) -> torch.Tensor:
+        """Run the given tokens once and fill the cache.
+
+        ids: int64 [rows, S]; prefix_embeddings: [rows, cond_len, C] or None.
+        Returns logits [rows, n_logits, V] of the last ``n_logits`` positions
+        only (the head is not computed for the others).
+        """
+        seq_lens = self.cache.seq_lens
+
+        def attend(q, k, v, i):
+            kc, vc = self.layers[i]
+            nbp_kernels.kv_append_(kc, vc, k, v, seq_lens, backend=self.backend, check_bounds=False)
+            return nbp_kernels.block_causal_attention(
+                q, k, v, block_size=self.mask_block, cond_len=self.cond_len, hybrid=self.hybrid,
+                backend=self.backend)
+
+        x = self.model.embed(ids, prefix_embeddings=prefix_embeddings)
+        x = self.model.run_layers(x, attend)
+        seq_lens.add_(ids.shape[1])
+        return self.model.logits(x[:, -n_logits:])
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One block: ids int64 [rows, n] at positions seq_lens + 0..n-1 -> logits [rows, n, V].
+
+        Every layer appends its keys/values at ``seq_lens`` and attends to all
+        cached positions ``< seq_lens + n`` (bidirectional inside the block);
+        then ``seq_lens += n`` on the device.
+        """
+        seq_lens = self.cache.seq_lens
+        n = ids.shape[1]
+        positions = seq_lens.long()[:, None] + torch.arange(n, device=ids.device)
+
+        def attend(q, k, v, i):
+            kc, vc = self.layers[i]
+            return nbp_kernels.block_decode_attention(q, kc, vc, seq_lens, k_new=k, v_new=v,
+                                                      backend=self.backend, check_bounds=False)
+
+        x = self.model.run_layers(self.model.embed(ids, positions), attend)
+        seq_lens.add_(n)
+        return self.model.logits(x)
+
+
+def select_tokens(logits: torch.Tensor, batch: int, sampler: BatchedSampler, temperature: float,
+                  cfg_weight: torch.Tensor | None, noise: torch.Tensor | None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Temperature, CFG mix and one batched draw for every row of a step.
+
+    logits: [rows, n, V] with rows = batch (no CFG) or 2 * batch (conditional
+    rows first, then unconditional); cfg_weight: float64 0-d tensor or None;
+    noise: float64 [batch * n] or None. Returns int64 [batch, n].
+    """
+    lg = logits.float() / temperature
+    if cfg_weight is not None:
+        lg = cfg_mix(lg[:batch], lg[batch:], cfg_weight)
+    n = lg.shape[1]
+    return sampler(lg.reshape(batch * n, -1), noise, generator).view(batch, n)
+
+
+class DecodeStep:
+    """Static buffers and (on CUDA) the captured graph of one decode step shape.
+
+    ids: int64 [rows, n] (the tokens fed); noise: float64 [batch * n];
+    cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn).
+    ``run()`` reads ids/noise/cfg_weight and writes tokens; the cache's
+    seq_lens advance by n.
+    """
+
+    def __init__(self, runner: ModelRunner, sampler: BatchedSampler, *, batch: int, n: int,
+                 temperature: float, cfg: bool, use_graph: bool, compiled=None):
+        device, rows = runner.cache.device, runner.cache.batch
+        self.runner, self.sampler, self.batch, self.n = runner, sampler, batch, n
+        self.temperature = temperature
+        self.ids = torch.zeros(rows, n, dtype=torch.long, device=device)
+        self.noise = torch.zeros(batch * n, dtype=torch.float64, device=device)
+        self.cfg_weight = torch.zeros((), dtype=torch.float64, device=device) if cfg else None
+        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self._decode = compiled if compiled is not None else runner.decode
+        self.use_graph = use_graph
+        self.graph = None
+
+    def _eager(self, generator: torch.Generator | None = None) -> None:
+        logits = self._decode(self.ids)
+        noise = self.noise if self.sampler.needs_noise else None
+        tokens = select_tokens(logits, self.batch, self.sampler, self.temperature,
+                               self.cfg_weight, noise, generator)
+        self.tokens.copy_(tokens)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, undo its cache advance, then record the step."""
+        seq_lens = self.runner.cache.seq_lens
+        saved = seq_lens.clone()
+        stream = torch.cuda.Stream(device=seq_lens.device)
+        stream.wait_stream(torch.cuda.current_stream(seq_lens.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager()
+                seq_lens.copy_(saved)
+        torch.cuda.current_stream(seq_lens.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._eager()
+        seq_lens.copy_(saved)   # capture records without running; keep the state exact
+
+    def run(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step; returns the static ``tokens`` buffer [batch, n]."""
+        if not self.use_graph:
+            self._eager(generator)
+            return self.tokens
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.tokens

@@ -1,0 +1,172 @@
+"""The batched sampler of ``FastGenerator``: all B x L rows of a step in one call.
+
+Same distribution as ``nbp.sampling`` (temperature and CFG are applied by the
+caller; this module filters and draws), computed without sorting the whole
+vocabulary:
+
+* top-k: the k largest logits are selected (``np.partition`` on CPU,
+  ``torch.topk`` elsewhere) and only those k are sorted. Every token whose
+  logit equals the k-th value is kept, as in ``filter_logits``.
+* top-p: the cumulative softmax mass over the sorted top-k values (normalised
+  over every top-k survivor, ties included) gives the crossing token; its logit
+  is the final threshold ``tau``. Tokens tied with the crossing token are all
+  kept (``filter_logits`` keeps an arbitrary subset of such exact ties; with
+  real-valued logits they do not occur).
+* the kept set is ``logits >= tau``.
+
+Two ways to draw, both exact for the filtered distribution:
+
+* ``draw="fast"``: inverse CDF in vocabulary order with one uniform number per
+  row (float64 chunked cumulative sums). The uniforms are drawn *outside* the
+  step (``noise``) so the step can be captured in a CUDA graph and replayed:
+  a graph must not advance a ``torch.Generator`` itself.
+* ``draw="multinomial"``: ``torch.multinomial`` on the filtered softmax with the
+  caller's generator: the reference generator's random stream, so seeded
+  output equals ``nbp.reference.generate_tokens`` token for token. It draws
+  inside the step, so it is never graph-captured.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .sampling import SamplingParams
+
+__all__ = ["BatchedSampler", "keep_threshold", "DRAWS"]
+
+DRAWS = ("fast", "multinomial")
+_CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one chunk
+
+
+def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row, descending, and how many further
+    tokens tie with the k-th one.
+
+    logits: float32 [N, V] -> (values float32 [N, k], extra_ties int64 [N, 1]).
+    """
+    N, V = logits.shape
+    if logits.device.type == "cpu":
+        # numpy's introselect + vectorised sort of k values beats torch.topk on CPU.
+        x = logits.detach().contiguous().numpy()
+        if k < V:
+            part = np.partition(x, V - k, axis=-1)
+            top, rest = part[:, V - k:], part[:, :V - k]
+            kth = top.min(axis=-1, keepdims=True)
+            extra = np.zeros(N, dtype=np.int64)
+            if (rest.max(axis=-1, keepdims=True) == kth).any():   # exact ties: rare, count them
+                extra = np.count_nonzero(rest == kth, axis=-1)
+        else:
+            top, extra = x, np.zeros(N, dtype=np.int64)
+        values = np.ascontiguousarray(np.sort(top, axis=-1)[:, ::-1])
+        return torch.from_numpy(values), torch.from_numpy(extra.astype(np.int64))[:, None]
+    values = torch.topk(logits, k, dim=-1, sorted=True).values
+    extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k
+    return values, extra
+
+
+def keep_threshold(logits: torch.Tensor, top_k: int | None,
+                   top_p: float | None) -> torch.Tensor | None:
+    """tau float32 [N, 1] with kept tokens ``logits >= tau``; None when nothing is filtered.
+
+    logits: float32 [N, V], already temperature-scaled and CFG-mixed.
+    """
+    V = logits.shape[-1]
+    use_k = top_k is not None and top_k < V
+    use_p = top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return None
+    s, extra = _sorted_top(logits, top_k if use_k else V)
+    tau = s[:, -1:]
+    if not use_p:
+        return tau
+    m = s[:, :1]
+    e = torch.exp(s - m)
+    z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - m)
+    cum = torch.cumsum(e / z, dim=-1)
+    # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c
+    c = (cum[:, :-1] <= top_p).sum(-1, keepdim=True) + 1
+    return s.gather(1, c - 1)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i drawn with probability weights[i] / sum(weights), per row.
+
+    weights: float32 [N, V] (>= 0, a positive entry in every row); u: float64
+    [N] uniforms in [0, 1). Returns int64 [N]. Chunk sums in float64 keep every
+    token's probability exact to float32 precision over large vocabularies.
+    """
+    N, V = weights.shape
+    pad = (-V) % _CHUNK
+    if pad:
+        weights = torch.nn.functional.pad(weights, (0, pad))
+    chunks = weights.view(N, -1, _CHUNK)
+    ccum = chunks.sum(-1).double().cumsum(-1)                    # [N, n_chunks]
+    target = u[:, None] * ccum[:, -1:]
+    ci = torch.searchsorted(ccum, target, right=True).clamp_(max=ccum.shape[1] - 1)
+    prev = torch.where(ci > 0, ccum.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
+    width = ccum.gather(1, ci) - prev
+    frac = ((target - prev) / width).clamp_(0.0, 1.0 - 2.0 ** -53)
+    inner = chunks.gather(1, ci[:, :, None].expand(-1, -1, _CHUNK))[:, 0].double().cumsum(-1)
+    j = torch.searchsorted(inner, frac * inner[:, -1:], right=True).clamp_(max=_CHUNK - 1)
+    return (ci * _CHUNK + j).squeeze(-1)
+
+
+def _kept_weights(logits: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """exp(logits - max) where ``logits >= tau``, else 0: float32 [N, V]."""
+    w = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    if tau is None:
+        return w
+    if w.device.type == "cpu":
+        # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU
+        wn = w.numpy()
+        np.multiply(wn, logits.detach().numpy() >= tau.numpy(), out=wn)
+        return w
+    return w.masked_fill_(logits < tau, 0.0)
+
+
+class BatchedSampler:
+    """Filters and draws one token per row of ``logits`` [N, V] in one call.
+
+    params: validated ``SamplingParams`` (temperature and CFG are applied by the
+    caller); draw: ``"fast"`` or ``"multinomial"`` (see the module docstring).
+    """
+
+    def __init__(self, params: SamplingParams, draw: str = "fast"):
+        if draw not in DRAWS:
+            raise ValueError(f"draw: expected one of {DRAWS}, got {draw!r}")
+        self.params = params
+        self.draw = draw
+
+    @property
+    def needs_noise(self) -> bool:
+        """True when each call consumes uniforms drawn beforehand by ``noise``."""
+        return self.params.do_sample and self.draw == "fast"
+
+    @property
+    def graph_safe(self) -> bool:
+        """True when a call touches no random generator (capturable in a CUDA graph)."""
+        return not (self.params.do_sample and self.draw == "multinomial")
+
+    def noise(self, rows: int, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
+        """Uniforms float64 [rows] in [0, 1) for ``rows`` draws, from ``generator``."""
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand(rows, generator=generator, dtype=torch.float64, device=gen_device)
+        return u.to(device, non_blocking=True)
+
+    def __call__(self, logits: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits: float32 [N, V]; noise: float64 [N] (``draw="fast"``). Returns int64 [N]."""
+        p = self.params
+        if not p.do_sample:
+            return logits.argmax(dim=-1)
+        tau = keep_threshold(logits, p.top_k, p.top_p)
+        if tau is not None:
+            tau = tau.to(logits.device)
+        if self.draw == "multinomial":
+            masked = logits if tau is None else logits.masked_fill(logits < tau, float("-inf"))
+            probs = torch.softmax(masked, dim=-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if noise is None:
+            raise ValueError("noise: draw='fast' needs uniforms from BatchedSampler.noise")
+        return _inverse_cdf(_kept_weights(logits, tau), noise)
