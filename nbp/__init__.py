@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from .config import TRANSFORMER_PRESETS, ConfigError, TransformerConfig
 from .model import NBPTransformer
+from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VideoTokenizer
+from .loading import LoadError, load_tokenizer, load_transformer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError", "NBPTransformer",
-    "__version__",
+    "TokenizerConfig", "TOKENIZER_PRESETS", "VideoTokenizer", "LoadError", "load_tokenizer",
+    "load_transformer", "__version__",
 ]

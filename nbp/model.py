@@ -164,3 +164,15 @@ class NBPTransformer(nn.Module):
         """Mean cross-entropy of ``targets`` [B, S] (-100 = ignored) under the forward's logits."""
         logits = self(input_ids, cond_len, **kwargs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    # --- native checkpoints (implemented in nbp.loading) ----------------------
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (atomically)."""
+        from .loading import save_transformer
+        save_transformer(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "NBPTransformer":
+        """Load a directory written by :meth:`save_pretrained` (eval mode)."""
+        from .loading import transformer_from_pretrained
+        return transformer_from_pretrained(path, device=device, dtype=dtype)
