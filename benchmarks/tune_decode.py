@@ -1,0 +1,203 @@
+"""Measure the decode step per backend on this GPU; write the dispatch table and a results table.
+
+1. For every (head_dim, L, dtype) the ``auto`` dispatcher may meet, times
+   ``block_decode_attention`` (fused append + attend) and ``kv_append_`` on the
+   ``cuda``, ``triton`` and ``torch`` backends and records the fastest in
+   ``nbp_kernels/tuning.json`` (merged with existing entries, atomic write).
+2. At the 700M shape (16 queries, 1280 cached, 16 heads x 96, bf16, batch 1
+   and 8) prints and saves a table of decode-step attention time and GB/s:
+   CUDA vs Triton vs SDPA vs FlexAttention, against the bytes / copy-bandwidth
+   floor (bandwidth measured with a large device-to-device copy).
+
+Times are CUDA-graph replays (the engine captures its decode step), median of
+several replays of ``--reps`` calls each. Usage (GPU only)::
+
+    python benchmarks/tune_decode.py [--quick] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nbp_kernels
+from nbp.io import atomic_write_text
+from nbp_kernels.dispatch import TUNING_FILE, backend_status
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BACKENDS = ("cuda", "triton", "torch")
+
+
+def time_us(fn, reps: int, trials: int = 5) -> float:
+    """Median µs per call of ``fn`` replayed from a CUDA graph (eager timing if capture fails)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        run = graph.replay
+    except Exception:  # an op that cannot be captured is timed eagerly
+        def run():
+            for _ in range(reps):
+                fn()
+    run()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), reps=10)
+    return 2 * n / (us * 1e-6)
+
+
+def make_case(B, H, L, D, cached, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype)
+    M = cached + L
+    return dict(q=r(B, H, L, D), k_cache=r(B, H, M, D), v_cache=r(B, H, M, D), k_new=r(B, H, L, D),
+                v_new=r(B, H, L, D), seq_lens=torch.full((B,), cached, dtype=torch.int32, device="cuda"))
+
+
+def step_bytes(B, H, L, D, cached, elem) -> int:
+    """Minimum traffic of a fused step: visible K and V, q, out, and the new block read + written."""
+    return elem * D * H * B * (2 * (cached + L) + 2 * L + 4 * L)
+
+
+def decode_fn(case, backend, fused=True):
+    new = dict(k_new=case["k_new"], v_new=case["v_new"]) if fused else {}
+    return lambda: nbp_kernels.block_decode_attention(case["q"], case["k_cache"], case["v_cache"],
+                                                      case["seq_lens"], backend=backend,
+                                                      check_bounds=False, **new)
+
+
+def sdpa_fn(case):
+    L, M = case["q"].shape[2], case["k_cache"].shape[2]
+    visible = torch.arange(M, device="cuda")[None, :] < (case["seq_lens"].long()[:, None] + L)
+    mask = visible[:, None, None, :]
+    return lambda: F.scaled_dot_product_attention(case["q"], case["k_cache"], case["v_cache"], attn_mask=mask)
+
+
+def flex_fn(case):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, _, L, _ = case["q"].shape
+    M = case["k_cache"].shape[2]
+    limit = case["seq_lens"] + L
+    block_mask = create_block_mask(lambda b, h, qi, ki: ki < limit[b], B, None, L, M, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda: flex(case["q"], case["k_cache"], case["v_cache"], block_mask=block_mask)
+
+
+def tune(device_name: str, reps: int) -> list[dict]:
+    """Fastest backend per (op, head_dim, L, dtype) at batch 8, 16 heads, 1280 cached."""
+    entries = []
+    usable = [b for b in BACKENDS if backend_status(b, "cuda")[0]]
+    for dname, dtype in DTYPES.items():
+        for D in (64, 96, 128):
+            for L in (1, 16):
+                case = make_case(8, 16, L, D, 1280, dtype)
+                for op in ("block_decode_attention", "kv_append_"):
+                    us = {}
+                    for b in usable:
+                        fn = decode_fn(case, b) if op == "block_decode_attention" else (
+                            lambda b=b: nbp_kernels.kv_append_(case["k_cache"], case["v_cache"], case["k_new"],
+                                                               case["v_new"], case["seq_lens"], backend=b,
+                                                               check_bounds=False))
+                        try:
+                            us[b] = round(time_us(fn, reps), 2)
+                        except Exception as e:  # a backend without this shape is simply not a candidate
+                            print(f"  {op} {b} D={D} L={L} {dname}: {type(e).__name__}: {e}")
+                    if us:
+                        best = min(us, key=us.get)
+                        entries.append(dict(op=op, head_dim=D, block_len=L, dtype=dname, device=device_name,
+                                            backend=best, us=us))
+                        print(f"{op:24s} D={D:3d} L={L:2d} {dname:8s} " +
+                              " ".join(f"{b}={t:8.2f}us" for b, t in us.items()) + f"  -> {best}")
+    return entries
+
+
+def write_tuning(entries: list[dict], device_name: str) -> None:
+    old = json.loads(TUNING_FILE.read_text()).get("entries", []) if TUNING_FILE.exists() else []
+    keys = {(e["op"], e["head_dim"], e["block_len"], e["dtype"], e["device"]) for e in entries}
+    kept = [e for e in old if (e["op"], e["head_dim"], e["block_len"], e["dtype"], e["device"]) not in keys]
+    text = json.dumps({"entries": kept + entries}, indent=1) + "\n"
+    atomic_write_text(TUNING_FILE, text)
+    print(f"wrote {len(entries)} entries for {device_name!r} to {TUNING_FILE}")
+
+
+def table(device_name: str, bw: float, reps: int) -> str:
+    H, L, D, cached, dtype = 16, 16, 96, 1280, torch.bfloat16
+    rows = ["| batch | variant | µs | GB/s | × floor |", "|---|---|---|---|---|"]
+    for B in (1, 8):
+        case = make_case(B, H, L, D, cached, dtype)
+        nbytes = step_bytes(B, H, L, D, cached, 2)
+        floor = nbytes / bw * 1e6
+        rows.append(f"| {B} | floor (bytes / copy bandwidth, {nbytes / 1e6:.1f} MB) | {floor:.2f} | "
+                    f"{bw / 1e9:.0f} | 1.00 |")
+        variants = [("CUDA fused append+attend", lambda: decode_fn(case, "cuda")),
+                    ("CUDA attend only", lambda: decode_fn(case, "cuda", fused=False)),
+                    ("Triton fused append+attend", lambda: decode_fn(case, "triton")),
+                    ("Triton attend only", lambda: decode_fn(case, "triton", fused=False)),
+                    ("torch backend (scatter + SDPA)", lambda: decode_fn(case, "torch")),
+                    ("SDPA attend only (masked)", lambda: sdpa_fn(case)),
+                    ("FlexAttention attend only", lambda: flex_fn(case))]
+        for name, build in variants:
+            try:
+                us = time_us(build(), reps)
+                rows.append(f"| {B} | {name} | {us:.2f} | {nbytes / us / 1e3:.0f} | {us / floor:.2f} |")
+            except Exception as e:
+                rows.append(f"| {B} | {name} | n/a ({type(e).__name__}: {str(e)[:60]}) | | |")
+    head = (f"# Decode-step attention on {device_name}\n\n"
+            f"Shape: L={L} queries, {cached} cached, {H} heads x {D}, bf16; torch {torch.__version__}. "
+            f"µs per call from CUDA-graph replays; GB/s counts the fused step's minimum bytes for every "
+            f"row. Copy bandwidth (1 GiB D2D, read+write): {bw / 1e9:.0f} GB/s.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_decode.py needs a CUDA device")
+    reps = 20 if args.quick else 100
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}  (torch {torch.__version__}, cuda backend: {backend_status('cuda', 'cuda')})")
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s")
+    md = table(name, bw, reps)
+    print(md)
+    entries = tune(name, reps)
+    if not args.no_write:
+        write_tuning(entries, name)
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        atomic_write_text(RESULTS / f"decode_attention_{slug}.md", md)
+        print(f"wrote {RESULTS / f'decode_attention_{slug}.md'}")
+
+
+if __name__ == "__main__":
+    main()
