@@ -145,15 +145,22 @@ def _float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def _build(cls, config, tensors: dict[str, torch.Tensor], what: str, device=None, dtype=None):
-    """Construct ``cls(config)`` without initialising weights and fill it from ``tensors`` (checked)."""
+    """Construct ``cls(config)`` without initialising weights and fill it from ``tensors``.
+
+    The names and shapes are checked first; ``tensors`` is emptied.
+    """
     with torch.device("meta"):
         model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_tensors(expected, tensors, what)
     dtype = dtype or _float_dtype(tensors)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
+    # Copy out of the (possibly memory-mapped) file so the model never aliases
+    # it, consuming the dict so that at most one extra tensor is alive at a time.
+    owned = {}
+    for k in list(tensors):
+        owned[k] = tensors.pop(k).to(device=device, dtype=dtype, copy=True)
+    model.load_state_dict(owned, strict=True, assign=True)
     return model.eval()
 
 

@@ -319,3 +319,13 @@ def test_native_tokenizer_via_loader(tmp_path, tiny_tokenizer):
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     with pytest.raises(LoadError, match="expected a 'nbp-transformer'"):
         load_transformer(tmp_path / "tok")
+
+
+def test_loaded_model_does_not_alias_the_file(tmp_path):
+    model = _random_model(_cfg())
+    path = _write_ckpt(model, tmp_path / "a.ckpt", _published_args())
+    loaded = load_transformer(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:  # overwrite in place: a memory-mapped alias would see this
+        fh.write(b"\0" * size)
+    _assert_same(model, loaded)
