@@ -77,15 +77,22 @@ def _torch_file(path: Path, *, allow_pickle: bool):
         torch.serialization.add_safe_globals([argparse.Namespace])
         return load(True)
     except pickle.UnpicklingError as e:
+        reason = _unpickling_reason(e)
         if not (is_zip and allow_pickle):
-            raise LoadError(f"{path}: cannot be read with torch.load(weights_only=True) "
-                            f"({str(e).splitlines()[-1][:300]})") from e
-        warnings.warn(f"{path}: holds pickled objects beyond tensors and argparse.Namespace; loading it "
-                      "with torch.load(weights_only=False), which runs code from the file: "
+            raise LoadError(f"{path}: cannot be read with torch.load(weights_only=True) ({reason})") from e
+        warnings.warn(f"{path}: holds pickled objects beyond tensors and argparse.Namespace ({reason}); "
+                      "loading it with torch.load(weights_only=False), which runs code from the file: "
                       "load only checkpoints you trust (allow_pickle=False refuses)", stacklevel=3)
         return load(False)
     except (RuntimeError, KeyError, EOFError, OSError) as e:
         raise LoadError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The informative line of torch's weights-only error (it names the blocked global)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler" in ln]
+    return (hits or lines or [type(e).__name__])[0][:300]
 
 
 def _listing(items, limit: int = _LIST_LIMIT) -> str:
