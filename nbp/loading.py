@@ -242,14 +242,36 @@ def tokenizer_from_pretrained(path, device=None, dtype=None) -> VideoTokenizer:
 
 # --- the published tokenizer -----------------------------------------------------
 
-def load_tokenizer(path, config: TokenizerConfig | str = "magvit2", device=None,
-                   dtype=None) -> VideoTokenizer:
-    """Load a tokenizer: a published ``magvit2_*.pt`` file or a native directory.
+def _tokenizer_state(raw, path: Path) -> dict[str, torch.Tensor]:
+    """The tokenizer tensors of a published .pt, a plain state dict, or a Lightning .ckpt."""
+    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+        return _normalize_keys(raw["model_state_dict"], f"{path} model_state_dict")
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        # A generator checkpoint that carries its tokenizer as first_stage_model.*.
+        state = _normalize_keys(raw["state_dict"], f"{path} state_dict")
+        prefix = "first_stage_model."
+        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not tensors:
+            raise LoadError(f"{path}: a Lightning checkpoint without tokenizer weights (no keys under "
+                            f"'{prefix}'); found {_listing(sorted(state))}")
+        return tensors
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return _normalize_keys(raw, f"{path}")
+    keys = _listing(raw) if isinstance(raw, dict) else type(raw).__name__
+    raise LoadError(f"{path}: expected a tokenizer file with 'model_state_dict' (the published "
+                    f"magvit2 layout), a Lightning checkpoint or a plain state dict, found {keys}")
+
+
+def load_tokenizer(path, config: TokenizerConfig | str = "magvit2", device=None, dtype=None, *,
+                   allow_pickle: bool = False) -> VideoTokenizer:
+    """Load a tokenizer: a published ``magvit2_*.pt`` file, a native directory,
+    or the ``first_stage_model.*`` weights inside a generator ``.ckpt``.
 
     The published file stores no usable config (only a pickled constructor
     call, which is never unpickled here), so its architecture comes from
     ``config`` (a :class:`TokenizerConfig` or preset name; default the
     released "magvit2"); every tensor name and shape is checked against it.
+    ``allow_pickle`` as in :func:`load_transformer` (the .pt files never need it).
     Returns the tokenizer in eval mode on ``device`` (default CPU).
     """
     path = Path(path)
@@ -259,16 +281,7 @@ def load_tokenizer(path, config: TokenizerConfig | str = "magvit2", device=None,
         return tokenizer_from_pretrained(path, device=device, dtype=dtype)
     if isinstance(config, str):
         config = TokenizerConfig.from_preset(config)
-    raw = _torch_file(path, allow_pickle=False)
-    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
-        state = raw["model_state_dict"]
-    elif isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        state = raw
-    else:
-        keys = _listing(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise LoadError(f"{path}: expected a tokenizer file with 'model_state_dict' (the published "
-                        f"magvit2 layout) or a plain state dict, found {keys}")
-    tensors = _normalize_keys(state, f"{path} model_state_dict")
+    tensors = _tokenizer_state(_torch_file(path, allow_pickle=allow_pickle), path)
     return _build(VideoTokenizer, config, tensors, f"{path} (tokenizer)", device, dtype)
 
 

@@ -288,8 +288,10 @@ class VideoTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
-    def _param_dtype(self) -> torch.dtype:
-        return next(iter(self.parameters())).dtype
+    def _to_params(self, x: torch.Tensor) -> torch.Tensor:
+        """Move an input onto the parameters' device and dtype."""
+        p = next(iter(self.parameters()))
+        return x.to(device=p.device, dtype=p.dtype)
 
     def _check_video(self, video: torch.Tensor) -> None:
         c = self.config.in_channels
@@ -312,9 +314,12 @@ class VideoTokenizer(nn.Module):
 
     # --- continuous halves -----------------------------------------------------
     def encode_latents(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w] (parameter dtype), unquantized."""
+        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w], unquantized.
+
+        The input is moved to the parameters' device and dtype; so is the output.
+        """
         self._check_video(video)
-        x = video.to(self._param_dtype())
+        x = self._to_params(video)
         for layer in self.encoder_layers:
             x = layer(x)
         return x
@@ -324,7 +329,7 @@ class VideoTokenizer(nn.Module):
         if codes.dim() != 5 or codes.shape[1] != self.config.latent_dim:
             raise ValueError(f"codes: expected [batch, {self.config.latent_dim}, t, h, w], "
                              f"got shape {tuple(codes.shape)}")
-        x = codes.to(self._param_dtype())
+        x = self._to_params(codes)
         for layer in self.decoder_layers:
             x = layer(x)
         return x

@@ -329,3 +329,18 @@ def test_loaded_model_does_not_alias_the_file(tmp_path):
     with open(path, "r+b") as fh:  # overwrite in place: a memory-mapped alias would see this
         fh.write(b"\0" * size)
     _assert_same(model, loaded)
+
+
+def test_tokenizer_inside_generator_ckpt(tmp_path, tiny_tokenizer):
+    model = _random_model(_cfg())
+    path = _write_ckpt(model, tmp_path / "g.ckpt", _published_args(), prefix="module.", junk=False)
+    with pytest.raises(LoadError, match="without tokenizer weights"):
+        load_tokenizer(path, config="tiny")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["state_dict"].update({"module.first_stage_model." + k: v for k, v in tiny_tokenizer.state_dict().items()})
+    torch.save(ckpt, path)
+    loaded = load_tokenizer(path, config="tiny", dtype=torch.bfloat16)
+    sd = tiny_tokenizer.state_dict()
+    assert all(torch.equal(v, sd[k].to(torch.bfloat16)) for k, v in loaded.state_dict().items())
+    assert loaded.encode(torch.rand(1, 3, 5, 8, 8)).dtype == torch.int64
+    _assert_same(model, load_transformer(path))  # and the generator ignores the tokenizer keys

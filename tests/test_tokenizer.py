@@ -229,3 +229,17 @@ def test_save_and_from_pretrained(tiny, tmp_path):
     codes = tiny.encode(video)
     assert torch.equal(back.encode(video), codes)
     assert torch.equal(back.decode(codes), tiny.decode(codes))
+
+
+def test_low_precision_weights(tiny):
+    import copy
+
+    half = copy.deepcopy(tiny).to(torch.bfloat16)
+    video = torch.rand(1, 3, 5, 16, 8)
+    codes = half.encode(video)                     # float32 input is cast to the weights' dtype
+    assert codes.shape == (1, 2, 2, 1) and codes.dtype == torch.int64
+    out = half.decode(codes)
+    assert out.dtype == torch.float32 and out.shape == video.shape
+    assert out.min() >= 0 and out.max() <= 1
+    ref = tiny.decode(codes)
+    assert (out - ref).abs().max() < 0.1           # same network, bf16 rounding only
