@@ -163,6 +163,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("seq_lens"), py::arg("batch"), py::arg("heads"), py::arg("L"), py::arg("max_seq"),
         py::arg("head_dim"), py::arg("dtype"), py::arg("stream"));
   m.def("num_splits", &nbp::decode_num_splits, "KV splits for a decode step of this shape.",
-        py::arg("batch"), py::arg("heads"), py::arg("L"), py::arg("max_seq"), py::arg("num_sms"));
+        py::arg("batch"), py::arg("heads"), py::arg("L"), py::arg("max_seq"), py::arg("head_dim"),
+        py::arg("dtype"), py::arg("num_sms"));
   m.def("build_info", &build_info, "Compiled archs and CUDA runtime version.");
 }

@@ -96,13 +96,28 @@ void launch_decode(const DecodeArgs& a, void* stream) {
   check_launch("block_decode_attention (merge)");
 }
 
-int decode_num_splits(int batch, int heads, int L, int max_seq, int num_sms) {
-  // Aim for about four CTAs per SM in one wave; a split must be long enough
-  // that its fp32 partial (L_tile rows x D) stays small next to the K/V it
-  // reads (ratio <= 1/8 for 16-row tiles), and never more splits than keys allow.
-  const int64_t ctas = (int64_t)batch * heads * ((L + 15) / 16);
-  const int64_t target = 4LL * (num_sms > 0 ? num_sms : 1);
-  int64_t s = (target + ctas - 1) / ctas;
+namespace {
+
+// CTAs of 128 threads resident per SM, from the kernels' register use on
+// sm_90a (ptxas -v: mma 124/167/233 registers for D = 64/96/128; fp32 16-row
+// tiles 138/177/251); shared memory is not the limit for any of them.
+int resident_ctas(int dtype, int head_dim, int L) {
+  if (dtype != kFloat32) return head_dim <= 64 ? 4 : (head_dim <= 96 ? 3 : 2);
+  if (L == 1) return 4;
+  return head_dim <= 64 ? 3 : 2;
+}
+
+}  // namespace
+
+int decode_num_splits(int batch, int heads, int L, int max_seq, int head_dim, int dtype, int num_sms) {
+  // As many splits as fit one wave of resident CTAs (a second, partial wave
+  // would leave most SMs idle), but a split must cover enough keys that its
+  // fp32 partial (16 rows x D) stays small next to the K/V it reads, and never
+  // more than the keys allow.
+  const int qtiles = dtype == kFloat32 && L == 1 ? 1 : (L + 15) / 16;
+  const int64_t ctas = (int64_t)batch * heads * qtiles;
+  const int64_t wave = (int64_t)resident_ctas(dtype, head_dim, L) * (num_sms > 0 ? num_sms : 1);
+  int64_t s = wave / ctas;
   const int min_keys = L == 1 ? kSplitGranule : 2 * kSplitGranule;
   const int64_t by_len = ((int64_t)max_seq + min_keys - 1) / min_keys;
   if (s > by_len) s = by_len;

@@ -44,7 +44,7 @@ void launch_decode(const DecodeArgs& a, void* stream);
 void launch_append(const AppendArgs& a, void* stream);
 
 // Number of KV splits for a decode step of this shape (host-only, no CUDA call).
-int decode_num_splits(int batch, int heads, int L, int max_seq, int num_sms);
+int decode_num_splits(int batch, int heads, int L, int max_seq, int head_dim, int dtype, int num_sms);
 
 // Compiled-in description (set by setup.py through -DNBP_ARCHS=...).
 const char* compiled_archs();

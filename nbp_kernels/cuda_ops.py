@@ -125,7 +125,9 @@ def _check_backend_args(q, k_cache, v_cache, k_new, v_new) -> None:
 
 @torch.library.custom_op("nbp::cuda_block_decode_attention", mutates_args=("k_cache", "v_cache"))
 def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-               k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+               k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], scale: float,
+               num_splits: int = 0) -> torch.Tensor:
+    """The kernel launch; ``num_splits`` 0 picks the KV split count from the shape."""
     B, H, L, D = q.shape
     M = k_cache.shape[2]
     q = _kernel_ready(q)
@@ -133,8 +135,8 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
     v_new = None if v_new is None else _kernel_ready(v_new)
     seq_lens = seq_lens.contiguous()
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    splits = _C.num_splits(B, H, L, M, _num_sms(q.device.index if q.device.index is not None
-                                                  else torch.cuda.current_device()))
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    splits = num_splits or _C.num_splits(B, H, L, M, D, DTYPE_CODES[q.dtype], _num_sms(index))
     rows = B * H * L * splits
     part_o = torch.empty(rows * D if splits > 1 else 0, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(rows if splits > 1 else 0, dtype=torch.float32, device=q.device)
@@ -153,7 +155,7 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
 
 
 @_decode_op.register_fake
-def _decode_fake(q, k_cache, v_cache, seq_lens, k_new, v_new, scale):
+def _decode_fake(q, k_cache, v_cache, seq_lens, k_new, v_new, scale, num_splits=0):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 

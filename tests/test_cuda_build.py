@@ -98,12 +98,14 @@ def test_append_rejects_bad_arguments(C, over, match):
 
 
 def test_num_splits_follows_the_shape(C):
-    one = C.num_splits(batch=1, heads=16, L=16, max_seq=1296, num_sms=132)
-    eight = C.num_splits(batch=8, heads=16, L=16, max_seq=1296, num_sms=132)
-    assert one > eight >= 1, (one, eight)
-    assert C.num_splits(batch=1, heads=1, L=16, max_seq=100, num_sms=132) == 1  # too short to split
-    assert C.num_splits(batch=1, heads=1, L=1, max_seq=10 ** 6, num_sms=132) == C.build_info()["max_splits"]
-    assert C.num_splits(batch=64, heads=64, L=16, max_seq=4096, num_sms=132) == 1
+    split = lambda B, H=16, L=16, M=1296, D=96, dt=2: C.num_splits(batch=B, heads=H, L=L, max_seq=M,
+                                                                  head_dim=D, dtype=dt, num_sms=132)
+    assert split(1) > split(8) >= 1, (split(1), split(8))
+    assert split(8) * 8 * 16 <= 3 * 132      # one wave of resident CTAs at the 700M shape
+    assert split(1, H=1, M=100) == 1          # too short to split
+    assert split(1, H=1, L=1, M=10 ** 6) == C.build_info()["max_splits"]
+    assert split(64, H=64, M=4096) == 1       # the batch alone fills the GPU
+    assert split(1, L=40) <= split(1, L=16)   # more query tiles, fewer splits
 
 
 @pytest.mark.parametrize("cap, archs, ok", [
