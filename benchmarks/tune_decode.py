@@ -111,6 +111,26 @@ def flex_fn(case):
     return lambda: flex(case["q"], case["k_cache"], case["v_cache"], block_mask=block_mask)
 
 
+SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 11, 16, 24)
+
+
+def split_sweep_row(case, B: int) -> str:
+    if not backend_status("cuda", "cuda")[0]:
+        return f"| {B} | cuda backend unusable |"
+    from nbp_kernels import cuda_ops
+
+    q = case["q"]
+    B_, H, L, D = q.shape
+    chosen = cuda_ops._C.num_splits(B_, H, L, case["k_cache"].shape[2], D, cuda_ops.DTYPE_CODES[q.dtype],
+                                    torch.cuda.get_device_properties(q.device).multi_processor_count)
+    cells = []
+    for s in SPLIT_SWEEP:
+        fn = lambda s=s: torch.ops.nbp.cuda_block_decode_attention(
+            q, case["k_cache"], case["v_cache"], case["seq_lens"], case["k_new"], case["v_new"], D ** -0.5, s)
+        cells.append(f"{time_us(fn, 50):.2f}" + ("*" if s == chosen else ""))
+    return f"| {B} | " + " | ".join(cells) + " |"
+
+
 def tune(device_name: str, reps: int) -> list[dict]:
     """Fastest backend per (op, head_dim, L, dtype) at batch 8, 16 heads, 1280 cached."""
     entries = []
@@ -170,6 +190,11 @@ def table(device_name: str, bw: float, reps: int) -> str:
                 rows.append(f"| {B} | {name} | {us:.2f} | {nbytes / us / 1e3:.0f} | {us / floor:.2f} |")
             except Exception as e:
                 rows.append(f"| {B} | {name} | n/a ({type(e).__name__}: {str(e)[:60]}) | | |")
+    rows += ["", "CUDA kernel, KV split count sweep (µs; * = the shape heuristic's choice):", "",
+             "| batch | " + " | ".join(f"S={s}" for s in SPLIT_SWEEP) + " |",
+             "|---|" + "---|" * len(SPLIT_SWEEP)]
+    for B in (1, 8):
+        rows.append(split_sweep_row(make_case(B, H, L, D, cached, dtype), B))
     head = (f"# Decode-step attention on {device_name}\n\n"
             f"Shape: L={L} queries, {cached} cached, {H} heads x {D}, bf16; torch {torch.__version__}. "
             f"µs per call from CUDA-graph replays; GB/s counts the fused step's minimum bytes for every "

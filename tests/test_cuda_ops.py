@@ -74,6 +74,18 @@ def test_decode_split_shapes(dtype, B, H, M, lens):
     _check_decode(q, kc, vc, kn, vn, lens)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("splits", [1, 2, 7, 64])
+def test_decode_forced_split_counts(dtype, splits):
+    """Any split count gives the same answer, including splits left empty by a short sequence."""
+    q, kc, vc, kn, vn, lens = _case(2, 3, 16, 96, 700, [650, 13], dtype, seed=6)
+    rk, rv = kc.clone(), vc.clone()
+    want = reference.block_decode_attention(q, rk, rv, lens, k_new=kn, v_new=vn)
+    got = torch.ops.nbp.cuda_block_decode_attention(q, kc, vc, lens, kn, vn, 96 ** -0.5, splits)
+    torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+
+
 def test_decode_custom_scale_and_strided_inputs():
     B, H, L, D, M = 2, 4, 16, 128, 300
     lens = torch.tensor([123, 7], dtype=torch.int32, device="cuda")
