@@ -17,6 +17,10 @@ from nbp_kernels import cuda_ops, reference
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+def _ids(d):
+    return str(d).replace("torch.", "")
+
+
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
@@ -45,7 +49,7 @@ def _check_decode(q, kc, vc, kn, vn, lens, scale=None):
     assert torch.equal(kc, rk) and torch.equal(vc, rv), "caches differ from the reference append"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=_ids)
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("L", [1, 16, 5, 40])
 @pytest.mark.parametrize("fused", [True, False])
@@ -62,7 +66,7 @@ def test_decode_matches_reference(dtype, D, L, fused):
         torch.testing.assert_close(got, want, atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_ids)
 @pytest.mark.parametrize("B, H, M, lens", [
     (1, 16, 1296, [1280]),           # the 700M shape at batch 1: many splits
     (8, 16, 1296, [1280, 1, 640, 999, 0, 1279, 77, 1024]),
@@ -74,7 +78,7 @@ def test_decode_split_shapes(dtype, B, H, M, lens):
     _check_decode(q, kc, vc, kn, vn, lens)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_ids)
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
 def test_decode_forced_split_counts(dtype, splits):
     """Any split count gives the same answer, including splits left empty by a short sequence."""
@@ -99,7 +103,7 @@ def test_decode_custom_scale_and_strided_inputs():
     assert torch.equal(kbuf[:, :, M:], tail_k) and torch.equal(vbuf[:, :, M:], tail_v)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=_ids)
 @pytest.mark.parametrize("L", [1, 16, 7])
 def test_kv_append_matches_reference(dtype, L):
     _, kc, vc, kn, vn, lens = _case(3, 5, L, 96, 203, [0, 101, 203 - L], dtype, seed=3)
