@@ -1,4 +1,6 @@
 """VideoTokenizer: published layout, shapes, causality, errors, native save/load."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -232,8 +234,6 @@ def test_save_and_from_pretrained(tiny, tmp_path):
 
 
 def test_low_precision_weights(tiny):
-    import copy
-
     half = copy.deepcopy(tiny).to(torch.bfloat16)
     video = torch.rand(1, 3, 5, 16, 8)
     codes = half.encode(video)                     # float32 input is cast to the weights' dtype
