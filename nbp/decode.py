@@ -33,7 +33,7 @@ class ModelRunner:
                  mask_block: int, hybrid: bool, cond_len: int, length: int):
         self.model, self.cache, self.backend = model, cache, backend
         self.mask_block, self.hybrid, self.cond_len = mask_block, hybrid, cond_len
-        self.layers = [cache.layer(i, length) for i in range(model.config.n_layer)]
+        self.length = length
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
                 n_logits: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ class ModelRunner:
         seq_lens = self.cache.seq_lens
 
         def attend(q, k, v, i):
-            kc, vc = self.layers[i]
+            kc, vc = self.cache.layer(i, self.length)
             nbp_kernels.kv_append_(kc, vc, k, v, seq_lens, backend=self.backend, check_bounds=False)
             return nbp_kernels.block_causal_attention(
                 q, k, v, block_size=self.mask_block, cond_len=self.cond_len, hybrid=self.hybrid,
@@ -57,19 +57,22 @@ class ModelRunner:
         seq_lens.add_(ids.shape[1])
         return self.model.logits(x[:, -n_logits:])
 
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """One block: ids int64 [rows, n] at positions seq_lens + 0..n-1 -> logits [rows, n, V].
 
         Every layer appends its keys/values at ``seq_lens`` and attends to all
         cached positions ``< seq_lens + n`` (bidirectional inside the block);
-        then ``seq_lens += n`` on the device.
+        then ``seq_lens += n`` on the device. length: cache positions attention
+        reads (default the request's; eager callers pass exactly seq_lens + n,
+        known on the host from the step plan, so early steps read less).
         """
+        length = self.length if length is None else length
         seq_lens = self.cache.seq_lens
         n = ids.shape[1]
         positions = seq_lens.long()[:, None] + torch.arange(n, device=ids.device)
 
         def attend(q, k, v, i):
-            kc, vc = self.layers[i]
+            kc, vc = self.cache.layer(i, length)
             return nbp_kernels.block_decode_attention(q, kc, vc, seq_lens, k_new=k, v_new=v,
                                                       backend=self.backend, check_bounds=False)
 
@@ -87,7 +90,9 @@ def select_tokens(logits: torch.Tensor, batch: int, sampler: BatchedSampler, tem
     rows first, then unconditional); cfg_weight: float64 0-d tensor or None;
     noise: float64 [batch * n] or None. Returns int64 [batch, n].
     """
-    lg = logits.float() / temperature
+    lg = logits.float()
+    if temperature != 1.0:   # x / 1.0 == x exactly: skip a pass over [rows, n, V]
+        lg = lg / temperature
     if cfg_weight is not None:
         lg = cfg_mix(lg[:batch], lg[batch:], cfg_weight)
     n = lg.shape[1]
@@ -112,12 +117,16 @@ class DecodeStep:
         self.noise = torch.zeros(batch * n, dtype=torch.float64, device=device)
         self.cfg_weight = torch.zeros((), dtype=torch.float64, device=device) if cfg else None
         self.tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.compiled = compiled is not None
         self._decode = compiled if compiled is not None else runner.decode
         self.use_graph = use_graph
         self.graph = None
 
-    def _eager(self, generator: torch.Generator | None = None) -> None:
-        logits = self._decode(self.ids)
+    def _eager(self, generator: torch.Generator | None = None, length: int | None = None) -> None:
+        if length is None or self.compiled:   # a compiled step keeps one static length
+            logits = self._decode(self.ids)
+        else:
+            logits = self._decode(self.ids, length)
         noise = self.noise if self.sampler.needs_noise else None
         tokens = select_tokens(logits, self.batch, self.sampler, self.temperature,
                                self.cfg_weight, noise, generator)
@@ -139,10 +148,15 @@ class DecodeStep:
             self._eager()
         seq_lens.copy_(saved)   # capture records without running; keep the state exact
 
-    def run(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One step; returns the static ``tokens`` buffer [batch, n]."""
+    def run(self, generator: torch.Generator | None = None,
+            length: int | None = None) -> torch.Tensor:
+        """One step; returns the static ``tokens`` buffer [batch, n].
+
+        length: cache positions to read when run eagerly (a replayed graph
+        always reads the request's full length).
+        """
         if not self.use_graph:
-            self._eager(generator)
+            self._eager(generator, length)
             return self.tokens
         if self.graph is None:
             self._capture()

@@ -173,15 +173,16 @@ class FastGenerator:
         out[:, :n0] = tokens
         if callback is not None:
             callback(0, out[:, :n0])
-        self._decode_loop(runner, sampler, plan, out, noise, generator, callback, progress, length)
+        self._decode_loop(runner, sampler, plan, out, noise, generator, callback, progress, length, S)
         return out
 
     def _decode_loop(self, runner: ModelRunner, sampler: BatchedSampler, plan: StepPlan,
                      out: torch.Tensor, noise, generator, callback, progress: bool,
-                     length: int) -> None:
+                     length: int, cached: int) -> None:
         """Steps 1.. of ``plan``: feed the previous step's tokens (+ fillers), draw the next.
 
-        No host synchronisation: offsets and counts are Python ints from the plan.
+        No host synchronisation: offsets and lengths are Python ints from the plan
+        (``cached``: positions in the cache after the prefill).
         """
         B, params = out.shape[0], sampler.params
         cfg = params.cfg_scale is not None
@@ -203,7 +204,8 @@ class FastGenerator:
                 step.cfg_weight.fill_(cfg_weight(params, s))
             if noise is not None:
                 step.noise.copy_(noise[offset * B:(offset + n) * B])
-            out[:, offset:offset + n].copy_(step.run(generator))
+            cached += n
+            out[:, offset:offset + n].copy_(step.run(generator, cached))
             prev = out[:, offset:offset + n]
             if callback is not None:
                 callback(s, prev)

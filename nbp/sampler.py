@@ -70,22 +70,27 @@ def keep_threshold(logits: torch.Tensor, top_k: int | None,
 
     logits: float32 [N, V], already temperature-scaled and CFG-mixed.
     """
+    found = _threshold_and_max(logits, top_k, top_p)
+    return None if found is None else found[0]
+
+
+def _threshold_and_max(logits: torch.Tensor, top_k: int | None, top_p: float | None):
+    """(tau [N, 1], row max [N, 1]) on logits' device, or None when nothing is filtered."""
     V = logits.shape[-1]
     use_k = top_k is not None and top_k < V
     use_p = top_p is not None and top_p < 1.0
     if not (use_k or use_p):
         return None
     s, extra = _sorted_top(logits, top_k if use_k else V)
-    tau = s[:, -1:]
-    if not use_p:
-        return tau
-    m = s[:, :1]
-    e = torch.exp(s - m)
-    z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - m)
-    cum = torch.cumsum(e / z, dim=-1)
-    # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c
-    c = (cum[:, :-1] <= top_p).sum(-1, keepdim=True) + 1
-    return s.gather(1, c - 1)
+    tau, m = s[:, -1:], s[:, :1]
+    if use_p:
+        e = torch.exp(s - m)
+        z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - m)
+        cum = torch.cumsum(e / z, dim=-1)
+        # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c
+        c = (cum[:, :-1] <= top_p).sum(-1, keepdim=True) + 1
+        tau = s.gather(1, c - 1)
+    return tau.to(logits.device), m.to(logits.device)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -111,11 +116,15 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (ci * _CHUNK + j).squeeze(-1)
 
 
-def _kept_weights(logits: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
-    """exp(logits - max) where ``logits >= tau``, else 0: float32 [N, V]."""
-    w = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
-    if tau is None:
-        return w
+def _kept_weights(logits: torch.Tensor, found) -> torch.Tensor:
+    """exp(logits - max) where ``logits >= tau``, else 0: float32 [N, V].
+
+    found: (tau, row max) from ``_threshold_and_max``, or None (nothing filtered).
+    """
+    if found is None:
+        return torch.sub(logits, logits.amax(dim=-1, keepdim=True)).exp_()
+    tau, m = found
+    w = torch.sub(logits, m).exp_()
     if w.device.type == "cpu":
         # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU
         wn = w.numpy()
@@ -160,13 +169,11 @@ class BatchedSampler:
         p = self.params
         if not p.do_sample:
             return logits.argmax(dim=-1)
-        tau = keep_threshold(logits, p.top_k, p.top_p)
-        if tau is not None:
-            tau = tau.to(logits.device)
+        found = _threshold_and_max(logits, p.top_k, p.top_p)
         if self.draw == "multinomial":
-            masked = logits if tau is None else logits.masked_fill(logits < tau, float("-inf"))
+            masked = logits if found is None else logits.masked_fill(logits < found[0], float("-inf"))
             probs = torch.softmax(masked, dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         if noise is None:
             raise ValueError("noise: draw='fast' needs uniforms from BatchedSampler.noise")
-        return _inverse_cdf(_kept_weights(logits, tau), noise)
+        return _inverse_cdf(_kept_weights(logits, found), noise)
