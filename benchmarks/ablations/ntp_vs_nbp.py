@@ -1,0 +1,118 @@
+"""NTP vs NBP (and the published-style baseline), like the paper's Table 1.
+
+K600 frame prediction shape: 2 given latent frames (512 tokens), 3 generated
+(768 tokens, 12 video frames), random weights. Methods, timed round-robin in
+one process (medians):
+
+* ``nbp``: FastGenerator, L tokens per step;
+* ``ntp``: FastGenerator, the same model with mode="ntp" (one token per step);
+* ``baseline-nbp`` / ``baseline-ntp``: benchmarks/ablations/baseline.py.
+
+frames/s is given without and (with --tokenizer) with the tokenizer's encode
+of the 5 given frames and decode of all 17. Writes a table and JSON to
+benchmarks/results/ntp_vs_nbp_<preset>_<machine>.json.
+
+CPU acceptance run (issue 4):
+    python benchmarks/ablations/ntp_vs_nbp.py --layers 6 --width 384 --baseline --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from baseline import generate_tokens as baseline_generate
+from nbp.commands.bench import (bench_config, format_table, machine_info, machine_tag, median,
+                                ntp_vs_nbp, random_model, time_interleaved)
+from nbp.io import atomic_write_text
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def tokenizer_seconds(preset: str, device, repeats: int, latent_shape) -> float:
+    """Median seconds to encode 5 frames and decode the whole clip (random weights, batch 1)."""
+    from nbp.tokenizer import TokenizerConfig, VideoTokenizer
+
+    cfg = TokenizerConfig.from_preset(preset)
+    tok = VideoTokenizer(cfg).to(device).eval()
+    T, H, W = cfg.video_shape(*latent_shape)
+    video = torch.rand(1, 3, T, H, W, device=device)
+    codes = torch.randint(0, cfg.codebook_size, (1, *latent_shape), device=device)
+
+    def job():
+        tok.encode(video[:, :, :1 + cfg.factors[0]])
+        tok.decode(codes)
+    return median(time_interleaved({"tok": job}, repeats, device)["tok"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="k600-base")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=16000)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--baseline", action="store_true", help="also time the published-style baseline (nbp)")
+    p.add_argument("--baseline-ntp", action="store_true", help="also time the baseline in ntp mode (slow)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer preset to time (e.g. magvit2, tiny)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cfg = bench_config(args.preset, layers=args.layers, width=args.width, vocab=args.vocab)
+    model = random_model(cfg, device=device, dtype=dtype)
+    top_k = args.top_k if args.top_k > 0 else None
+    sampling = dict(top_k=top_k, top_p=args.top_p)
+    extra = {}
+    if args.baseline:
+        extra["baseline-nbp"] = lambda ids, n: baseline_generate(model, ids, n, mode="nbp", **sampling)
+    if args.baseline_ntp:
+        extra["baseline-ntp"] = lambda ids, n: baseline_generate(model, ids, n, mode="ntp", **sampling)
+    load_before = machine_info(device)["load_avg_1m"]
+    rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
+                      extra=extra, **sampling)
+    info = machine_info(device)
+    info["load_avg_1m_before"] = load_before
+    tok_s = None
+    if args.tokenizer:
+        tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
+        for r in rows:
+            r["frames_per_s_with_tokenizer"] = r["frames_per_s"] * r["seconds"] / (r["seconds"] + tok_s)
+    sec = {r["method"]: r["seconds"] for r in rows}
+    ratios = {"ntp_over_nbp": sec["ntp"] / sec["nbp"]}
+    if "baseline-nbp" in sec:
+        ratios["baseline_nbp_over_fast_nbp"] = sec["baseline-nbp"] / sec["nbp"]
+    if "baseline-ntp" in sec:
+        ratios["baseline_ntp_over_fast_nbp"] = sec["baseline-ntp"] / sec["nbp"]
+    print(f"{args.preset}: {cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), vocab "
+          f"{cfg.vocab_size}, L={cfg.block_size}, batch {args.batch}, {args.dtype}, top-k {top_k}, "
+          f"top-p {args.top_p}, random weights")
+    print(f"machine: {info.get('gpu') or info['cpu']}, {info['cpu_cores']} cores, "
+          f"{info['torch_threads']} torch threads, load {load_before} -> {info['load_avg_1m']}")
+    print(format_table(rows))
+    if tok_s is not None:
+        print(f"tokenizer ({args.tokenizer}, encode 5 + decode all frames): {tok_s:.3f} s; "
+              + ", ".join(f"{r['method']} {r['frames_per_s_with_tokenizer']:.2f} frames/s" for r in rows))
+    print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    result = {"preset": args.preset, "config": cfg.to_dict(), "batch": args.batch,
+              "dtype": args.dtype, "sampling": sampling, "machine": info, "rows": rows,
+              "tokenizer": {"preset": args.tokenizer, "seconds": tok_s}, "ratios": ratios}
+    out = Path(args.out) if args.out else RESULTS / (
+        f"ntp_vs_nbp_{args.preset}_{cfg.n_layer}x{cfg.n_embd}_{machine_tag(info)}.json")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
