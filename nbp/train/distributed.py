@@ -25,6 +25,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this trainer created the process group (and destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -38,6 +39,8 @@ class DistEnv:
 def init_distributed(device: str | None = None) -> DistEnv:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group.
 
+    A group the caller already initialised is used as is (and left alive by ``shutdown``,
+    so an FSDP2 model returned by a trainer stays usable).
     Without torchrun (no WORLD_SIZE, or 1) this is a single process. The
     backend is nccl on CUDA and gloo on CPU; each rank uses ``cuda:LOCAL_RANK``.
     """
@@ -49,14 +52,16 @@ def init_distributed(device: str | None = None) -> DistEnv:
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistEnv(rank, world, local, dev)
+    return DistEnv(rank, world, local, dev, owns)
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    """Destroy the process group if ``init_distributed`` created it (a caller's group stays)."""
+    if env.owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

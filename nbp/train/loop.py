@@ -20,22 +20,26 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_text
 from .checkpoint import load_checkpoint, read_checkpoint, check_identity, save_checkpoint
-from .distributed import DistEnv
+from .distributed import DistEnv, local_batch_indices
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
 
-__all__ = ["LoopConfig", "run_loop", "export_native", "CHECKPOINT_NAME", "LOG_NAME", "EXPORT_NAME"]
+__all__ = ["LoopConfig", "run_loop", "export_native", "step_batches", "CHECKPOINT_NAME", "LOG_NAME", "EXPORT_NAME"]
 
 CHECKPOINT_NAME, LOG_NAME, EXPORT_NAME = "checkpoint.pt", "log.jsonl", "model"
+
+# step_fn(step, batch) -> loss, or (loss, {metric name: scalar tensor})
+StepFn = Callable[[int, Any], Union[torch.Tensor, tuple]]
 
 
 @dataclass
@@ -101,6 +105,25 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+def step_batches(dataset, cfg: LoopConfig, env: DistEnv, collate: Callable[[list], Any],
+                 num_workers: int = 0) -> Callable[[int, int], Iterator]:
+    """batches(start, stop): this rank's batch of each step, drawn as a function of the step.
+
+    With ``num_workers`` a DataLoader decodes ahead in worker processes; the
+    batches are the same either way (items are pure functions of their index).
+    """
+    def indices(start: int, stop: int) -> list[list[int]]:
+        return [local_batch_indices(s, cfg.global_batch, len(dataset), cfg.seed, env)
+                for s in range(start, stop)]
+
+    def batches(start: int, stop: int) -> Iterator:
+        if num_workers <= 0:
+            return (collate([dataset[i] for i in idx]) for idx in indices(start, stop))
+        return iter(DataLoader(dataset, batch_sampler=indices(start, stop), collate_fn=collate,
+                               num_workers=num_workers, persistent_workers=False))
+    return batches
+
+
 def _mean_across(value: torch.Tensor, env: DistEnv) -> float:
     if env.distributed:
         value = value.clone()
@@ -109,12 +132,14 @@ def _mean_across(value: torch.Tensor, env: DistEnv) -> float:
     return float(value)
 
 
-def run_loop(module: nn.Module, step_fn: Callable[[int], torch.Tensor], cfg: LoopConfig,
-             env: DistEnv, *, out_dir: Path, identity: dict,
+def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, *,
+             batches: Callable[[int, int], Iterator], out_dir: Path, identity: dict,
              export: Callable[[dict, Path], None] | None, train_config: dict) -> dict:
     """Optimise ``module`` (possibly DDP/FSDP-wrapped) for ``cfg.steps``; returns a summary dict.
 
-    export(full_state_dict, dir) writes the final native model dir on rank 0.
+    batches(start, stop) yields this rank's batch of every step in [start, stop);
+    step_fn(step, batch) returns the loss, or (loss, {name: scalar tensor}) to log
+    more metrics; export(full_state_dict, dir) writes the final native dir on rank 0.
     """
     out_dir = Path(out_dir)
     identity = {**identity, "loop": cfg.identity()}
@@ -135,24 +160,26 @@ def run_loop(module: nn.Module, step_fn: Callable[[int], torch.Tensor], cfg: Loo
            else contextlib.nullcontext())
     module.train()
     bar = tqdm(total=stop, initial=step, disable=not (cfg.progress and env.is_main), desc="train")
-    loss_sum, n_sum, t0, last = torch.zeros((), device=env.device), 0, time.perf_counter(), None
-    while step < stop:
+    sums, n_sum, t0, last = {}, 0, time.perf_counter(), None
+    for batch in batches(step, stop):
         with amp:
-            loss = step_fn(step)
+            out = step_fn(step, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
         loss.backward()
         gnorm = clip_grad_norm(module, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum += loss.detach().float()
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
         n_sum += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == stop:
-            last = _log(out_dir, env, step, _mean_across(loss_sum / n_sum, env), gnorm,
-                        scheduler.get_last_lr()[0], n_sum / (time.perf_counter() - t0), bar)
-            loss_sum.zero_()
-            n_sum, t0 = 0, time.perf_counter()
+            means = {k: _mean_across(v / n_sum, env) for k, v in sums.items()}
+            last = _log(out_dir, env, step, means, gnorm, scheduler.get_last_lr()[0],
+                        n_sum / (time.perf_counter() - t0), bar)
+            sums, n_sum, t0 = {}, 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == stop:
             save_checkpoint(out_dir / CHECKPOINT_NAME, model=module, optimizer=optimizer,
                             scheduler=scheduler, step=step, identity=identity, env=env)
@@ -164,28 +191,24 @@ def run_loop(module: nn.Module, step_fn: Callable[[int], torch.Tensor], cfg: Loo
     return {"step": step, "last": last}
 
 
-def _log(out_dir: Path, env: DistEnv, step: int, loss: float, gnorm: float, lr: float,
+def _log(out_dir: Path, env: DistEnv, step: int, means: dict, gnorm: float, lr: float,
          steps_per_s: float, bar) -> dict:
-    rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": lr, "steps_per_s": steps_per_s,
+    rec = {"step": step, **means, "grad_norm": gnorm, "lr": lr, "steps_per_s": steps_per_s,
            "time": time.time()}
     if env.is_main:
         with open(out_dir / LOG_NAME, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(**{k: f"{v:.4g}" for k, v in means.items()}, lr=f"{lr:.2e}")
     return rec
 
 
-def export_native(model: nn.Module, out: Path, config: dict) -> None:
-    """Write ``out`` as a native dir: ``model.save_pretrained`` when the class has it,
-    else config.json + model.safetensors written here (same layout)."""
+def export_native(model: nn.Module, out: Path) -> Path:
+    """Write ``out`` as a native dir (config.json + model.safetensors) with ``save_pretrained``
+    (NBPTransformer / VideoTokenizer; ``nbp.loading.save_transformer`` where the class lacks it)."""
     save = getattr(model, "save_pretrained", None)
     if callable(save):
         save(out)
-        return
-    from safetensors.torch import save_file
+        return Path(out)
+    from ..loading import save_transformer
 
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(sd, str(tmp))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return save_transformer(model, out)

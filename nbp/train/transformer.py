@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from ..blocks import to_block_order
 from ..config import TransformerConfig
 from ..model import NBPTransformer, Block
-from .distributed import DistEnv, init_distributed, local_batch_indices, shutdown, unwrap, wrap_model
-from .loop import LoopConfig, run_loop
+from .distributed import DistEnv, init_distributed, shutdown, unwrap, wrap_model
+from .loop import LoopConfig, run_loop, step_batches
 
 __all__ = ["TransformerTrainConfig", "build_sequences", "LMObjective", "train_transformer"]
 
@@ -189,14 +189,17 @@ def train_transformer(cfg: TransformerTrainConfig, dataset=None) -> NBPTransform
                     "p_drop_cond": cfg.p_drop_cond}
         has_cond = mcfg.cond_len == 1
 
-        def step_fn(step: int) -> torch.Tensor:
-            idx = local_batch_indices(step, cfg.loop.global_batch, len(dataset), cfg.loop.seed, env)
-            codes = dataset.codes[idx].to(env.device)
-            cond = dataset.labels[idx][:, None].to(env.device) if has_cond else None
-            input_ids, targets = build_sequences(codes, cond, mcfg)
+        def collate(items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+            codes = torch.stack([it["codes"] for it in items])
+            cond = torch.tensor([[it["label"]] for it in items]) if has_cond else None
+            return build_sequences(codes, cond, mcfg)
+
+        def step_fn(step: int, batch) -> torch.Tensor:
+            input_ids, targets = (t.to(env.device, non_blocking=True) for t in batch)
             return objective(input_ids, targets, _drop_mask(step, cfg, env))
 
-        run_loop(objective, step_fn, cfg.loop, env, out_dir=Path(cfg.out_dir), identity=identity,
+        run_loop(objective, step_fn, cfg.loop, env, batches=step_batches(dataset, cfg.loop, env, collate),
+                 out_dir=Path(cfg.out_dir), identity=identity,
                  export=functools.partial(_export, mcfg), train_config=_as_json(cfg))
         return unwrap(objective).model
     finally:
@@ -216,4 +219,4 @@ def _export(mcfg: TransformerConfig, state_dict: dict, out: Path) -> None:
     sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
     model = NBPTransformer(mcfg)
     model.load_state_dict(sd)
-    export_native(model, out, model.config.to_dict())
+    export_native(model, out)

@@ -1,0 +1,225 @@
+"""``nbp train tokenizer | tokens | transformer``: the trainers from the command line.
+
+* ``nbp train tokenizer --out DIR --data synthetic --resolution 32 ...`` trains a
+  VideoTokenizer (reconstruction loss) and exports ``DIR/model``.
+* ``nbp train tokens --tokenizer DIR/model --out codes.safetensors --data ...``
+  encodes a dataset once and caches the codes.
+* ``nbp train transformer --out DIR --tokens codes.safetensors --block-shape 1 1 8 ...``
+  trains an NBP (any block shape), NTP (``--block-shape 1 1 1``) or hybrid
+  generator on cached codes and exports ``DIR/model``.
+
+Every command runs unchanged under ``torchrun --nproc_per_node N -m nbp.cli train ...``
+(DDP; ``--fsdp`` for FSDP2); ``--resume`` continues ``DIR/checkpoint.pt`` exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register", "build_dataset", "transformer_config"]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (procedural sprites) or a video folder root (UCF-101 / K600 layout)")
+    g.add_argument("--annotations", help="annotation list (path<TAB>label per line) for a video folder")
+    g.add_argument("--split", default="train", help="sub-folder scanned when there is no list")
+    g.add_argument("--resolution", type=int, default=32)
+    g.add_argument("--num-frames", type=int, default=17)
+    g.add_argument("--num-clips", type=int, default=10000, help="synthetic: number of clips")
+    g.add_argument("--data-seed", type=int, default=0, help="synthetic: clip seed")
+    g.add_argument("--sprites", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
+                   help="synthetic: sprites per clip")
+    g.add_argument("--fps", type=float, help="video folder: sample frames at this rate")
+    g.add_argument("--frame-stride", type=int, default=1, help="video folder: take every k-th frame")
+    g.add_argument("--sampling", default="center", choices=["center", "start", "random"])
+
+
+def build_dataset(args):
+    """The dataset the data flags describe."""
+    from ..data import SyntheticVideos, VideoFolder
+
+    if args.data == "synthetic":
+        return SyntheticVideos(args.num_clips, resolution=args.resolution, num_frames=args.num_frames,
+                               seed=args.data_seed, num_sprites=tuple(args.sprites))
+    return VideoFolder(args.data, args.annotations, split=args.split, resolution=args.resolution,
+                       num_frames=args.num_frames, fps=args.fps, frame_stride=args.frame_stride,
+                       sampling=args.sampling)
+
+
+def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--out", required=True, help="output dir: checkpoint.pt, log.jsonl, model/")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--batch", type=int, default=8, help="global batch (all processes)")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr-ratio", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--ckpt-every", type=int, default=500)
+    g.add_argument("--stop-at", type=int, help="stop (checkpointed) at this step; resume later")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="continue OUT/checkpoint.pt (or the given checkpoint)")
+    g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _loop(args):
+    from ..train import LoopConfig, OptimConfig
+
+    optim = OptimConfig(lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas),
+                        warmup_steps=args.warmup, schedule=args.schedule,
+                        min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip or None)
+    return LoopConfig(steps=args.steps, global_batch=args.batch, optim=optim, seed=args.seed,
+                      log_every=args.log_every, ckpt_every=args.ckpt_every, stop_at=args.stop_at,
+                      resume=args.resume, device=args.device, fsdp=args.fsdp, amp=not args.no_amp,
+                      progress=not args.no_progress)
+
+
+def _run_tokenizer(args) -> int:
+    from ..tokenizer import TokenizerConfig
+    from ..train import TokenizerTrainConfig, train_tokenizer
+
+    if args.config:
+        mcfg = TokenizerConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        mcfg = TokenizerConfig.from_preset(args.preset)
+    over = {k: tuple(v) for k, v in (("encoder_channels", args.encoder_channels),
+                                     ("decoder_channels", args.decoder_channels),
+                                     ("fsq_levels", args.fsq_levels)) if v}
+    if args.norm_groups:
+        over["norm_groups"] = args.norm_groups
+    mcfg = TokenizerConfig.from_dict({**mcfg.to_dict(), **over})
+    cfg = TokenizerTrainConfig(model=mcfg, out_dir=args.out, loss=args.loss,
+                               num_workers=args.workers, loop=_loop(args))
+    train_tokenizer(cfg, build_dataset(args))
+    return 0
+
+
+def _run_tokens(args) -> int:
+    import torch
+
+    from ..data import extract_tokens
+    from ..loading import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(args.tokenizer, device=device)
+    path = extract_tokens(tok, build_dataset(args), args.out, batch_size=args.batch, device=device,
+                          progress=not args.no_progress)
+    print(f"wrote {path}")
+    return 0
+
+
+def transformer_config(args, latent_shape, codebook_size):
+    """TransformerConfig from a preset or JSON file plus the command-line overrides.
+
+    The latent grid and codebook come from the token cache; the vocabulary and
+    position table grow to what the layout needs unless given explicitly.
+    """
+    from ..config import TransformerConfig
+
+    base = (json.loads(Path(args.config).read_text()) if args.config
+            else TransformerConfig.from_preset(args.preset).to_dict())
+    d = {**base, "latent_shape": list(latent_shape), "codebook_size": int(codebook_size)}
+    for key in ("n_layer", "n_head", "n_embd", "dropout"):
+        if getattr(args, key) is not None:
+            d[key] = getattr(args, key)
+    if args.block_shape:
+        d["block_shape"] = list(args.block_shape)
+    if args.classes is not None:
+        d.update(cond_len=1 if args.classes else 0, cond_vocab_size=args.classes,
+                 bov=bool(args.classes) or args.hybrid)
+    if args.hybrid is not None:
+        d["hybrid"] = args.hybrid
+        d["bov"] = d["bov"] or args.hybrid
+    probe = TransformerConfig.from_dict({**d, "vocab_size": 1 << 30, "max_seq_len": 1 << 30})
+    need_len = _sequence_length(probe)
+    d["vocab_size"] = args.vocab_size or probe.video_offset + probe.codebook_size
+    d["max_seq_len"] = args.max_seq_len or max(need_len, 1)
+    return TransformerConfig.from_dict(d)
+
+
+def _sequence_length(cfg) -> int:
+    """Length of the training input sequence of this layout."""
+    import torch
+
+    from ..train import build_sequences
+
+    codes = torch.zeros(1, *cfg.latent_shape, dtype=torch.int64)
+    cond = torch.zeros(1, cfg.cond_len, dtype=torch.int64) if cfg.cond_len else None
+    return build_sequences(codes, cond, cfg)[0].shape[1]
+
+
+def _run_transformer(args) -> int:
+    from ..data import TokenDataset
+    from ..train import TransformerTrainConfig, train_transformer
+
+    tokens = TokenDataset(args.tokens)
+    codebook = args.codebook_size or tokens.meta.get("codebook_size") or int(tokens.codes.max()) + 1
+    mcfg = transformer_config(args, tokens.latent_shape, codebook)
+    cfg = TransformerTrainConfig(model=mcfg, out_dir=args.out, tokens=args.tokens,
+                                 p_drop_cond=args.p_drop_cond, backend=args.backend, loop=_loop(args))
+    train_transformer(cfg, tokens)
+    return 0
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a tokenizer or a transformer (torchrun for many GPUs)")
+    kinds = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+
+    t = kinds.add_parser("tokenizer", help="train a VideoTokenizer on reconstruction")
+    t.add_argument("--preset", default="tiny", help="TokenizerConfig preset (tiny, magvit2)")
+    t.add_argument("--config", help="TokenizerConfig JSON file (instead of --preset)")
+    t.add_argument("--encoder-channels", type=int, nargs="+")
+    t.add_argument("--decoder-channels", type=int, nargs="+")
+    t.add_argument("--fsq-levels", type=int, nargs="+")
+    t.add_argument("--norm-groups", type=int)
+    t.add_argument("--loss", default="mse", choices=["l1", "mse", "l1+mse"])
+    t.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding clips")
+    _add_data_args(t)
+    _add_loop_args(t, lr=1e-3)
+    t.set_defaults(func=_run_tokenizer)
+
+    k = kinds.add_parser("tokens", help="encode a dataset once and cache its codes (safetensors)")
+    k.add_argument("--tokenizer", required=True, help="native tokenizer dir or magvit2_*.pt")
+    k.add_argument("--out", required=True, help="cache file to write (.safetensors)")
+    k.add_argument("--batch", type=int, default=8)
+    k.add_argument("--device")
+    k.add_argument("--no-progress", action="store_true")
+    _add_data_args(k)
+    k.set_defaults(func=_run_tokens)
+
+    m = kinds.add_parser("transformer", help="train an NBP / NTP / hybrid generator on cached codes")
+    m.add_argument("--tokens", required=True, help="cache written by `nbp train tokens`")
+    m.add_argument("--preset", default="tiny", help="TransformerConfig preset")
+    m.add_argument("--config", help="TransformerConfig JSON file (instead of --preset)")
+    m.add_argument("--n-layer", type=int)
+    m.add_argument("--n-head", type=int)
+    m.add_argument("--n-embd", type=int)
+    m.add_argument("--dropout", type=float)
+    m.add_argument("--block-shape", type=int, nargs=3, metavar=("T", "H", "W"),
+                   help="NBP block (1 1 1 = NTP); must tile the latent grid")
+    m.add_argument("--hybrid", type=_bool, help="hybrid layout (causal first block), true/false")
+    m.add_argument("--classes", type=int, help="class-conditional with this many classes (0: none)")
+    m.add_argument("--p-drop-cond", type=float, default=0.0, help="condition dropout for CFG")
+    m.add_argument("--vocab-size", type=int)
+    m.add_argument("--max-seq-len", type=int)
+    m.add_argument("--codebook-size", type=int, help="default: from the token cache")
+    m.add_argument("--backend", default="auto", help="attention backend (auto, torch, triton, ...)")
+    _add_loop_args(m, lr=3e-4)
+    m.set_defaults(func=_run_transformer)
