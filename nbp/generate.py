@@ -271,6 +271,10 @@ class FastGenerator:
                 raise ValueError(f"class_ids: this model's condition is {cfg.cond_len} tokens "
                                  f"(not one class token); pass cond_ids [batch, {cfg.cond_len}]")
             cond_ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1, 1)
+            if cond_ids.numel() == 0 or int(cond_ids.min()) < 0 \
+                    or int(cond_ids.max()) >= cfg.cond_vocab_size:
+                raise ValueError(f"class_ids: expected a non-empty list of classes in "
+                                 f"[0, {cfg.cond_vocab_size}), got {class_ids!r}")
         if cond_ids is not None:
             cond_ids = torch.as_tensor(cond_ids, dtype=torch.long)
             if cfg.cond_len == 0:

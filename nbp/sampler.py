@@ -57,7 +57,7 @@ def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
                 extra = np.count_nonzero(rest == kth, axis=-1)
         else:
             top, extra = x, np.zeros(N, dtype=np.int64)
-        values = np.ascontiguousarray(np.sort(top, axis=-1)[:, ::-1])
+        values = np.sort(top, axis=-1)[:, ::-1].copy(order="C")
         return torch.from_numpy(values), torch.from_numpy(extra.astype(np.int64))[:, None]
     values = torch.topk(logits, k, dim=-1, sorted=True).values
     extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k

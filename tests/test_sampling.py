@@ -1,0 +1,161 @@
+"""Sampling: nbp.sampling's filters on hand-computed examples, and the batched
+sampler of FastGenerator (nbp.sampler) against them."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nbp.decode import select_tokens
+from nbp.sampler import BatchedSampler, _inverse_cdf, keep_threshold
+from nbp.sampling import SamplingParams, cfg_mix, cfg_weight, filter_logits, sample_logits
+
+NEG = float("-inf")
+
+
+def kept(logits: torch.Tensor) -> list[bool]:
+    return (logits > NEG).tolist()
+
+
+# --- hand-computed examples ----------------------------------------------------
+
+def test_top_k_keeps_ties_with_the_kth_value():
+    x = torch.tensor([[5.0, 2.0, 2.0, 1.0, 2.0]])
+    assert kept(filter_logits(x, top_k=2)) == [[True, True, True, False, True]]
+    assert kept(filter_logits(x, top_k=1)) == [[True, False, False, False, False]]
+    assert kept(filter_logits(x, top_k=5)) == [[True] * 5]
+
+
+@pytest.mark.parametrize("p, expect", [(0.4, [True, False, False, False]),
+                                       (0.7, [True, True, False, False]),
+                                       (0.9, [True, True, True, False]),
+                                       (1.0, [True, True, True, True])])
+def test_top_p_keeps_the_crossing_token(p, expect):
+    x = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()   # cumulative 0.5, 0.8, 0.95, 1.0
+    assert kept(filter_logits(x, top_p=p)) == [expect]
+    tau = keep_threshold(x, None, p)
+    assert ((x >= tau) if tau is not None else torch.ones_like(x, dtype=torch.bool)).tolist() == [expect]
+
+
+def test_top_k_then_top_p_renormalises_over_the_survivors():
+    # top-2 of probs (0.4, 0.3, 0.2, 0.1) renormalise to (4/7, 3/7): p = 0.5 keeps one token
+    x = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    assert kept(filter_logits(x, top_k=2, top_p=0.5)) == [[True, False, False, False]]
+    assert (x >= keep_threshold(x, 2, 0.5)).tolist() == [[True, False, False, False]]
+    # without top-k, 0.4 < 0.5 and the second token is the crossing one
+    assert kept(filter_logits(x, top_p=0.5)) == [[True, True, False, False]]
+
+
+def test_cfg_mix_and_schedule():
+    cond, uncond = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])
+    assert cfg_mix(cond, uncond, 2.0).tolist() == [3.0, -2.0]      # 3 * cond - 2 * uncond
+    assert cfg_mix(cond, uncond, 0.0).tolist() == [1.0, 2.0]
+    const = SamplingParams(cfg_scale=1.5)
+    linear = SamplingParams(cfg_scale=1.5, cfg_schedule="linear")
+    assert [cfg_weight(const, s) for s in (0, 3)] == [1.5, 1.5]
+    assert [cfg_weight(linear, s) for s in (0, 3)] == [0.0, 4.5]
+
+
+def test_select_tokens_applies_temperature_then_cfg():
+    # rows: conditional then unconditional; greedy picks argmax of (1+t)c - t u
+    logits = torch.tensor([[[1.0, 0.0, 0.5]], [[0.0, 2.0, 0.0]]])    # [2 rows, n=1, V=3]
+    greedy = BatchedSampler(SamplingParams(do_sample=False))
+    w = torch.tensor(1.0, dtype=torch.float64)
+    # mixed = 2 * [1, 0, .5] - [0, 2, 0] = [2, -2, 1] -> 0; without CFG the cond row alone -> 0
+    assert select_tokens(logits, 1, greedy, 1.0, w, None).tolist() == [[0]]
+    assert select_tokens(logits, 2, greedy, 3.0, None, None).tolist() == [[0], [1]]
+
+
+@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
+                                 dict(temperature=0.0), dict(cfg_schedule="cosine")])
+def test_bad_sampling_params_raise(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_bad_draw_and_missing_noise_raise():
+    with pytest.raises(ValueError, match="draw"):
+        BatchedSampler(SamplingParams(), draw="gumbel")
+    with pytest.raises(ValueError, match="noise"):
+        BatchedSampler(SamplingParams())(torch.zeros(2, 5))
+
+
+# --- the fast threshold equals filter_logits -------------------------------------
+
+@pytest.mark.parametrize("V", [7, 257, 1000])
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (5, None), (5, 0.5), (100, 0.95),
+                                          (3, 0.999), (None, 0.3)])
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_keep_threshold_equals_filter_logits(V, top_k, top_p, scale):
+    x = torch.randn(6, V, generator=torch.Generator().manual_seed(V)) * scale
+    tau = keep_threshold(x, top_k, top_p)
+    assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, top_k, top_p))
+
+
+def test_keep_threshold_top_k_with_many_ties():
+    # quantised logits: the k-th value is tied many times; all ties are kept
+    x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(0)) * 2).round()
+    for k in (1, 10, 77):
+        tau = keep_threshold(x, k, None)
+        assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, k))
+
+
+def test_keep_threshold_ties_differ_only_at_the_crossing_value():
+    x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(1)) * 2).round()
+    tau = keep_threshold(x, 50, 0.6)
+    ref = filter_logits(x, 50, 0.6) > NEG
+    mine = x >= tau
+    assert (mine | ~ref).all()                  # every token the reference keeps is kept
+    assert (x[mine & ~ref] == tau.expand_as(x)[mine & ~ref]).all()   # extras tie with tau
+
+
+def test_multinomial_draw_equals_sample_logits_stream():
+    x = torch.randn(12, 50, generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(top_k=20, top_p=0.8)
+    ref = sample_logits(x, params, torch.Generator().manual_seed(5))
+    mine = BatchedSampler(params, draw="multinomial")(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ref, mine)
+
+
+# --- the fast draw samples the filtered distribution -------------------------------
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(None, None, 1.0), (3, None, 1.0),
+                                                       (None, 0.7, 1.0), (4, 0.9, 2.0)])
+def test_fast_draw_matches_the_filtered_softmax(top_k, top_p, temperature):
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    rows = 60000
+    logits = base.expand(rows, 1, -1).contiguous()                # [rows, n=1, V]
+    params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature)
+    sampler = BatchedSampler(params)
+    noise = sampler.noise(rows, torch.Generator().manual_seed(0), torch.device("cpu"))
+    draws = select_tokens(logits, rows, sampler, temperature, None, noise).flatten()
+    expect = torch.softmax(filter_logits(base[None] / temperature, top_k, top_p), -1)[0]
+    freq = torch.bincount(draws, minlength=6).double() / rows
+    sigma = (expect * (1 - expect) / rows).sqrt()
+    assert (freq[expect == 0] == 0).all(), "a filtered token was drawn"
+    assert ((freq - expect).abs() <= 5 * sigma + 1e-12).all(), (freq, expect)
+
+
+def test_inverse_cdf_edges_and_padding():
+    V = 300                                   # not a multiple of the 256-wide chunks
+    w = torch.zeros(3, V)
+    w[:, 7], w[:, 260], w[:, 299] = 1.0, 2.0, 1.0
+    lo = torch.zeros(3, dtype=torch.float64)
+    hi = torch.full((3,), 1.0 - 2.0 ** -53, dtype=torch.float64)
+    mid = torch.full((3,), 0.5, dtype=torch.float64)
+    assert _inverse_cdf(w, lo).tolist() == [7] * 3
+    assert _inverse_cdf(w, hi).tolist() == [299] * 3
+    assert _inverse_cdf(w, mid).tolist() == [260] * 3       # cdf: 0.25, 0.75, 1.0
+
+
+def test_fast_draw_is_seeded():
+    x = torch.randn(4, 3, 100, generator=torch.Generator().manual_seed(0))
+    sampler = BatchedSampler(SamplingParams(top_k=30, top_p=0.9))
+
+    def draw(seed):
+        u = sampler.noise(12, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        return select_tokens(x, 4, sampler, 1.0, None, u)
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+    assert math.prod(draw(1).shape) == 12
