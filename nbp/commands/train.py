@@ -70,6 +70,7 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a busy shared CPU)")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -82,7 +83,7 @@ def _loop(args):
     return LoopConfig(steps=args.steps, global_batch=args.batch, optim=optim, seed=args.seed,
                       log_every=args.log_every, ckpt_every=args.ckpt_every, stop_at=args.stop_at,
                       resume=args.resume, device=args.device, fsdp=args.fsdp, amp=not args.no_amp,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, threads=args.threads)
 
 
 def _run_tokenizer(args) -> int:
@@ -114,7 +115,7 @@ def _run_tokens(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(args.tokenizer, device=device)
     path = extract_tokens(tok, build_dataset(args), args.out, batch_size=args.batch, device=device,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, threads=args.threads)
     print(f"wrote {path}")
     return 0
 
