@@ -11,12 +11,16 @@ from nbp_kernels import reference, torch_ops
 from nbp_kernels.dispatch import backend_status
 
 
-def triton_ops(device: torch.device):
-    """The Triton backend module, or the reason it is unusable (the interpreter is no benchmark)."""
+def triton_ops(device: torch.device, interpreter_ok: bool = False):
+    """The Triton backend module, or the reason it is unusable.
+
+    The CPU interpreter is no speed measurement; ``interpreter_ok`` admits it
+    for smoke runs of the table code (``gpu_table.py --tiny``).
+    """
     ok, why = backend_status("triton", device)
     if not ok:
         return why
-    if device.type != "cuda":
+    if device.type != "cuda" and not interpreter_ok:
         return "triton on CPU runs in the interpreter only: not a speed measurement"
     import nbp_kernels.ops as ops
     return ops
@@ -53,10 +57,11 @@ def _flex(q, k, v, block_size, cond_len, hybrid):
     return lambda: fn(q, k, v, block_mask=mask)
 
 
-def prefill_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybrid: bool = False) -> dict:
+def prefill_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybrid: bool = False,
+                  interpreter_ok: bool = False) -> dict:
     """q, k, v: [B, H, S, D] -> implementations of NBP-masked attention (+ plain causal SDPA)."""
     kw = dict(block_size=block_size, cond_len=cond_len, hybrid=hybrid)
-    ops = triton_ops(q.device)
+    ops = triton_ops(q.device, interpreter_ok)
     mask = reference.nbp_mask(q.shape[2], device=q.device, **kw)
     impls = {
         "triton": ops if isinstance(ops, str) else (lambda: ops.block_causal_attention(q, k, v, **kw)),
@@ -69,10 +74,13 @@ def prefill_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybrid: bool =
     return impls
 
 
-def prefill_backward_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybrid: bool = False) -> dict:
+def prefill_backward_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybrid: bool = False,
+                           interpreter_ok: bool = False) -> dict:
     """Forward + backward of the differentiable implementations (q, k, v require grad)."""
     out = {}
-    for name, fn in prefill_impls(q, k, v, block_size=block_size, cond_len=cond_len, hybrid=hybrid).items():
+    impls = prefill_impls(q, k, v, block_size=block_size, cond_len=cond_len, hybrid=hybrid,
+                          interpreter_ok=interpreter_ok)
+    for name, fn in impls.items():
         if isinstance(fn, str) or name == "sdpa_causal_ref":
             continue
         def step(fn=fn):
@@ -82,9 +90,10 @@ def prefill_backward_impls(q, k, v, *, block_size: int, cond_len: int = 0, hybri
     return out
 
 
-def decode_impls(q, k_cache, v_cache, seq_lens, k_new, v_new, visible: int) -> dict:
+def decode_impls(q, k_cache, v_cache, seq_lens, k_new, v_new, visible: int,
+                 interpreter_ok: bool = False) -> dict:
     """One decode step. ``visible``: seq_lens[b] + L, the same for every sequence (host int)."""
-    ops = triton_ops(q.device)
+    ops = triton_ops(q.device, interpreter_ok)
     impls = {}
     if isinstance(ops, str):
         impls["triton_fused_append"] = impls["triton"] = ops

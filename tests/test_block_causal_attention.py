@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"triton backend unusable: {_WHY
 
 # (forward, gradient) tolerances, relative to the reference's max magnitude.
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (2e-2, 6e-2)}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+# GPU runs keep the (dtype, head_dim, hybrid) combinations few: each one is a Triton compile.
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 
 # (B, H, S, D, block_size, cond_len, hybrid): odd S, S not a multiple of the
 # block, condition prefixes, hybrid layout, block longer than S, all-condition.
@@ -39,7 +40,7 @@ GPU_CASES = [
     (1, 4, 1280, 128, 16, 0, False),
     (2, 2, 777, 64, 1, 0, False),
     (1, 3, 1001, 96, 256, 1, True),
-    (2, 2, 300, 128, 16, 12, True),
+    (2, 2, 300, 96, 16, 12, True),
     (1, 2, 129, 96, 64, 129, False),
 ]
 CASES = GPU_CASES if CUDA else CPU_CASES
@@ -81,6 +82,11 @@ def test_matches_reference(case, dtype):
     _check(*case, dtype=dtype)
 
 
+@pytest.mark.skipif(not CUDA, reason="fp16 kernels need a GPU (the interpreter runs fp32 only here)")
+def test_fp16():
+    _check(2, 2, 515, 96, 16, 3, False, torch.float16)
+
+
 def test_custom_scale_and_head_dims():
     for D in (64, 128, 48):
         _check(1, 1, 18, D, 4, 2, False, torch.float32, scale=0.3, seed=D)
@@ -114,7 +120,7 @@ def test_mask_semantics_pinned():
 
 
 @settings(max_examples=6, deadline=None)
-@given(S=st.integers(1, 40), D=st.sampled_from([32, 64, 96]), bs=st.integers(1, 20),
+@given(S=st.integers(1, 40), D=st.sampled_from([64, 96]), bs=st.integers(1, 20),
        cond_frac=st.floats(0.0, 1.0), hybrid=st.booleans(), seed=st.integers(0, 1000))
 def test_random_shapes(S, D, bs, cond_frac, hybrid, seed):
     _check(1, 1, S, D, bs, int(cond_frac * S), hybrid, torch.float32, grads=seed % 2 == 0, seed=seed)

@@ -90,7 +90,7 @@ def _fwd_step(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, sks, svs, n0, S,
     return acc_a, acc_b, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "cond_len", "block_size"])
 def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                 H, S, cond_len, block_size, qk_scale,
                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
@@ -139,7 +139,7 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, so
     tl.store(LSE + bh * S + offs_m, m_i + tl.math.log2(l_safe), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _bwd_pre_kernel(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, H, S,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[b, h, i] = sum_d O * dO (fp32)."""
@@ -186,7 +186,7 @@ def _dkdv_step(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, sqs,
     return dk_a, dk_b, dv_a, dv_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "cond_len", "block_size"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
                      sgkb, sgkh, sgks, sgvb, sgvh, sgvs,
@@ -267,7 +267,7 @@ def _dq_step(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, sks, 
     return dq_a, dq_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "cond_len", "block_size"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, sgb, sgh, sgs,
                    H, S, cond_len, block_size, qk_scale, sm_scale,

@@ -31,13 +31,13 @@ def _decode_step(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, sks, svs, off
     """One KV tile (rows ``offs`` of k_base/v_base, ``n_ok`` valid) of the online softmax.
 
     With STORE (and the runtime flag ``store_ok``) the tile, a piece of the new
-    block, is also written to the caches at rows ``pos``. Values are rounded to the cache dtype first, so the
-    attention sees exactly what the cache will hold.
+    block, is also written to the caches at rows ``pos``. Values are rounded to
+    the cache dtype first, so the attention sees exactly what the cache holds.
     """
     kt_a = _load_t(k_base, offs, sks, n_ok, offs_a, D).to(kc_base.dtype.element_ty)
     v_a = _load_rows(v_base, offs, svs, n_ok, offs_a, D).to(vc_base.dtype.element_ty)
-    w_ok = tl.where(store_ok, n_ok, False)  # (a bool tensor & a bool scalar trips the interpreter)
     if STORE:
+        w_ok = tl.where(store_ok, n_ok, False)  # (a bool tensor & a bool scalar trips the interpreter)
         tl.store(kc_base + pos[None, :] * skcs + offs_a[:, None], kt_a,
                  mask=w_ok[None, :] & (offs_a[:, None] < D))
         _store_rows(vc_base, pos, svcs, w_ok, offs_a, D, v_a)
@@ -63,13 +63,13 @@ def _decode_step(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, sks, svs, off
     return acc_a, acc_b, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "M", "SPLITS"])
 def _decode_kernel(Q, KC, VC, KN, VN, SEQ, OPART, LPART, OUT,
                    sqb, sqh, sqs, skcb, skch, skcs, svcb, svch, svcs,
                    sknb, sknh, skns, svnb, svnh, svns, sob, soh, sos,
-                   H, L, M, qk_scale,
+                   H, L, M, qk_scale, SPLITS,
                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-                   HAS_NEW: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_NEW: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -82,7 +82,9 @@ def _decode_kernel(Q, KC, VC, KN, VN, SEQ, OPART, LPART, OUT,
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_total)
     # Without a new block every visible position is read from the cache.
-    cache_end = tl.minimum(hi, start) if HAS_NEW else hi
+    cache_end = hi
+    if HAS_NEW:
+        cache_end = tl.minimum(hi, start)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_a = tl.arange(0, DA)
@@ -115,16 +117,16 @@ def _decode_kernel(Q, KC, VC, KN, VN, SEQ, OPART, LPART, OUT,
                                                   qk_scale, D, HAS_B, PREC, True, pid_m == 0, kc_base,
                                                   vc_base, skcs, svcs, offs)
     _decode_finish(acc_a, acc_b, m_i, l_i, bh, split, offs_m, m_ok, offs_a, offs_b, b, h, L,
-                   OPART, LPART, OUT, sob, soh, sos, D, DA, DB, HAS_B, SPLITS)
+                   OPART, LPART, OUT, sob, soh, sos, SPLITS, D, DA, DB, HAS_B, DIRECT)
 
 
 @triton.jit
 def _decode_finish(acc_a, acc_b, m_i, l_i, bh, split, offs_m, m_ok, offs_a, offs_b, b, h, L,
-                   OPART, LPART, OUT, sob, soh, sos, D: tl.constexpr, DA: tl.constexpr,
-                   DB: tl.constexpr, HAS_B: tl.constexpr, SPLITS: tl.constexpr):
-    """Store the final output (one split) or the split's normalised partial and its lse."""
+                   OPART, LPART, OUT, sob, soh, sos, SPLITS, D: tl.constexpr, DA: tl.constexpr,
+                   DB: tl.constexpr, HAS_B: tl.constexpr, DIRECT: tl.constexpr):
+    """Store the final output (DIRECT: one split) or the split's normalised partial and its lse."""
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    if SPLITS == 1:
+    if DIRECT:
         o_base = OUT + b * sob + h * soh
         _store_rows(o_base, offs_m, sos, m_ok, offs_a, D, acc_a / l_safe[:, None])
         if HAS_B:
@@ -139,9 +141,9 @@ def _decode_finish(acc_a, acc_b, m_i, l_i, bh, split, offs_m, m_ok, offs_a, offs
         tl.store(LPART + (bh * SPLITS + split) * L + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
-def _decode_reduce_kernel(OPART, LPART, OUT, sob, soh, sos, H, L, D: tl.constexpr,
-                          SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["L", "SPLITS"])
+def _decode_reduce_kernel(OPART, LPART, OUT, sob, soh, sos, H, L, SPLITS, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[b, h, m] = sum_s w_s * OPART[bh, s, m] with w_s = softmax over splits of their lse."""
     bh = tl.program_id(0)
     b = bh // H
@@ -206,20 +208,20 @@ def decode(q, k_cache, v_cache, seq_lens, k_new, v_new, scale: float, num_splits
         opart = torch.empty((B * H, splits, L, D), dtype=torch.float32, device=q.device)
         lpart = torch.empty((B * H, splits, L), dtype=torch.float32, device=q.device)
     else:
-        opart = lpart = out  # never written: SPLITS == 1 stores straight to out
+        opart = lpart = out  # never written: one split stores straight to out
     da, db = head_split(D)
     _decode_kernel[(splits, B * H, triton.cdiv(L, bm))](
         q, k_cache, v_cache, k_new, v_new, seq_lens, opart, lpart, out,
         *strides3(q), *strides3(k_cache), *strides3(v_cache), *strides3(k_new), *strides3(v_new),
-        *strides3(out), H, L, M, scale * LOG2E, D=D, DA=da, DB=max(db, 16), HAS_B=db > 0,
-        HAS_NEW=has_new, SPLITS=splits, BLOCK_M=bm, BLOCK_N=bn, PREC=dot_precision(q.dtype),
+        *strides3(out), H, L, M, scale * LOG2E, splits, D=D, DA=da, DB=max(db, 16), HAS_B=db > 0,
+        HAS_NEW=has_new, DIRECT=splits == 1, BLOCK_M=bm, BLOCK_N=bn, PREC=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages)
     if splits > 1:
         rm = 16
         bd = 1 << max(0, (D - 1).bit_length())
         _decode_reduce_kernel[(B * H, triton.cdiv(L, rm))](opart, lpart, out, *strides3(out), H, L,
-                                                           D=D, SPLITS=splits, BLOCK_M=rm,
-                                                           BLOCK_D=bd, num_warps=4)
+                                                           splits, D=D, BLOCK_M=rm, BLOCK_D=bd,
+                                                           num_warps=4)
     return out
 
 

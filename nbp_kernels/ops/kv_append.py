@@ -11,7 +11,7 @@ import torch
 from ._common import interpreting, last_dim_contiguous, next_pow2, strides3, tl, triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "M"])
 def _kv_append_kernel(KC, VC, KN, VN, SEQ, skcb, skch, skcs, svcb, svch, svcs,
                       sknb, sknh, skns, svnb, svnh, svns, H, L, M,
                       D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
