@@ -88,18 +88,21 @@ def main(argv=None) -> int:
         tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
         for r in rows:
             r["frames_per_s_with_tokenizer"] = r["frames_per_s"] * r["seconds"] / (r["seconds"] + tok_s)
-    sec = {r["method"]: r["seconds"] for r in rows}
-    ratios = {"ntp_over_nbp": sec["ntp"] / sec["nbp"]}
-    if "baseline-nbp" in sec:
-        ratios["baseline_nbp_over_fast_nbp"] = sec["baseline-nbp"] / sec["nbp"]
-    if "baseline-ntp" in sec:
-        ratios["baseline_ntp_over_fast_nbp"] = sec["baseline-ntp"] / sec["nbp"]
+    ratios = {}
+    for kind, key in (("", "seconds"), ("cpu_", "cpu_seconds")):
+        sec = {r["method"]: r[key] for r in rows}
+        ratios[kind + "ntp_over_nbp"] = sec["ntp"] / sec["nbp"]
+        for other in ("baseline-nbp", "baseline-ntp"):
+            if other in sec:
+                ratios[f"{kind}{other.replace('-', '_')}_over_fast_nbp"] = sec[other] / sec["nbp"]
     print(f"{args.preset}: {cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), vocab "
           f"{cfg.vocab_size}, L={cfg.block_size}, batch {args.batch}, {args.dtype}, top-k {top_k}, "
           f"top-p {args.top_p}, random weights")
     print(f"machine: {info.get('gpu') or info['cpu']}, {info['cpu_cores']} cores, "
           f"{info['torch_threads']} torch threads, load {load_before} -> {info['load_avg_1m']}")
     print(format_table(rows))
+    print("process CPU seconds (median): " + ", ".join(f"{r['method']} {r['cpu_seconds']:.3f}"
+                                                      for r in rows))
     if tok_s is not None:
         print(f"tokenizer ({args.tokenizer}, encode 5 + decode all frames): {tok_s:.3f} s; "
               + ", ".join(f"{r['method']} {r['frames_per_s_with_tokenizer']:.2f} frames/s" for r in rows))

@@ -80,8 +80,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(fns: dict, repeats: int, device: torch.device | str = "cpu",
-                     warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin so load changes hit all alike."""
+                     warmup: int = 1, cpu_times: dict | None = None) -> dict[str, list[float]]:
+    """Wall seconds per call of each function, measured round-robin so load changes hit
+    all alike. ``cpu_times``, if given, receives this process's CPU seconds per call
+    (less sensitive to other processes on a shared machine)."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -90,10 +92,12 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device | str = "cpu"
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 
@@ -122,7 +126,8 @@ def ntp_vs_nbp(model, *, batch: int = 1, repeats: int = 3, top_k: int | None = 1
     fns = {"nbp": run("nbp"), "ntp": run("ntp")}
     for name, fn in (extra or {}).items():
         fns[name] = (lambda f: lambda: f(ids, new))(fn)
-    times = time_interleaved(fns, repeats, device)
+    cpu: dict[str, list[float]] = {}
+    times = time_interleaved(fns, repeats, device, cpu_times=cpu)
     L = cfg.block_size
     steps = {"nbp": new // L, "ntp": new}
     rows = []
@@ -130,6 +135,7 @@ def ntp_vs_nbp(model, *, batch: int = 1, repeats: int = 3, top_k: int | None = 1
         sec = median(ts)
         n_steps = steps.get(name, steps["nbp"] if "nbp" in name else steps["ntp"])
         rows.append({"method": name, "steps": n_steps, "seconds": sec, "times": ts,
+                     "cpu_seconds": median(cpu[name]), "cpu_times": cpu[name],
                      "tokens_per_s": batch * new / sec,
                      "frames_per_s": batch * _new_frames(cfg) / sec})
     return rows
