@@ -5,11 +5,12 @@ from .config import TRANSFORMER_PRESETS, ConfigError, TransformerConfig
 from .model import NBPTransformer
 from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VideoTokenizer
 from .loading import LoadError, load_tokenizer, load_transformer
+from .generate import FastGenerator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError", "NBPTransformer",
     "TokenizerConfig", "TOKENIZER_PRESETS", "VideoTokenizer", "LoadError", "load_tokenizer",
-    "load_transformer", "__version__",
+    "load_transformer", "FastGenerator", "__version__",
 ]
