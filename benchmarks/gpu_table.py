@@ -207,6 +207,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = config(args.tiny)
     budget = Budget(args.budget_s)
+    # FlexAttention compiles once per shape and grad mode (8 here): stay above dynamo's
+    # default recompile limit, past which it would silently fall back to eager.
+    import torch._dynamo
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     name = torch.cuda.get_device_name() if cfg["device"].type == "cuda" else "cpu"
     peak = next((bw for frag, bw in PEAK_BW if frag in name), None)
     import triton

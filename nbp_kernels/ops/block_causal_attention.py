@@ -96,9 +96,10 @@ def _fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, so
                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                 HYBRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr):
-    # Last query tiles see the most keys: launch them first for a balanced tail.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    # Last query tiles see the most keys: launch them first (grid axis 1 is the
+    # slowest-varying launch order) so the short tiles fill the tail.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     m0 = pid_m * BLOCK_M
@@ -194,10 +195,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                      HYBRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PREC: tl.constexpr):
-    bh = tl.program_id(1)
+    # Key tiles in ascending order: the first ones are seen by the most queries.
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    n0 = tl.program_id(0) * BLOCK_N
+    n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_a = tl.arange(0, DA)
@@ -274,8 +276,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                    HYBRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PREC: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     m0 = pid_m * BLOCK_M
@@ -350,7 +352,7 @@ def forward(q, k, v, block_size: int, cond_len: int, hybrid: bool, scale: float)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _tiles("fwd", q.dtype, q.shape[-1])
-    grid = (triton.cdiv(S, bm), B * H)
+    grid = (B * H, triton.cdiv(S, bm))
     _fwd_kernel[grid](q, k, v, o, lse, *strides3(q), *strides3(k), *strides3(v), *strides3(o),
                       H, S, cond_len, block_size, scale * LOG2E, HYBRID=hybrid,
                       BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_shape_args(q))
@@ -368,12 +370,12 @@ def backward(do, q, k, v, o, lse, block_size: int, cond_len: int, hybrid: bool, 
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     common = dict(HYBRID=hybrid, **_shape_args(q))
     bm, bn, warps, stages = _tiles("dkdv", q.dtype, D)
-    _bwd_dkdv_kernel[(triton.cdiv(S, bn), B * H)](
+    _bwd_dkdv_kernel[(B * H, triton.cdiv(S, bn))](
         q, k, v, do, lse, delta, dk, dv, *strides3(q), *strides3(k), *strides3(v), *strides3(do),
         *strides3(dk), *strides3(dv), H, S, cond_len, block_size, scale * LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
     bm, bn, warps, stages = _tiles("dq", q.dtype, D)
-    _bwd_dq_kernel[(triton.cdiv(S, bm), B * H)](
+    _bwd_dq_kernel[(B * H, triton.cdiv(S, bm))](
         q, k, v, do, lse, delta, dq, *strides3(q), *strides3(k), *strides3(v), *strides3(do),
         *strides3(dq), H, S, cond_len, block_size, scale * LOG2E, scale,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
