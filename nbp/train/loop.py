@@ -45,8 +45,9 @@ StepFn = Callable[[int, Any], Union[torch.Tensor, tuple]]
 @dataclass
 class LoopConfig:
     """steps: total optimiser steps (the schedule's length); stop_at: end this run early at
-    that step (checkpointed; resume later); resume: None, "auto" (``out_dir/checkpoint.pt``)
-    or a checkpoint path; global_batch: clips per step over all processes; threads: CPU
+    that step (checkpointed; resume later); resume: None (refuse an out_dir holding a
+    checkpoint), "auto" (continue ``out_dir/checkpoint.pt`` if there is one, else start) or a
+    checkpoint path (which must exist); global_batch: clips per step over all processes; threads: CPU
     threads for torch (None: torch's default). On a shared CPU, 1 thread per process can be
     many times faster than oversubscribed OpenMP threads."""
 
@@ -94,6 +95,8 @@ def _resume_path(cfg: LoopConfig, out_dir: Path) -> Path | None:
             raise ValueError(f"out_dir: {str(out_dir)!r} already holds a checkpoint; pass "
                              f"resume='auto' (--resume) to continue it or choose another out_dir")
         return None
+    if cfg.resume == "auto" and not ckpt.exists():
+        return None  # nothing to continue yet: start (lets scripts always pass --resume)
     path = ckpt if cfg.resume == "auto" else Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
