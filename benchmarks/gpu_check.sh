@@ -15,7 +15,7 @@
 # tests and its table), append a block like the Triton one where marked.
 # Run order: env, setup steps, the GPU tests, table steps (each in the order
 # registered). A normal H100 run takes ~4-5 minutes; every step at its timeout
-# would be ~8.
+# would be ~9 (a device run needs timeout_s 560 or more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,11 +52,52 @@ GPU_TESTS+=(tests/test_block_causal_attention.py tests/test_block_decode_attenti
 step_attention_table() {
     # Prefill TFLOP/s (S = 1024/1280/4096, D = 128/96) vs FlexAttention and SDPA;
     # decode-step µs and GB/s vs SDPA (16 queries x 1280 cached x 16 heads x 96, batch 1 and 8).
-    "$PY" benchmarks/gpu_table.py --out "$OUT" --budget-s 100
+    "$PY" benchmarks/gpu_table.py --out "$OUT" --budget-s 90 --sweep-s 40
 }
-add_step table attention_table step_attention_table 200
+add_step table attention_table step_attention_table 240
 
 # ---------------------------------------------------------------- (append new sections here)
+
+# ---------------------------------------------------------------- CUDA kernels (issue 7)
+# Owned by the CUDA helper (csrc/, nbp_kernels/cuda_ops.py). Runs after the
+# Triton steps. nbp_kernels._C is built here if it is missing (needs nvcc;
+# otherwise carry the .so built on the CPU machine,
+# nbp_kernels/_C.cpython-<py>-x86_64-linux-gnu.so, for the same Python), then:
+# numerics vs the reference, compute-sanitizer memcheck + racecheck on a small
+# subset, and the decode table CUDA vs Triton vs SDPA vs FlexAttention with the
+# bandwidth floor, plus nbp_kernels/tuning.json (both copied to $OUT).
+step_cuda_build() {
+    if ! "$PY" -c "import nbp_kernels._C" 2>/dev/null; then
+        NBP_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+    fi
+    "$PY" -c "from nbp_kernels import cuda_ops; print('cuda backend:', cuda_ops.build_info(), cuda_ops.is_available('cuda'))"
+}
+
+step_cuda_tests() {
+    "$PY" -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda_build.py tests/test_cuda_ops.py
+}
+
+step_cuda_sanitizer() {
+    local san
+    san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    [ -x "$san" ] || { echo "compute-sanitizer not found: NOT RUN"; return 1; }
+    local subset="(test_decode_matches_reference and (True-16-96 or True-5-96 or False-1-64))"
+    subset+=" or (test_kv_append_matches_reference and 7-) or test_unchecked_overflow"
+    subset+=" or (test_decode_forced_split_counts and 64-)"
+    # Without the caching allocator each tensor is its own allocation, so memcheck sees overruns.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck --error-exitcode 99 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py -k "$subset"
+    "$san" --tool racecheck --error-exitcode 99 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py -k "test_decode_matches_reference and True-16-96-bfloat16"
+}
+
+step_cuda_table() {
+    "$PY" benchmarks/tune_decode.py --quick --budget-s 150 --out "$OUT"
+}
+add_step cuda_build step_cuda_build 300
+add_step cuda_tests step_cuda_tests 300
+add_step cuda_sanitizer step_cuda_sanitizer 420
+add_step cuda_table step_cuda_table 360
 
 # ---------------------------------------------------------------- run
 step_gpu_tests() {

@@ -16,7 +16,9 @@ for the fused append) and the ratio to the card's bandwidth floor.
 Writes DIR/attention_<card>.md and .json (atomically) and prints the markdown.
 """
 import argparse
+import importlib
 import json
+import math
 import re
 import statistics
 import time
@@ -147,6 +149,34 @@ def decode_rows(cfg, budget, peak_bw):
     return rows
 
 
+def sweep_rows(cfg, budget):
+    """Forward TFLOP/s of other Triton tilings at S = bwd_seq: tuning data, not the defaults."""
+    bca = importlib.import_module("nbp_kernels.ops.block_causal_attention")
+    rows = []
+    S = cfg["bwd_seq"]
+    for D in cfg["head_dims"]:
+        B = max(1, cfg["tokens"] // S)
+        q, k, v = (torch.randn(B, cfg["heads"], S, D, device=cfg["device"], dtype=cfg["dtype"])
+                   for _ in range(3))
+        flops = 4 * B * cfg["heads"] * D * visible_pairs(S, cfg["block"])
+        row = dict(S=S, D=D, B=B, H=cfg["heads"], default=list(bca._tiles("fwd", q.dtype, D)), tflops={})
+        for tiles in cfg["sweep"]:
+            if not budget.left():
+                row["tflops"][str(tiles)] = "skipped: sweep budget spent"
+                continue
+            bca.TILE_OVERRIDES["fwd"] = tiles
+            try:
+                ms = time_ms(lambda: bca.forward(q, k, v, cfg["block"], 0, False, 1 / math.sqrt(D)))
+                row["tflops"][str(tiles)] = flops / ms / 1e9
+            except Exception as e:  # e.g. a tiling that needs more shared memory than the card has
+                row["tflops"][str(tiles)] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            finally:
+                bca.TILE_OVERRIDES.clear()
+        rows.append(row)
+        print(_row_line(row), flush=True)
+    return rows
+
+
 def _fmt(x, spec=".1f"):
     return "—" if x is None else format(x, spec)
 
@@ -182,6 +212,10 @@ def markdown(result) -> str:
             cells.append(f"{c['us']:.1f} µs ({c['gbps']:.0f} GB/s{ratio})")
         lines.append(f"| {r['B']} | {r['H']}×{r['L']}×{r['D']} | {r['cached']} | {r.get('splits', '—')} | "
                      + " | ".join(cells) + f" | {_fmt(r.get('triton_max_err_vs_sdpa'), '.2e')} |")
+    lines += ["", "## Triton forward tilings (TFLOP/s; BLOCK_M, BLOCK_N, warps, stages)", ""]
+    for r in result["sweep"]:
+        cells = ", ".join(f"{t}: {_fmt(v) if not isinstance(v, str) else v}" for t, v in r["tflops"].items())
+        lines.append(f"- S={r['S']} D={r['D']} B×H={r['B']}×{r['H']} (default {tuple(r['default'])}): {cells}")
     return "\n".join(lines) + "\n"
 
 
@@ -192,10 +226,12 @@ def config(tiny: bool) -> dict:
     base = dict(device=torch.device("cuda" if cuda else "cpu"), tiny=tiny, block=16)
     if tiny:
         return base | dict(dtype=torch.float32, heads=2, seqs=[40], head_dims=[64, 96], tokens=40,
-                           bwd_seq=40, dec_head_dim=96, cached=24, max_seq=48, batches=[1, 2])
+                           bwd_seq=40, dec_head_dim=96, cached=24, max_seq=48, batches=[1, 2],
+                           sweep=[(16, 16, 1, 1), (32, 16, 1, 1)])
     return base | dict(dtype=torch.bfloat16, heads=16, seqs=[1024, 1280, 4096], head_dims=[128, 96],
                        tokens=8192, bwd_seq=1280, dec_head_dim=96, cached=1280, max_seq=2048,
-                       batches=[1, 8])
+                       batches=[1, 8], sweep=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                                              (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)])
 
 
 def main(argv=None) -> None:
@@ -204,6 +240,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run of this script)")
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="seconds after which optional FlexAttention entries are skipped")
+    ap.add_argument("--sweep-s", type=float, default=40.0,
+                    help="seconds for the (optional) sweep of Triton forward tilings, run last")
     args = ap.parse_args(argv)
     cfg = config(args.tiny)
     budget = Budget(args.budget_s)
@@ -222,6 +260,7 @@ def main(argv=None) -> None:
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result["prefill"] = prefill_rows(cfg, budget) + backward_rows(cfg, budget)
     result["decode"] = decode_rows(cfg, budget, peak)
+    result["sweep"] = sweep_rows(cfg, Budget(args.sweep_s))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)

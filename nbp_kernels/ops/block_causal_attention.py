@@ -319,6 +319,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 # --------------------------------------------------------------------------- launch
 
+# kind -> (BLOCK_M, BLOCK_N, num_warps, num_stages), set only by tuning sweeps
+# (benchmarks/gpu_table.py) to time other tilings; empty in normal use.
+TILE_OVERRIDES: dict = {}
+
+
 def _tiles(kind: str, dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kind`` in fwd | dkdv | dq.
 
@@ -326,6 +331,8 @@ def _tiles(kind: str, dtype: torch.dtype, d: int) -> tuple[int, int, int, int]:
     capture launches nothing extra). The interpreter gets 16x16 tiles: it runs
     every program in Python, so small tiles keep tiny test shapes cheap.
     """
+    if kind in TILE_OVERRIDES:
+        return TILE_OVERRIDES[kind]
     if interpreting():
         return 16, 16, 1, 1
     wide = d > 64
