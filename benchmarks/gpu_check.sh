@@ -70,7 +70,7 @@ step_cuda_build() {
     if ! "$PY" -c "import nbp_kernels._C" 2>/dev/null; then
         NBP_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
     fi
-    "$PY" -c "from nbp_kernels import cuda_ops; print('cuda backend:', cuda_ops.build_info(), cuda_ops.is_available('cuda'))"
+    "$PY" -c "from nbp_kernels import cuda_ops; ok, why = cuda_ops.is_available('cuda'); print('cuda backend:', cuda_ops.build_info(), ok, why); assert ok, why"
 }
 
 step_cuda_tests() {

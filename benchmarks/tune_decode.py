@@ -12,7 +12,10 @@
 Times are CUDA-graph replays (the engine captures its decode step), median of
 several replays of ``--reps`` calls each. Usage (GPU only)::
 
-    python benchmarks/tune_decode.py [--quick] [--no-write]
+    python benchmarks/tune_decode.py [--quick] [--no-write] [--out DIR]
+
+``--out DIR`` puts the table (``decode_attention_<card>.md``) and a copy of
+the new ``tuning.json`` in DIR (default: the table in ``benchmarks/results``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import argparse
 import json
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -131,31 +135,43 @@ def split_sweep_row(case, B: int) -> str:
     return f"| {B} | " + " | ".join(cells) + " |"
 
 
-def tune(device_name: str, reps: int) -> list[dict]:
-    """Fastest backend per (op, head_dim, L, dtype) at batch 8, 16 heads, 1280 cached."""
+def tune_shape(device_name: str, usable: list[str], dname: str, D: int, L: int, reps: int) -> list[dict]:
+    """Fastest usable backend for each op at one (dtype, head_dim, L), batch 8, 16 heads, 1280 cached."""
+    case = make_case(8, 16, L, D, 1280, DTYPES[dname])
+    append = lambda b: (lambda: nbp_kernels.kv_append_(case["k_cache"], case["v_cache"], case["k_new"],
+                                                       case["v_new"], case["seq_lens"], backend=b,
+                                                       check_bounds=False))
     entries = []
+    for op, make in (("block_decode_attention", lambda b: decode_fn(case, b)), ("kv_append_", append)):
+        us = {}
+        for b in usable:
+            try:
+                us[b] = round(time_us(make(b), reps), 2)
+            except Exception as e:  # a backend without this shape is simply not a candidate
+                print(f"  {op} {b} D={D} L={L} {dname}: {type(e).__name__}: {e}")
+        if us:
+            best = min(us, key=us.get)
+            entries.append(dict(op=op, head_dim=D, block_len=L, dtype=dname, device=device_name,
+                                backend=best, us=us))
+            print(f"{op:24s} D={D:3d} L={L:2d} {dname:8s} " +
+                  " ".join(f"{b}={t:8.2f}us" for b, t in us.items()) + f"  -> {best}")
+    return entries
+
+
+def tune(device_name: str, reps: int, budget_s: float) -> list[dict]:
+    """Dispatch entries for every (dtype, head_dim in 64/96/128, L in 1/16).
+
+    The 700M model's shapes (D = 96) come first; shapes left when ``budget_s`` runs out are skipped.
+    """
     usable = [b for b in BACKENDS if backend_status(b, "cuda")[0]]
-    for dname, dtype in DTYPES.items():
-        for D in (64, 96, 128):
-            for L in (1, 16):
-                case = make_case(8, 16, L, D, 1280, dtype)
-                for op in ("block_decode_attention", "kv_append_"):
-                    us = {}
-                    for b in usable:
-                        fn = decode_fn(case, b) if op == "block_decode_attention" else (
-                            lambda b=b: nbp_kernels.kv_append_(case["k_cache"], case["v_cache"], case["k_new"],
-                                                               case["v_new"], case["seq_lens"], backend=b,
-                                                               check_bounds=False))
-                        try:
-                            us[b] = round(time_us(fn, reps), 2)
-                        except Exception as e:  # a backend without this shape is simply not a candidate
-                            print(f"  {op} {b} D={D} L={L} {dname}: {type(e).__name__}: {e}")
-                    if us:
-                        best = min(us, key=us.get)
-                        entries.append(dict(op=op, head_dim=D, block_len=L, dtype=dname, device=device_name,
-                                            backend=best, us=us))
-                        print(f"{op:24s} D={D:3d} L={L:2d} {dname:8s} " +
-                              " ".join(f"{b}={t:8.2f}us" for b, t in us.items()) + f"  -> {best}")
+    grid = [(dn, D, L) for dn in DTYPES for D in (96, 64, 128) for L in (16, 1)]
+    deadline = time.monotonic() + budget_s
+    entries = []
+    for i, (dname, D, L) in enumerate(grid):
+        if time.monotonic() > deadline:
+            print(f"time budget spent: {len(grid) - i} of {len(grid)} shapes not tuned")
+            break
+        entries += tune_shape(device_name, usable, dname, D, L, reps)
     return entries
 
 
@@ -206,6 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    ap.add_argument("--budget-s", type=float, default=600.0, help="time limit for the tuning grid")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the table (and a tuning.json copy)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_decode.py needs a CUDA device")
@@ -216,12 +234,15 @@ def main() -> None:
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s")
     md = table(name, bw, reps)
     print(md)
-    entries = tune(name, reps)
+    entries = tune(name, reps, args.budget_s)
     if not args.no_write:
         write_tuning(entries, name)
+        args.out.mkdir(parents=True, exist_ok=True)
+        if args.out.resolve() != RESULTS.resolve():
+            atomic_write_text(args.out / "tuning.json", TUNING_FILE.read_text())
         slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        atomic_write_text(RESULTS / f"decode_attention_{slug}.md", md)
-        print(f"wrote {RESULTS / f'decode_attention_{slug}.md'}")
+        atomic_write_text(args.out / f"decode_attention_{slug}.md", md)
+        print(f"wrote {args.out / f'decode_attention_{slug}.md'}")
 
 
 if __name__ == "__main__":
