@@ -47,11 +47,11 @@ nbp::View view(const char* name, uintptr_t ptr, const Strides& st, int elem) {
   return v;
 }
 
-void check_shape(int batch, int heads, int L, int max_seq, int head_dim) {
+void check_shape(int batch, int heads, int L, int max_seq, int head_dim, int max_L) {
   if (batch < 1 || batch > 65535) fail("batch: expected 1..65535, got " + std::to_string(batch));
   if (heads < 1 || heads > 4096) fail("heads: expected 1..4096, got " + std::to_string(heads));
-  if (L < 1 || L > nbp::kMaxBlockLen)
-    fail("L: block length must be in 1.." + std::to_string(nbp::kMaxBlockLen) + ", got " + std::to_string(L));
+  if (L < 1 || L > max_L)
+    fail("L: block length must be in 1.." + std::to_string(max_L) + ", got " + std::to_string(L));
   if (max_seq < L) fail("max_seq: must be >= L (" + std::to_string(L) + "), got " + std::to_string(max_seq));
   if (head_dim < 1) fail("head_dim: must be positive, got " + std::to_string(head_dim));
 }
@@ -66,7 +66,7 @@ void decode(uintptr_t q, Strides q_st, uintptr_t k_cache, Strides kc_st, uintptr
             int max_seq, int head_dim, int dtype, double scale, int num_splits, uintptr_t part_o,
             int64_t part_o_numel, uintptr_t part_lse, int64_t part_lse_numel, uintptr_t stream) {
   const int elem = elem_bytes(dtype);
-  check_shape(batch, heads, L, max_seq, head_dim);
+  check_shape(batch, heads, L, max_seq, head_dim, nbp::kMaxBlockLen);
   if (head_dim != 64 && head_dim != 96 && head_dim != 128)
     fail("head_dim: the CUDA decode kernel supports 64, 96, 128, got " + std::to_string(head_dim));
   if (!std::isfinite(scale)) fail("scale: expected a finite number");
@@ -107,7 +107,7 @@ void append(uintptr_t k_cache, Strides kc_st, uintptr_t v_cache, Strides vc_st, 
             Strides kn_st, uintptr_t v_new, Strides vn_st, uintptr_t seq_lens, int batch, int heads,
             int L, int max_seq, int head_dim, int dtype, uintptr_t stream) {
   const int elem = elem_bytes(dtype);
-  check_shape(batch, heads, L, max_seq, head_dim);
+  check_shape(batch, heads, L, max_seq, head_dim, 1 << 24);
   if ((head_dim * elem) % 16 != 0)
     fail("head_dim: a row must be a multiple of 16 bytes, got " + std::to_string(head_dim) + " x " +
          std::to_string(elem) + " bytes");

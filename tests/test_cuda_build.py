@@ -89,7 +89,8 @@ def test_decode_rejects_bad_arguments(C, over, match):
     (dict(head_dim=36, dtype=1), "head_dim"),   # 72 bytes: not a multiple of 16
     (dict(k_new=ALIGNED + 4), "k_new: data pointer"),
     (dict(v_new_strides=(96, 96, 4)), "v_new: the seq stride"),
-    (dict(L=300, max_seq=512), "L: block length"),
+    (dict(L=0), "L: block length"),
+    (dict(L=300, max_seq=256), "max_seq"),
     (dict(seq_lens=0), "seq_lens"),
 ])
 def test_append_rejects_bad_arguments(C, over, match):

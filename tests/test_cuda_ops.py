@@ -104,9 +104,10 @@ def test_decode_custom_scale_and_strided_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=_ids)
-@pytest.mark.parametrize("L", [1, 16, 7])
+@pytest.mark.parametrize("L", [1, 16, 7, 300])
 def test_kv_append_matches_reference(dtype, L):
-    _, kc, vc, kn, vn, lens = _case(3, 5, L, 96, 203, [0, 101, 203 - L], dtype, seed=3)
+    M = 333 + L
+    _, kc, vc, kn, vn, lens = _case(3, 5, L, 96, M, [0, 101, M - L], dtype, seed=3)
     rk, rv = kc.clone(), vc.clone()
     reference.kv_append_(rk, rv, kn, vn, lens)
     nbp_kernels.kv_append_(kc, vc, kn, vn, lens, backend="cuda")
