@@ -35,6 +35,9 @@ def is_available(device) -> tuple[bool, str]:
         return False, f"triton is not importable: {_TRITON_ERROR}"
     device = torch.device(device)
     if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # bf16 tensor-core dots and the tile sizes assume Ampere or newer
+            return False, f"triton kernels need compute capability >= 8.0, got {major}.{minor}"
         return True, ""
     if device.type == "cpu" and interpreting():
         return True, ""
