@@ -14,7 +14,8 @@
 # files to GPU_TESTS. To add a section (e.g. the CUDA extension build, its
 # tests and its table), append a block like the Triton one where marked.
 # Run order: env, setup steps, the GPU tests, table steps (each in the order
-# registered). A normal H100 run takes ~4-5 minutes; every step at its timeout
+# registered). GPU_CHECK_STEPS="env gpu_tests attention_table" (names, space
+# separated) runs only those steps, e.g. to fit one device call's time limit. A normal H100 run takes ~4-5 minutes; every step at its timeout
 # would be ~9 (a device run needs timeout_s 560 or more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,8 @@ unset TRITON_INTERPRET  # the real GPU kernels, never the interpreter
 SETUP_STEPS=()  # "name function timeout_s", run in this order
 TABLE_STEPS=()
 GPU_TESTS=()
-add_step() {
+add_step() {  # <phase> <name> <function> <timeout_s>; the 3-argument form means phase `table`
+    if [ $# -eq 3 ]; then set -- table "$@"; fi
     case $1 in
         setup) SETUP_STEPS+=("$2 $3 $4") ;;
         table) TABLE_STEPS+=("$2 $3 $4") ;;
@@ -114,6 +116,10 @@ failed=0
 
 run_step() {  # name function timeout_s
     local name=$1 func=$2 limit=$3 t0 rc dt status
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        echo "| $name | not selected (GPU_CHECK_STEPS) | 0 |" >>"$SUMMARY"
+        return 0
+    fi
     t0=$(date +%s)
     echo "===== step $name (timeout $limit s)" | tee -a "$LOG"
     # A child bash, so that `timeout` bounds the step and its whole process group.
