@@ -120,6 +120,17 @@ def backward_rows(cfg, budget):
     return rows
 
 
+def _split_sweep(q, kc, vc, seq_lens, cfg) -> dict:
+    """µs of the Triton decode (no append) per forced split count: tuning data for choose_splits."""
+    from nbp_kernels.ops import block_decode_attention
+    out = {}
+    for splits in cfg["split_sweep"]:
+        ms, note = _measure("triton", lambda: block_decode_attention(q, kc, vc, seq_lens, num_splits=splits),
+                            None, graph=cfg["device"].type == "cuda")
+        out[splits] = note if ms is None else 1e3 * ms
+    return out
+
+
 def decode_rows(cfg, budget, peak_bw):
     rows = []
     H, L, D, n = cfg["heads"], cfg["block"], cfg["dec_head_dim"], cfg["cached"]
@@ -138,6 +149,8 @@ def decode_rows(cfg, budget, peak_bw):
             from nbp_kernels.ops.block_decode_attention import choose_splits
             row["splits"] = choose_splits(B, H, L, cfg["max_seq"], q.device)
             row["triton_max_err_vs_sdpa"] = _max_err(impls["triton"](), impls["sdpa_sliced_cache"]())
+        if not isinstance(impls["triton"], str):
+            row["triton_us_by_splits"] = _split_sweep(q, kc, vc, seq_lens, cfg)
         for name in DECODE_IMPLS:
             nbytes = base + (4 * B * H * L * D * elt if name == "triton_fused_append" else 0)
             ms, note = _measure(name, impls[name], budget, graph=cfg["device"].type == "cuda")
@@ -212,6 +225,11 @@ def markdown(result) -> str:
             cells.append(f"{c['us']:.1f} µs ({c['gbps']:.0f} GB/s{ratio})")
         lines.append(f"| {r['B']} | {r['H']}×{r['L']}×{r['D']} | {r['cached']} | {r.get('splits', '—')} | "
                      + " | ".join(cells) + f" | {_fmt(r.get('triton_max_err_vs_sdpa'), '.2e')} |")
+    for r in result["decode"]:
+        if "triton_us_by_splits" in r:
+            cells = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, str) else v}"
+                              for k, v in r["triton_us_by_splits"].items())
+            lines.append(f"\nTriton decode µs by split count, B={r['B']} (chosen {r.get('splits')}): {cells}")
     lines += ["", "## Triton forward tilings (TFLOP/s; BLOCK_M, BLOCK_N, warps, stages)", ""]
     for r in result["sweep"]:
         cells = ", ".join(f"{t}: {_fmt(v) if not isinstance(v, str) else v}" for t, v in r["tflops"].items())
@@ -227,11 +245,12 @@ def config(tiny: bool) -> dict:
     if tiny:
         return base | dict(dtype=torch.float32, heads=2, seqs=[40], head_dims=[64, 96], tokens=40,
                            bwd_seq=40, dec_head_dim=96, cached=24, max_seq=48, batches=[1, 2],
-                           sweep=[(16, 16, 1, 1), (32, 16, 1, 1)])
+                           sweep=[(16, 16, 1, 1), (32, 16, 1, 1)], split_sweep=[1, 3])
     return base | dict(dtype=torch.bfloat16, heads=16, seqs=[1024, 1280, 4096], head_dims=[128, 96],
                        tokens=8192, bwd_seq=1280, dec_head_dim=96, cached=1280, max_seq=2048,
-                       batches=[1, 8], sweep=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                                              (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)])
+                       batches=[1, 8], split_sweep=[1, 2, 4, 8, 12, 16, 24, 32],
+                       sweep=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                              (128, 32, 4, 4), (64, 128, 4, 3)])
 
 
 def main(argv=None) -> None:
