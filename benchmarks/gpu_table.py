@@ -223,17 +223,20 @@ def markdown(result) -> str:
                 continue
             ratio = "" if c["floor_us"] is None else f", {c['us'] / c['floor_us']:.2f}× floor"
             cells.append(f"{c['us']:.1f} µs ({c['gbps']:.0f} GB/s{ratio})")
-        lines.append(f"| {r['B']} | {r['H']}×{r['L']}×{r['D']} | {r['cached']} | {r.get('splits', '—')} | "
+        shape = f"{r['H']}×{r['L']}×{r['D']}"
+        lines.append(f"| {r['B']} | {shape} | {r['cached']} | {r.get('splits', '—')} | "
                      + " | ".join(cells) + f" | {_fmt(r.get('triton_max_err_vs_sdpa'), '.2e')} |")
     for r in result["decode"]:
         if "triton_us_by_splits" in r:
             cells = ", ".join(f"{k}: {_fmt(v) if not isinstance(v, str) else v}"
                               for k, v in r["triton_us_by_splits"].items())
-            lines.append(f"\nTriton decode µs by split count, B={r['B']} (chosen {r.get('splits')}): {cells}")
+            lines.append(f"\nTriton decode µs by split count, B={r['B']} "
+                         f"(chosen {r.get('splits')}): {cells}")
     lines += ["", "## Triton forward tilings (TFLOP/s; BLOCK_M, BLOCK_N, warps, stages)", ""]
     for r in result["sweep"]:
         cells = ", ".join(f"{t}: {_fmt(v) if not isinstance(v, str) else v}" for t, v in r["tflops"].items())
-        lines.append(f"- S={r['S']} D={r['D']} B×H={r['B']}×{r['H']} (default {tuple(r['default'])}): {cells}")
+        lines.append(f"- S={r['S']} D={r['D']} B×H={r['B']}×{r['H']} "
+                     f"(default {tuple(r['default'])}): {cells}")
     return "\n".join(lines) + "\n"
 
 

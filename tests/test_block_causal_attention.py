@@ -76,8 +76,12 @@ def _check(B, H, S, D, bs, cond, hybrid, dtype, grads=True, scale=None, seed=0):
         _close(a, b, grad_tol, f"d{name}")
 
 
+def _case_id(c):
+    return "B{}H{}S{}D{}L{}c{}{}".format(*c[:6], "h" if c[6] else "")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}S{}D{}L{}c{}{}".format(*c[:6], "h" if c[6] else ""))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference(case, dtype):
     _check(*case, dtype=dtype)
 
