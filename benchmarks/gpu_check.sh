@@ -103,7 +103,10 @@ add_step cuda_table step_cuda_table 360
 
 # ---------------------------------------------------------------- run
 step_gpu_tests() {
-    "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --durations=10 "${GPU_TESTS[@]}"
+    # Most of this step is Triton compiling kernel variants: spread it over processes.
+    local par=()
+    if "$PY" -c "import xdist" 2>/dev/null; then par=(-n 6); fi
+    "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --durations=10 "${par[@]}" "${GPU_TESTS[@]}"
 }
 
 failed=0
@@ -136,7 +139,7 @@ run_step() {  # name function timeout_s
 export PY OUT ROOT
 run_step env step_env 60
 for s in ${SETUP_STEPS[@]+"${SETUP_STEPS[@]}"}; do run_step $s; done
-run_step gpu_tests step_gpu_tests 220
+run_step gpu_tests step_gpu_tests 300
 for s in ${TABLE_STEPS[@]+"${TABLE_STEPS[@]}"}; do run_step $s; done
 cat "$SUMMARY"
 for f in "$OUT"/attention_*.md; do [ -e "$f" ] && cat "$f"; done
