@@ -47,7 +47,7 @@ def tokenizer_seconds(preset: str, device, repeats: int, latent_shape) -> float:
     return median(time_interleaved({"tok": job}, repeats, device)["tok"])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="k600-base")
     p.add_argument("--layers", type=int, default=None)
@@ -64,30 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-ntp", action="store_true", help="also time the baseline in ntp mode (slow)")
     p.add_argument("--tokenizer", default=None, help="tokenizer preset to time (e.g. magvit2, tiny)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    cfg = bench_config(args.preset, layers=args.layers, width=args.width, vocab=args.vocab)
-    model = random_model(cfg, device=device, dtype=dtype)
-    top_k = args.top_k if args.top_k > 0 else None
-    sampling = dict(top_k=top_k, top_p=args.top_p)
-    extra = {}
-    if args.baseline:
-        extra["baseline-nbp"] = lambda ids, n: baseline_generate(model, ids, n, mode="nbp", **sampling)
-    if args.baseline_ntp:
-        extra["baseline-ntp"] = lambda ids, n: baseline_generate(model, ids, n, mode="ntp", **sampling)
-    load_before = machine_info(device)["load_avg_1m"]
-    rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
-                      extra=extra, **sampling)
-    info = machine_info(device)
-    info["load_avg_1m_before"] = load_before
-    tok_s = None
-    if args.tokenizer:
-        tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
-        for r in rows:
-            r["frames_per_s_with_tokenizer"] = r["frames_per_s"] * r["seconds"] / (r["seconds"] + tok_s)
+    return p.parse_args(argv)
+
+
+def ratios_of(rows: list[dict]) -> dict:
+    """Wall and process-CPU time ratios: NTP / NBP and baseline / fast NBP."""
     ratios = {}
     for kind, key in (("", "seconds"), ("cpu_", "cpu_seconds")):
         sec = {r["method"]: r[key] for r in rows}
@@ -95,23 +76,54 @@ def main(argv=None) -> int:
         for other in ("baseline-nbp", "baseline-ntp"):
             if other in sec:
                 ratios[f"{kind}{other.replace('-', '_')}_over_fast_nbp"] = sec[other] / sec["nbp"]
+    return ratios
+
+
+def report(args, cfg, rows: list[dict], info: dict, tok_s, ratios: dict) -> None:
     print(f"{args.preset}: {cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), vocab "
-          f"{cfg.vocab_size}, L={cfg.block_size}, batch {args.batch}, {args.dtype}, top-k {top_k}, "
-          f"top-p {args.top_p}, random weights")
+          f"{cfg.vocab_size}, L={cfg.block_size}, batch {args.batch}, {args.dtype}, top-k "
+          f"{args.top_k}, top-p {args.top_p}, random weights")
     print(f"machine: {info.get('gpu') or info['cpu']}, {info['cpu_cores']} cores, "
-          f"{info['torch_threads']} torch threads, load {load_before} -> {info['load_avg_1m']}")
+          f"{info['torch_threads']} torch threads, load {info['load_avg_1m_before']} -> "
+          f"{info['load_avg_1m']}")
     print(format_table(rows))
     print("process CPU seconds (median): " + ", ".join(f"{r['method']} {r['cpu_seconds']:.3f}"
                                                       for r in rows))
     if tok_s is not None:
         print(f"tokenizer ({args.tokenizer}, encode 5 + decode all frames): {tok_s:.3f} s; "
-              + ", ".join(f"{r['method']} {r['frames_per_s_with_tokenizer']:.2f} frames/s" for r in rows))
+              + ", ".join(f"{r['method']} {r['frames_per_s_with_tokenizer']:.2f} frames/s"
+                          for r in rows))
     print("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg = bench_config(args.preset, layers=args.layers, width=args.width, vocab=args.vocab)
+    model = random_model(cfg, device=device, dtype=dtype)
+    sampling = dict(top_k=args.top_k if args.top_k > 0 else None, top_p=args.top_p)
+    extra = {f"baseline-{mode}": (lambda m: lambda ids, n: baseline_generate(
+        model, ids, n, mode=m, **sampling))(mode)
+        for mode, on in (("nbp", args.baseline), ("ntp", args.baseline_ntp)) if on}
+    load_before = machine_info(device)["load_avg_1m"]
+    rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
+                      extra=extra, **sampling)
+    info = dict(machine_info(device), load_avg_1m_before=load_before)
+    tok_s = None
+    if args.tokenizer:
+        tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
+        for r in rows:
+            r["frames_per_s_with_tokenizer"] = r["frames_per_s"] * r["seconds"] / (r["seconds"] + tok_s)
+    ratios = ratios_of(rows)
+    report(args, cfg, rows, info, tok_s, ratios)
     result = {"preset": args.preset, "config": cfg.to_dict(), "batch": args.batch,
               "dtype": args.dtype, "sampling": sampling, "machine": info, "rows": rows,
               "tokenizer": {"preset": args.tokenizer, "seconds": tok_s}, "ratios": ratios}
     out = Path(args.out) if args.out else RESULTS / (
-        f"ntp_vs_nbp_{args.preset}_{cfg.n_layer}x{cfg.n_embd}_{machine_tag(info)}.json")
+        f"ntp_vs_nbp_{args.preset}_{cfg.n_layer}x{cfg.n_embd}_{args.dtype}_"
+        f"{info['torch_threads']}t_{machine_tag(info)}.json")
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
