@@ -258,3 +258,22 @@ def test_cli_bad_block_shape_writes_nothing(tmp_path, synthetic_tokens, capsys):
     assert rc == 2
     assert "block_shape" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_soft_quantization_warmup_rounds_to_the_hard_codes():
+    from nbp.train.tokenizer import TokenizerObjective
+
+    torch.manual_seed(0)
+    tok = VideoTokenizer(TokenizerConfig.from_preset("tiny"))
+    video = SyntheticVideos(2, resolution=16, num_frames=5, seed=0)[0]["video"][None]
+    obj = TokenizerObjective(tok, "mse")
+    soft_loss, _ = obj(video, soft=True)
+    hard_loss, _ = obj(video, soft=False)
+    assert torch.isfinite(soft_loss) and not torch.equal(soft_loss, hard_loss)
+    z = tok.encode_latents(video).movedim(1, -1)
+    half = torch.tensor([lv // 2 for lv in tok.quantizer.levels], dtype=torch.float32)
+    soft = tok.quantizer.bound(z) / half
+    hard, _ = tok.quantize(tok.encode_latents(video))
+    assert torch.equal((soft * half).round() / half, hard.movedim(1, -1))
+    with pytest.raises(ValueError, match="soft_steps"):
+        TokenizerTrainConfig(model=TokenizerConfig.from_preset("tiny"), out_dir="x", soft_steps=-1)

@@ -101,7 +101,7 @@ def _run_tokenizer(args) -> int:
         over["norm_groups"] = args.norm_groups
     mcfg = TokenizerConfig.from_dict({**mcfg.to_dict(), **over})
     cfg = TokenizerTrainConfig(model=mcfg, out_dir=args.out, loss=args.loss,
-                               num_workers=args.workers, loop=_loop(args))
+                               num_workers=args.workers, soft_steps=args.soft_steps, loop=_loop(args))
     train_tokenizer(cfg, build_dataset(args))
     return 0
 
@@ -192,6 +192,8 @@ def register(sub) -> None:
     t.add_argument("--norm-groups", type=int)
     t.add_argument("--loss", default="mse", choices=["l1", "mse", "l1+mse"])
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding clips")
+    t.add_argument("--soft-steps", type=int, default=0,
+                   help="first steps decode unrounded bounded latents (quantizer warmup)")
     _add_data_args(t)
     _add_loop_args(t, lr=1e-3)
     t.set_defaults(func=_run_tokenizer)
