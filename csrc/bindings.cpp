@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cmath>
+#include <climits>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -53,6 +54,8 @@ void check_shape(int batch, int heads, int L, int max_seq, int head_dim, int max
   if (L < 1 || L > max_L)
     fail("L: block length must be in 1.." + std::to_string(max_L) + ", got " + std::to_string(L));
   if (max_seq < L) fail("max_seq: must be >= L (" + std::to_string(L) + "), got " + std::to_string(max_seq));
+  if ((int64_t)batch * heads * L > INT32_MAX)
+    fail("batch * heads * L: must be < 2^31 (one CUDA grid), got " + std::to_string((int64_t)batch * heads * L));
   if (head_dim < 1) fail("head_dim: must be positive, got " + std::to_string(head_dim));
 }
 

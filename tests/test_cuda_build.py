@@ -91,6 +91,7 @@ def test_decode_rejects_bad_arguments(C, over, match):
     (dict(v_new_strides=(96, 96, 4)), "v_new: the seq stride"),
     (dict(L=0), "L: block length"),
     (dict(L=300, max_seq=256), "max_seq"),
+    (dict(batch=65535, heads=4096, L=16, max_seq=1 << 20), "batch \\* heads \\* L"),
     (dict(seq_lens=0), "seq_lens"),
 ])
 def test_append_rejects_bad_arguments(C, over, match):
