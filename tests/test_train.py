@@ -1,5 +1,6 @@
 """nbp.train: sequence construction, optimiser groups and schedule, gradients, tiny runs, CLI."""
 import json
+import math
 
 import pytest
 import torch
@@ -277,3 +278,52 @@ def test_soft_quantization_warmup_rounds_to_the_hard_codes():
     assert torch.equal((soft * half).round() / half, hard.movedim(1, -1))
     with pytest.raises(ValueError, match="soft_steps"):
         TokenizerTrainConfig(model=TokenizerConfig.from_preset("tiny"), out_dir="x", soft_steps=-1)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("over", [dict(block_shape=(1, 2, 2)),
+                                  dict(hybrid=True, bov=True, cond_len=2, cond_vocab_size=5,
+                                       vocab_size=4 + 5 + 64)])
+def test_cuda_training_gradients_match_reference_mask(over):
+    cfg = tiny(n_embd=128, n_head=2, n_layer=1, latent_shape=(2, 2, 4), **over)
+    torch.manual_seed(0)
+    model = NBPTransformer(cfg).cuda()
+    codes = torch.randint(0, 64, (2, *cfg.latent_shape))
+    cond = torch.randint(0, 5, (2, cfg.cond_len)) if cfg.cond_len else None
+    ids, targets = (t.cuda() for t in build_sequences(codes, cond, cfg))
+    drop = torch.tensor([True, False], device="cuda") if cfg.cond_len else None
+    ref = LMObjective(model, attend=lambda c: (lambda q, k, v, i: nbp_kernels.reference.masked_attention(
+        q, k, v, nbp_kernels.nbp_mask(ids.shape[1], block_size=cfg.block_size, cond_len=c,
+                                      hybrid=cfg.hybrid, device="cuda"))))
+    loss_r, g_r = _grads(ref, ids, targets, drop)
+    for backend in ("auto", "torch"):
+        loss_k, g_k = _grads(LMObjective(model, backend=backend), ids, targets, drop)
+        assert torch.allclose(loss_k, loss_r, atol=1e-4), backend
+        for n in g_r:
+            assert torch.allclose(g_k[n], g_r[n], atol=1e-4, rtol=1e-2), (backend, n)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_training_runs_and_exports(synthetic_tokens, tmp_path):
+    root, path = synthetic_tokens
+    data = TokenDataset(path)
+    cfg = tiny(latent_shape=data.latent_shape, block_shape=(1, 1, 2), n_embd=128, n_head=2,
+               bov=True, cond_len=1, cond_vocab_size=12, vocab_size=1 + 12 + 64)
+    run = TransformerTrainConfig(model=cfg, out_dir=str(tmp_path / "lm"), p_drop_cond=0.1,
+                                 loop=LoopConfig(steps=60, global_batch=8, log_every=10, device="cuda",
+                                                 progress=False, optim=OptimConfig(lr=3e-3, warmup_steps=5)))
+    model = train_transformer(run, data)
+    assert next(model.parameters()).is_cuda
+    log = _log(tmp_path / "lm")
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"] - 1.0, log
+    tcfg = TokenizerTrainConfig(model=TokenizerConfig.from_preset("tiny"), out_dir=str(tmp_path / "tok"),
+                                loop=LoopConfig(steps=5, global_batch=4, log_every=1, device="cuda",
+                                                progress=False))
+    tok = train_tokenizer(tcfg, SyntheticVideos(8, resolution=16, num_frames=9, seed=3))
+    assert next(tok.parameters()).is_cuda
+    assert VideoTokenizer.from_pretrained(tmp_path / "tok" / "model").config == tcfg.model

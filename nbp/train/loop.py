@@ -138,6 +138,31 @@ def _mean_across(value: torch.Tensor, env: DistEnv) -> float:
     return float(value)
 
 
+def _prepare(module: nn.Module, cfg: LoopConfig, env: DistEnv, out_dir: Path, identity: dict):
+    """(optimizer, scheduler, first step), restored from a checkpoint when resuming."""
+    resume = _resume_path(cfg, out_dir)
+    if resume is not None:  # refuse a foreign checkpoint before building anything else
+        check_identity(read_checkpoint(resume)["identity"], identity, resume)
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    step = 0
+    if resume is not None:
+        step = load_checkpoint(resume, model=module, optimizer=optimizer, scheduler=scheduler,
+                               identity=identity, env=env)["step"]
+    return optimizer, scheduler, step
+
+
+def _optimizer_step(module: nn.Module, loss: torch.Tensor, optimizer, scheduler,
+                    grad_clip: float | None) -> torch.Tensor:
+    """Backward, clip, step, schedule; returns the pre-clip gradient norm (no host sync)."""
+    loss.backward()
+    gnorm = clip_grad_norm(module, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm
+
+
 def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, *,
              batches: Callable[[int, int], Iterator], out_dir: Path, identity: dict,
              export: Callable[[dict, Path], None] | None, train_config: dict) -> dict:
@@ -151,15 +176,7 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     identity = {**identity, "loop": cfg.identity()}
-    resume = _resume_path(cfg, out_dir)
-    if resume is not None:  # refuse a foreign checkpoint before building anything else
-        check_identity(read_checkpoint(resume)["identity"], identity, resume)
-    optimizer = build_optimizer(module, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
-    step = 0
-    if resume is not None:
-        step = load_checkpoint(resume, model=module, optimizer=optimizer, scheduler=scheduler,
-                               identity=identity, env=env)["step"]
+    optimizer, scheduler, step = _prepare(module, cfg, env, out_dir, identity)
     if env.is_main:
         atomic_write_text(out_dir / "train_config.json", json.dumps(train_config, indent=2) + "\n")
         _truncate_log(out_dir / LOG_NAME, step)
@@ -173,11 +190,7 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
         with amp:
             out = step_fn(step, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
-        loss.backward()
-        gnorm = clip_grad_norm(module, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        gnorm = _optimizer_step(module, loss, optimizer, scheduler, cfg.optim.grad_clip)
         step += 1
         for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -185,7 +198,7 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
         bar.update(1)
         if step % cfg.log_every == 0 or step == stop:
             means = {k: _mean_across(v / n_sum, env) for k, v in sums.items()}
-            last = _log(out_dir, env, step, means, gnorm, scheduler.get_last_lr()[0],
+            last = _log(out_dir, env, step, means, float(gnorm), scheduler.get_last_lr()[0],
                         n_sum / (time.perf_counter() - t0), bar)
             sums, n_sum, t0 = {}, 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == stop:

@@ -85,12 +85,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
-    """Clip the global gradient norm (works for DDP and FSDP2 DTensor parameters); returns it."""
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm (DDP and FSDP2 DTensor parameters alike).
+
+    Returns the norm before clipping as a float32 scalar tensor (no host sync).
+    """
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach().float()
