@@ -31,7 +31,8 @@ nbp train tokenizer --out "$OUT/tokenizer" "${DATA[@]}" --preset tiny --loss mse
 
 # 2. Encode the training clips once.
 if [ ! -f "$OUT/codes.safetensors" ]; then
-    nbp train tokens --tokenizer "$OUT/tokenizer/model" --out "$OUT/codes.safetensors" "${DATA[@]}"
+    nbp train tokens --tokenizer "$OUT/tokenizer/model" --out "$OUT/codes.safetensors" "${DATA[@]}" \
+        --threads "$THREADS"
 fi
 
 # 3. Two transformers of equal size and budget: NBP with row blocks (1 x 1 x W) and NTP.

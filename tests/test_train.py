@@ -327,3 +327,24 @@ def test_cuda_bf16_training_runs_and_exports(synthetic_tokens, tmp_path):
     tok = train_tokenizer(tcfg, SyntheticVideos(8, resolution=16, num_frames=9, seed=3))
     assert next(tok.parameters()).is_cuda
     assert VideoTokenizer.from_pretrained(tmp_path / "tok" / "model").config == tcfg.model
+
+
+def test_cli_pipeline_tokenizer_tokens_hybrid(tmp_path):
+    """nbp train tokenizer -> nbp train tokens -> nbp train transformer (hybrid, class-conditional)."""
+    from nbp.cli import main
+    from nbp.loading import transformer_from_pretrained
+
+    data = ["--data", "synthetic", "--resolution", "16", "--num-frames", "9", "--num-clips", "6"]
+    assert main(["train", "tokenizer", "--out", str(tmp_path / "tok"), *data, "--steps", "2",
+                 "--batch", "2", "--threads", "1", "--no-progress"]) == 0
+    codes = tmp_path / "codes.safetensors"
+    assert main(["train", "tokens", "--tokenizer", str(tmp_path / "tok" / "model"), "--out", str(codes),
+                 *data, "--no-progress"]) == 0
+    cache = TokenDataset(codes)
+    assert cache.latent_shape == (3, 2, 2) and len(cache) == 6
+    assert main(["train", "transformer", "--tokens", str(codes), "--out", str(tmp_path / "lm"),
+                 "--block-shape", "1", "1", "2", "--hybrid", "true", "--classes", "12",
+                 "--p-drop-cond", "0.2", "--steps", "2", "--batch", "2", "--no-progress"]) == 0
+    cfg = transformer_from_pretrained(tmp_path / "lm" / "model").config
+    assert cfg.hybrid and cfg.bov and cfg.cond_len == 1 and cfg.block_size == 2
+    assert cfg.vocab_size == 2 + 12 + 64 and cfg.max_seq_len == 1 + 12

@@ -113,9 +113,11 @@ def _run_tokens(args) -> int:
     from ..loading import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer, device=device)
     path = extract_tokens(tok, build_dataset(args), args.out, batch_size=args.batch, device=device,
-                          progress=not args.no_progress, threads=args.threads)
+                          progress=not args.no_progress)
     print(f"wrote {path}")
     return 0
 
@@ -203,6 +205,7 @@ def register(sub) -> None:
     k.add_argument("--out", required=True, help="cache file to write (.safetensors)")
     k.add_argument("--batch", type=int, default=8)
     k.add_argument("--device")
+    k.add_argument("--threads", type=int, help="CPU threads")
     k.add_argument("--no-progress", action="store_true")
     _add_data_args(k)
     k.set_defaults(func=_run_tokens)
