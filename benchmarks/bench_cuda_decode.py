@@ -1,8 +1,10 @@
 """pytest-benchmark: the decode step on the ``cuda`` backend vs ``triton`` and ``torch`` (GPU only).
 
 700M shape: 16 queries, 1280 cached, 16 heads x 96, bf16, batch 1 and 8,
-fused append + attend. ``benchmarks/tune_decode.py`` gives the fuller table
-(graph-replay timings, FlexAttention, bandwidth floor).
+fused append + attend, eager calls on one cache (at batch 1 it stays in L2, so
+these are launch-bound, L2-warm numbers). ``benchmarks/tune_decode.py`` gives
+the reference table: graph replays over caches that stream from HBM,
+FlexAttention, and the bandwidth floor.
 
     python -m pytest benchmarks/bench_cuda_decode.py --benchmark-only
 """
