@@ -61,8 +61,10 @@ add_step table attention_table step_attention_table 240
 # ---------------------------------------------------------------- (append new sections here)
 
 # ---------------------------------------------------------------- CUDA kernels (issue 7)
-# Owned by the CUDA helper (csrc/, nbp_kernels/cuda_ops.py). Runs after the
-# Triton steps. nbp_kernels._C is built here if it is missing (needs nvcc;
+# Owned by the CUDA helper (csrc/, nbp_kernels/cuda_ops.py). The build runs in
+# the setup phase, the rest after the Triton steps; alone (one device call):
+#   GPU_CHECK_STEPS="env cuda_build cuda_tests cuda_sanitizer cuda_table"
+# nbp_kernels._C is built here if it is missing (needs nvcc;
 # otherwise carry the .so built on the CPU machine,
 # nbp_kernels/_C.cpython-<py>-x86_64-linux-gnu.so, for the same Python), then:
 # numerics vs the reference, compute-sanitizer memcheck + racecheck on a small
@@ -94,12 +96,12 @@ step_cuda_sanitizer() {
 }
 
 step_cuda_table() {
-    "$PY" benchmarks/tune_decode.py --quick --budget-s 150 --out "$OUT"
+    "$PY" benchmarks/tune_decode.py --quick --budget-s 100 --out "$OUT"
 }
-add_step cuda_build step_cuda_build 300
-add_step cuda_tests step_cuda_tests 300
-add_step cuda_sanitizer step_cuda_sanitizer 420
-add_step cuda_table step_cuda_table 360
+add_step setup cuda_build step_cuda_build 240
+add_step table cuda_tests step_cuda_tests 180
+add_step table cuda_sanitizer step_cuda_sanitizer 300
+add_step table cuda_table step_cuda_table 240
 
 # ---------------------------------------------------------------- run
 step_gpu_tests() {
