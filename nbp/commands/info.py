@@ -29,6 +29,8 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    from nbp_kernels.cuda_ops import build_info
+    info["cuda_extension"] = build_info()
     return info
 
 
@@ -37,7 +39,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    for key in ("nbp", "python", "torch", "triton", "cuda_runtime"):
+    for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
         print(f"{key:>13}: {info[key]}")
     for dev, name in info["devices"].items():
         print(f"{'device':>13}: {dev} ({name})")
