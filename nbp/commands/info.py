@@ -40,11 +40,11 @@ def run(args) -> int:
         print(json.dumps(info))
         return 0
     for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
-        print(f"{key:>13}: {info[key]}")
+        print(f"{key:>14}: {info[key]}")
     for dev, name in info["devices"].items():
-        print(f"{'device':>13}: {dev} ({name})")
+        print(f"{'device':>14}: {dev} ({name})")
         for b, status in info["backends"][dev].items():
-            print(f"{'':>15}{b:<10} {'yes' if status is True else status}")
+            print(f"{'':>16}{b:<10} {'yes' if status is True else status}")
     return 0
 
 
