@@ -50,15 +50,14 @@ def setup(tmp_path_factory):
     return root
 
 
-def torchrun(root, out, fsdp):
+def torchrun(root, out, fsdp, **loop):
     cfg = make(out, fsdp)
     spec = root / f"cfg_{int(fsdp)}.json"
     spec.write_text(json.dumps({"model": cfg.model.to_dict(), "out_dir": str(out),
-                                "p_drop_cond": cfg.p_drop_cond, "loop": cfg.loop.to_dict()}))
+                                "p_drop_cond": cfg.p_drop_cond, "loop": {**cfg.loop.to_dict(), **loop}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(root / "run.py"),
-           str(spec), str(root / "codes.safetensors")]
+           str(root / "run.py"), str(spec), str(root / "codes.safetensors")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
@@ -70,7 +69,10 @@ def _losses(out):
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_ranks_equal_one_process(setup, tmp_path, fsdp):
-    ranks = torchrun(setup, tmp_path / "multi", fsdp)
+    if fsdp:  # FSDP2 also stops half-way and resumes from its (full, unsharded) checkpoint
+        torchrun(setup, tmp_path / "multi", fsdp, stop_at=2)
+        assert read_checkpoint(tmp_path / "multi" / "checkpoint.pt")["step"] == 2
+    ranks = torchrun(setup, tmp_path / "multi", fsdp, resume="auto")
     ref = train_transformer(make(tmp_path / "single"), TokenDataset(setup / "codes.safetensors"))
     ref = ref.state_dict()
     assert ranks[0].keys() == ref.keys()
