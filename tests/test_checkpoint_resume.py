@@ -124,4 +124,6 @@ def test_resume_bad_files(tokens, tmp_path):
 def test_token_cache_must_fit_the_model(tokens, tmp_path):
     with pytest.raises(ValueError, match="latent grid"):
         train_transformer(run_cfg(tmp_path / "c", latent_shape=(3, 4, 8)), tokens)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train_transformer(run_cfg(tmp_path / "c", max_seq_len=40), tokens)
     assert not (tmp_path / "c").exists()

@@ -173,6 +173,9 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
     more metrics; export(full_state_dict, dir) writes the final native dir on rank 0.
     """
     out_dir = Path(out_dir)
+    if cfg.global_batch % env.world_size:
+        raise ValueError(f"global_batch: {cfg.global_batch} is not divisible by the number of "
+                         f"processes ({env.world_size})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     identity = {**identity, "loop": cfg.identity()}

@@ -162,6 +162,8 @@ def _check_tokens(dataset, cfg: TransformerConfig) -> None:
         if lo < 0 or hi >= cfg.cond_vocab_size:
             raise ValueError(f"tokens: labels in [{lo}, {hi}] do not fit cond_vocab_size "
                              f"{cfg.cond_vocab_size}")
+    # the sequence length (vs max_seq_len) and id layout, before any file is written
+    build_sequences(dataset.codes[:1], dataset.labels[:1, None] if cfg.cond_len else None, cfg)
 
 
 def train_transformer(cfg: TransformerTrainConfig, dataset=None) -> NBPTransformer:
