@@ -348,3 +348,21 @@ def test_cli_pipeline_tokenizer_tokens_hybrid(tmp_path):
     cfg = transformer_from_pretrained(tmp_path / "lm" / "model").config
     assert cfg.hybrid and cfg.bov and cfg.cond_len == 1 and cfg.block_size == 2
     assert cfg.vocab_size == 2 + 12 + 64 and cfg.max_seq_len == 1 + 12
+
+
+def test_step_batches_are_the_same_with_worker_processes():
+    from nbp.train.distributed import DistEnv
+    from nbp.train.loop import step_batches
+
+    data = SyntheticVideos(10, resolution=8, num_frames=3, seed=4)
+    loop = LoopConfig(global_batch=4, seed=2)
+
+    def collate(items):
+        return torch.stack([it["video"] for it in items])
+
+    inline = list(step_batches(data, loop, DistEnv(), collate)(3, 6))
+    workers = list(step_batches(data, loop, DistEnv(), collate, num_workers=1)(3, 6))
+    assert len(inline) == len(workers) == 3
+    assert all(torch.equal(a, b) for a, b in zip(inline, workers))
+    rank1 = list(step_batches(data, loop, DistEnv(rank=1, world_size=2), collate)(3, 6))
+    assert all(torch.equal(a[2:], b) for a, b in zip(inline, rank1))
