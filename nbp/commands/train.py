@@ -23,7 +23,8 @@ __all__ = ["register", "build_dataset", "transformer_config"]
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (procedural sprites) or a video folder root (UCF-101 / K600 layout)")
+                   help="'synthetic' (procedural sprites) or a video folder root "
+                        "(UCF-101 / K600 layout)")
     g.add_argument("--annotations", help="annotation list (path<TAB>label per line) for a video folder")
     g.add_argument("--split", default="train", help="sub-folder scanned when there is no list")
     g.add_argument("--resolution", type=int, default=32)

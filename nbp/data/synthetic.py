@@ -119,7 +119,8 @@ class SyntheticVideos(Dataset):
             raise ValueError(f"num_frames: expected a positive int, got {num_frames!r}")
         lo, hi = num_sprites
         if not 1 <= lo <= hi:
-            raise ValueError(f"num_sprites: expected (min, max) with 1 <= min <= max, got {num_sprites!r}")
+            raise ValueError(f"num_sprites: expected (min, max) with 1 <= min <= max, "
+                             f"got {num_sprites!r}")
         self.num_clips, self.seed = int(num_clips), int(seed)
         self.options = dict(resolution=int(resolution), num_frames=int(num_frames),
                             num_sprites=(int(lo), int(hi)), speed=tuple(speed), size=tuple(size))

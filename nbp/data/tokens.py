@@ -23,7 +23,9 @@ __all__ = ["extract_tokens", "TokenDataset"]
 
 def _describe(dataset) -> dict:
     describe = getattr(dataset, "describe", None)
-    return describe() if callable(describe) else {"kind": type(dataset).__name__, "num_clips": len(dataset)}
+    if callable(describe):
+        return describe()
+    return {"kind": type(dataset).__name__, "num_clips": len(dataset)}
 
 
 @torch.no_grad()
@@ -81,7 +83,8 @@ class TokenDataset(Dataset):
             self.meta = json.loads((f.metadata() or {}).get("nbp_tokens", "{}"))
         if self.codes.dim() != 4 or len(self.codes) != len(self.labels) or len(self.codes) == 0:
             raise ValueError(f"tokens: {str(path)!r}: expected codes [N, t, h, w] and labels [N] "
-                             f"with N > 0, got {tuple(self.codes.shape)} and {tuple(self.labels.shape)}")
+                             f"with N > 0, got {tuple(self.codes.shape)} and "
+                             f"{tuple(self.labels.shape)}")
         self.path = path
 
     @property

@@ -149,8 +149,9 @@ class VideoFolder(Dataset):
                            if f.lower().endswith(VIDEO_EXTENSIONS))
             labels = [None] * len(files)
         if not files:
+            where = f" (list {str(annotations)!r})" if annotations else ""
             raise ValueError(f"root: no videos ({', '.join(VIDEO_EXTENSIONS)}) found in "
-                             f"{str(self.root)!r}" + (f" (list {str(annotations)!r})" if annotations else ""))
+                             f"{str(self.root)!r}{where}")
         return files, labels
 
     def set_epoch(self, epoch: int) -> None:

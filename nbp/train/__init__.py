@@ -3,7 +3,8 @@
 Command line (``nbp train --help``)::
 
     nbp train tokenizer   --out runs/tok --data synthetic --resolution 32 --steps 3000 --threads 1
-    nbp train tokens      --tokenizer runs/tok/model --out runs/codes.safetensors --data synthetic --resolution 32
+    nbp train tokens      --tokenizer runs/tok/model --out runs/codes.safetensors \\
+                          --data synthetic --resolution 32
     nbp train transformer --out runs/nbp --tokens runs/codes.safetensors --block-shape 1 1 4 \\
                           --classes 12 --p-drop-cond 0.1 --n-layer 4 --n-embd 256 --n-head 4
     torchrun --nproc_per_node 8 -m nbp.cli train transformer ... [--fsdp]

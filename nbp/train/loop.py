@@ -34,7 +34,8 @@ from .checkpoint import load_checkpoint, read_checkpoint, check_identity, save_c
 from .distributed import DistEnv, local_batch_indices
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
 
-__all__ = ["LoopConfig", "run_loop", "export_native", "step_batches", "CHECKPOINT_NAME", "LOG_NAME", "EXPORT_NAME"]
+__all__ = ["LoopConfig", "run_loop", "export_native", "step_batches", "CHECKPOINT_NAME",
+           "LOG_NAME", "EXPORT_NAME"]
 
 CHECKPOINT_NAME, LOG_NAME, EXPORT_NAME = "checkpoint.pt", "log.jsonl", "model"
 
@@ -73,7 +74,8 @@ class LoopConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
-            raise ValueError(f"stop_at: expected a step in (0, steps={self.steps}], got {self.stop_at!r}")
+            raise ValueError(f"stop_at: expected a step in (0, steps={self.steps}], "
+                             f"got {self.stop_at!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -209,7 +211,8 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
                             scheduler=scheduler, step=step, identity=identity, env=env)
     bar.close()
     if step == cfg.steps and cfg.export and export is not None:
-        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(module, options=opts)
         if env.is_main:
             export(sd, out_dir / EXPORT_NAME)
     return {"step": step, "last": last}

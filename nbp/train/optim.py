@@ -37,7 +37,8 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+            raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', "
+                             f"got {self.schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0:

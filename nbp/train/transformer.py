@@ -78,7 +78,8 @@ def build_sequences(codes: torch.Tensor, cond: torch.Tensor | None,
                          f"{tuple(codes.shape)}")
     lo, hi = int(codes.min()), int(codes.max())
     if lo < 0 or hi >= cfg.codebook_size:
-        raise ValueError(f"codes: expected ids in [0, codebook_size={cfg.codebook_size}), got [{lo}, {hi}]")
+        raise ValueError(f"codes: expected ids in [0, codebook_size={cfg.codebook_size}), "
+                         f"got [{lo}, {hi}]")
     B, L, C = codes.shape[0], cfg.block_size, cfg.cond_len
     z = to_block_order(codes.long(), cfg.block_shape) + cfg.video_offset
     if C:
@@ -200,8 +201,9 @@ def train_transformer(cfg: TransformerTrainConfig, dataset=None) -> NBPTransform
             input_ids, targets = (t.to(env.device, non_blocking=True) for t in batch)
             return objective(input_ids, targets, _drop_mask(step, cfg, env))
 
-        run_loop(objective, step_fn, cfg.loop, env, batches=step_batches(dataset, cfg.loop, env, collate),
-                 out_dir=Path(cfg.out_dir), identity=identity,
+        batches = step_batches(dataset, cfg.loop, env, collate)
+        run_loop(objective, step_fn, cfg.loop, env, batches=batches, out_dir=Path(cfg.out_dir),
+                 identity=identity,
                  export=functools.partial(_export, mcfg), train_config=_as_json(cfg))
         return unwrap(objective).model
     finally:
