@@ -1,0 +1,107 @@
+"""``nbp eval``: reconstruction and frame-prediction quality, and speed, of the demo models.
+
+``nbp eval --model demo --json`` (or ``--model DIR`` with ``tokenizer/``, ``nbp/`` and
+``ntp/`` native dirs) renders held-out synthetic clips (``nbp.demo.EVAL_SEED``, a seed
+never used in training) and reports:
+
+* ``recon_psnr`` / ``recon_ssim``: tokenizer encode -> decode of the whole clip;
+* ``pred_psnr_nbp`` / ``pred_psnr_ntp`` (+ ``_ssim_``): K600-protocol frame prediction,
+  5 given frames and 12 predicted (greedy), compared with the true continuation;
+  the generators also read the clip's class label (the demo models are class-conditional);
+* ``pred_psnr_copy_last`` (+ SSIM): the baseline that repeats the last given frame;
+* ``fps_nbp`` / ``fps_ntp``: predicted frames per second of wall time (token
+  generation + decoding, batch of all clips, after one warm-up run).
+
+PSNR and SSIM follow ``nbp.metrics`` (per frame, then averaged).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+NUM_PRED_FRAMES = 12
+
+
+def _timed_prediction(gen, video, labels, mode: str, repeats: int) -> tuple[torch.Tensor, float]:
+    """Greedy frame prediction; returns (video float32 [B, 3, 17, H, W], best wall seconds)."""
+    from nbp.demo import predict_frames
+
+    out, best = None, float("inf")
+    for _ in range(repeats + 1):   # the first run warms up allocations and caches
+        t0 = time.perf_counter()
+        out = predict_frames(gen, video, labels, mode=mode, do_sample=False)
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def pred_tokens_given(cfg, tok) -> int:
+    """Tokens of the given frames: latent frames of NUM_COND_FRAMES frames times h * w."""
+    from nbp.demo import NUM_COND_FRAMES
+
+    return (1 + (NUM_COND_FRAMES - 1) // tok.config.factors[0]) * cfg.latent_shape[1] * cfg.latent_shape[2]
+
+
+def evaluate(models, num_clips: int = 16, seed: int | None = None, threads: int | None = None,
+             repeats: int = 1) -> dict:
+    """Metrics dict of ``models`` (a ``nbp.demo.DemoModels``) on ``num_clips`` held-out clips."""
+    from nbp import metrics
+    from nbp.demo import EVAL_SEED, NUM_COND_FRAMES, heldout_clips
+    from nbp.generate import FastGenerator
+
+    if int(num_clips) < 1:
+        raise ValueError(f"--num-clips: expected a positive int, got {num_clips!r}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed = EVAL_SEED if seed is None else seed
+    video, labels = heldout_clips(num_clips, seed)
+    tok = models.tokenizer
+    recon = tok.decode(tok.encode(video))
+    truth = video[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + NUM_PRED_FRAMES]
+    copy_last = video[:, :, NUM_COND_FRAMES - 1:NUM_COND_FRAMES].expand_as(truth)
+    res = {"num_clips": num_clips, "seed": seed, "given_frames": NUM_COND_FRAMES,
+           "predicted_frames": NUM_PRED_FRAMES,
+           "recon_psnr": metrics.psnr(recon, video), "recon_ssim": metrics.ssim(recon, video)}
+    for name in ("nbp", "ntp"):
+        gen = FastGenerator(models.model(name), tok, device="cpu")
+        pred, seconds = _timed_prediction(gen, video, labels, name, repeats)
+        pred = pred[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + NUM_PRED_FRAMES]
+        res[f"pred_psnr_{name}"] = metrics.psnr(pred, truth)
+        res[f"pred_ssim_{name}"] = metrics.ssim(pred, truth)
+        res[f"fps_{name}"] = num_clips * NUM_PRED_FRAMES / seconds
+        cfg = models.model(name).config
+        res[f"steps_{name}"] = (cfg.video_len - pred_tokens_given(cfg, tok)) // cfg.block_size
+    res["pred_psnr_copy_last"] = metrics.psnr(copy_last, truth)
+    res["pred_ssim_copy_last"] = metrics.ssim(copy_last, truth)
+    res["speedup_nbp_over_ntp"] = res["fps_nbp"] / res["fps_ntp"]
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
+def run(args) -> int:
+    from nbp.demo import load_demo
+
+    models = load_demo(None if args.model == "demo" else args.model)
+    res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats)
+    res["model"] = str(models.path)
+    if args.json:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
+    else:
+        for k, v in res.items():
+            print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="quality and speed of the demo models on held-out clips")
+    p.add_argument("--model", default="demo",
+                   help="'demo' (shipped) or a dir holding tokenizer/, nbp/ and ntp/ native dirs")
+    p.add_argument("--num-clips", type=int, default=16, help="held-out clips (default 16)")
+    p.add_argument("--seed", type=int, default=None, help="held-out clip seed (default nbp.demo.EVAL_SEED)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo's decode steps are so small that "
+                        "thread hand-offs cost more than they save, badly so on a busy machine)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=run)

@@ -1,0 +1,43 @@
+"""Copy trained demo models into nbp/assets/demo as float16 native dirs.
+
+Usage: python scripts/export_demo.py RUNS_DIR [OUT_DIR]
+
+RUNS_DIR holds the outputs of scripts/train_demo.sh: ``tok/model``, ``nbp/model``
+and ``ntp/model`` (native dirs written by ``nbp train``). Each is loaded, cast to
+float16 (halving the shipped size; ``nbp.demo.load_demo`` casts back to float32)
+and saved with ``nbp.loading.save_*`` into OUT_DIR/{tokenizer,nbp,ntp}
+(default: the package's ``nbp/assets/demo``).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from nbp.demo import DEMO_DIR
+from nbp.loading import (save_tokenizer, save_transformer, tokenizer_from_pretrained,
+                         transformer_from_pretrained)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", help="directory with tok/model, nbp/model and ntp/model")
+    p.add_argument("out", nargs="?", default=str(DEMO_DIR), help="destination (default: nbp/assets/demo)")
+    args = p.parse_args()
+    runs, out = Path(args.runs), Path(args.out)
+    sources = {"tokenizer": (runs / "tok" / "model", tokenizer_from_pretrained, save_tokenizer),
+               "nbp": (runs / "nbp" / "model", transformer_from_pretrained, save_transformer),
+               "ntp": (runs / "ntp" / "model", transformer_from_pretrained, save_transformer)}
+    for name, (src, _, _) in sources.items():
+        if not (src / "model.safetensors").is_file():
+            raise SystemExit(f"export_demo: {src} is not a native model dir (train it first)")
+    for name, (src, load, save) in sources.items():
+        save(load(src, dtype=torch.float16), out / name)
+        size = (out / name / "model.safetensors").stat().st_size
+        print(f"{src} -> {out / name} ({size / 1e6:.2f} MB, float16)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
