@@ -10,7 +10,8 @@ never used in training) and reports:
   the generators also read the clip's class label (the demo models are class-conditional);
 * ``pred_psnr_copy_last`` (+ SSIM): the baseline that repeats the last given frame;
 * ``fps_nbp`` / ``fps_ntp``: predicted frames per second of wall time (token
-  generation + decoding, batch of all clips, after one warm-up run).
+  generation + decoding, batch of all clips, after one warm-up run);
+* with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``).
 
 PSNR and SSIM follow ``nbp.metrics`` (per frame, then averaged).
 """
@@ -44,8 +45,12 @@ def pred_tokens_given(cfg, tok) -> int:
 
 
 def evaluate(models, num_clips: int = 16, seed: int | None = None, threads: int | None = None,
-             repeats: int = 1) -> dict:
-    """Metrics dict of ``models`` (a ``nbp.demo.DemoModels``) on ``num_clips`` held-out clips."""
+             repeats: int = 1, i3d: str | None = None) -> dict:
+    """Metrics dict of ``models`` (a ``nbp.demo.DemoModels``) on ``num_clips`` held-out clips.
+
+    i3d: path of the StyleGAN-V ``i3d_torchscript.pt``; when given, ``fvd_nbp`` / ``fvd_ntp``
+    compare the predicted 17-frame videos with the true clips (``nbp.metrics.fvd``).
+    """
     from nbp import metrics
     from nbp.demo import EVAL_SEED, NUM_COND_FRAMES, heldout_clips
     from nbp.generate import FastGenerator
@@ -54,6 +59,7 @@ def evaluate(models, num_clips: int = 16, seed: int | None = None, threads: int 
         raise ValueError(f"--num-clips: expected a positive int, got {num_clips!r}")
     if threads:
         torch.set_num_threads(int(threads))
+    detector = metrics.load_i3d(i3d) if i3d else None
     seed = EVAL_SEED if seed is None else seed
     video, labels = heldout_clips(num_clips, seed)
     tok = models.tokenizer
@@ -66,6 +72,8 @@ def evaluate(models, num_clips: int = 16, seed: int | None = None, threads: int 
     for name in ("nbp", "ntp"):
         gen = FastGenerator(models.model(name), tok, device="cpu")
         pred, seconds = _timed_prediction(gen, video, labels, name, repeats)
+        if detector is not None:
+            res[f"fvd_{name}"] = metrics.fvd(pred, video, detector)
         pred = pred[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + NUM_PRED_FRAMES]
         res[f"pred_psnr_{name}"] = metrics.psnr(pred, truth)
         res[f"pred_ssim_{name}"] = metrics.ssim(pred, truth)
@@ -83,7 +91,7 @@ def run(args) -> int:
     from nbp.demo import load_demo
 
     models = load_demo(None if args.model == "demo" else args.model)
-    res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats)
+    res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats, args.i3d)
     res["model"] = str(models.path)
     if args.json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
@@ -103,5 +111,6 @@ def register(sub) -> None:
                    help="torch CPU threads (default 1: the demo's decode steps are so small that "
                         "thread hand-offs cost more than they save, badly so on a busy machine)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
+    p.add_argument("--i3d", default=None, help="StyleGAN-V i3d_torchscript.pt: also report FVD")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=run)
