@@ -4,14 +4,58 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError"]
+__all__ = ["TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError", "JsonConfig"]
 
 
 class ConfigError(ValueError):
     """A configuration is inconsistent or names an unknown preset."""
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+class JsonConfig:
+    """JSON (de)serialisation and named presets, shared by the config dataclasses.
+
+    Subclasses are dataclasses and set ``preset_kind`` (used in messages) and
+    implement ``presets()`` returning their name -> config table.
+    """
+
+    preset_kind = "config"
+
+    @classmethod
+    def presets(cls) -> dict:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        table = cls.presets()
+        if name not in table:
+            raise ConfigError(f"unknown {cls.preset_kind} preset {name!r}; expected one of {sorted(table)}")
+        return dataclasses.replace(table[name], **overrides)
 
 
 def _tuple3(name: str, value) -> tuple[int, int, int]:
@@ -22,7 +66,7 @@ def _tuple3(name: str, value) -> tuple[int, int, int]:
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(JsonConfig):
     """The published GPT-2 style NBP generator (OFFICIAL_NBP.md).
 
     Token layout (ids the model sees):
@@ -46,6 +90,12 @@ class TransformerConfig:
     cond_vocab_size: int = 0         # condition vocabulary T (text or classes)
     codebook_size: int = 64000       # tokenizer codes
     dropout: float = 0.0             # embedding, attention-output and MLP dropout (training)
+
+    preset_kind = "transformer"
+
+    @classmethod
+    def presets(cls) -> dict:
+        return TRANSFORMER_PRESETS
 
     def __post_init__(self):
         self.latent_shape = _tuple3("latent_shape", self.latent_shape)
@@ -92,34 +142,6 @@ class TransformerConfig:
     @property
     def bov_id(self) -> int:
         return 0
-
-    # --- (de)serialisation -------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["latent_shape"], d["block_shape"] = list(self.latent_shape), list(self.block_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown TransformerConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TransformerConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TransformerConfig":
-        if name not in TRANSFORMER_PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(TRANSFORMER_PRESETS)}")
-        return dataclasses.replace(TRANSFORMER_PRESETS[name], **overrides)
 
 
 _K600 = dict(vocab_size=64000, latent_shape=(5, 16, 16), block_shape=(1, 1, 16))

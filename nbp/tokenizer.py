@@ -23,8 +23,6 @@ indices ``[B, 1 + k, H / f_h, W / f_w]`` int64 (8 x 8 spatial reduction).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
+from .config import ConfigError, JsonConfig
 from .fsq import FSQ
 
 __all__ = ["TokenizerConfig", "TOKENIZER_PRESETS", "VideoTokenizer"]
@@ -47,7 +45,7 @@ def _ints(name: str, value, *, minimum: int = 1) -> tuple[int, ...]:
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(JsonConfig):
     """Architecture of a :class:`VideoTokenizer`.
 
     The encoder runs stage ``i`` (``encoder_units[i]`` residual units at width
@@ -70,6 +68,12 @@ class TokenizerConfig:
     kernel_size: int = 3
     norm_groups: int = 32
     fsq_levels: tuple = (8, 8, 8, 5, 5, 5)
+
+    preset_kind = "tokenizer"
+
+    @classmethod
+    def presets(cls) -> dict:
+        return TOKENIZER_PRESETS
 
     def __post_init__(self):
         self.encoder_channels = _ints("encoder_channels", self.encoder_channels)
@@ -126,32 +130,6 @@ class TokenizerConfig:
         """Frames, height and width decoded from a latent grid (t, h, w)."""
         ft, fh, fw = self.factors
         return 1 + (t - 1) * ft, h * fh, w * fw
-
-    # --- (de)serialisation -------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = [list(x) if isinstance(x, tuple) else x for x in v]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown TokenizerConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "TokenizerConfig":
-        if name not in TOKENIZER_PRESETS:
-            raise ConfigError(f"unknown tokenizer preset {name!r}; expected one of {sorted(TOKENIZER_PRESETS)}")
-        return dataclasses.replace(TOKENIZER_PRESETS[name], **overrides)
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {

@@ -96,7 +96,7 @@ def test_presets_and_config_round_trip(tmp_path):
     assert ucf.video_offset == 32000 + 16 and ucf.vocab_size - 64000 - 16 == 32000
     ucf.save(tmp_path / "c.json")
     assert TransformerConfig.load(tmp_path / "c.json") == ucf
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="unknown transformer preset"):
         TransformerConfig.from_preset("k600-huge")
     with pytest.raises(ConfigError, match="does not tile"):
         TransformerConfig(block_shape=(2, 1, 16))

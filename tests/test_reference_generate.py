@@ -47,7 +47,7 @@ def test_ntp_mode_runs_one_token_per_step_with_a_causal_mask():
 
 def test_hybrid_layout_step_by_step():
     m = _model("tiny-hybrid")
-    cfg, L = m.config, m.config.block_size
+    L = m.config.block_size
     cond = torch.tensor([[4, 5, 6], [7, 8, 9]])
     ids = torch.cat([cond, torch.zeros(2, 1, dtype=torch.long)], 1)   # condition + bov
     rec = Recorder(m)
