@@ -13,13 +13,7 @@ from nbp.train import (LoopConfig, OptimConfig, TokenizerTrainConfig, Transforme
                        train_tokenizer, train_transformer)
 from nbp.train.checkpoint import read_checkpoint
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core runner oversubscribed OpenMP threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STEPS = 8

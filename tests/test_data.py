@@ -9,13 +9,7 @@ from nbp.data.synthetic import DIRECTIONS, SHAPES, _bounce
 from nbp.tokenizer import TokenizerConfig, VideoTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core runner oversubscribed OpenMP threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- synthetic ---------------------------------------------------------------------------

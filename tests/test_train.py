@@ -16,13 +16,7 @@ from nbp.train.optim import lr_factor, param_groups
 from nbp.train.transformer import LMObjective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core runner oversubscribed OpenMP threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**over) -> TransformerConfig:
