@@ -292,7 +292,10 @@ class FastGenerator:
         if not cfg.bov:
             raise ValueError("generate_video: this model has no begin-of-video id, so it continues "
                              "given frames; use predict_frames")
-        return torch.cat([ids, torch.full((ids.shape[0], 1), cfg.bov_id)], dim=1)
+        # hybrid: one begin-of-video id; otherwise a whole first block of them (NBP needs
+        # whole blocks after the condition; nbp.demo's generators use this layout)
+        n_bov = 1 if cfg.hybrid else cfg.block_size
+        return torch.cat([ids, torch.full((ids.shape[0], n_bov), cfg.bov_id)], dim=1)
 
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,

@@ -12,18 +12,28 @@ from nbp.cli import main
 
 def test_generate_writes_a_gif_with_random_demo_model(tmp_path, capsys):
     out = tmp_path / "demo.gif"
-    assert main(["generate", "--out", str(out), "--seed", "1", "--batch", "2", "--class-id", "4",
-                 "--top-k", "20", "--top-p", "0.9"]) == 0
+    assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--batch", "2",
+                 "--class-id", "4", "--top-k", "20", "--top-p", "0.9"]) == 0
     frames = iio.imread(out, index=None)
     assert frames.shape[:3] == (9, 32, 64)          # 9 frames, 32x32, two videos side by side
     text = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in text and "steps" in text and " s (" in text
 
 
+def test_generate_default_uses_the_shipped_demo_model(tmp_path, capsys):
+    out = tmp_path / "demo.gif"
+    assert main(["generate", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    if "demo model is unavailable" in text:
+        pytest.skip("this checkout has no demo assets")
+    assert "demo model shipped" in text
+    assert iio.imread(out, index=None).shape[:3] == (17, 16, 16)
+
+
 def test_generate_is_seeded(tmp_path):
     paths = [tmp_path / f"{i}.gif" for i in range(3)]
     for p, seed in zip(paths, (5, 5, 6)):
-        assert main(["generate", "--out", str(p), "--seed", str(seed)]) == 0
+        assert main(["generate", "--out", str(p), "--random", "--seed", str(seed)]) == 0
     a, b, c = (iio.imread(p, index=None) for p in paths)
     assert (a == b).all() and not (a == c).all()
 

@@ -222,6 +222,18 @@ def test_generate_video_class_conditional_hybrid(tiny_tokenizer):
         FastGenerator(sharp_model("tiny"), tiny_tokenizer).generate_video()
 
 
+def test_generate_video_bov_layout_matches_shipped_demo():
+    """Non-hybrid models with a begin-of-video id start from a whole block of bov ids."""
+    demo_mod = pytest.importorskip("nbp.demo")
+    try:
+        demo = demo_mod.load_demo()
+    except (OSError, ValueError) as e:
+        pytest.skip(f"no demo assets: {e}")
+    gen = FastGenerator(demo.model("nbp"), demo.tokenizer)
+    ours = gen.generate_video(class_ids=[1, 2], do_sample=False)
+    assert torch.equal(ours, demo_mod.generate_class(gen, [1, 2], do_sample=False))
+
+
 def test_block_shape_permutation_round_trip(tiny_tokenizer):
     """A non-row block shape: predicted grids go back to raster order before decoding."""
     model = sharp_model("tiny", block_shape=(1, 2, 2))

@@ -1,8 +1,8 @@
 """``nbp generate``: a video from a model with FastGenerator, written as GIF or MP4.
 
-Without ``--model`` it runs a seeded, randomly initialised tiny class-conditional
-model and the tiny tokenizer (the output is noise; it shows the pipeline runs)
-until a trained demo model ships with the package.
+Without ``--model`` it runs the small NBP demo model shipped with the package
+(``nbp.demo``); ``--random`` (or a package without the demo assets) runs a
+seeded, randomly initialised tiny class-conditional model instead.
 """
 from __future__ import annotations
 
@@ -32,8 +32,18 @@ def _load(args):
     if args.model is None:
         if args.tokenizer is not None:
             raise ValueError("--tokenizer: pass --model too (the random demo model has its own)")
-        print("nbp generate: no --model given: using a randomly initialised tiny model and "
-              "tokenizer (RANDOM WEIGHTS: the video is noise, not a trained sample)")
+        if not args.random:
+            try:
+                from nbp.demo import load_demo
+                demo = load_demo()
+            except (ImportError, OSError, ValueError) as e:
+                print(f"nbp generate: the shipped demo model is unavailable ({e})")
+            else:
+                print("nbp generate: no --model given: using the NBP demo model shipped with nbp "
+                      "(trained on synthetic sprite clips, nbp/assets/demo)")
+                return demo.model("nbp"), demo.tokenizer
+        print("nbp generate: using a randomly initialised tiny model and tokenizer "
+              "(RANDOM WEIGHTS: the video is noise, not a trained sample)")
         return demo_models(args.seed)
     if args.tokenizer is None:
         raise ValueError("--tokenizer: a generator checkpoint needs its video tokenizer "
@@ -106,6 +116,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo.gif", help="output .gif or .mp4 (default demo.gif)")
     p.add_argument("--model", default=None, help="generator: native dir or published .ckpt "
                    "(default: a random tiny demo model)")
+    p.add_argument("--random", action="store_true", help="without --model: a random tiny model "
+                   "instead of the shipped demo model")
     p.add_argument("--tokenizer", default=None, help="tokenizer: native dir or magvit2_*.pt")
     p.add_argument("--preset", default=None, help="transformer preset for checkpoints without "
                    "their flags")
