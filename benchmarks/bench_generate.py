@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ablations.baseline import generate_tokens as baseline_generate
-from nbp.commands.bench import bench_config, frame_prediction_shape, random_model
+from nbp.commands.bench import bench_config, copy_bandwidth, frame_prediction_shape, random_model
 from nbp.decode import select_tokens
 from nbp.generate import FastGenerator
 from nbp.sampler import BatchedSampler
@@ -84,24 +84,10 @@ def test_decode_step(benchmark, model, batch):
     # memory floor: every weight and every cached key/value read once per step
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cache_bytes = 2 * gen.cache.k[:, :, :, :int(end.max())].numel() * gen.cache.k.element_size()
-    floor_s = (weight_bytes + cache_bytes) / copy_bandwidth()
+    floor_s = (weight_bytes + cache_bytes) / copy_bandwidth(DEVICE)
     benchmark.extra_info.update(weight_bytes=weight_bytes, cache_bytes=cache_bytes,
                                 floor_ms=floor_s * 1e3,
                                 step_over_floor=benchmark.stats.stats.median / floor_s)
-
-
-def copy_bandwidth(nbytes: int = 1 << 28) -> float:
-    """Measured device copy bandwidth in bytes/s (read + write of a 256 MiB buffer)."""
-    import time
-    src = torch.empty(nbytes // 4, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    _sync()
-    return 2 * nbytes * 5 / (time.perf_counter() - t0)
 
 
 @pytest.mark.parametrize("impl", ["batched", "per_token_loop"])

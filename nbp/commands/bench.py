@@ -101,6 +101,28 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device | str = "cpu"
     return times
 
 
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 28,
+                   repeats: int = 10) -> float:
+    """Measured copy bandwidth of ``device`` in bytes/s: a copy of an ``nbytes``
+    buffer reads and writes it (2 * nbytes moved); median of ``repeats`` copies,
+    timed with CUDA events on CUDA (no host synchronisation in the interval)."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    if device.type != "cuda":
+        return 2 * nbytes / median(time_interleaved({"copy": lambda: dst.copy_(src)}, repeats)["copy"])
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    _sync(device)
+    return 2 * nbytes / (1e-3 * median([s.elapsed_time(e) for s, e in events]))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
