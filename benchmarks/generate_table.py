@@ -107,31 +107,49 @@ def step_bytes(model, batch: int, n: int, cached: int) -> dict:
     return {"weights": weights, "embedding_rows": rows, "kv_cache": kv, "total": weights + rows + kv}
 
 
-def decode_rows(s: dict, model, bandwidth: float) -> list[dict]:
-    """One row per batch size: sampled and greedy step ms, the floor and their ratio."""
+def decode_row(s: dict, model, bandwidth: float, backend: str, batch: int) -> dict:
+    """Sampled and greedy step ms of one (backend, batch), the floor and their ratios."""
     cfg = model.config
     given, new = frame_prediction_shape(cfg)
     cached, L = given + new, cfg.block_size
+    gen = FastGenerator(model, device=s["device"], backend=backend)
+    ids = _ids(cfg, batch, given, s["device"])
+    row = {"backend": backend, "batch": batch, "cached": cached, "tokens_per_step": L}
+    for kind, sampling in (("sampled", dict(top_k=s["top_k"], top_p=s["top_p"])),
+                           ("greedy", dict(do_sample=False))):
+        before = {id(st) for st in gen._steps.values()}
+        gen.generate_tokens(ids, new, generator=torch.Generator(gen.device).manual_seed(0),
+                            **sampling)   # builds (and on CUDA captures) the step
+        step = next(st for st in gen._steps.values() if id(st) not in before and st.n == L)
+        row[f"{kind}_ms"] = step_ms(gen, step, cached, s["step_iters"])
+    row["bytes"] = step_bytes(model, batch, L, cached)
+    row["floor_ms"] = 1e3 * row["bytes"]["total"] / bandwidth
+    row["sampled_over_floor"] = row["sampled_ms"] / row["floor_ms"]
+    row["greedy_over_floor"] = row["greedy_ms"] / row["floor_ms"]
+    return row
+
+
+def decode_rows(s: dict, model, bandwidth: float) -> list[dict]:
+    """Rows for backend "auto" (what FastGenerator runs by default; the targets are judged
+    on it) and, on CUDA, each usable explicit backend, at every batch size."""
+    from nbp_kernels.dispatch import backend_status
+
+    device = s["device"]
+    backends = ["auto"] + [b for b in ("triton", "cuda")
+                           if device.type == "cuda" and backend_status(b, device)[0]]
     rows = []
-    for batch in s["batches"]:
-        gen = FastGenerator(model, device=s["device"])
-        ids = _ids(cfg, batch, given, s["device"])
-        row = {"batch": batch, "cached": cached, "tokens_per_step": L}
-        for kind, sampling in (("sampled", dict(top_k=s["top_k"], top_p=s["top_p"])),
-                               ("greedy", dict(do_sample=False))):
-            before = {id(st) for st in gen._steps.values()}
-            gen.generate_tokens(ids, new, generator=torch.Generator(gen.device).manual_seed(0),
-                                **sampling)   # builds (and on CUDA captures) the step
-            step = next(st for st in gen._steps.values() if id(st) not in before and st.n == L)
-            row[f"{kind}_ms"] = step_ms(gen, step, cached, s["step_iters"])
-        row["bytes"] = step_bytes(model, batch, L, cached)
-        row["floor_ms"] = 1e3 * row["bytes"]["total"] / bandwidth
-        row["sampled_over_floor"] = row["sampled_ms"] / row["floor_ms"]
-        row["greedy_over_floor"] = row["greedy_ms"] / row["floor_ms"]
-        rows.append(row)
-        print(f"decode batch {batch}: sampled {row['sampled_ms']:.3f} ms, greedy "
-              f"{row['greedy_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms", flush=True)
-        del gen
+    for backend in backends:
+        for batch in s["batches"]:
+            try:
+                row = decode_row(s, model, bandwidth, backend, batch)
+            except Exception as e:  # an explicit backend failing must not lose the table
+                if backend == "auto":
+                    raise
+                print(f"decode {backend} batch {batch}: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(row)
+            print(f"decode {backend} batch {batch}: sampled {row['sampled_ms']:.3f} ms, greedy "
+                  f"{row['greedy_ms']:.3f} ms, floor {row['floor_ms']:.3f} ms", flush=True)
     return rows
 
 
@@ -171,7 +189,7 @@ def job_rows(s: dict, model) -> dict:
 
 def verdicts(result: dict) -> list[dict]:
     """Each issue-4 target: the measured value, the bound and met/missed."""
-    dec = {r["batch"]: r for r in result["decode"]}
+    dec = {r["batch"]: r for r in result["decode"] if r["backend"] == "auto"}
     b1, bn = dec[min(dec)], dec[max(dec)]
     checks = [
         ("decode step (sampled) / floor, batch 1", b1["sampled_over_floor"], "<=",
@@ -192,6 +210,16 @@ def verdicts(result: dict) -> list[dict]:
     return out
 
 
+def decode_backends(model, device, dtype) -> dict:
+    """The backend ``backend="auto"`` runs the decode attention with, for L = block and L = 1
+    (from nbp_kernels/tuning.json when gpu_check.sh's CUDA steps wrote it, else triton)."""
+    from nbp_kernels.dispatch import _auto
+
+    cfg = model.config
+    return {f"L={n}": _auto("block_decode_attention", device, cfg.head_dim, n, dtype)
+            for n in (cfg.block_size, 1)}
+
+
 def _f(x: float, spec: str = ".3f") -> str:
     return format(x, spec)
 
@@ -201,22 +229,24 @@ def markdown(result: dict) -> str:
     lines = [f"# FastGenerator on {result['device_name']} ({result['preset']}, {result['dtype']}, "
              f"random weights)", "",
              f"torch {m['torch']}, {m['cpu']} ({m['cpu_cores']} cores), created {result['created']}; "
-             f"top-k {result['top_k']}, top-p {result['top_p']}."
+             f"top-k {result['top_k']}, top-p {result['top_p']}; decode attention backend "
+             f"(auto): {', '.join(f'{k} {v}' for k, v in result['decode_backends'].items())}."
              + (" **--tiny smoke run: not a measurement of the k600-base shape.**"
                 if result["tiny"] else ""), "",
              f"## Decode step ({dec[0]['tokens_per_step']} tokens, {dec[0]['cached']} cached; "
-             f"CUDA-graph replay, CUDA events, median)", "",
+             f"{result['step_timing']}, median)", "",
              f"Floor = bytes moved / measured copy bandwidth "
              f"({result['copy_bandwidth_gbps']:.0f} GB/s); bytes = weights read "
              f"(embedding tables excluded, fed rows counted) + cached K and V.", "",
-             "| batch | sampled ms | greedy ms | floor ms | GB moved | sampled / floor "
-             "| greedy / floor |", "|---|---|---|---|---|---|---|"]
+             "| backend | batch | sampled ms | greedy ms | floor ms | GB moved | sampled / floor "
+             "| greedy / floor |", "|---|---|---|---|---|---|---|---|"]
     for r in dec:
-        lines.append(f"| {r['batch']} | {_f(r['sampled_ms'])} | {_f(r['greedy_ms'])} | "
+        lines.append(f"| {r['backend']} | {r['batch']} | {_f(r['sampled_ms'])} | {_f(r['greedy_ms'])} | "
                      f"{_f(r['floor_ms'])} | {r['bytes']['total'] / 1e9:.3f} | "
                      f"{r['sampled_over_floor']:.2f}x | {r['greedy_over_floor']:.2f}x |")
-    b1, bn = dec[0], dec[-1]
-    lines += ["", f"Batch {bn['batch']} / batch 1: sampled {bn['sampled_ms'] / b1['sampled_ms']:.2f}x, "
+    auto = [r for r in dec if r["backend"] == "auto"]
+    b1, bn = auto[0], auto[-1]
+    lines += ["", f"auto: batch {bn['batch']} / batch 1: sampled {bn['sampled_ms'] / b1['sampled_ms']:.2f}x, "
               f"greedy {bn['greedy_ms'] / b1['greedy_ms']:.2f}x; the floors' ratio (a step at "
               f"the floor at both sizes) is {bn['floor_ms'] / b1['floor_ms']:.2f}x.", ""]
     ar, job = result["autoregressive"], result["job"]
@@ -250,6 +280,9 @@ def main(argv=None) -> int:
     result = {"device_name": name, "preset": s["preset"], "config": model.config.to_dict(),
               "dtype": str(s["dtype"]).replace("torch.", ""), "tiny": args.tiny,
               "top_k": s["top_k"], "top_p": s["top_p"], "copy_bandwidth_gbps": bandwidth / 1e9,
+              "decode_backends": decode_backends(model, device, s["dtype"]),
+              "step_timing": "CUDA-graph replay, CUDA events" if device.type == "cuda"
+              else "eager, wall clock",
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     result["decode"] = decode_rows(s, model, bandwidth)
     ar = ntp_vs_nbp(model, batch=1, repeats=s["repeats"], top_k=s["top_k"], top_p=s["top_p"],

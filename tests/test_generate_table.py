@@ -22,7 +22,7 @@ def test_tiny_table(tmp_path):
     assert md.read_text() in proc.stdout
     result = json.loads(js.read_text())
     cfg = TransformerConfig.from_preset("tiny")
-    assert [r["batch"] for r in result["decode"]] == [1, 2]
+    assert [(r["backend"], r["batch"]) for r in result["decode"]] == [("auto", 1), ("auto", 2)]
     for r in result["decode"]:
         assert r["cached"] == 48 and r["tokens_per_step"] == cfg.block_size
         kv = 2 * cfg.n_layer * r["batch"] * cfg.n_head * r["cached"] * cfg.head_dim * 4
