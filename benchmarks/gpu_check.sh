@@ -4,7 +4,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
 # Logs everything to $OUT/gpu_check.log and writes the attention table
-# ($OUT/attention_<card>.md/.json) and a step summary
+# ($OUT/attention_<card>.md/.json), the generator table
+# ($OUT/generate_<card>.md/.json) and a step summary
 # ($OUT/gpu_check_summary.md). A failing step is recorded and the remaining
 # steps still run; the exit status is non-zero if any step failed.
 #
@@ -15,8 +16,18 @@
 # tests and its table), append a block like the Triton one where marked.
 # Run order: env, setup steps, the GPU tests, table steps (each in the order
 # registered). GPU_CHECK_STEPS="env gpu_tests attention_table" (names, space
-# separated) runs only those steps, e.g. to fit one device call's time limit. A normal H100 run takes ~4-5 minutes; every step at its timeout
-# would be ~9 (a device run needs timeout_s 560 or more).
+# separated) runs only those steps, e.g. to fit one device call's time limit.
+# Step names (timeout s): env (60); setup: cuda_build (240); gpu_tests (300);
+# table: attention_table (240), cuda_tests (180), cuda_sanitizer (300),
+# cuda_table (240), generate_table (240).
+# All steps together take well over one device call (~12-15 minutes on an H100
+# expected, 30 at every timeout): run them in groups whose timeouts sum to at
+# most ~9 minutes, one device call each (timeout_s 600), e.g.
+#   "env cuda_build generate_table"          (~3 min expected, 9 at most)
+#   "env gpu_tests"                          (~3-4 min, 6 at most)
+#   "env attention_table cuda_table"         (~4 min, 9 at most)
+#   "env cuda_tests cuda_sanitizer"          (~4 min, 9 at most; needs nbp_kernels._C:
+#                                             carried, or built by an earlier cuda_build)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -103,6 +114,25 @@ add_step table cuda_tests step_cuda_tests 180
 add_step table cuda_sanitizer step_cuda_sanitizer 300
 add_step table cuda_table step_cuda_table 240
 
+# ---------------------------------------------------------------- Generator (issue 4)
+# nbp.FastGenerator (nbp/generate.py, decode.py, cache.py, sampler.py): the
+# GPU tests of tests/test_generate.py join the GPU tests; the table step writes
+# $OUT/generate_<card>.md/.json: k600-base, bf16, random weights; decode step
+# (CUDA-graph replay) vs the bytes/copy-bandwidth floor at batch 1 and 8, per
+# backend; NBP vs NTP frames/s of 12-frame K600 prediction; the whole job with
+# the magvit2-size tokenizer; each issue-4 target met/missed. Registered after
+# the CUDA section so that backend "auto" reads the tuning.json cuda_table
+# wrote when both run in one call (otherwise auto is triton; the explicit
+# triton and cuda rows are measured either way). Alone (one device call,
+# ~2-3 minutes, at most 9):
+#   GPU_CHECK_STEPS="env cuda_build generate_table"
+GPU_TESTS+=(tests/test_generate.py)
+
+step_generate_table() {
+    "$PY" benchmarks/generate_table.py --out "$OUT"
+}
+add_step table generate_table step_generate_table 240
+
 # ---------------------------------------------------------------- run
 step_gpu_tests() {
     # Most of this step is Triton compiling kernel variants: spread it over processes.
@@ -144,5 +174,5 @@ for s in ${SETUP_STEPS[@]+"${SETUP_STEPS[@]}"}; do run_step $s; done
 run_step gpu_tests step_gpu_tests 300
 for s in ${TABLE_STEPS[@]+"${TABLE_STEPS[@]}"}; do run_step $s; done
 cat "$SUMMARY"
-for f in "$OUT"/attention_*.md; do [ -e "$f" ] && cat "$f"; done
+for f in "$OUT"/attention_*.md "$OUT"/generate_*.md; do [ -e "$f" ] && cat "$f"; done
 exit "$failed"

@@ -22,7 +22,8 @@ def test_tiny_table(tmp_path):
     assert md.read_text() in proc.stdout
     result = json.loads(js.read_text())
     cfg = TransformerConfig.from_preset("tiny")
-    assert [(r["backend"], r["batch"]) for r in result["decode"]] == [("auto", 1), ("auto", 2)]
+    # on CUDA the usable explicit backends get rows too
+    assert [r["batch"] for r in result["decode"] if r["backend"] == "auto"] == [1, 2]
     for r in result["decode"]:
         assert r["cached"] == 48 and r["tokens_per_step"] == cfg.block_size
         kv = 2 * cfg.n_layer * r["batch"] * cfg.n_head * r["cached"] * cfg.head_dim * 4
