@@ -288,7 +288,7 @@ def main(argv=None) -> int:
     ar = ntp_vs_nbp(model, batch=1, repeats=s["repeats"], top_k=s["top_k"], top_p=s["top_p"],
                     device=device)
     result["autoregressive"] = {r["method"]: r for r in ar}
-    print(f"autoregressive: " + ", ".join(f"{r['method']} {r['frames_per_s']:.1f} frames/s"
+    print("autoregressive: " + ", ".join(f"{r['method']} {r['frames_per_s']:.1f} frames/s"
                                           for r in ar), flush=True)
     result["job"] = job_rows(s, model)
     result["machine"] = machine_info(device)
