@@ -18,7 +18,6 @@ L = 8 for NBP and 1 for NTP, codes in raster order (row blocks). Two tasks:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from .model import NBPTransformer
 from .tokenizer import VideoTokenizer
 
 __all__ = ["DEMO_DIR", "DATA_OPTIONS", "TRAIN_SEED", "EVAL_SEED", "NUM_COND_FRAMES", "DemoModels",
-           "load_demo", "heldout_clips", "condition_ids", "predict_frames", "generate_class"]
+           "load_demo", "heldout_clips", "condition_ids", "prediction_prompt", "predict_frames",
+           "decode_tokens", "generate_class"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # The synthetic data the demo models were trained on (SyntheticVideos defaults at 16x16).
@@ -100,7 +100,7 @@ def condition_ids(model: NBPTransformer, class_ids) -> torch.Tensor:
     return torch.cat([cls + cfg.cond_offset, bov], dim=1)
 
 
-def _decode(gen: FastGenerator, tokens: torch.Tensor) -> torch.Tensor:
+def decode_tokens(gen: FastGenerator, tokens: torch.Tensor) -> torch.Tensor:
     """Model ids of the whole grid [B, t*h*w] (block order) -> video float32 [B, 3, T, H, W]."""
     cfg = gen.config
     codes = (tokens - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
@@ -108,16 +108,12 @@ def _decode(gen: FastGenerator, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_frames(gen: FastGenerator, video: torch.Tensor, class_ids, *,
-                   num_cond_frames: int = NUM_COND_FRAMES, mode: str = "nbp",
-                   **sampling) -> torch.Tensor:
-    """Frame prediction with a demo generator.
+def prediction_prompt(gen: FastGenerator, video: torch.Tensor, class_ids, *,
+                      num_cond_frames: int = NUM_COND_FRAMES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the given frames: (prompt ids int64 [B, 1 + L + n], their codes' ids int64 [B, n]).
 
-    video: float [B, 3, T, H, W] in [0, 1] (only the first ``num_cond_frames`` are
-    read); class_ids: int [B]. mode: "nbp" (blocks of L) or "ntp" (for the NTP
-    model). ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``
-    (default greedy). Returns the decoded video float32 [B, 3, 17, 16, 16]: the
-    tokenizer's reconstruction of the given frames, then the predicted ones.
+    video: float [B, 3, T, H, W] in [0, 1] (only the first ``num_cond_frames`` are read);
+    class_ids: int [B]. The prompt is ``[class, bov x L, codes]`` in the model's id space.
     """
     cfg, tok = gen.config, gen.tokenizer
     ft = tok.config.factors[0]
@@ -133,10 +129,26 @@ def predict_frames(gen: FastGenerator, video: torch.Tensor, class_ids, *,
     cond = condition_ids(gen.model, class_ids).to(gen.device)
     if cond.shape[0] != prefix.shape[0]:
         raise ValueError(f"class_ids: expected one per video ({prefix.shape[0]}), got {cond.shape[0]}")
+    return torch.cat([cond, prefix], dim=1), prefix
+
+
+@torch.no_grad()
+def predict_frames(gen: FastGenerator, video: torch.Tensor, class_ids, *,
+                   num_cond_frames: int = NUM_COND_FRAMES, mode: str = "nbp",
+                   **sampling) -> torch.Tensor:
+    """Frame prediction with a demo generator.
+
+    video: float [B, 3, T, H, W] in [0, 1] (only the first ``num_cond_frames`` are
+    read); class_ids: int [B]. mode: "nbp" (blocks of L) or "ntp" (for the NTP
+    model). ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``
+    (default greedy). Returns the decoded video float32 [B, 3, 17, 16, 16]: the
+    tokenizer's reconstruction of the given frames, then the predicted ones.
+    """
+    prompt, prefix = prediction_prompt(gen, video, class_ids, num_cond_frames=num_cond_frames)
     sampling.setdefault("do_sample", False)
-    new = gen.generate_tokens(torch.cat([cond, prefix], dim=1), cfg.video_len - prefix.shape[1],
-                              cond_len=cfg.cond_len, mode=mode, **sampling)
-    return _decode(gen, torch.cat([prefix, new], dim=1))
+    new = gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
+                              cond_len=gen.config.cond_len, mode=mode, **sampling)
+    return decode_tokens(gen, torch.cat([prefix, new], dim=1))
 
 
 @torch.no_grad()
@@ -149,10 +161,5 @@ def generate_class(gen: FastGenerator, class_ids, *, mode: str = "nbp", **sampli
     cfg = gen.config
     cond = condition_ids(gen.model, class_ids).to(gen.device)
     new = gen.generate_tokens(cond, cfg.video_len, cond_len=cfg.cond_len, mode=mode, **sampling)
-    return _decode(gen, new)
+    return decode_tokens(gen, new)
 
-
-def read_card_metrics(path: str | Path | None = None) -> dict:
-    """The metrics recorded at export time (``metrics.json`` beside the weights), or {}."""
-    f = (Path(path) if path is not None else DEMO_DIR) / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else {}

@@ -2,8 +2,8 @@
 
 Usage: python scripts/export_demo.py RUNS_DIR [OUT_DIR]
 
-RUNS_DIR holds the outputs of scripts/train_demo.sh: ``tok/model``, ``nbp/model``
-and ``ntp/model`` (native dirs written by ``nbp train``). Each is loaded, cast to
+RUNS_DIR holds the outputs of scripts/train_demo.sh: ``tok_ft`` (the tokenizer after
+decoder fine-tuning; ``tok/model`` when absent), ``nbp/model`` and ``ntp/model``. Each is loaded, cast to
 float16 (halving the shipped size; ``nbp.demo.load_demo`` casts back to float32)
 and saved with ``nbp.loading.save_*`` into OUT_DIR/{tokenizer,nbp,ntp}
 (default: the package's ``nbp/assets/demo``).
@@ -26,7 +26,8 @@ def main() -> int:
     p.add_argument("out", nargs="?", default=str(DEMO_DIR), help="destination (default: nbp/assets/demo)")
     args = p.parse_args()
     runs, out = Path(args.runs), Path(args.out)
-    sources = {"tokenizer": (runs / "tok" / "model", tokenizer_from_pretrained, save_tokenizer),
+    tok_dir = runs / "tok_ft" if (runs / "tok_ft" / "model.safetensors").is_file() else runs / "tok" / "model"
+    sources = {"tokenizer": (tok_dir, tokenizer_from_pretrained, save_tokenizer),
                "nbp": (runs / "nbp" / "model", transformer_from_pretrained, save_transformer),
                "ntp": (runs / "ntp" / "model", transformer_from_pretrained, save_transformer)}
     for name, (src, _, _) in sources.items():

@@ -1,0 +1,116 @@
+"""The demo models shipped in nbp/assets/demo: they load, reconstruct and predict held-out clips.
+
+The bounds below are set from the measurements in nbp/assets/demo/MODEL_CARD.md with a
+margin; a broken tokenizer (random weights: about 10 dB, the dataset-mean frame: about
+16 dB) or a generator that ignores its input fails them.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from nbp import metrics
+from nbp.demo import (DEMO_DIR, EVAL_SEED, NUM_COND_FRAMES, TRAIN_SEED, condition_ids,
+                      generate_class, heldout_clips, load_demo, predict_frames)
+from nbp.generate import FastGenerator
+
+RECON_PSNR_FLOOR = 22.0     # dB on held-out clips (measured 23.9 on these 4, 23.2 on 16: MODEL_CARD.md)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)   # tiny decode steps: thread hand-offs cost more than they save
+    return load_demo()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return heldout_clips(4)
+
+
+def test_demo_models_load_with_the_documented_layout(demo):
+    assert demo.path == DEMO_DIR
+    assert demo.nbp.config.block_shape == (1, 1, 8) and demo.ntp.config.block_shape == (1, 1, 1)
+    assert demo.nbp.config.latent_shape == demo.ntp.config.latent_shape == (5, 8, 8)
+    n_nbp = sum(p.numel() for p in demo.nbp.parameters())
+    n_ntp = sum(p.numel() for p in demo.ntp.parameters())
+    assert n_nbp == n_ntp                                   # equal size (same config but L)
+    assert next(demo.nbp.parameters()).dtype == torch.float32
+    assert demo.tokenizer.codebook_size == demo.nbp.config.codebook_size == 1000
+
+
+def test_tokenizer_reconstructs_heldout_clips(demo, clips):
+    video, _ = clips
+    recon = demo.tokenizer.decode(demo.tokenizer.encode(video))
+    assert recon.shape == video.shape == (4, 3, 17, 16, 16)
+    assert metrics.psnr(recon, video) > RECON_PSNR_FLOOR
+
+
+def _prediction_and_baseline(demo, clips):
+    video, labels = clips
+    gen = FastGenerator(demo.nbp, demo.tokenizer, device="cpu")
+    pred = predict_frames(gen, video, labels)
+    assert pred.shape == video.shape
+    sl = slice(NUM_COND_FRAMES, None)
+    truth = video[:, :, sl]
+    return pred[:, :, sl], truth, video[:, :, NUM_COND_FRAMES - 1:NUM_COND_FRAMES].expand_as(truth)
+
+
+@pytest.mark.xfail(strict=True, reason="target of issue 6 NOT met by the shipped demo model: on these "
+                   "4 held-out clips greedy NBP prediction scores 19.3 dB vs 20.4 dB for copy-last "
+                   "(16 clips: 20.70 vs 20.73); the tokenizer's own reconstruction of the predicted "
+                   "frames is only ~23 dB (see MODEL_CARD.md)")
+def test_greedy_nbp_frame_prediction_beats_copy_last(demo, clips):
+    pred, truth, copy_last = _prediction_and_baseline(demo, clips)
+    assert metrics.psnr(pred, truth) > metrics.psnr(copy_last, truth)
+
+
+def test_greedy_nbp_frame_prediction_follows_its_own_clip(demo, clips):
+    """The prediction depends on the given frames: it is closer to its own clip's true
+    continuation than to the other clips' continuations, by a clear margin."""
+    pred, truth, _ = _prediction_and_baseline(demo, clips)
+    own = metrics.psnr_per_frame(pred, truth).mean()
+    others = [metrics.psnr_per_frame(pred, truth.roll(k, dims=0)).mean() for k in (1, 2, 3)]
+    assert own > max(others) + 2.0
+
+
+def test_class_conditional_generation_is_seeded(demo):
+    gen = FastGenerator(demo.nbp, demo.tokenizer, device="cpu")
+    a = generate_class(gen, [0, 5], generator=torch.Generator().manual_seed(1))
+    b = generate_class(gen, [0, 5], generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 17, 16, 16) and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def test_heldout_clips_never_use_the_training_seed():
+    assert EVAL_SEED != TRAIN_SEED
+    with pytest.raises(ValueError, match="training seed"):
+        heldout_clips(2, seed=TRAIN_SEED)
+
+
+def test_bad_inputs(demo, clips, tmp_path):
+    video, labels = clips
+    gen = FastGenerator(demo.nbp, demo.tokenizer, device="cpu")
+    with pytest.raises(ValueError, match="class_ids"):
+        condition_ids(demo.nbp, [12])
+    with pytest.raises(ValueError, match="num_cond_frames"):
+        predict_frames(gen, video, labels, num_cond_frames=4)
+    with pytest.raises(ValueError, match="class_ids"):
+        predict_frames(gen, video, labels[:2])
+    with pytest.raises(FileNotFoundError, match="demo models"):
+        load_demo(tmp_path)
+
+
+def test_nbp_eval_prints_one_json_line(capsys):
+    from nbp.cli import main
+
+    assert main(["eval", "--model", "demo", "--num-clips", "2", "--repeats", "0", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    for key in ("recon_psnr", "pred_psnr_nbp", "pred_psnr_ntp", "pred_psnr_copy_last", "recon_ssim",
+                "pred_ssim_nbp", "pred_ssim_ntp", "pred_ssim_copy_last", "fps_nbp", "fps_ntp"):
+        assert isinstance(res[key], float) and math.isfinite(res[key]), key
+    assert res["seed"] == EVAL_SEED and res["steps_nbp"] * 8 == res["steps_ntp"] == 192
+    assert res["recon_psnr"] > RECON_PSNR_FLOOR
