@@ -1,4 +1,4 @@
-"""Render docs/demo.gif from the shipped demo models (README figure).
+"""Render docs/nbp-demo.gif from the shipped demo models (README figure).
 
 Usage: python scripts/make_demo_gif.py [OUT] [--scale 4]
 
@@ -21,7 +21,7 @@ from nbp.io import save_video
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", nargs="?", default="docs/demo.gif")
+    p.add_argument("out", nargs="?", default="docs/nbp-demo.gif")
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
