@@ -111,7 +111,7 @@ def run(args) -> int:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
     else:
         for k, v in res.items():
-            print(f"{k:24s} {v:.3f}" if isinstance(v, float) else f"{k:24s} {v}")
+            print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
     return 0
 
 
