@@ -114,3 +114,29 @@ def test_nbp_eval_prints_one_json_line(capsys):
         assert isinstance(res[key], float) and math.isfinite(res[key]), key
     assert res["seed"] == EVAL_SEED and res["steps_nbp"] * 8 == res["steps_ntp"] == 192
     assert res["recon_psnr"] > RECON_PSNR_FLOOR
+
+
+def test_nbp_generate_demo_class_and_prediction(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from nbp.cli import main
+
+    out = tmp_path / "class.gif"
+    assert main(["generate", "--out", str(out), "--class-id", "7", "--batch", "2", "--scale", "2"]) == 0
+    assert iio.imread(out, index=None).shape[:3] == (17, 32, 64)   # 17 frames, 2 x (16x16 x2)
+    text = capsys.readouterr().out
+    assert "demo model" in text and "40 steps" in text and " s (" in text
+    out = tmp_path / "pred.gif"
+    assert main(["generate", "--out", str(out), "--predict", "--greedy"]) == 0
+    assert iio.imread(out, index=None).shape[:3] == (17, 16, 16)
+    assert "24 steps" in capsys.readouterr().out                    # 192 predicted codes / L = 8
+
+
+@pytest.mark.parametrize("argv, match", [(["--predict", "--random"], "--predict"),
+                                         (["--scale", "0"], "--scale")])
+def test_nbp_generate_demo_bad_arguments(tmp_path, capsys, argv, match):
+    from nbp.cli import main
+
+    out = tmp_path / "x.gif"
+    assert main(["generate", "--out", str(out)] + argv) == 2
+    assert match in capsys.readouterr().err and not out.exists()

@@ -2,7 +2,10 @@
 
 Without ``--model`` it runs the small NBP demo model shipped with the package
 (``nbp.demo``); ``--random`` (or a package without the demo assets) runs a
-seeded, randomly initialised tiny class-conditional model instead.
+seeded, randomly initialised tiny class-conditional model instead. With
+``--predict`` the demo model continues held-out synthetic clips (frame
+prediction: ``--num-cond-frames`` given, the rest predicted). ``--scale``
+enlarges the saved frames (the demo clips are 16x16).
 """
 from __future__ import annotations
 
@@ -81,6 +84,11 @@ def run(args) -> int:
         raise ValueError(f"--out: expected a .gif or .mp4 file name, got {args.out!r}")
     if args.fps <= 0:
         raise ValueError(f"--fps: expected a positive number, got {args.fps}")
+    if args.scale < 1:
+        raise ValueError(f"--scale: expected a positive int, got {args.scale}")
+    if args.predict and (args.model is not None or args.random or args.input is not None):
+        raise ValueError("--predict: continues held-out synthetic clips with the shipped demo "
+                         "model; it takes no --model, --random or --input")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok = _load(args)
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend)
@@ -88,7 +96,13 @@ def run(args) -> int:
     steps = []
     sampling = dict(_sampling(args), callback=lambda s, t: steps.append(s))
     t0 = time.perf_counter()
-    if args.input is not None:
+    if args.predict:
+        from nbp.demo import heldout_clips, predict_frames
+
+        clips, labels = heldout_clips(args.batch)
+        video = predict_frames(gen, clips, labels, num_cond_frames=args.num_cond_frames,
+                               mode=args.mode or "nbp", **sampling)
+    elif args.input is not None:
         video = gen.predict_frames(_read_video(args.input), args.num_cond_frames,
                                    mode=args.mode or "nbp", **sampling)
     else:
@@ -103,7 +117,8 @@ def run(args) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    path = save_video(video, args.out, fps=args.fps)
+    big = video.repeat_interleave(args.scale, -1).repeat_interleave(args.scale, -2)
+    path = save_video(big, args.out, fps=args.fps)
     B, _, T, H, W = video.shape
     print(f"nbp generate: {B} video(s) of {T} frames {H}x{W} in {seconds:.2f} s "
           f"({len(steps)} steps, {cfg.video_len} tokens each, L={cfg.block_size}, {device}) "
@@ -122,7 +137,11 @@ def register(sub) -> None:
     p.add_argument("--preset", default=None, help="transformer preset for checkpoints without "
                    "their flags")
     p.add_argument("--input", default=None, help="video file to continue (frame prediction models)")
-    p.add_argument("--num-cond-frames", type=int, default=5, help="given frames with --input")
+    p.add_argument("--num-cond-frames", type=int, default=5,
+                   help="given frames with --input / --predict")
+    p.add_argument("--predict", action="store_true", help="demo model: continue held-out "
+                   "synthetic clips (frame prediction) instead of class-conditional generation")
+    p.add_argument("--scale", type=int, default=1, help="enlarge the saved frames by this factor")
     p.add_argument("--class-id", type=int, default=0, help="class of class-conditional models")
     p.add_argument("--cond-ids", default=None, help="comma-separated condition ids (e.g. text tokens)")
     p.add_argument("--batch", type=int, default=1, help="videos to generate (tiled side by side)")
