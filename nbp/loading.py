@@ -218,26 +218,24 @@ def save_tokenizer(tokenizer: VideoTokenizer, path) -> Path:
     return _save_native(tokenizer, tokenizer.config.to_dict(), _TOKENIZER_TYPE, path)
 
 
+def _from_native(module_cls, config_cls, kind: str, path, device, dtype):
+    path = Path(path)
+    config, tensors = _read_native(path, kind)
+    try:
+        cfg = config_cls.from_dict(config)
+    except (ConfigError, TypeError) as e:
+        raise LoadError(f"{path / CONFIG_FILE}: invalid {config_cls.preset_kind} config ({e})") from e
+    return _build(module_cls, cfg, tensors, f"{path}", device, dtype)
+
+
 def transformer_from_pretrained(path, device=None, dtype=None) -> NBPTransformer:
     """Load a directory written by :func:`save_transformer` (eval mode)."""
-    path = Path(path)
-    config, tensors = _read_native(path, _TRANSFORMER_TYPE)
-    try:
-        cfg = TransformerConfig.from_dict(config)
-    except (ConfigError, TypeError) as e:
-        raise LoadError(f"{path / CONFIG_FILE}: invalid transformer config ({e})") from e
-    return _build(NBPTransformer, cfg, tensors, f"{path}", device, dtype)
+    return _from_native(NBPTransformer, TransformerConfig, _TRANSFORMER_TYPE, path, device, dtype)
 
 
 def tokenizer_from_pretrained(path, device=None, dtype=None) -> VideoTokenizer:
     """Load a directory written by :func:`save_tokenizer` (eval mode)."""
-    path = Path(path)
-    config, tensors = _read_native(path, _TOKENIZER_TYPE)
-    try:
-        cfg = TokenizerConfig.from_dict(config)
-    except (ConfigError, TypeError) as e:
-        raise LoadError(f"{path / CONFIG_FILE}: invalid tokenizer config ({e})") from e
-    return _build(VideoTokenizer, cfg, tensors, f"{path}", device, dtype)
+    return _from_native(VideoTokenizer, TokenizerConfig, _TOKENIZER_TYPE, path, device, dtype)
 
 
 # --- the published tokenizer -----------------------------------------------------
