@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, machine_tag,
-                                median, random_model, time_interleaved)
+from nbp.commands.bench import (add_ablation_args, bench_config, frame_prediction_shape, machine_info,
+                                machine_tag, median, random_model, time_interleaved)
 from nbp.generate import FastGenerator
 from nbp.io import atomic_path, atomic_write_text
 
@@ -97,18 +97,8 @@ def plot(rows: list[dict], title: str, path: Path, size=(720, 480)) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="k600-base")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
+    add_ablation_args(p)
     p.add_argument("--block-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--top-k", type=int, default=16000)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

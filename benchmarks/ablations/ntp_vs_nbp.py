@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from baseline import generate_tokens as baseline_generate
-from nbp.commands.bench import (bench_config, format_table, machine_info, machine_tag, median,
-                                ntp_vs_nbp, random_model, time_interleaved)
+from nbp.commands.bench import (add_ablation_args, bench_config, format_table, machine_info,
+                                machine_tag, median, ntp_vs_nbp, random_model, time_interleaved)
 from nbp.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -49,17 +49,7 @@ def tokenizer_seconds(preset: str, device, repeats: int, latent_shape) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="k600-base")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--top-k", type=int, default=16000)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_ablation_args(p)
     p.add_argument("--baseline", action="store_true", help="also time the published-style baseline (nbp)")
     p.add_argument("--baseline-ntp", action="store_true", help="also time the baseline in ntp mode (slow)")
     p.add_argument("--tokenizer", default=None, help="tokenizer preset to time (e.g. magvit2, tiny)")
