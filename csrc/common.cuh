@@ -24,6 +24,22 @@ inline void check_launch(const char* what) {
   }
 }
 
+// The cache and new-block pointers/strides and the lengths, named alike in
+// every kernel params struct that touches the caches (decode and append).
+template <typename Params, typename Args>
+inline void set_cache_io(Params& p, const Args& a) {
+  p.kc = static_cast<char*>(a.k_cache.ptr);
+  p.kc_sb = a.k_cache.sb; p.kc_sh = a.k_cache.sh; p.kc_ss = a.k_cache.ss;
+  p.vc = static_cast<char*>(a.v_cache.ptr);
+  p.vc_sb = a.v_cache.sb; p.vc_sh = a.v_cache.sh; p.vc_ss = a.v_cache.ss;
+  p.kn = static_cast<const char*>(a.k_new.ptr);
+  p.kn_sb = a.k_new.sb; p.kn_sh = a.k_new.sh; p.kn_ss = a.k_new.ss;
+  p.vn = static_cast<const char*>(a.v_new.ptr);
+  p.vn_sb = a.v_new.sb; p.vn_sh = a.v_new.sh; p.vn_ss = a.v_new.ss;
+  p.seq_lens = a.seq_lens;
+  p.H = a.heads; p.L = a.L; p.M = a.max_seq;
+}
+
 // The kernels' view of DecodeArgs (same data, typed pointers resolved per kernel).
 struct DecodeParams {
   const char* q; int64_t q_sb, q_sh, q_ss;

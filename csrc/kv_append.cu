@@ -38,16 +38,8 @@ __global__ void __launch_bounds__(256) kv_append_kernel(const AppendParams p, in
 
 void launch_append(const AppendArgs& a, void* stream) {
   AppendParams p{};
-  p.kc = static_cast<char*>(a.k_cache.ptr);
-  p.kc_sb = a.k_cache.sb; p.kc_sh = a.k_cache.sh; p.kc_ss = a.k_cache.ss;
-  p.vc = static_cast<char*>(a.v_cache.ptr);
-  p.vc_sb = a.v_cache.sb; p.vc_sh = a.v_cache.sh; p.vc_ss = a.v_cache.ss;
-  p.kn = static_cast<const char*>(a.k_new.ptr);
-  p.kn_sb = a.k_new.sb; p.kn_sh = a.k_new.sh; p.kn_ss = a.k_new.ss;
-  p.vn = static_cast<const char*>(a.v_new.ptr);
-  p.vn_sb = a.v_new.sb; p.vn_sh = a.v_new.sh; p.vn_ss = a.v_new.ss;
-  p.seq_lens = a.seq_lens;
-  p.H = a.heads; p.L = a.L; p.M = a.max_seq; p.elem = a.elem_bytes;
+  set_cache_io(p, a);
+  p.elem = a.elem_bytes;
   p.vec_per_row = a.head_dim * a.elem_bytes / 16;
   const int64_t total = (int64_t)a.batch * a.heads * a.L * p.vec_per_row;
   if (total == 0) return;
