@@ -11,10 +11,10 @@ Token layout of the demo generators (``bov`` without hybrid, see
 L = 8 for NBP and 1 for NTP, codes in raster order (row blocks). Two tasks:
 
 * class-conditional generation: feed ``[class, bov x L]`` and generate the
-  whole 5x8x8 latent grid;
+  whole 9x8x8 latent grid;
 * frame prediction (K600 protocol: 5 given frames, 12 predicted): feed
-  ``[class, bov x L, codes of the 5 given frames]`` (2 latent frames) and
-  generate the remaining 3 latent frames.
+  ``[class, bov x L, codes of the 5 given frames]`` (3 latent frames: the
+  tokenizer halves time after the first frame) and generate the remaining 6.
 """
 from __future__ import annotations
 
@@ -30,16 +30,21 @@ from .loading import transformer_from_pretrained, tokenizer_from_pretrained
 from .model import NBPTransformer
 from .tokenizer import VideoTokenizer
 
-__all__ = ["DEMO_DIR", "DATA_OPTIONS", "TRAIN_SEED", "EVAL_SEED", "NUM_COND_FRAMES", "DemoModels",
-           "load_demo", "heldout_clips", "condition_ids", "prediction_prompt", "predict_frames",
-           "decode_tokens", "generate_class"]
+__all__ = ["DEMO_DIR", "DATA_OPTIONS", "TRAIN_SEED", "EVAL_SEED", "NUM_COND_FRAMES", "SAMPLING",
+           "DemoModels", "load_demo", "heldout_clips", "condition_ids", "prediction_prompt",
+           "predict_frames", "decode_tokens", "generate_class"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
-# The synthetic data the demo models were trained on (SyntheticVideos defaults at 16x16).
-DATA_OPTIONS = dict(resolution=16, num_frames=17, num_sprites=(1, 1))
+# The synthetic data the demo models were trained on (SyntheticVideos defaults at 16x16,
+# palette backgrounds).
+DATA_OPTIONS = dict(resolution=16, num_frames=17, num_sprites=(1, 1), background="palette")
 TRAIN_SEED = 0          # every training clip: render_clip(TRAIN_SEED, i)
 EVAL_SEED = 1001        # held-out clips: a seed never used in training
 NUM_COND_FRAMES = 5     # K600 frame prediction: 5 given frames, 12 predicted
+# Sampling default of class-conditional generation: the tail of a 4x128 model's
+# distribution over 1000 codes makes temperature-1 samples blotchy; top-5 keeps one
+# clean sprite on a palette background (MODEL_CARD.md).
+SAMPLING = dict(top_k=5)
 
 
 @dataclass
@@ -156,8 +161,9 @@ def generate_class(gen: FastGenerator, class_ids, *, mode: str = "nbp", **sampli
     """Class-conditional generation: class_ids int [B] -> video float32 [B, 3, 17, 16, 16].
 
     ``sampling``: keyword arguments of ``FastGenerator.generate_tokens`` (default:
-    sampling with temperature 1).
+    sampling with ``SAMPLING``, i.e. top-k 5).
     """
+    sampling = {**SAMPLING, **sampling}
     cfg = gen.config
     cond = condition_ids(gen.model, class_ids).to(gen.device)
     new = gen.generate_tokens(cond, cfg.video_len, cond_len=cfg.cond_len, mode=mode, **sampling)

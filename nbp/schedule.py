@@ -84,10 +84,14 @@ def check_generation_inputs(config: TransformerConfig, input_ids: torch.Tensor, 
     if plan.mode == "hybrid" and S != cond_len + 1:
         raise ValueError(f"input_ids: in mode 'hybrid' pass the condition ({cond_len} tokens) "
                          f"followed by the begin-of-video id, got {S} tokens")
-    total = S + sum(plan.tokens) + plan.num_fillers
-    if total > config.max_seq_len:
-        raise ValueError(f"num_new_tokens: the sequence would reach {total} positions, more than "
-                         f"the model's max_seq_len {config.max_seq_len}")
+    # Every step feeds the previous step's tokens (and the hybrid fillers); the last
+    # step's tokens are drawn but never fed, as in training, whose inputs stop L
+    # tokens before the end (so max_seq_len = the training input length suffices).
+    fed = S + sum(plan.tokens[1:])
+    if fed > config.max_seq_len:
+        raise ValueError(f"num_new_tokens: the model would read {fed} positions (the input and "
+                         f"every new token but the last step's), more than its max_seq_len "
+                         f"{config.max_seq_len}")
     if use_cfg and (cond_len == 0 or cond_len != config.cond_len):
         raise ValueError(f"cfg_scale: guidance replaces the {config.cond_len} condition tokens by "
                          f"uncond_embedding, so cond_len must equal {config.cond_len} (> 0), got {cond_len}")

@@ -1,7 +1,8 @@
 """Fine-tune a tokenizer's decoder with its encoder (hence its codes) frozen.
 
 Usage: python scripts/finetune_decoder.py TOK_DIR OUT_DIR --steps N [--batch 8 --lr 5e-4
-       --resolution 16 --num-frames 17 --num-clips 10000 --data-seed 0 --seed 0]
+       --resolution 16 --num-frames 17 --num-clips 10000 --data-seed 0 --background smooth
+       --seed 0]
 
 The codes of every clip stay exactly those of TOK_DIR, so generators trained on a
 token cache written with TOK_DIR stay valid; only the reconstruction improves. The
@@ -36,6 +37,7 @@ def main() -> int:
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--num-clips", type=int, default=10000)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--background", default="smooth", choices=["smooth", "palette"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -45,7 +47,7 @@ def main() -> int:
     params = [q for q in tok.decoder_layers.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     data = SyntheticVideos(args.num_clips, resolution=args.resolution, num_frames=args.num_frames,
-                           seed=args.data_seed)
+                           seed=args.data_seed, background=args.background)
     log, t0 = [], time.time()
     for step in range(args.steps):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)

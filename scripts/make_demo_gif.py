@@ -4,8 +4,9 @@ Usage: python scripts/make_demo_gif.py [OUT] [--scale 4]
 
 Top row: four held-out clips (seed nbp.demo.EVAL_SEED), the ground truth. Middle row:
 greedy NBP frame prediction from their first 5 frames (frames 5..16 are predicted).
-Bottom row: class-conditional NBP samples for the same four classes. Frames are
-upscaled with nearest-neighbour so the 16x16 clips are visible.
+Bottom row: class-conditional NBP samples for the same four classes (top-k 5, the
+demo default nbp.demo.SAMPLING). Frames are upscaled with nearest-neighbour so the
+16x16 clips are visible.
 """
 from __future__ import annotations
 

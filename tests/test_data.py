@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from nbp.data import CLASS_NAMES, SyntheticVideos, TokenDataset, VideoFolder, extract_tokens, render_clip
-from nbp.data.synthetic import DIRECTIONS, SHAPES, _bounce
+from nbp.data.synthetic import _BG_PALETTE, DIRECTIONS, SHAPES, _bounce
 from nbp.tokenizer import TokenizerConfig, VideoTokenizer
 
 
@@ -46,6 +46,22 @@ def test_synthetic_motion_is_visible_and_follows_the_label():
     assert hits >= 10, hits                                  # a wall bounce may flip a few
 
 
+def test_palette_backgrounds_use_only_palette_colours():
+    """With background="palette" the corner pixels a sprite never covers are palette colours
+    (a flat colour or a gradient between two of them at a multiple of 45 degrees)."""
+    flat = 0
+    for i in range(20):
+        video, _ = render_clip(3, i, resolution=16, num_frames=2, background="palette", size=(0.1, 0.1))
+        corners = video[:, 0, [0, 0, -1, -1], [0, -1, 0, -1]].T            # [4, 3]
+        if np.allclose(corners, corners[:1]):
+            flat += 1
+            assert np.abs(_BG_PALETTE - corners[0]).sum(-1).min() < 1e-6
+        assert video.min() >= 0.0 and video.max() <= 1.0
+    assert 0 < flat < 20
+    smooth, _ = render_clip(3, 0, resolution=16, num_frames=2)
+    assert not np.array_equal(smooth, render_clip(3, 0, resolution=16, num_frames=2, background="palette")[0])
+
+
 def test_bounce_stays_inside_and_reflects():
     t = np.arange(40, dtype=np.float64)
     p = _bounce(np.array([5.0]), np.array([3.0]), np.array([2.0]), np.array([20.0]), t)[:, 0]
@@ -61,6 +77,10 @@ def test_synthetic_bad_arguments():
         SyntheticVideos(4, num_sprites=(2, 1))
     with pytest.raises(IndexError):
         SyntheticVideos(4)[4]
+    with pytest.raises(ValueError, match="background"):
+        SyntheticVideos(4, background="noise")
+    with pytest.raises(ValueError, match="background"):
+        render_clip(0, 0, background="noise")
 
 
 # --- video folders ------------------------------------------------------------------------

@@ -156,6 +156,26 @@ def test_bad_inputs_raise(kwargs, match):
         FastGenerator(model).generate_tokens(ids, **args)
 
 
+@pytest.mark.parametrize("preset, mode, cond", [("tiny", "nbp", 0), ("tiny-hybrid", "hybrid", 3),
+                                                ("tiny-hybrid", "ntp", 3)])
+def test_generation_fills_the_position_table_like_training(preset, mode, cond):
+    """A model reads every input and new token but the last step's (training inputs stop L
+    tokens before the end), so a request may end exactly L tokens past max_seq_len."""
+    model = sharp_model(preset)
+    cfg = model.config
+    ids = inputs(cfg, mode, cond, blocks=1)
+    last = 1 if mode == "ntp" else cfg.block_size
+    fillers = cfg.block_size - 1 if mode == "hybrid" else 0
+    new = cfg.max_seq_len - ids.shape[1] - fillers + last
+    new -= new % last
+    out = FastGenerator(model).generate_tokens(ids, new, cond_len=cond, mode=mode, do_sample=False)
+    ref = reference_generate(model, ids, new, cond_len=cond, mode=mode, do_sample=False)
+    assert torch.equal(out, ref)
+    for gen in (FastGenerator(model).generate_tokens, lambda *a, **k: reference_generate(model, *a, **k)):
+        with pytest.raises(ValueError, match="max_seq_len"):
+            gen(ids, new + last, cond_len=cond, mode=mode, do_sample=False)
+
+
 def test_cache_too_small_and_batch_too_large_raise():
     model = sharp_model("tiny")
     ids = inputs(model.config, "nbp", 0)

@@ -137,6 +137,22 @@ def test_fast_draw_matches_the_filtered_softmax(top_k, top_p, temperature):
     assert ((freq - expect).abs() <= 5 * sigma + 1e-12).all(), (freq, expect)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(4, None), (4, 0.6), (None, 0.5), (2, None)])
+def test_fast_draw_with_tied_logits_is_exact(top_k, top_p):
+    # ties inside the top-k list, beyond it (the k-th value repeats) and at the top-p crossing
+    base = torch.tensor([1.0, 2.0, 1.0, 0.5, 2.0, 1.0, 0.0, 1.0])
+    rows = 80000
+    sampler = BatchedSampler(SamplingParams(top_k=top_k, top_p=top_p))
+    noise = sampler.noise(rows, torch.Generator().manual_seed(1), torch.device("cpu"))
+    draws = sampler(base.expand(rows, -1).contiguous(), noise)
+    tau = keep_threshold(base[None], top_k, top_p)
+    expect = torch.softmax(base.masked_fill(base < tau[0], float("-inf")), -1)
+    freq = torch.bincount(draws, minlength=8).double() / rows
+    sigma = (expect * (1 - expect) / rows).sqrt()
+    assert (freq[expect == 0] == 0).all(), "a filtered token was drawn"
+    assert ((freq - expect).abs() <= 5 * sigma + 1e-12).all(), (freq, expect)
+
+
 def test_inverse_cdf_edges_and_padding():
     V = 300                                   # not a multiple of the 256-wide chunks
     w = torch.zeros(3, V)

@@ -44,17 +44,17 @@ def _load(args):
             else:
                 print("nbp generate: no --model given: using the NBP demo model shipped with nbp "
                       "(trained on synthetic sprite clips, nbp/assets/demo)")
-                return demo.model("nbp"), demo.tokenizer
+                return demo.model("nbp"), demo.tokenizer, True
         print("nbp generate: using a randomly initialised tiny model and tokenizer "
               "(RANDOM WEIGHTS: the video is noise, not a trained sample)")
-        return demo_models(args.seed)
+        return (*demo_models(args.seed), False)
     if args.tokenizer is None:
         raise ValueError("--tokenizer: a generator checkpoint needs its video tokenizer "
                          "(native dir or magvit2_*.pt)")
     from nbp.loading import load_tokenizer, load_transformer
 
     model = load_transformer(args.model, **({"preset": args.preset} if args.preset else {}))
-    return model, load_tokenizer(args.tokenizer)
+    return model, load_tokenizer(args.tokenizer), False
 
 
 def _read_video(path: str) -> torch.Tensor:
@@ -90,11 +90,14 @@ def run(args) -> int:
         raise ValueError("--predict: continues held-out synthetic clips with the shipped demo "
                          "model; it takes no --model, --random or --input")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = _load(args)
+    model, tok, is_demo = _load(args)
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend)
     cfg = gen.config
     steps = []
     sampling = dict(_sampling(args), callback=lambda s, t: steps.append(s))
+    if is_demo and args.top_k is None:
+        from nbp.demo import SAMPLING
+        sampling.update(SAMPLING)
     t0 = time.perf_counter()
     if args.predict:
         from nbp.demo import heldout_clips, predict_frames
@@ -149,7 +152,8 @@ def register(sub) -> None:
                    help="default: hybrid for hybrid models, else nbp")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None, help="e.g. 16000 as published")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="e.g. 16000 as published (demo model default: nbp.demo.SAMPLING)")
     p.add_argument("--top-p", type=float, default=None, help="e.g. 0.9 as published")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])

@@ -33,6 +33,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int, default=0, help="synthetic: clip seed")
     g.add_argument("--sprites", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                    help="synthetic: sprites per clip")
+    g.add_argument("--background", default="smooth", choices=["smooth", "palette"],
+                   help="synthetic: continuous random backgrounds or a small discrete palette")
     g.add_argument("--fps", type=float, help="video folder: sample frames at this rate")
     g.add_argument("--frame-stride", type=int, default=1, help="video folder: take every k-th frame")
     g.add_argument("--sampling", default="center", choices=["center", "start", "random"])
@@ -44,7 +46,8 @@ def build_dataset(args):
 
     if args.data == "synthetic":
         return SyntheticVideos(args.num_clips, resolution=args.resolution, num_frames=args.num_frames,
-                               seed=args.data_seed, num_sprites=tuple(args.sprites))
+                               seed=args.data_seed, num_sprites=tuple(args.sprites),
+                               background=args.background)
     return VideoFolder(args.data, args.annotations, split=args.split, resolution=args.resolution,
                        num_frames=args.num_frames, fps=args.fps, frame_stride=args.frame_stride,
                        sampling=args.sampling)

@@ -6,6 +6,10 @@ colour or a linear gradient). Smooth backgrounds and soft sprite edges keep the
 clips learnable for a tiny tokenizer; the motion makes frame prediction
 meaningful (the true continuation is the ground truth).
 
+Backgrounds: ``"smooth"`` draws continuous random colours and gradient angles;
+``"palette"`` draws them from a few discrete values (8 dull colours, 8 angles),
+so a small codebook can represent every background exactly (the demo models).
+
 Clip ``i`` of seed ``s`` is a pure function of ``(s, i)`` and the rendering
 options, so it is the same on every worker and rank.
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SHAPES", "DIRECTIONS", "CLASS_NAMES", "SyntheticVideos", "render_clip"]
+__all__ = ["SHAPES", "DIRECTIONS", "CLASS_NAMES", "BACKGROUNDS", "SyntheticVideos", "render_clip"]
 
 SHAPES = ("square", "circle", "triangle")
 # Quadrant of the first sprite's initial velocity (image coordinates: y grows downwards).
@@ -30,6 +34,10 @@ CLASS_NAMES = tuple(f"{s} moving {d}" for s in SHAPES for d in DIRECTIONS)
 # sprites always stand out.
 _PALETTE = np.array([[0.95, 0.2, 0.2], [0.2, 0.85, 0.3], [0.25, 0.45, 1.0],
                      [1.0, 0.85, 0.15], [0.95, 0.35, 0.95], [0.2, 0.9, 0.95]], dtype=np.float32)
+_BG_PALETTE = np.array([[0.1, 0.1, 0.1], [0.45, 0.1, 0.1], [0.1, 0.4, 0.15], [0.1, 0.15, 0.45],
+                        [0.45, 0.4, 0.1], [0.35, 0.1, 0.4], [0.1, 0.4, 0.45], [0.5, 0.5, 0.5]],
+                       dtype=np.float32)
+BACKGROUNDS = ("smooth", "palette")
 
 
 def _bounce(start: np.ndarray, vel: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -52,12 +60,16 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarra
     return np.clip(0.5 - sd, 0.0, 1.0)
 
 
-def _background(rng: np.random.Generator, res: int) -> np.ndarray:
+def _background(rng: np.random.Generator, res: int, kind: str) -> np.ndarray:
     """A flat colour or a linear gradient between two dull colours, [H, W, 3] float32."""
-    c0, c1 = rng.uniform(0.05, 0.55, size=(2, 3)).astype(np.float32)
+    palette = kind == "palette"
+    if palette:
+        c0, c1 = _BG_PALETTE[rng.integers(0, len(_BG_PALETTE), size=2)]
+    else:
+        c0, c1 = rng.uniform(0.05, 0.55, size=(2, 3)).astype(np.float32)
     if rng.random() < 0.3:
         c1 = c0
-    angle = rng.uniform(0, 2 * np.pi)
+    angle = rng.integers(0, 8) * (np.pi / 4) if palette else rng.uniform(0, 2 * np.pi)
     coords = (np.arange(res, dtype=np.float32) + 0.5) / res - 0.5
     g = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]   # [H, W] in ~[-0.71, 0.71]
     g = (g - g.min()) / max(float(g.max() - g.min()), 1e-6)
@@ -66,13 +78,16 @@ def _background(rng: np.random.Generator, res: int) -> np.ndarray:
 
 def render_clip(seed: int, index: int, *, resolution: int = 32, num_frames: int = 17,
                 num_sprites: tuple[int, int] = (1, 1), speed: tuple[float, float] = (0.02, 0.05),
-                size: tuple[float, float] = (0.12, 0.2)) -> tuple[np.ndarray, int]:
+                size: tuple[float, float] = (0.12, 0.2),
+                background: str = "smooth") -> tuple[np.ndarray, int]:
     """Render clip ``index`` of ``seed``.
 
     Returns (video float32 [3, T, H, W] in [0, 1], label int in [0, len(CLASS_NAMES))).
     ``speed`` is in image widths per frame, ``size`` the sprite radius in image widths,
-    ``num_sprites`` an inclusive (min, max) range.
+    ``num_sprites`` an inclusive (min, max) range, ``background`` one of ``BACKGROUNDS``.
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background: expected one of {BACKGROUNDS}, got {background!r}")
     rng = np.random.default_rng([int(seed), int(index)])
     res, T = int(resolution), int(num_frames)
     n = int(rng.integers(num_sprites[0], num_sprites[1] + 1))
@@ -89,7 +104,7 @@ def render_clip(seed: int, index: int, *, resolution: int = 32, num_frames: int 
     t = np.arange(T, dtype=np.float64)
     pos = np.stack([_bounce(start[:, a], vel[:, a], lo[:, a], hi[:, a], t) for a in range(2)], -1)
 
-    frames = np.broadcast_to(_background(rng, res), (T, res, res, 3)).copy()
+    frames = np.broadcast_to(_background(rng, res, background), (T, res, res, 3)).copy()
     pix = np.arange(res, dtype=np.float32) + 0.5
     for k in reversed(range(n)):  # sprite 0 last, on top: it defines the label
         dx = pix[None, None, :] - pos[:, k, 0, None, None].astype(np.float32)   # [T, 1, W]
@@ -110,7 +125,7 @@ class SyntheticVideos(Dataset):
 
     def __init__(self, num_clips: int, *, resolution: int = 32, num_frames: int = 17, seed: int = 0,
                  num_sprites: tuple[int, int] = (1, 1), speed: tuple[float, float] = (0.02, 0.05),
-                 size: tuple[float, float] = (0.12, 0.2)):
+                 size: tuple[float, float] = (0.12, 0.2), background: str = "smooth"):
         if int(num_clips) < 1:
             raise ValueError(f"num_clips: expected a positive int, got {num_clips!r}")
         if int(resolution) < 8:
@@ -121,9 +136,12 @@ class SyntheticVideos(Dataset):
         if not 1 <= lo <= hi:
             raise ValueError(f"num_sprites: expected (min, max) with 1 <= min <= max, "
                              f"got {num_sprites!r}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background: expected one of {BACKGROUNDS}, got {background!r}")
         self.num_clips, self.seed = int(num_clips), int(seed)
         self.options = dict(resolution=int(resolution), num_frames=int(num_frames),
-                            num_sprites=(int(lo), int(hi)), speed=tuple(speed), size=tuple(size))
+                            num_sprites=(int(lo), int(hi)), speed=tuple(speed), size=tuple(size),
+                            background=background)
 
     @property
     def num_classes(self) -> int:
