@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from nbp.commands.bench import (bench_config, copy_bandwidth, frame_prediction_shape,
-                                machine_info, median, ntp_vs_nbp, random_model, time_interleaved)
+                                gpu_table_device, machine_info, median, ntp_vs_nbp, random_model,
+                                time_interleaved)
 from nbp.generate import FastGenerator
 from nbp.io import atomic_write_text
 
@@ -44,10 +45,7 @@ _EMBEDDING_TABLES = ("tok_emb.weight", "pos_emb")   # gathered by row, not read 
 
 def settings(tiny: bool) -> dict:
     """Shapes and repeat counts of a run (--tiny: a seconds-long smoke run of every code path)."""
-    cuda = torch.cuda.is_available()
-    if not cuda and not tiny:
-        raise SystemExit("generate_table.py needs a CUDA device (use --tiny for a smoke run)")
-    base = dict(device=torch.device("cuda" if cuda else "cpu"), tiny=tiny, top_p=0.9)
+    base = dict(device=gpu_table_device("generate_table.py", tiny), tiny=tiny, top_p=0.9)
     if tiny:
         return base | dict(preset="tiny", tokenizer="tiny", dtype=torch.float32, batches=(1, 2),
                            top_k=32, step_iters=5, repeats=2, bw_bytes=1 << 24)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from attention_impls import decode_impls, prefill_backward_impls, prefill_impls, visible_pairs
+from nbp.commands.bench import gpu_table_device
 from nbp.io import atomic_write_text
 
 # Peak HBM bandwidth (bytes/s) by device-name fragment, first match wins.
@@ -78,6 +79,14 @@ def _measure(name, fn, budget, graph=False):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
+def _measure_impls(row: dict, impls: dict, flops: float, budget, missing: str) -> None:
+    """row[name] = {ms, tflops, note} for every prefill implementation (``missing``: the
+    note of one that ``impls`` lacks)."""
+    for name in PREFILL_IMPLS:
+        ms, note = _measure(name, impls.get(name, missing), budget)
+        row[name] = dict(ms=ms, tflops=None if ms is None else flops / ms / 1e9, note=note)
+
+
 def _max_err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -94,9 +103,7 @@ def prefill_rows(cfg, budget):
             row = dict(kind="fwd", S=S, D=D, B=B, H=cfg["heads"], gflop=flops / 1e9)
             if not isinstance(impls["triton"], str):
                 row["triton_max_err_vs_sdpa"] = _max_err(impls["triton"](), impls["sdpa_dense_mask"]())
-            for name in PREFILL_IMPLS:
-                ms, note = _measure(name, impls.get(name, "not applicable here"), budget)
-                row[name] = dict(ms=ms, tflops=None if ms is None else flops / ms / 1e9, note=note)
+            _measure_impls(row, impls, flops, budget, missing="not applicable here")
             rows.append(row)
             print(_row_line(row), flush=True)
     return rows
@@ -112,9 +119,7 @@ def backward_rows(cfg, budget):
         impls = prefill_backward_impls(q, k, v, block_size=cfg["block"], interpreter_ok=cfg["tiny"])
         flops = 3.5 * 4 * B * cfg["heads"] * D * visible_pairs(S, cfg["block"])
         row = dict(kind="fwd+bwd", S=S, D=D, B=B, H=cfg["heads"], gflop=flops / 1e9)
-        for name in PREFILL_IMPLS:
-            ms, note = _measure(name, impls.get(name, "no backward measured"), budget)
-            row[name] = dict(ms=ms, tflops=None if ms is None else flops / ms / 1e9, note=note)
+        _measure_impls(row, impls, flops, budget, missing="no backward measured")
         rows.append(row)
         print(_row_line(row), flush=True)
     return rows
@@ -241,10 +246,7 @@ def markdown(result) -> str:
 
 
 def config(tiny: bool) -> dict:
-    cuda = torch.cuda.is_available()
-    if not cuda and not tiny:
-        raise SystemExit("gpu_table.py needs a CUDA device (use --tiny for a CPU smoke run)")
-    base = dict(device=torch.device("cuda" if cuda else "cpu"), tiny=tiny, block=16)
+    base = dict(device=gpu_table_device("gpu_table.py", tiny), tiny=tiny, block=16)
     if tiny:
         return base | dict(dtype=torch.float32, heads=2, seqs=[40], head_dims=[64, 96], tokens=40,
                            bwd_seq=40, dec_head_dim=96, cached=24, max_seq=48, batches=[1, 2],

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nbp.data import SyntheticVideos
+from nbp.data.synthetic import BACKGROUNDS
 from nbp.io import atomic_write_text
 from nbp.loading import save_tokenizer, tokenizer_from_pretrained
 
@@ -37,7 +38,7 @@ def main() -> int:
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--num-clips", type=int, default=10000)
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--background", default="smooth", choices=["smooth", "palette"])
+    p.add_argument("--background", default="smooth", choices=BACKGROUNDS)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)

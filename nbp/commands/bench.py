@@ -16,6 +16,15 @@ import torch
 CPU_LAYERS, CPU_WIDTH = 6, 384
 
 
+def gpu_table_device(script: str, tiny: bool) -> torch.device:
+    """The device of a GPU table script: CUDA when present; the CPU only for a --tiny smoke run."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not tiny:
+        raise SystemExit(f"{script} needs a CUDA device (use --tiny for a CPU smoke run)")
+    return torch.device("cpu")
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """CPU model and cores (from /proc/cpuinfo), load, torch threads, and the GPU's name."""
     cpu = platform.processor() or "unknown cpu"

@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.synthetic import BACKGROUNDS
+
 __all__ = ["register", "build_dataset", "transformer_config"]
 
 
@@ -33,7 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int, default=0, help="synthetic: clip seed")
     g.add_argument("--sprites", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                    help="synthetic: sprites per clip")
-    g.add_argument("--background", default="smooth", choices=["smooth", "palette"],
+    g.add_argument("--background", default="smooth", choices=BACKGROUNDS,
                    help="synthetic: continuous random backgrounds or a small discrete palette")
     g.add_argument("--fps", type=float, help="video folder: sample frames at this rate")
     g.add_argument("--frame-stride", type=int, default=1, help="video folder: take every k-th frame")

@@ -60,6 +60,11 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarra
     return np.clip(0.5 - sd, 0.0, 1.0)
 
 
+def _check_background(background: str) -> None:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background: expected one of {BACKGROUNDS}, got {background!r}")
+
+
 def _background(rng: np.random.Generator, res: int, kind: str) -> np.ndarray:
     """A flat colour or a linear gradient between two dull colours, [H, W, 3] float32."""
     palette = kind == "palette"
@@ -86,8 +91,7 @@ def render_clip(seed: int, index: int, *, resolution: int = 32, num_frames: int 
     ``speed`` is in image widths per frame, ``size`` the sprite radius in image widths,
     ``num_sprites`` an inclusive (min, max) range, ``background`` one of ``BACKGROUNDS``.
     """
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background: expected one of {BACKGROUNDS}, got {background!r}")
+    _check_background(background)
     rng = np.random.default_rng([int(seed), int(index)])
     res, T = int(resolution), int(num_frames)
     n = int(rng.integers(num_sprites[0], num_sprites[1] + 1))
@@ -136,8 +140,7 @@ class SyntheticVideos(Dataset):
         if not 1 <= lo <= hi:
             raise ValueError(f"num_sprites: expected (min, max) with 1 <= min <= max, "
                              f"got {num_sprites!r}")
-        if background not in BACKGROUNDS:
-            raise ValueError(f"background: expected one of {BACKGROUNDS}, got {background!r}")
+        _check_background(background)
         self.num_clips, self.seed = int(num_clips), int(seed)
         self.options = dict(resolution=int(resolution), num_frames=int(num_frames),
                             num_sprites=(int(lo), int(hi)), speed=tuple(speed), size=tuple(size),
