@@ -25,8 +25,6 @@ DIR/generate_<card>.md and .json (atomically) and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import time
 from pathlib import Path
 
@@ -34,9 +32,8 @@ import torch
 
 from nbp.commands.bench import (bench_config, copy_bandwidth, frame_prediction_shape,
                                 gpu_table_device, machine_info, median, ntp_vs_nbp, random_model,
-                                time_interleaved)
+                                time_interleaved, write_table)
 from nbp.generate import FastGenerator
-from nbp.io import atomic_write_text
 
 TARGETS = {"step_over_floor_b1": 1.4, "b8_over_b1": 1.3, "ar_frames_per_s": 300,
            "job_frames_per_s": 100}
@@ -291,11 +288,8 @@ def main(argv=None) -> int:
     result["job"] = job_rows(s, model)
     result["machine"] = machine_info(device)
     result["verdicts"] = verdicts(result)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-    args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    atomic_write_text(args.out / f"generate_{slug}.md", text)
-    atomic_write_text(args.out / f"generate_{slug}.json", json.dumps(result, indent=1, default=str))
+    write_table(args.out, "generate", name, result, text)
     print(text)
     return 0
 

@@ -19,7 +19,6 @@ import argparse
 import importlib
 import json
 import math
-import re
 import statistics
 import time
 from pathlib import Path
@@ -27,8 +26,7 @@ from pathlib import Path
 import torch
 
 from attention_impls import decode_impls, prefill_backward_impls, prefill_impls, visible_pairs
-from nbp.commands.bench import gpu_table_device
-from nbp.io import atomic_write_text
+from nbp.commands.bench import gpu_table_device, write_table
 
 # Peak HBM bandwidth (bytes/s) by device-name fragment, first match wins.
 PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
@@ -285,11 +283,8 @@ def main(argv=None) -> None:
     result["prefill"] = prefill_rows(cfg, budget) + backward_rows(cfg, budget)
     result["decode"] = decode_rows(cfg, budget, peak)
     result["sweep"] = sweep_rows(cfg, Budget(args.sweep_s))
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
-    args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    atomic_write_text(args.out / f"attention_{slug}.md", text)
-    atomic_write_text(args.out / f"attention_{slug}.json", json.dumps(result, indent=1, default=str))
+    write_table(args.out, "attention", name, result, text)
     print(text)
 
 

@@ -5,10 +5,13 @@ models of a preset with size overrides, and interleaved side-by-side timing.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,16 @@ def gpu_table_device(script: str, tiny: bool) -> torch.device:
     if not tiny:
         raise SystemExit(f"{script} needs a CUDA device (use --tiny for a CPU smoke run)")
     return torch.device("cpu")
+
+
+def write_table(out: Path, stem: str, device_name: str, result: dict, text: str) -> None:
+    """Write a GPU table as ``out/<stem>_<device>.md`` (``text``) and ``.json`` (``result``), atomically."""
+    from nbp.io import atomic_write_text
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}_{slug}.md", text)
+    atomic_write_text(out / f"{stem}_{slug}.json", json.dumps(result, indent=1, default=str))
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
