@@ -13,27 +13,47 @@ from __future__ import annotations
 import torch
 
 import nbp_kernels
+from nbp_kernels.packed_linear import PackedLinear
 
 from .cache import StaticKVCache
-from .model import NBPTransformer
+from .model import LinearFn, NBPTransformer, call_module
 from .sampler import BatchedSampler
 from .sampling import cfg_mix
 
-__all__ = ["ModelRunner", "DecodeStep", "select_tokens"]
+__all__ = ["ModelRunner", "DecodeStep", "PackedLinears", "select_tokens"]
+
+
+class PackedLinears:
+    """A ``LinearFn`` that runs every ``nn.Linear`` of ``model`` through
+    ``nbp_kernels.packed_linear`` (float32 CPU models; weights packed once, here).
+
+    Products of more than ``packed_linear.MAX_ROWS`` rows (the prefill) use the
+    module's own forward. The packed copies are not updated if the model's
+    weights change later: build a new generator then.
+    """
+
+    def __init__(self, model: NBPTransformer):
+        self.packed = {m: PackedLinear(m) for m in model.modules()
+                       if isinstance(m, torch.nn.Linear)}
+
+    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.packed[module](x)
 
 
 class ModelRunner:
     """Prefill and decode logits of ``model`` with ``cache`` (rows = cache.batch).
 
     mask_block / hybrid / cond_len: the NBP mask of the request (StepPlan);
-    length: the cache positions the request can reach (attention reads only these).
+    length: the cache positions the request can reach (attention reads only these);
+    linear: how the model's linears are computed (``PackedLinears`` or the modules).
     """
 
     def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, backend: str,
-                 mask_block: int, hybrid: bool, cond_len: int, length: int):
+                 mask_block: int, hybrid: bool, cond_len: int, length: int,
+                 linear: LinearFn = call_module):
         self.model, self.cache, self.backend = model, cache, backend
         self.mask_block, self.hybrid, self.cond_len = mask_block, hybrid, cond_len
-        self.length = length
+        self.length, self.linear = length, linear
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
                 n_logits: int) -> torch.Tensor:
@@ -53,9 +73,9 @@ class ModelRunner:
                 backend=self.backend)
 
         x = self.model.embed(ids, prefix_embeddings=prefix_embeddings)
-        x = self.model.run_layers(x, attend)
+        x = self.model.run_layers(x, attend, self.linear)
         seq_lens.add_(ids.shape[1])
-        return self.model.logits(x[:, -n_logits:])
+        return self.model.logits(x[:, -n_logits:], self.linear)
 
     def decode(self, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """One block: ids int64 [rows, n] at positions seq_lens + 0..n-1 -> logits [rows, n, V].
@@ -76,9 +96,9 @@ class ModelRunner:
             return nbp_kernels.block_decode_attention(q, kc, vc, seq_lens, k_new=k, v_new=v,
                                                       backend=self.backend, check_bounds=False)
 
-        x = self.model.run_layers(self.model.embed(ids, positions), attend)
+        x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)
-        return self.model.logits(x)
+        return self.model.logits(x, self.linear)
 
 
 def select_tokens(logits: torch.Tensor, batch: int, sampler: BatchedSampler, temperature: float,

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import torch
 
+from nbp_kernels.packed_linear import is_available as packed_linear_available
+
 from .blocks import from_block_order, to_block_order
 from .cache import StaticKVCache
-from .decode import DecodeStep, ModelRunner, select_tokens
-from .model import NBPTransformer
+from .decode import DecodeStep, ModelRunner, PackedLinears, select_tokens
+from .model import NBPTransformer, call_module
 from .sampler import DRAWS, BatchedSampler
 from .sampling import SamplingParams, cfg_weight
 from .schedule import StepPlan, check_generation_inputs, plan_steps
@@ -46,6 +48,21 @@ def _positive_or_none(name: str, value) -> None:
         raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
 
 
+def _use_packed_linear(packed_linear, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps run their linears through ``nbp_kernels.packed_linear``."""
+    if packed_linear not in ("auto", True, False):
+        raise ValueError(f"packed_linear: expected 'auto', True or False, got {packed_linear!r}")
+    if packed_linear is False:
+        return False
+    if device.type != "cpu" or dtype != torch.float32:
+        ok, why = False, f"it needs float32 on the CPU, the generator runs {dtype} on {device}"
+    else:
+        ok, why = packed_linear_available()
+    if not ok and packed_linear is True:
+        raise ValueError(f"packed_linear: True, but the kernel is not usable: {why}")
+    return ok
+
+
 class FastGenerator:
     """Fast generation with an ``NBPTransformer`` (and optionally a ``VideoTokenizer``).
 
@@ -55,12 +72,16 @@ class FastGenerator:
     sized by the first request and grown when a longer one comes).
     cuda_graphs: "auto" (on for CUDA), True or False. compile: wrap the decode
     forward in ``torch.compile``. draw: "fast" or "multinomial" (module docstring).
+    packed_linear: run the decode steps' linears through
+    ``nbp_kernels.packed_linear`` (float32 on CPU; the weights are packed once,
+    a second copy of them): "auto" (when usable, see its ``is_available``),
+    True (raise if unusable) or False.
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
                  backend: str = "auto", max_batch_size: int | None = None,
                  max_seq_len: int | None = None, cuda_graphs="auto", compile: bool = False,
-                 draw: str = "fast"):
+                 draw: str = "fast", packed_linear="auto"):
         if not isinstance(model, NBPTransformer):
             raise ValueError(f"model: expected an NBPTransformer, got {type(model).__name__}")
         device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -77,6 +98,7 @@ class FastGenerator:
             raise ValueError(f"draw: expected one of {DRAWS}, got {draw!r}")
         _positive_or_none("max_batch_size", max_batch_size)
         _positive_or_none("max_seq_len", max_seq_len)
+        use_packed = _use_packed_linear(packed_linear, device, dtype)
         if max_seq_len is not None and max_seq_len > model.config.max_seq_len:
             raise ValueError(f"max_seq_len: expected at most the model's position table "
                              f"({model.config.max_seq_len}), got {max_seq_len}")
@@ -87,6 +109,7 @@ class FastGenerator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.use_graphs = device.type == "cuda" and cuda_graphs in ("auto", True)
         self.compile = compile
+        self.linear = PackedLinears(self.model) if use_packed else call_module
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
 
@@ -110,7 +133,8 @@ class FastGenerator:
 
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
         return ModelRunner(self.model, self.cache, backend=self.backend, mask_block=plan.mask_block,
-                           hybrid=plan.hybrid, cond_len=cond_len, length=length)
+                           hybrid=plan.hybrid, cond_len=cond_len, length=length,
+                           linear=self.linear)
 
     def _step(self, runner: ModelRunner, sampler: BatchedSampler, batch: int, n: int,
               temperature: float, cfg: bool, length: int) -> DecodeStep:

@@ -23,10 +23,18 @@ import nbp_kernels
 
 from .config import TransformerConfig
 
-__all__ = ["NBPTransformer", "AttendFn"]
+__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module"]
 
 # attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# linear(module, x) -> module(x), or the same product computed another way
+# (FastGenerator's packed CPU linears for decode steps)
+LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def call_module(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The default ``LinearFn``: the module's own forward."""
+    return module(x)
 
 
 class SelfAttention(nn.Module):
@@ -44,12 +52,13 @@ class SelfAttention(nn.Module):
         B, S, C = t.shape
         return t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
+                linear: LinearFn = call_module) -> torch.Tensor:
         """x: [B, S, C] -> [B, S, C]."""
-        q, k, v = (self.split_heads(lin(x)) for lin in (self.query, self.key, self.value))
+        q, k, v = (self.split_heads(linear(m, x)) for m in (self.query, self.key, self.value))
         y = attend(q, k, v, layer_idx)                      # [B, H, S, D]
         y = y.transpose(1, 2).reshape(x.shape)
-        return self.resid_drop(self.proj(y))
+        return self.resid_drop(linear(self.proj, y))
 
 
 class Block(nn.Module):
@@ -63,9 +72,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C),
                                  nn.Dropout(cfg.dropout))
 
-    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attend, layer_idx)
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
+                linear: LinearFn = call_module) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attend, layer_idx, linear)
+        fc1, act, fc2, drop = self.mlp
+        return x + drop(linear(fc2, act(linear(fc1, self.ln2(x)))))
 
 
 class NBPTransformer(nn.Module):
@@ -121,13 +132,14 @@ class NBPTransformer(nn.Module):
             x = torch.cat([prefix_embeddings.to(x.dtype).expand(B, P, -1), x[:, P:]], dim=1)
         return self.drop(x + pos)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, linear: LinearFn = call_module) -> torch.Tensor:
         """Final norm + vocabulary head: [B, S, C] -> [B, S, V]."""
-        return self.head(self.ln_f(x))
+        return linear(self.head, self.ln_f(x))
 
-    def run_layers(self, x: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, attend: AttendFn,
+                   linear: LinearFn = call_module) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, attend, i)
+            x = block(x, attend, i, linear)
         return x
 
     def block_causal_attend(self, *, cond_len: int = 0, block_size: int | None = None,

@@ -24,8 +24,17 @@ BACKENDS = {
 TUNING_FILE = Path(__file__).with_name("tuning.json")
 
 
+_LOADED: dict = {}
+
+
 def _module(name: str):
-    return importlib.import_module(BACKENDS[name])
+    # Imported once, then a dict lookup that torch.compile can trace (it will
+    # not trace importlib), so ops called inside a compiled decode step do not
+    # break the graph.
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(BACKENDS[name])
+    return mod
 
 
 def backend_status(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:

@@ -32,6 +32,7 @@ __all__ = [
     "block_causal_attention",
     "block_decode_attention",
     "kv_append_",
+    "linear",
 ]
 
 
@@ -133,3 +134,9 @@ def block_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         outs.append(masked_attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n],
                                      mask, scale))
     return torch.cat(outs, dim=0)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]: what ``packed_linear`` computes."""
+    y = torch.matmul(x, weight.t())
+    return y if bias is None else y + bias

@@ -14,8 +14,10 @@ import torch
 
 from nbp.cache import StaticKVCache
 from nbp.config import TransformerConfig
+from nbp.decode import PackedLinears
 from nbp.generate import FastGenerator
-from nbp.model import NBPTransformer
+from nbp.model import NBPTransformer, call_module
+from nbp_kernels.packed_linear import is_available
 from nbp.reference import generate_tokens as reference_generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,13 +56,14 @@ CASES = [  # preset, mode, cond_len, cfg_scale
 ]
 
 
+@pytest.mark.parametrize("packed", [False, "auto"], ids=["torch-linear", "packed-linear"])
 @pytest.mark.parametrize("preset, mode, cond, cfg_scale", CASES)
-def test_greedy_equals_reference(preset, mode, cond, cfg_scale):
+def test_greedy_equals_reference(preset, mode, cond, cfg_scale, packed):
     model = sharp_model(preset)
     ids = inputs(model.config, mode, cond)
     kw = dict(cond_len=cond, mode=mode, do_sample=False, cfg_scale=cfg_scale, cfg_schedule="linear")
     ref = reference_generate(model, ids, 16, **kw)
-    fast = FastGenerator(model, backend="torch").generate_tokens(ids, 16, **kw)
+    fast = FastGenerator(model, backend="torch", packed_linear=packed).generate_tokens(ids, 16, **kw)
     assert fast.shape == (2, 16) and fast.dtype == torch.long
     assert torch.equal(fast, ref)
 
@@ -131,6 +134,35 @@ def test_callback_sees_every_step():
     assert [s for s, _ in seen] == list(range(4 + 3))          # L singles, then 3 blocks
     assert [t.shape[1] for _, t in seen] == [1, 1, 1, 1, 4, 4, 4]
     assert torch.equal(torch.cat([t for _, t in seen], dim=1), out)
+
+
+def test_packed_linear_option():
+    """"auto" packs a float32 CPU model's linears when the kernel is usable; bad values raise
+    before the model is touched."""
+    model = sharp_model("tiny")
+    ok, _ = is_available()
+    assert isinstance(FastGenerator(model).linear, PackedLinears) == ok
+    assert FastGenerator(model, packed_linear=False).linear is call_module
+    with pytest.raises(ValueError, match="packed_linear: expected 'auto', True or False"):
+        FastGenerator(model, packed_linear="yes")
+    with pytest.raises(ValueError, match="packed_linear: True, but the kernel is not usable"):
+        FastGenerator(model, dtype=torch.bfloat16, packed_linear=True)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_decode_attention_traces_without_graph_breaks():
+    """The backend dispatch is traceable, so a compiled decode step is one graph."""
+    import nbp_kernels
+    q, kn, vn = (torch.randn(1, 2, 4, 16) for _ in range(3))
+    kc, vc = torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16)
+    sl = torch.tensor([3], dtype=torch.int32)
+
+    def step(q, kc, vc, sl, kn, vn):
+        return nbp_kernels.block_decode_attention(q, kc, vc, sl, k_new=kn, v_new=vn,
+                                                  backend="auto", check_bounds=False)
+    want = step(q, kc.clone(), vc.clone(), sl, kn, vn)
+    got = torch.compile(step, fullgraph=True, backend="eager")(q, kc, vc, sl, kn, vn)
+    torch.testing.assert_close(got, want)
 
 
 def test_decode_loop_has_no_host_sync():

@@ -27,6 +27,7 @@ from baseline import generate_tokens as baseline_generate
 from nbp.commands.bench import (add_ablation_args, bench_config, format_table, machine_info,
                                 machine_tag, median, ntp_vs_nbp, random_model, time_interleaved)
 from nbp.io import atomic_write_text
+from nbp_kernels.packed_linear import is_available as packed_linear_available
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -47,11 +48,25 @@ def tokenizer_seconds(preset: str, device, repeats: int, latent_shape) -> float:
     return median(time_interleaved({"tok": job}, repeats, device)["tok"])
 
 
+def torch_linear_methods(model, sampling: dict) -> dict:
+    """"nbp-torch-linear" / "ntp-torch-linear": FastGenerator with packed_linear=False."""
+    from nbp.generate import FastGenerator
+
+    gen = FastGenerator(model, packed_linear=False)
+
+    def method(mode):
+        return lambda ids, n: gen.generate_tokens(ids, n, mode=mode, generator=torch.Generator(
+            gen.device).manual_seed(0), **sampling)
+    return {f"{m}-torch-linear": method(m) for m in ("nbp", "ntp")}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_ablation_args(p)
     p.add_argument("--baseline", action="store_true", help="also time the published-style baseline (nbp)")
     p.add_argument("--baseline-ntp", action="store_true", help="also time the baseline in ntp mode (slow)")
+    p.add_argument("--torch-linear", action="store_true",
+                   help="also time both modes with packed_linear=False (torch/MKL linears)")
     p.add_argument("--tokenizer", default=None, help="tokenizer preset to time (e.g. magvit2, tiny)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     return p.parse_args(argv)
@@ -63,6 +78,8 @@ def ratios_of(rows: list[dict]) -> dict:
     for kind, key in (("", "seconds"), ("cpu_", "cpu_seconds")):
         sec = {r["method"]: r[key] for r in rows}
         ratios[kind + "ntp_over_nbp"] = sec["ntp"] / sec["nbp"]
+        if "nbp-torch-linear" in sec:
+            ratios[kind + "ntp_over_nbp_torch_linear"] = sec["ntp-torch-linear"] / sec["nbp-torch-linear"]
         for other in ("baseline-nbp", "baseline-ntp"):
             if other in sec:
                 ratios[f"{kind}{other.replace('-', '_')}_over_fast_nbp"] = sec[other] / sec["nbp"]
@@ -97,10 +114,13 @@ def main(argv=None) -> int:
     extra = {f"baseline-{mode}": (lambda m: lambda ids, n: baseline_generate(
         model, ids, n, mode=m, **sampling))(mode)
         for mode, on in (("nbp", args.baseline), ("ntp", args.baseline_ntp)) if on}
+    if args.torch_linear:
+        extra.update(torch_linear_methods(model, sampling))
     load_before = machine_info(device)["load_avg_1m"]
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
                       extra=extra, **sampling)
-    info = dict(machine_info(device), load_avg_1m_before=load_before)
+    info = dict(machine_info(device), load_avg_1m_before=load_before,
+                packed_linear=" ".join(map(str, packed_linear_available())).strip())
     tok_s = None
     if args.tokenizer:
         tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
