@@ -27,6 +27,8 @@ Two ways to draw, both exact for the filtered distribution:
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -36,6 +38,40 @@ __all__ = ["BatchedSampler", "keep_threshold", "DRAWS"]
 
 DRAWS = ("fast", "multinomial")
 _CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one chunk
+_SPLIT_ROWS = 8   # CPU steps with at least this many rows select top-k on two threads
+
+
+def _np_sorted_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's introselect + vectorised sort of the k kept values (faster than
+    torch.topk on CPU). x: float32 [n, V] -> (values [n, k] descending, extra ties [n])."""
+    n, V = x.shape
+    if k < V:
+        part = np.partition(x, V - k, axis=-1)
+        top, rest = part[:, V - k:], part[:, :V - k]
+        kth = top.min(axis=-1, keepdims=True)
+        extra = np.zeros(n, dtype=np.int64)
+        if (rest.max(axis=-1, keepdims=True) == kth).any():   # exact ties: rare, count them
+            extra = np.count_nonzero(rest == kth, axis=-1)
+    else:
+        top, extra = x, np.zeros(n, dtype=np.int64)
+    return np.sort(top, axis=-1)[:, ::-1], extra.astype(np.int64)
+
+
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _split_rows(fn, x: np.ndarray, k: int):
+    """fn on the two halves of x's rows, one in a worker thread: numpy releases
+    the GIL in partition and sort, so a 16-row NBP step uses two cores (measured
+    2.0 vs 2.7-3.4 ms for 16 x 64000, k = 16000, on 2 cores)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbp-sampler")
+    h = x.shape[0] // 2
+    second = _WORKER.submit(fn, x[h:], k)
+    v1, e1 = fn(x[:h], k)
+    v2, e2 = second.result()
+    return np.concatenate([v1, v2]), np.concatenate([e1, e2])
 
 
 def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,19 +82,10 @@ def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     """
     N, V = logits.shape
     if logits.device.type == "cpu":
-        # numpy's introselect + vectorised sort of k values beats torch.topk on CPU.
         x = logits.detach().contiguous().numpy()
-        if k < V:
-            part = np.partition(x, V - k, axis=-1)
-            top, rest = part[:, V - k:], part[:, :V - k]
-            kth = top.min(axis=-1, keepdims=True)
-            extra = np.zeros(N, dtype=np.int64)
-            if (rest.max(axis=-1, keepdims=True) == kth).any():   # exact ties: rare, count them
-                extra = np.count_nonzero(rest == kth, axis=-1)
-        else:
-            top, extra = x, np.zeros(N, dtype=np.int64)
-        values = np.sort(top, axis=-1)[:, ::-1].copy(order="C")
-        return torch.from_numpy(values), torch.from_numpy(extra.astype(np.int64))[:, None]
+        threaded = N >= _SPLIT_ROWS and torch.get_num_threads() > 1
+        values, extra = _split_rows(_np_sorted_top, x, k) if threaded else _np_sorted_top(x, k)
+        return torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(extra)[:, None]
     values = torch.topk(logits, k, dim=-1, sorted=True).values
     extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k
     return values, extra
@@ -87,8 +114,11 @@ def _threshold_and_max(logits: torch.Tensor, top_k: int | None, top_p: float | N
         e = torch.exp(s - m)
         z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - m)
         cum = torch.cumsum(e / z, dim=-1)
-        # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c
-        c = (cum[:, :-1] <= top_p).sum(-1, keepdim=True) + 1
+        # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c.
+        # cum never decreases, so the count of cum[:-1] <= p is a binary search
+        # (p as float32, as the comparison with a Python float would take it).
+        p = torch.full((cum.shape[0], 1), top_p, dtype=cum.dtype, device=cum.device)
+        c = torch.searchsorted(cum, p, right=True).clamp_(max=cum.shape[1] - 1) + 1
         tau = s.gather(1, c - 1)
     return tau.to(logits.device), m.to(logits.device)
 

@@ -12,8 +12,12 @@ frames/s is given without and (with --tokenizer) with the tokenizer's encode
 of the 5 given frames and decode of all 17. Writes a table and JSON to
 benchmarks/results/ntp_vs_nbp_<preset>_<machine>.json.
 
+``--torch-linear`` adds both modes with ``FastGenerator(packed_linear=False)``
+(torch/MKL linears) to the same interleaved run.
+
 CPU acceptance run (issue 4):
-    python benchmarks/ablations/ntp_vs_nbp.py --layers 6 --width 384 --baseline --threads 1
+    python benchmarks/ablations/ntp_vs_nbp.py --layers 6 --width 384 --baseline --torch-linear \
+        --threads 2 --repeats 5
 """
 from __future__ import annotations
 

@@ -4,24 +4,25 @@
  * as a general GEMM and repacks the weight on every call, so a 16-row product
  * streams the weight about twice and runs at a third of the core's FMA peak.
  * Here the weight is packed once into panels of 16 output columns,
- * wp[panel][k][16] (contiguous), and each panel is streamed from memory once:
- * up to 16 rows of x (kept in L1) are broadcast against each panel row with one
- * FMA per row, so 16 rows cost about what one row costs while the weight stream,
- * not the arithmetic, is the limit. A software prefetch 4 KiB ahead keeps the
- * stream going while the FMAs run (the hardware prefetcher alone left half the
- * bandwidth unused).
+ * wp[panel][k][16] (contiguous). Three panels at a time are streamed from
+ * memory once, against tiles of 8 rows of x: each k loads 3 weight vectors and
+ * broadcasts 8 x values, 24 FMAs, so loads do not bound the FMA rate; a second
+ * row tile (rows 9..16) finds the panels in L2. A software prefetch 4 KiB ahead
+ * keeps the stream going while the FMAs run (the hardware prefetcher alone
+ * left half the bandwidth unused). One row (NTP) uses a GEMV over 4 panels.
  *
- * Threads: OpenMP over panels. The process's OpenMP runtime is torch's
+ * Threads: OpenMP over panel groups. The process's OpenMP runtime is torch's
  * (libgomp.so.1 is already loaded when this library is opened), so
  * torch.set_num_threads applies and no second thread pool competes for cores.
  *
- * Compiled at first use by nbp_kernels/cpu_build.py; nbp_kernels/packed_linear.py has the
- * Python contract, and nbp_kernels/reference.py for the semantics.
+ * Compiled at first use by nbp_kernels/cpu_build.py; nbp_kernels/packed_linear.py
+ * has the Python contract, nbp_kernels/reference.py the semantics.
  */
 #include <stdint.h>
 
 #define PANEL 16          /* output columns per panel: one zmm register */
-#define ROWS 16           /* rows of x per register block: 16 accumulators */
+#define TILE_ROWS 8       /* rows of x per register tile */
+#define TILE_PANELS 3     /* panels per register tile: 8 x 3 accumulators */
 #define GEMV_PANELS 4     /* panels streamed together when x has one row */
 #define PREFETCH 1024     /* floats ahead in the weight stream (4 KiB) */
 
@@ -43,25 +44,43 @@ static inline __m512 bias_or_zero(const float *bias, int64_t n_out, int64_t col0
     return bias ? _mm512_maskz_loadu_ps(column_mask(n_out, col0), bias + col0) : _mm512_setzero_ps();
 }
 
-/* rows (<= ROWS) rows of x [rows][K] times one panel [K][16] (+ bias) -> y[rows][col0 : col0 + 16].
- * Inlined so the full block (rows == ROWS, the common case) compiles without row guards. */
-static inline __attribute__((always_inline)) void panel_block(
-        const float *x, int64_t K, const float *panel, const float *bias, float *y, int64_t n_out,
-        int64_t col0, const int rows) {
-    __m512 acc[ROWS];
-    for (int m = 0; m < ROWS; m++)
-        acc[m] = bias_or_zero(bias, n_out, col0);
-    for (int64_t k = 0; k < K; k++) {
-        _mm_prefetch((const char *)(panel + k * PANEL + PREFETCH), _MM_HINT_T0);
-        __m512 w = _mm512_loadu_ps(panel + k * PANEL);
-#pragma GCC unroll 16
-        for (int m = 0; m < ROWS; m++)
-            if (m < rows)
-                acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k]), w, acc[m]);
+/* rows (<= TILE_ROWS) rows of x [rows][K] times n_panels (<= TILE_PANELS)
+ * consecutive panels [K][16] (+ bias) -> y[rows][col0 : col0 + 16 n_panels].
+ * Each broadcast x value feeds TILE_PANELS FMAs, so loads do not bound the
+ * FMA rate (8 x 3 accumulators: 24 of the 32 vector registers). Inlined so the
+ * full tile (the common case) compiles without guards. */
+static inline __attribute__((always_inline)) void tile(
+        const float *x, int64_t K, const float *panels, const float *bias, float *y,
+        int64_t n_out, int64_t col0, const int rows, const int n_panels) {
+    __m512 acc[TILE_ROWS][TILE_PANELS];
+    for (int j = 0; j < TILE_PANELS; j++) {
+        __m512 b = j < n_panels ? bias_or_zero(bias, n_out, col0 + j * PANEL) : _mm512_setzero_ps();
+        for (int m = 0; m < TILE_ROWS; m++)
+            acc[m][j] = b;
     }
-    __mmask16 mask = column_mask(n_out, col0);
-    for (int m = 0; m < rows; m++)
-        _mm512_mask_storeu_ps(y + m * n_out + col0, mask, acc[m]);
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w[TILE_PANELS];
+        for (int j = 0; j < TILE_PANELS; j++) {
+            if (j < n_panels) {
+                const float *p = panels + (j * K + k) * PANEL;
+                _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
+                w[j] = _mm512_loadu_ps(p);
+            }
+        }
+        for (int m = 0; m < TILE_ROWS; m++) {
+            if (m < rows) {
+                __m512 xv = _mm512_set1_ps(x[m * K + k]);
+                for (int j = 0; j < TILE_PANELS; j++)
+                    if (j < n_panels)
+                        acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
+            }
+        }
+    }
+    for (int j = 0; j < n_panels; j++) {
+        __mmask16 mask = column_mask(n_out, col0 + j * PANEL);
+        for (int m = 0; m < rows; m++)
+            _mm512_mask_storeu_ps(y + m * n_out + col0 + j * PANEL, mask, acc[m][j]);
+    }
 }
 
 /* One row of x times n_panels (<= GEMV_PANELS) consecutive panels: several
@@ -99,13 +118,16 @@ void nbp_packed_linear(const float *x, int64_t M, int64_t K, const float *wp, co
         return;
     }
 #pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < n_panels; p++) {
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const float *xb = x + m0 * K, *panel = wp + p * K * PANEL;
-            if (M - m0 >= ROWS)
-                panel_block(xb, K, panel, bias, y + m0 * n_out, n_out, p * PANEL, ROWS);
+    for (int64_t p = 0; p < n_panels; p += TILE_PANELS) {
+        int n = n_panels - p < TILE_PANELS ? (int)(n_panels - p) : TILE_PANELS;
+        const float *panels = wp + p * K * PANEL;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+            int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+            if (rows == TILE_ROWS && n == TILE_PANELS)
+                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, TILE_ROWS,
+                     TILE_PANELS);
             else
-                panel_block(xb, K, panel, bias, y + m0 * n_out, n_out, p * PANEL, (int)(M - m0));
+                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, rows, n);
         }
     }
 }
