@@ -85,7 +85,7 @@ def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         x = logits.detach().contiguous().numpy()
         threaded = N >= _SPLIT_ROWS and torch.get_num_threads() > 1
         values, extra = _split_rows(_np_sorted_top, x, k) if threaded else _np_sorted_top(x, k)
-        return torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(extra)[:, None]
+        return torch.from_numpy(values.copy(order="C")), torch.from_numpy(extra)[:, None]
     values = torch.topk(logits, k, dim=-1, sorted=True).values
     extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k
     return values, extra

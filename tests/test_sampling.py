@@ -182,13 +182,14 @@ def test_sorted_top_on_two_threads_equals_one():
     import nbp.sampler as S
     x = (torch.randn(16, 500, generator=torch.Generator().manual_seed(5)) * 2).round()
     before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        split = S._sorted_top(x, 77)
-        torch.set_num_threads(1)
-        single = S._sorted_top(x, 77)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(split[0], single[0]) and torch.equal(split[1], single[1])
-    assert split[1].sum() > 0                               # the rounding made ties
-    assert torch.equal(split[0], torch.sort(x, dim=-1, descending=True).values[:, :77])
+    for k in (1, 77):                          # k = 1: a [N, 1] reversed view must still convert
+        try:
+            torch.set_num_threads(2)
+            split = S._sorted_top(x, k)
+            torch.set_num_threads(1)
+            single = S._sorted_top(x, k)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(split[0], single[0]) and torch.equal(split[1], single[1])
+        assert split[1].sum() > 0                           # the rounding made ties
+        assert torch.equal(split[0], torch.sort(x, dim=-1, descending=True).values[:, :k])
