@@ -7,9 +7,10 @@ Parameter names match the published checkpoints' ``transformer.*`` keys:
 ``uncond_embedding`` [cond_len, C] used for classifier-free guidance.
 
 The model is written as small pieces (``embed``, ``Block``, ``logits``) with
-attention injected as a function, so the teacher-forced forward (block-causal
-attention over the whole sequence) and the generator's cached decode step
-share every weight and every line of the layer math.
+attention injected as a function (and, optionally, how a linear layer's
+product is computed), so the teacher-forced forward (block-causal attention
+over the whole sequence) and the generator's cached decode step share every
+weight and every line of the layer math.
 """
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ Public ops (contracts in DESIGN.md, semantics in ``nbp_kernels.reference``):
 * ``block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None, backend="auto", check_bounds=True)``
 * ``kv_append_(k_cache, v_cache, k_new, v_new, seq_lens, *, backend="auto", check_bounds=True)``
 
+On the CPU, ``nbp_kernels.packed_linear`` (float32 linears for the few rows of
+a decode step, weights pre-packed; reference ``reference.linear``) is used by
+``FastGenerator``.
+
 Every op validates its arguments before any kernel launch. ``check_bounds``
 reads ``seq_lens`` on the host (one synchronisation) to raise on cache
 overflow; callers that have already checked capacity (the generator, inside

@@ -9,6 +9,7 @@ def test_info_json_lists_devices_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["nbp"] and info["torch"]
     assert "cpu" in info["devices"]
+    assert info["packed_linear"] is True or info["packed_linear"].startswith("no (")
     backends = info["backends"]["cpu"]
     assert backends["torch"] is True and backends["reference"] is True
     assert backends["cuda"] is not True  # never usable on a CPU device

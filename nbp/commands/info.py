@@ -1,4 +1,5 @@
-"""``nbp info``: versions, devices and which kernel backends are usable."""
+"""``nbp info``: versions, devices, which kernel backends are usable, and whether the
+CPU decode path can use ``nbp_kernels.packed_linear``."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,10 @@ def collect() -> dict:
     except ImportError:
         info["triton"] = None
     from nbp_kernels.cuda_ops import build_info
+    from nbp_kernels.packed_linear import is_available
     info["cuda_extension"] = build_info()
+    ok, why = is_available()
+    info["packed_linear"] = True if ok else f"no ({why})"
     return info
 
 
@@ -41,6 +45,8 @@ def run(args) -> int:
         return 0
     for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
         print(f"{key:>14}: {info[key]}")
+    pl = info["packed_linear"]
+    print(f"{'packed_linear':>14}: {'yes (float32 CPU decode linears)' if pl is True else pl}")
     for dev, name in info["devices"].items():
         print(f"{'device':>14}: {dev} ({name})")
         for b, status in info["backends"][dev].items():
