@@ -41,7 +41,7 @@ def _compile(name: str, cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(src), "-o", tmp, "-lm"], check=True,
+        subprocess.run([cc, *FLAGS, str(src), "-o", tmp], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, out)   # atomic: a concurrent process sees no file or a whole one
     except subprocess.CalledProcessError as e:
@@ -64,7 +64,6 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(_compile(name, cc)))
     except (OSError, RuntimeError) as e:
         return None, str(e)
-    supported = getattr(lib, "nbp_cpu_supported", None)
-    if supported is not None and not supported():
+    if not lib.nbp_cpu_supported():   # every cpu/*.c says whether this CPU can run it
         return None, "this CPU lacks AVX-512F/FMA"
     return lib, ""

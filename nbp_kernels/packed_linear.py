@@ -4,8 +4,9 @@
 ``reference.linear(x, weight, bias)`` = ``x @ weight.T + bias`` with
 ``packed = pack_weight(weight)``: the weight [N, K] rearranged once into
 panels of 16 output columns, float32 [ceil(N / 16), K, 16] (zero-padded).
-``cpu/packed_linear.c`` streams each panel once for up to 16 rows, so a
-16-row NBP step pays about what a 1-row NTP step pays for the weights (MKL
+``cpu/packed_linear.c`` streams each weight panel from memory once per call
+(8-row register tiles; further rows find it in L2), so a 16-row NBP step pays
+about what a 1-row NTP step pays for the weights (MKL
 repacks the weight on every small-M call and runs such products at a third
 of the FMA peak; numbers in ``benchmarks/bench_packed_linear.py``).
 

@@ -9,7 +9,8 @@
  * broadcasts 8 x values, 24 FMAs, so loads do not bound the FMA rate; a second
  * row tile (rows 9..16) finds the panels in L2. A software prefetch 4 KiB ahead
  * keeps the stream going while the FMAs run (the hardware prefetcher alone
- * left half the bandwidth unused). One row (NTP) uses a GEMV over 4 panels.
+ * left half the bandwidth unused). One row (NTP) is the same tile with one row:
+ * three weight streams at a time.
  *
  * Threads: OpenMP over panel groups. The process's OpenMP runtime is torch's
  * (libgomp.so.1 is already loaded when this library is opened), so
@@ -23,7 +24,6 @@
 #define PANEL 16          /* output columns per panel: one zmm register */
 #define TILE_ROWS 8       /* rows of x per register tile */
 #define TILE_PANELS 3     /* panels per register tile: 8 x 3 accumulators */
-#define GEMV_PANELS 4     /* panels streamed together when x has one row */
 #define PREFETCH 1024     /* floats ahead in the weight stream (4 KiB) */
 
 int nbp_cpu_supported(void) {
@@ -48,7 +48,7 @@ static inline __m512 bias_or_zero(const float *bias, int64_t n_out, int64_t col0
  * consecutive panels [K][16] (+ bias) -> y[rows][col0 : col0 + 16 n_panels].
  * Each broadcast x value feeds TILE_PANELS FMAs, so loads do not bound the
  * FMA rate (8 x 3 accumulators: 24 of the 32 vector registers). Inlined so the
- * full tile (the common case) compiles without guards. */
+ * common tiles (8 rows, and the single row of an NTP step) compile without guards. */
 static inline __attribute__((always_inline)) void tile(
         const float *x, int64_t K, const float *panels, const float *bias, float *y,
         int64_t n_out, int64_t col0, const int rows, const int n_panels) {
@@ -83,40 +83,11 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-/* One row of x times n_panels (<= GEMV_PANELS) consecutive panels: several
- * independent weight streams keep the memory system busy. */
-static void panel_gemv(const float *x, int64_t K, const float *panels, const float *bias, float *y,
-                       int64_t n_out, int64_t col0, int n_panels) {
-    __m512 acc[GEMV_PANELS];
-    for (int j = 0; j < GEMV_PANELS; j++)
-        acc[j] = j < n_panels ? bias_or_zero(bias, n_out, col0 + j * PANEL) : _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m512 xv = _mm512_set1_ps(x[k]);
-        for (int j = 0; j < GEMV_PANELS; j++) {
-            if (j < n_panels) {
-                const float *p = panels + (j * K + k) * PANEL;
-                _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
-                acc[j] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(p), acc[j]);
-            }
-        }
-    }
-    for (int j = 0; j < n_panels; j++)
-        _mm512_mask_storeu_ps(y + col0 + j * PANEL, column_mask(n_out, col0 + j * PANEL), acc[j]);
-}
-
 /* x: [M][K] row-major; wp: [ceil(n_out / 16)][K][16]; bias: [n_out] or NULL;
  * y: [M][n_out] row-major. */
 void nbp_packed_linear(const float *x, int64_t M, int64_t K, const float *wp, const float *bias,
                        float *y, int64_t n_out) {
     int64_t n_panels = (n_out + PANEL - 1) / PANEL;
-    if (M == 1) {
-#pragma omp parallel for schedule(static)
-        for (int64_t p = 0; p < n_panels; p += GEMV_PANELS) {
-            int n = n_panels - p < GEMV_PANELS ? (int)(n_panels - p) : GEMV_PANELS;
-            panel_gemv(x, K, wp + p * K * PANEL, bias, y, n_out, p * PANEL, n);
-        }
-        return;
-    }
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; p += TILE_PANELS) {
         int n = n_panels - p < TILE_PANELS ? (int)(n_panels - p) : TILE_PANELS;
@@ -126,6 +97,8 @@ void nbp_packed_linear(const float *x, int64_t M, int64_t K, const float *wp, co
             if (rows == TILE_ROWS && n == TILE_PANELS)
                 tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, TILE_ROWS,
                      TILE_PANELS);
+            else if (rows == 1 && n == TILE_PANELS)
+                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, 1, TILE_PANELS);
             else
                 tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, rows, n);
         }
