@@ -41,37 +41,37 @@ _CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one ch
 _SPLIT_ROWS = 8   # CPU steps with at least this many rows select top-k on two threads
 
 
-def _np_sorted_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _np_sorted_top(x: np.ndarray, k: int, values: np.ndarray) -> np.ndarray:
     """numpy's introselect + vectorised sort of the k kept values (faster than
-    torch.topk on CPU). x: float32 [n, V] -> (values [n, k] descending, extra ties [n])."""
+    torch.topk on CPU). x: float32 [n, V]; values: float32 [n, k], written with
+    each row's k largest, descending. Returns the extra ties with the k-th, int64 [n]."""
     n, V = x.shape
+    extra = np.zeros(n, dtype=np.int64)
+    top = x
     if k < V:
         part = np.partition(x, V - k, axis=-1)
         top, rest = part[:, V - k:], part[:, :V - k]
         kth = top.min(axis=-1, keepdims=True)
-        extra = np.zeros(n, dtype=np.int64)
         if (rest.max(axis=-1, keepdims=True) == kth).any():   # exact ties: rare, count them
-            extra = np.count_nonzero(rest == kth, axis=-1)
-    else:
-        top, extra = x, np.zeros(n, dtype=np.int64)
-    return np.sort(top, axis=-1)[:, ::-1], extra.astype(np.int64)
+            extra = np.count_nonzero(rest == kth, axis=-1).astype(np.int64)
+    values[:] = np.sort(top, axis=-1)[:, ::-1]
+    return extra
 
 
 _WORKER: ThreadPoolExecutor | None = None
 
 
-def _split_rows(fn, x: np.ndarray, k: int):
-    """fn on the two halves of x's rows, one in a worker thread: numpy releases
-    the GIL in partition and sort, so a 16-row NBP step uses two cores (measured
-    2.0 vs 2.7-3.4 ms for 16 x 64000, k = 16000, on 2 cores)."""
+def _np_sorted_top_split(x: np.ndarray, k: int, values: np.ndarray) -> np.ndarray:
+    """``_np_sorted_top`` on the two halves of x's rows, one in a worker thread: numpy
+    releases the GIL in partition and sort, so a 16-row NBP step uses two cores
+    (measured 2.0 vs 2.7-3.4 ms for 16 x 64000, k = 16000, on 2 cores)."""
     global _WORKER
     if _WORKER is None:
         _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbp-sampler")
     h = x.shape[0] // 2
-    second = _WORKER.submit(fn, x[h:], k)
-    v1, e1 = fn(x[:h], k)
-    v2, e2 = second.result()
-    return np.concatenate([v1, v2]), np.concatenate([e1, e2])
+    second = _WORKER.submit(_np_sorted_top, x[h:], k, values[h:])
+    first = _np_sorted_top(x[:h], k, values[:h])
+    return np.concatenate([first, second.result()])
 
 
 def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +83,10 @@ def _sorted_top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     N, V = logits.shape
     if logits.device.type == "cpu":
         x = logits.detach().contiguous().numpy()
+        values = np.empty((N, k), dtype=np.float32)
         threaded = N >= _SPLIT_ROWS and torch.get_num_threads() > 1
-        values, extra = _split_rows(_np_sorted_top, x, k) if threaded else _np_sorted_top(x, k)
-        return torch.from_numpy(values.copy(order="C")), torch.from_numpy(extra)[:, None]
+        extra = (_np_sorted_top_split if threaded else _np_sorted_top)(x, k, values)
+        return torch.from_numpy(values), torch.from_numpy(extra)[:, None]
     values = torch.topk(logits, k, dim=-1, sorted=True).values
     extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k
     return values, extra
