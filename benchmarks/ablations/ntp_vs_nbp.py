@@ -123,8 +123,9 @@ def main(argv=None) -> int:
     load_before = machine_info(device)["load_avg_1m"]
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
                       extra=extra, **sampling)
+    ok, why = packed_linear_available()
     info = dict(machine_info(device), load_avg_1m_before=load_before,
-                packed_linear=" ".join(map(str, packed_linear_available())).strip())
+                packed_linear=True if ok else f"no ({why})")   # as `nbp info` reports it
     tok_s = None
     if args.tokenizer:
         tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)
