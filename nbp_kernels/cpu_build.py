@@ -24,6 +24,7 @@ __all__ = ["load"]
 
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+LIBS = {"sample_cpu": ["-lmvec"]}   # glibc's vector math (expf on 16 lanes)
 
 
 def _cache_dir() -> Path:
@@ -33,7 +34,8 @@ def _cache_dir() -> Path:
 def _compile(name: str, cc: str) -> Path:
     """Path of the shared library for ``cpu/<name>.c``, compiled now unless cached."""
     src = SOURCES / f"{name}.c"
-    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    libs = LIBS.get(name, [])
+    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, *libs]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{tag}.so"
     if out.exists():
         return out
@@ -41,7 +43,7 @@ def _compile(name: str, cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, str(src), "-o", tmp], check=True,
+        subprocess.run([cc, *FLAGS, str(src), "-o", tmp, *libs], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, out)   # atomic: a concurrent process sees no file or a whole one
     except subprocess.CalledProcessError as e:

@@ -33,6 +33,8 @@ __all__ = [
     "block_decode_attention",
     "kv_append_",
     "linear",
+    "keep_threshold",
+    "draw_kept",
 ]
 
 
@@ -140,3 +142,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]: what ``packed_linear`` computes."""
     y = torch.matmul(x, weight.t())
     return y if bias is None else y + bias
+
+
+def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p as one threshold: (tau, row_max), float32 [N, 1] each.
+
+    logits: float32 [N, V]; top_k in [1, V]; top_p in (0, 1]. Kept tokens are
+    ``logits >= tau``. With s a row sorted descending, e = exp(s - s_0) and z
+    the sum of e over s >= s[k - 1] (every token tied with the k-th value
+    counts): c = 1 + the number of i < k - 1 with e_0 + .. + e_i <= top_p * z
+    (top_p as float32), and tau = s[c - 1]: the first token is always kept,
+    and so is the token whose mass crosses top_p. top_p = 1: tau = s[k - 1].
+    What ``sample_cpu.keep_threshold`` computes.
+    """
+    s = torch.sort(logits, dim=-1, descending=True).values
+    row_max, kth = s[:, :1], s[:, top_k - 1:top_k]
+    p = torch.tensor(top_p, dtype=torch.float32).item()
+    if p >= 1.0:
+        return kth, row_max
+    e = torch.exp(s.double() - row_max.double())
+    z = torch.where(s >= kth, e, 0.0).sum(-1, keepdim=True)
+    cum = torch.cumsum(e[:, :top_k], dim=-1)
+    c = (cum[:, :-1] <= p * z).sum(-1, keepdim=True) + 1
+    return s.gather(1, c - 1), row_max
+
+
+def draw_kept(logits: torch.Tensor, tau: torch.Tensor, row_max: torch.Tensor,
+              u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw over the kept tokens: int64 [N].
+
+    logits: float32 [N, V]; tau, row_max: float32 [N, 1] (keep ``logits >= tau``;
+    the row's largest logit); u: float64 [N] in [0, 1). Token i of a row is
+    returned iff cdf[i - 1] <= u * cdf[-1] < cdf[i], cdf being the cumulative sum
+    in vocabulary order of w = exp(logits - row_max) over kept tokens, 0 elsewhere:
+    i is drawn with probability w_i / sum(w); if u * cdf[-1] rounds up to cdf[-1],
+    the last kept token. What ``sample_cpu.draw_kept`` computes.
+    """
+    w = torch.where(logits >= tau, torch.exp(logits.double() - row_max.double()), 0.0)
+    cdf = torch.cumsum(w, dim=-1)
+    i = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+    V = logits.shape[-1]
+    last_kept = V - 1 - (w > 0).flip(-1).int().argmax(-1)
+    return torch.where(i < V, i, last_kept)

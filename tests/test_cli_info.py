@@ -9,7 +9,8 @@ def test_info_json_lists_devices_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["nbp"] and info["torch"]
     assert "cpu" in info["devices"]
-    assert info["packed_linear"] is True or info["packed_linear"].startswith("no (")
+    for key in ("packed_linear", "sample_cpu"):
+        assert info[key] is True or info[key].startswith("no (")
     backends = info["backends"]["cpu"]
     assert backends["torch"] is True and backends["reference"] is True
     assert backends["cuda"] is not True  # never usable on a CPU device
@@ -19,3 +20,4 @@ def test_info_text(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "device: cpu" in out
+    assert "sample_cpu: " in out

@@ -8,10 +8,21 @@ import pytest
 import torch
 
 from nbp.decode import select_tokens
-from nbp.sampler import BatchedSampler, _inverse_cdf, keep_threshold
+import nbp.sampler
+from nbp.sampler import DRAWS, BatchedSampler, _inverse_cdf, keep_threshold
+from nbp_kernels import sample_cpu
 from nbp.sampling import SamplingParams, cfg_mix, cfg_weight, filter_logits, sample_logits
 
 NEG = float("-inf")
+
+
+@pytest.fixture(params=["sample_cpu", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a test with the CPU sampler's C kernels and with its torch path."""
+    if request.param == "sample_cpu" and not sample_cpu.is_available()[0]:
+        pytest.skip(f"sample_cpu unavailable: {sample_cpu.is_available()[1]}")
+    monkeypatch.setattr(nbp.sampler, "CPU_KERNELS", request.param == "sample_cpu")
+    return request.param
 
 
 def kept(logits: torch.Tensor) -> list[bool]:
@@ -87,13 +98,13 @@ def test_bad_draw_and_missing_noise_raise():
 @pytest.mark.parametrize("top_k, top_p", [(None, 0.9), (5, None), (5, 0.5), (100, 0.95),
                                           (3, 0.999), (None, 0.3)])
 @pytest.mark.parametrize("scale", [0.1, 3.0])
-def test_keep_threshold_equals_filter_logits(V, top_k, top_p, scale):
+def test_keep_threshold_equals_filter_logits(cpu_path, V, top_k, top_p, scale):
     x = torch.randn(6, V, generator=torch.Generator().manual_seed(V)) * scale
     tau = keep_threshold(x, top_k, top_p)
     assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, top_k, top_p))
 
 
-def test_keep_threshold_top_k_with_many_ties():
+def test_keep_threshold_top_k_with_many_ties(cpu_path):
     # quantised logits: the k-th value is tied many times; all ties are kept
     x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(0)) * 2).round()
     for k in (1, 10, 77):
@@ -101,7 +112,7 @@ def test_keep_threshold_top_k_with_many_ties():
         assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, k))
 
 
-def test_keep_threshold_ties_differ_only_at_the_crossing_value():
+def test_keep_threshold_ties_differ_only_at_the_crossing_value(cpu_path):
     x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(1)) * 2).round()
     tau = keep_threshold(x, 50, 0.6)
     ref = filter_logits(x, 50, 0.6) > NEG
@@ -110,7 +121,7 @@ def test_keep_threshold_ties_differ_only_at_the_crossing_value():
     assert (x[mine & ~ref] == tau.expand_as(x)[mine & ~ref]).all()   # extras tie with tau
 
 
-def test_multinomial_draw_equals_sample_logits_stream():
+def test_multinomial_draw_equals_sample_logits_stream(cpu_path):
     x = torch.randn(12, 50, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(top_k=20, top_p=0.8)
     ref = sample_logits(x, params, torch.Generator().manual_seed(5))
@@ -122,7 +133,7 @@ def test_multinomial_draw_equals_sample_logits_stream():
 
 @pytest.mark.parametrize("top_k, top_p, temperature", [(None, None, 1.0), (3, None, 1.0),
                                                        (None, 0.7, 1.0), (4, 0.9, 2.0)])
-def test_fast_draw_matches_the_filtered_softmax(top_k, top_p, temperature):
+def test_fast_draw_matches_the_filtered_softmax(cpu_path, top_k, top_p, temperature):
     base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
     rows = 60000
     logits = base.expand(rows, 1, -1).contiguous()                # [rows, n=1, V]
@@ -138,7 +149,7 @@ def test_fast_draw_matches_the_filtered_softmax(top_k, top_p, temperature):
 
 
 @pytest.mark.parametrize("top_k, top_p", [(4, None), (4, 0.6), (None, 0.5), (2, None)])
-def test_fast_draw_with_tied_logits_is_exact(top_k, top_p):
+def test_fast_draw_with_tied_logits_is_exact(cpu_path, top_k, top_p):
     # ties inside the top-k list, beyond it (the k-th value repeats) and at the top-p crossing
     base = torch.tensor([1.0, 2.0, 1.0, 0.5, 2.0, 1.0, 0.0, 1.0])
     rows = 80000
@@ -165,7 +176,7 @@ def test_inverse_cdf_edges_and_padding():
     assert _inverse_cdf(w, mid).tolist() == [260] * 3       # cdf: 0.25, 0.75, 1.0
 
 
-def test_fast_draw_is_seeded():
+def test_fast_draw_is_seeded(cpu_path):
     x = torch.randn(4, 3, 100, generator=torch.Generator().manual_seed(0))
     sampler = BatchedSampler(SamplingParams(top_k=30, top_p=0.9))
 
@@ -177,19 +188,35 @@ def test_fast_draw_is_seeded():
     assert math.prod(draw(1).shape) == 12
 
 
-def test_sorted_top_on_two_threads_equals_one():
-    """16 rows are split over a worker thread on CPU; ties beyond the k-th value counted."""
+def test_sorted_top_counts_ties_and_reuses_scratch():
     import nbp.sampler as S
     x = (torch.randn(16, 500, generator=torch.Generator().manual_seed(5)) * 2).round()
+    scratch = S.Scratch()
+    for k in (1, 77, 500):                     # k = 1: a [N, 1] reversed view must still convert
+        fresh, reused = S._sorted_top(x, k), S._sorted_top(x, k, scratch)
+        assert torch.equal(fresh[0], reused[0]) and torch.equal(fresh[1], reused[1])
+        top = torch.sort(x, dim=-1, descending=True).values[:, :k]
+        assert torch.equal(fresh[0], top)
+        ties = (x == top[:, -1:]).sum(-1, keepdim=True) - (top == top[:, -1:]).sum(-1, keepdim=True)
+        assert torch.equal(fresh[1], ties)
+        assert k == 500 or fresh[1].sum() > 0               # the rounding made ties
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+def test_two_threads_equal_one_thread(cpu_path, draw):
+    """sample_cpu shares a step's rows over torch's OpenMP threads: same tokens."""
+    x = torch.randn(17, 3000, generator=torch.Generator().manual_seed(6)) * 3
+    sampler = BatchedSampler(SamplingParams(top_k=900, top_p=0.8), draw=draw)
+    u = sampler.noise(17, torch.Generator().manual_seed(7), torch.device("cpu"))
     before = torch.get_num_threads()
-    for k in (1, 77):                          # k = 1: a [N, 1] reversed view must still convert
-        try:
-            torch.set_num_threads(2)
-            split = S._sorted_top(x, k)
-            torch.set_num_threads(1)
-            single = S._sorted_top(x, k)
-        finally:
-            torch.set_num_threads(before)
-        assert torch.equal(split[0], single[0]) and torch.equal(split[1], single[1])
-        assert split[1].sum() > 0                           # the rounding made ties
-        assert torch.equal(split[0], torch.sort(x, dim=-1, descending=True).values[:, :k])
+    out = {}
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            out[threads] = [sampler(x, u, torch.Generator().manual_seed(8)) for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[2][0], out[1][0]) and torch.equal(out[2][1], out[1][1])
+    assert torch.equal(out[2][0], out[2][1])                  # reused scratch: same draws
+    tau = keep_threshold(x, 900, 0.8)
+    assert (x.gather(1, out[2][0][:, None]) >= tau).all()     # only kept tokens drawn

@@ -31,7 +31,7 @@ from baseline import generate_tokens as baseline_generate
 from nbp.commands.bench import (add_ablation_args, bench_config, format_table, machine_info,
                                 machine_tag, median, ntp_vs_nbp, random_model, time_interleaved)
 from nbp.io import atomic_write_text
-from nbp_kernels.packed_linear import is_available as packed_linear_available
+from nbp_kernels import packed_linear, sample_cpu
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -123,9 +123,10 @@ def main(argv=None) -> int:
     load_before = machine_info(device)["load_avg_1m"]
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, device=device,
                       extra=extra, **sampling)
-    ok, why = packed_linear_available()
     info = dict(machine_info(device), load_avg_1m_before=load_before,
-                packed_linear=True if ok else f"no ({why})")   # as `nbp info` reports it
+                **{name: True if ok else f"no ({why})"        # as `nbp info` reports them
+                   for name, (ok, why) in (("packed_linear", packed_linear.is_available()),
+                                           ("sample_cpu", sample_cpu.is_available()))})
     tok_s = None
     if args.tokenizer:
         tok_s = tokenizer_seconds(args.tokenizer, device, args.repeats, cfg.latent_shape)

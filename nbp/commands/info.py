@@ -30,11 +30,12 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    from nbp_kernels import packed_linear, sample_cpu
     from nbp_kernels.cuda_ops import build_info
-    from nbp_kernels.packed_linear import is_available
     info["cuda_extension"] = build_info()
-    ok, why = is_available()
-    info["packed_linear"] = True if ok else f"no ({why})"
+    for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu)):
+        ok, why = mod.is_available()
+        info[name] = True if ok else f"no ({why})"
     return info
 
 
@@ -45,8 +46,9 @@ def run(args) -> int:
         return 0
     for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
         print(f"{key:>14}: {info[key]}")
-    pl = info["packed_linear"]
-    print(f"{'packed_linear':>14}: {'yes (float32 CPU decode linears)' if pl is True else pl}")
+    for key, use in (("packed_linear", "float32 CPU decode linears"),
+                     ("sample_cpu", "float32 CPU sampler")):
+        print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")
     for dev, name in info["devices"].items():
         print(f"{'device':>14}: {dev} ({name})")
         for b, status in info["backends"][dev].items():
