@@ -18,6 +18,15 @@ def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, sca
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _host_lens(seq_lens: torch.Tensor) -> list[int] | None:
+    """seq_lens as Python ints where reading them costs nothing (a CPU tensor,
+    eager); None on a GPU or while compiling, where it would synchronise or
+    break the graph."""
+    if seq_lens.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return seq_lens.tolist()
+
+
 def _block_index(seq_lens: torch.Tensor, L: int, H: int, D: int) -> torch.Tensor:
     pos = seq_lens.long()[:, None] + torch.arange(L, device=seq_lens.device)   # [B, L]
     return pos[:, None, :, None].expand(-1, H, -1, D)                            # [B, H, L, D]
@@ -26,6 +35,11 @@ def _block_index(seq_lens: torch.Tensor, L: int, H: int, D: int) -> torch.Tensor
 def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
     """Scatter the block into the caches at ``seq_lens[b]`` (in place)."""
     B, H, L, D = k_new.shape
+    lens = _host_lens(seq_lens)
+    if lens and all(n == lens[0] for n in lens):   # one slice copy: ~10x cheaper than scatter_ on CPU
+        k_cache[:, :, lens[0]:lens[0] + L].copy_(k_new)
+        v_cache[:, :, lens[0]:lens[0] + L].copy_(v_new)
+        return
     idx = _block_index(seq_lens, L, H, D)
     k_cache.scatter_(2, idx, k_new.to(k_cache.dtype))
     v_cache.scatter_(2, idx, v_new.to(v_cache.dtype))
@@ -36,6 +50,11 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     if k_new is not None:
         kv_append_(k_cache, v_cache, k_new, v_new, seq_lens)
     L, M = q.shape[2], k_cache.shape[2]
+    k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    lens = _host_lens(seq_lens)
+    if lens and all(n + L == M for n in lens):
+        # every cached key is visible (FastGenerator passes the exact length):
+        # SDPA without a mask is 1.2-2x faster on CPU
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     visible = torch.arange(M, device=q.device)[None, :] < (seq_lens.long()[:, None] + L)  # [B, M]
-    return F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
-                                          attn_mask=visible[:, None, None, :], scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)

@@ -120,16 +120,25 @@ def test_torch_backend_matches_reference(dtype):
         torch.testing.assert_close(x, y, **tol)
 
 
-def test_torch_backend_decode_and_append_match_reference():
+@pytest.mark.parametrize("lens, M", [
+    ([0, 5, 12], 17),     # per-row lengths: scatter append, masked attention
+    ([6, 6, 6], 17),      # one length, spare cache: slice append, masked attention
+    ([12, 12, 12], 17),   # one length filling the cache view exactly: no mask (the generator's case)
+    ([12], 17),
+])
+def test_torch_backend_decode_and_append_match_reference(lens, M):
     g = torch.Generator().manual_seed(3)
-    B, H, M, D, L = 3, 2, 17, 8, 5
+    B, H, D, L = len(lens), 2, 8, 5
     kc, vc = torch.randn(B, H, M, D, generator=g), torch.randn(B, H, M, D, generator=g)
     q, kn, vn = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
-    lens = torch.tensor([0, 5, 12], dtype=torch.int32)
+    lens = torch.tensor(lens, dtype=torch.int32)
     kc2, vc2 = kc.clone(), vc.clone()
     a = nbp_kernels.block_decode_attention(q, kc, vc, lens, k_new=kn, v_new=vn, backend="torch")
     b = ref.block_decode_attention(q, kc2, vc2, lens, k_new=kn, v_new=vn)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    nbp_kernels.kv_append_(kc, vc, vn, kn, lens, backend="torch")
+    ref.kv_append_(kc2, vc2, vn, kn, lens)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
