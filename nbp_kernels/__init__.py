@@ -7,8 +7,10 @@ Public ops (contracts in DESIGN.md, semantics in ``nbp_kernels.reference``):
 * ``kv_append_(k_cache, v_cache, k_new, v_new, seq_lens, *, backend="auto", check_bounds=True)``
 
 On the CPU, ``nbp_kernels.packed_linear`` (float32 linears for the few rows of
-a decode step, weights pre-packed; reference ``reference.linear``) is used by
-``FastGenerator``.
+a decode step, weights pre-packed; reference ``reference.linear``) and
+``nbp_kernels.sample_cpu`` (the sampler's top-k / top-p threshold and draw;
+references ``reference.keep_threshold`` and ``reference.draw_kept``) are used
+by ``FastGenerator``.
 
 Every op validates its arguments before any kernel launch. ``check_bounds``
 reads ``seq_lens`` on the host (one synchronisation) to raise on cache
