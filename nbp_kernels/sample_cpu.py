@@ -115,6 +115,8 @@ def draw_kept(logits: torch.Tensor, tau: torch.Tensor, row_max: torch.Tensor,
     _check_tensor("tau", tau, torch.float32, (N, 1))
     _check_tensor("row_max", row_max, torch.float32, (N, 1))
     _check_tensor("u", u, torch.float64, (N,))
+    if N and not bool(torch.isfinite(row_max).all()):
+        raise ValueError("row_max: expected finite values (a row of logits without a finite value?)")
     lib = _library()
     x = logits if logits.stride(1) == 1 else logits.contiguous()
     t, m, uu = tau.contiguous(), row_max.contiguous(), u.contiguous()

@@ -169,6 +169,7 @@ def test_draw_kept_edges():
     (dict(tau=torch.zeros(2)), "tau: expected shape \\(2, 1\\)"),
     (dict(m=torch.zeros(2, 1, dtype=torch.float64)), "row_max: expected a torch.float32"),
     (dict(tau=torch.full((2, 1), 9.0)), "logits: a row has no kept token"),
+    (dict(m=torch.full((2, 1), float("-inf"))), "row_max: expected finite values"),
 ])
 def test_draw_kept_bad_arguments(bad, match):
     args = dict(x=torch.zeros(2, 5), tau=torch.zeros(2, 1), m=torch.zeros(2, 1),
