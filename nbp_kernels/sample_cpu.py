@@ -87,7 +87,7 @@ def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float, *,
         lib.nbp_keep_threshold(x.data_ptr(), N, V, x.stride(0), top_k, float(top_p),
                                work.data_ptr(), tau.data_ptr(), row_max.data_ptr())
     if N and bool(tau.isnan().any()):
-        raise ValueError("logits: a row holds NaN or no finite value")
+        raise ValueError("logits: a row holds NaN or +inf, or no finite value")
     return tau, row_max
 
 
