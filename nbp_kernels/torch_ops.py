@@ -34,8 +34,12 @@ def _block_index(seq_lens: torch.Tensor, L: int, H: int, D: int) -> torch.Tensor
 
 def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
     """Scatter the block into the caches at ``seq_lens[b]`` (in place)."""
+    _append(k_cache, v_cache, k_new, v_new, seq_lens, _host_lens(seq_lens))
+
+
+def _append(k_cache, v_cache, k_new, v_new, seq_lens, lens: list[int] | None) -> None:
+    """``kv_append_`` with ``lens = _host_lens(seq_lens)`` already read."""
     B, H, L, D = k_new.shape
-    lens = _host_lens(seq_lens)
     if lens and all(n == lens[0] for n in lens):   # one slice copy: ~10x cheaper than scatter_ on CPU
         k_cache[:, :, lens[0]:lens[0] + L].copy_(k_new)
         v_cache[:, :, lens[0]:lens[0] + L].copy_(v_new)
@@ -47,11 +51,11 @@ def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
 
 def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None):
     """q: [B, H, L, D] against caches [B, H, M, D]; keys ``< seq_lens[b] + L`` visible."""
+    lens = _host_lens(seq_lens)
     if k_new is not None:
-        kv_append_(k_cache, v_cache, k_new, v_new, seq_lens)
+        _append(k_cache, v_cache, k_new, v_new, seq_lens, lens)
     L, M = q.shape[2], k_cache.shape[2]
     k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-    lens = _host_lens(seq_lens)
     if lens and all(n + L == M for n in lens):
         # every cached key is visible (FastGenerator passes the exact length):
         # SDPA without a mask is 1.2-2x faster on CPU
