@@ -272,4 +272,5 @@ def test_readme_real_video_example_runs(clips, tmp_path, monkeypatch, capsys):
         assert main(argv) == 0, line
     if "demo model is unavailable" in capsys.readouterr().out:
         pytest.skip("this checkout has no demo assets")
-    assert iio.imread(tmp_path / "pred.gif", index=None).shape[0] == 17
+    assert iio.imread(tmp_path / "pred.gif", index=None).shape[:3] == (17, 64, 128)
+    assert _mp4(tmp_path / "pred.mp4") == (17, 16, 16, 8.0)
