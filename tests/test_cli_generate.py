@@ -274,3 +274,54 @@ def test_readme_real_video_example_runs(clips, tmp_path, monkeypatch, capsys):
         pytest.skip("this checkout has no demo assets")
     assert iio.imread(tmp_path / "pred.gif", index=None).shape[:3] == (17, 64, 128)
     assert _mp4(tmp_path / "pred.mp4") == (17, 16, 16, 8.0)
+
+
+def test_without_a_training_fps_the_input_rate_is_kept(clips, tmp_path, capsys):
+    ckpt, tok = _published_frame_prediction_model(tmp_path, fps=None)
+    out = tmp_path / "pred.mp4"
+    assert main(["generate", "--model", str(ckpt), "--tokenizer", str(tok), "--greedy",
+                 "--input", str(clips[(176, 144, 12)]), "--out", str(out)]) == 0
+    assert "training frame rate is unknown: using the input's 12 fps" in capsys.readouterr().out
+    assert _mp4(out) == (9, 32, 32, 12.0)
+    assert main(["generate", "--model", str(ckpt), "--tokenizer", str(tok), "--greedy",
+                 "--input", str(clips[(176, 144, 12)]), "--out", str(out), "--fps", "6"]) == 0
+    assert _mp4(out) == (9, 32, 32, 6.0)
+
+
+def test_mode_ntp_without_model_uses_the_demo_ntp_model(capsys):
+    from nbp.cli import build_parser
+    from nbp.commands.generate import _load
+
+    model, _, kind = _load(build_parser().parse_args(["generate", "--mode", "ntp"]))
+    if kind != "demo":
+        pytest.skip("this checkout has no demo assets")
+    assert model.config.block_size == 1 and "NTP demo model" in capsys.readouterr().out
+
+
+def test_trust_remote_code_reaches_the_loaders(monkeypatch, tmp_path):
+    import nbp.loading
+    from nbp.cli import build_parser
+    from nbp.commands.generate import _load
+
+    seen = []
+    monkeypatch.setattr(nbp.loading, "load_transformer", lambda path, **kw: seen.append(kw) or "m")
+    monkeypatch.setattr(nbp.loading, "load_tokenizer", lambda path, **kw: seen.append(kw) or "t")
+    argv = ["generate", "--model", "m.ckpt", "--tokenizer", "t.pt"]
+    assert _load(build_parser().parse_args(argv + ["--trust-remote-code"])) == ("m", "t", "file")
+    assert _load(build_parser().parse_args(argv)) == ("m", "t", "file")
+    assert seen == [{"trust_remote_code": True}] * 2 + [{}] * 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--fps", "fast"], "--fps: expected 'model', 'input' or a positive number"),
+    (["--fps", "input"], "--fps input: needs --input"),
+    (["--start", "2"], "--start: applies to given frames"),
+    (["--side-by-side"], "--side-by-side: applies to given frames"),
+    (["--mark-given"], "--mark-given: applies to given frames"),
+    (["--batch", "0"], "--batch"),
+])
+def test_generate_flag_errors_name_the_flag(tmp_path, capsys, argv, match):
+    out = tmp_path / "o.gif"
+    assert main(["generate", "--random", "--out", str(out)] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err and not out.exists()
