@@ -325,3 +325,32 @@ def test_generate_flag_errors_name_the_flag(tmp_path, capsys, argv, match):
     assert main(["generate", "--random", "--out", str(out)] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err and not out.exists()
+
+
+def test_cond_ids_are_checked_against_the_model(tmp_path, capsys):
+    """The random tiny model is class-conditional: one condition id in [0, 10)."""
+    out = tmp_path / "o.gif"
+    for ids in ("1,2", "x", "10"):
+        assert main(["generate", "--random", "--out", str(out), "--cond-ids", ids]) == 2
+        assert "--cond-ids: expected 1 comma-separated ids in [0, 10)" in capsys.readouterr().err
+    assert main(["generate", "--random", "--out", str(out), "--cond-ids", "3", "--greedy"]) == 0
+
+
+def test_predict_side_by_side_shows_the_held_out_clip(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    out = tmp_path / "p.gif"
+    assert main(["generate", "--predict", "--greedy", "--side-by-side", "--mark-given",
+                 "--out", str(out)]) == 0
+    if "demo model is unavailable" in capsys.readouterr().out:
+        pytest.skip("this checkout has no demo assets")
+    from nbp.demo import heldout_clips
+    from nbp.io import video_to_uint8
+
+    frames = iio.imread(out, index=None)[..., :3]
+    truth = video_to_uint8(heldout_clips(1)[0][0])
+    assert frames.shape[:3] == (17, 16, 32)
+    # the left panel of the predicted frames is the held-out clip itself (GIF palette:
+    # within a few levels)
+    diff = abs(frames[5:, :, :16].astype(int) - truth[5:].astype(int))
+    assert diff.mean() < 6

@@ -237,6 +237,17 @@ def _continue_clip(args, gen, clip: torch.Tensor, sampling: dict) -> torch.Tenso
     return predict_frames(gen, given, class_ids, num_cond_frames=n, mode=mode, **sampling)
 
 
+def _cond_ids(text: str, cfg) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        ids = []
+    if len(ids) != cfg.cond_len or any(not 0 <= i < cfg.cond_vocab_size for i in ids):
+        raise ValueError(f"--cond-ids: expected {cfg.cond_len} comma-separated ids in "
+                         f"[0, {cfg.cond_vocab_size}), got {text!r}")
+    return ids
+
+
 def _generate(args, gen, sampling: dict) -> torch.Tensor:
     cfg = gen.config
     if not cfg.bov:
@@ -246,7 +257,10 @@ def _generate(args, gen, sampling: dict) -> torch.Tensor:
                cfg.video_len)
     class_ids = cond_ids = None
     if args.cond_ids:
-        cond_ids = [[int(x) for x in args.cond_ids.split(",")]] * args.batch
+        cond_ids = [_cond_ids(args.cond_ids, cfg)] * args.batch
+    elif cfg.cond_len > 1:
+        raise ValueError(f"--cond-ids: this model is conditioned on {cfg.cond_len} ids (the UCF "
+                         f"models: LLaMA-2 text token ids); pass --cond-ids a,b,... ({cfg.cond_len} ids)")
     elif cfg.cond_len == 1:
         class_ids = [args.class_id if args.class_id is not None else 0] * args.batch
     return gen.generate_video(class_ids=class_ids, cond_ids=cond_ids, batch_size=args.batch,
