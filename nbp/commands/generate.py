@@ -203,6 +203,7 @@ def _read_input(args, gen, info, rate: float) -> tuple[torch.Tensor, int]:
     cfg = gen.config
     frames, H, W = gen.tokenizer.config.video_shape(*cfg.latent_shape)
     n = args.num_cond_frames
+    _continuation_task(args, gen)      # the model can take it: checked before decoding
     if args.start >= info.duration:
         raise ValueError(f"--start: {args.start:g} s is past the end of {args.input} "
                          f"({info.duration:.2f} s)")
@@ -215,14 +216,20 @@ def _read_input(args, gen, info, rate: float) -> tuple[torch.Tensor, int]:
     return clip[None].expand(args.batch, -1, -1, -1, -1), n
 
 
-def _continue_clip(args, gen, clip: torch.Tensor, sampling: dict) -> torch.Tensor:
-    cfg, n = gen.config, args.num_cond_frames
+def _continuation_task(args, gen) -> str:
+    """"predict" or "class" (see _input_task) once the flags fit the model, else ValueError."""
+    cfg = gen.config
     task = _input_task(cfg)
-    n_lat = _cond_latents(gen, n)
+    n_lat = _cond_latents(gen, args.num_cond_frames)
     t, h, w = cfg.latent_shape
-    mode = args.mode or "nbp"
-    _check_ntp(cfg, mode, (1 + cfg.block_size if task == "class" else 0) + n_lat * h * w,
+    _check_ntp(cfg, args.mode or "nbp", (1 + cfg.block_size if task == "class" else 0) + n_lat * h * w,
                (t - n_lat) * h * w)
+    return task
+
+
+def _continue_clip(args, gen, clip: torch.Tensor, sampling: dict) -> torch.Tensor:
+    n, mode = args.num_cond_frames, args.mode or "nbp"
+    task = _continuation_task(args, gen)
     given = clip[:, :, :n]
     if task == "predict":
         return gen.predict_frames(given, n, mode=mode, **sampling)
