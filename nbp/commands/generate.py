@@ -152,6 +152,9 @@ def _sampling(args) -> dict:
 def _check_ntp(cfg, mode: str, prompt_len: int, new: int) -> None:
     """One line naming --mode when NTP would run past the model's position table."""
     if mode == "ntp" and prompt_len + new - 1 > cfg.max_seq_len:
+        if cfg.block_size == 1:
+            raise ValueError(f"--mode ntp: the request reads {prompt_len + new - 1} positions, "
+                             f"more than this model's position table ({cfg.max_seq_len})")
         raise ValueError(
             f"--mode ntp: this model was trained with blocks of L={cfg.block_size}, so its position "
             f"table ({cfg.max_seq_len}) ends {cfg.block_size - 1} positions before NTP's last input "
@@ -196,7 +199,7 @@ def _rate(args, model_fps: float | None, input_fps: float | None) -> float:
     return model_fps or input_fps or DEMO_FPS
 
 
-def _read_input(args, gen, info, rate: float) -> tuple[torch.Tensor, int]:
+def _read_input(args, gen, info, rate: float) -> torch.Tensor:
     """The clip [B, 3, T, H, W] (T: given frames, or all the model's with --side-by-side)."""
     from nbp.video import frames_available, read_clip
 
@@ -213,7 +216,7 @@ def _read_input(args, gen, info, rate: float) -> tuple[torch.Tensor, int]:
                          f"{args.start:g} s; the model needs --num-cond-frames {n} given frames")
     count = min(have, frames) if args.side_by_side else n
     clip = read_clip(args.input, start_seconds=args.start, num_frames=count, fps=rate, size=(H, W))
-    return clip[None].expand(args.batch, -1, -1, -1, -1), n
+    return clip[None].expand(args.batch, -1, -1, -1, -1)
 
 
 def _continuation_task(args, gen) -> str:
@@ -330,7 +333,7 @@ def run(args) -> int:
         sampling.update(SAMPLING)
     clip = None
     if args.input is not None:
-        clip, _ = _read_input(args, gen, info, rate)
+        clip = _read_input(args, gen, info, rate)
     t0 = time.perf_counter()
     if args.predict:
         from nbp.demo import heldout_clips, predict_frames
