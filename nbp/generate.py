@@ -28,7 +28,7 @@ import torch
 
 from nbp_kernels.packed_linear import is_available as packed_linear_available
 
-from .blocks import from_block_order, to_block_order
+from . import layout
 from .cache import StaticKVCache
 from .decode import DecodeStep, ModelRunner, PackedLinears, select_tokens
 from .model import NBPTransformer, call_module
@@ -235,91 +235,96 @@ class FastGenerator:
                 callback(s, prev)
             offset += n
 
-    # --- video-level tasks ---------------------------------------------------
+    # --- video-level tasks (the token layout lives in nbp.layout) --------------
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError("tokenizer: this task encodes/decodes video; create the "
                              "FastGenerator with tokenizer=...")
         return self.tokenizer
 
-    def _codes_to_video(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Block-major model ids [B, t*h*w] -> decoded video [B, 3, T, H, W] in [0, 1].
-
-        Ids outside the video range (a trained model does not emit them) are
-        clamped to the nearest code so random-weight models still decode.
-        """
-        cfg, tok = self.config, self._require_tokenizer()
-        codes = (tokens - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
-        return tok.decode(from_block_order(codes, cfg.latent_shape, cfg.block_shape))
+    def decode_ids(self, video_ids: torch.Tensor) -> torch.Tensor:
+        """Block-major model ids int64 [B, t*h*w] -> decoded video float32 [B, 3, T, H, W] in
+        [0, 1] (ids outside the video range are clamped, see ``layout.ids_to_codes``)."""
+        tok = self._require_tokenizer()
+        return tok.decode(layout.ids_to_codes(self.config, video_ids))
 
     @torch.no_grad()
-    def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, mode: str = "nbp",
-                       **sampling) -> torch.Tensor:
-        """K600-style frame prediction.
+    def _given_ids(self, video: torch.Tensor, num_cond_frames: int) -> torch.Tensor:
+        """Encoded given frames as block-major model ids int64 [B, n] on the device."""
+        tok = self._require_tokenizer()
+        frames = layout.given_frames(video, num_cond_frames, tok.config.factors[0])
+        codes = tok.encode(frames.to(self.device))                  # [B, n_lat, h, w]
+        return layout.codes_to_ids(self.config, codes, name="video (its given frames encoded)")
 
-        video: float [B, 3, T, H, W] in [0, 1] (T >= num_cond_frames; only the
-        first ``num_cond_frames`` frames are read). They are encoded, their
-        latent frames kept as the prefix, the rest of the latent grid
-        (config.latent_shape) generated, and everything decoded. ``sampling``:
-        keyword arguments of ``generate_tokens``. Returns float32 [B, 3, T', H, W].
+    def frame_prompt(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
+                     cond_ids=None) -> layout.Prompt:
+        """The frame-prediction request (``layout.Prompt``): ``[condition, bov, given codes]``.
+
+        video: float [B, 3, T, H, W] in [0, 1]; only the first ``num_cond_frames``
+        (1 + k * the tokenizer's time factor, at most T) are encoded. class_ids /
+        cond_ids: the condition of conditional models (``layout.condition_ids``).
         """
-        cfg, tok = self.config, self._require_tokenizer()
-        if cfg.cond_len or cfg.bov:
-            raise ValueError("predict_frames: needs a frame-prediction model (no condition, no "
-                             "begin-of-video id), like the K600 models; use generate_video")
-        if not isinstance(video, torch.Tensor) or video.dim() != 5:
-            raise ValueError("video: expected a float tensor [batch, 3, T, H, W] in [0, 1]")
-        ft = tok.config.factors[0]
-        if not isinstance(num_cond_frames, int) or num_cond_frames < 1 or (num_cond_frames - 1) % ft \
-                or num_cond_frames > video.shape[2]:
-            raise ValueError(f"num_cond_frames: expected 1 + {ft}k frames (whole latent frames) "
-                             f"and at most T = {video.shape[2]}, got {num_cond_frames!r}")
-        codes = tok.encode(video[:, :, :num_cond_frames].to(self.device))   # [B, n_lat, h, w]
-        t, h, w = cfg.latent_shape
-        n_lat = codes.shape[1]
-        if tuple(codes.shape[2:]) != (h, w) or n_lat >= t or n_lat % cfg.block_shape[0]:
-            raise ValueError(f"video: encodes to a latent grid {tuple(codes.shape[1:])}, which does "
-                             f"not start the model's grid {cfg.latent_shape} in whole blocks "
-                             f"{cfg.block_shape}")
-        prefix = to_block_order(codes, cfg.block_shape) + cfg.video_offset
-        new = self.generate_tokens(prefix, (t - n_lat) * h * w, mode=mode, **sampling)
-        return self._codes_to_video(torch.cat([prefix, new], dim=1))
-
-    def _condition_ids(self, class_ids, cond_ids, batch_size: int | None) -> torch.Tensor:
-        """Model ids [B, cond_len (+1 with bov)] that start a generated video."""
         cfg = self.config
-        if class_ids is not None and cond_ids is not None:
-            raise ValueError("class_ids, cond_ids: pass at most one")
-        if class_ids is not None:
-            if cfg.cond_len != 1:
-                raise ValueError(f"class_ids: this model's condition is {cfg.cond_len} tokens "
-                                 f"(not one class token); pass cond_ids [batch, {cfg.cond_len}]")
-            cond_ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1, 1)
-            if cond_ids.numel() == 0 or int(cond_ids.min()) < 0 \
-                    or int(cond_ids.max()) >= cfg.cond_vocab_size:
-                raise ValueError(f"class_ids: expected a non-empty list of classes in "
-                                 f"[0, {cfg.cond_vocab_size}), got {class_ids!r}")
-        if cond_ids is not None:
-            cond_ids = torch.as_tensor(cond_ids, dtype=torch.long)
-            if cfg.cond_len == 0:
-                raise ValueError("cond_ids: this model is unconditional (cond_len = 0)")
-            if cond_ids.dim() != 2 or cond_ids.shape[1] != cfg.cond_len or cond_ids.numel() == 0 \
-                    or int(cond_ids.min()) < 0 or int(cond_ids.max()) >= cfg.cond_vocab_size:
-                raise ValueError(f"cond_ids: expected ids in [0, {cfg.cond_vocab_size}) of shape "
-                                 f"[batch, {cfg.cond_len}], got {tuple(cond_ids.shape)}")
-            ids = cond_ids + cfg.cond_offset
-        elif cfg.cond_len:
-            raise ValueError(f"class_ids, cond_ids: this model is conditional ({cfg.cond_len} "
-                             f"condition tokens); pass one of them")
-        else:
-            ids = torch.empty(batch_size or 1, 0, dtype=torch.long)
-        if not cfg.bov:
-            raise ValueError("generate_video: this model has no begin-of-video id, so it continues "
-                             "given frames; use predict_frames")
-        # hybrid: one begin-of-video id; otherwise a whole first block of them (NBP needs
-        # whole blocks after the condition; nbp.demo's generators use this layout)
-        n_bov = 1 if cfg.hybrid else cfg.block_size
-        return torch.cat([ids, torch.full((ids.shape[0], n_bov), cfg.bov_id)], dim=1)
+        self._require_tokenizer()
+        layout.check_frame_prediction(cfg)
+        batch = video.shape[0] if isinstance(video, torch.Tensor) and video.dim() == 5 else None
+        cond = layout.condition_ids(cfg, class_ids, cond_ids, batch_size=batch)
+        given = self._given_ids(video, num_cond_frames)
+        return layout.frame_prediction_prompt(cfg, cond.to(self.device), given)
+
+    @torch.no_grad()
+    def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
+                       cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
+        """Frame prediction: continue the first ``num_cond_frames`` frames of ``video``.
+
+        Serves frame-prediction models (no condition, no begin-of-video id: the
+        K600 layout) and non-hybrid models with a begin-of-video id; conditional
+        ones need ``class_ids`` (int [B]) or ``cond_ids`` (int [B, cond_len]). A
+        class-conditional model given a clip it was not trained on can take
+        ``most_likely_class(video, num_cond_frames)``.
+        video: float [B, 3, T, H, W] in [0, 1] (T >= num_cond_frames). The given
+        frames are encoded, their latent frames kept as the prefix, the rest of
+        the latent grid (config.latent_shape) generated, and everything decoded.
+        ``sampling``: keyword arguments of ``generate_tokens``. Returns float32
+        [B, 3, T', H, W]: the tokenizer's reconstruction of the given frames,
+        then the predicted ones.
+        """
+        prompt = self.frame_prompt(video, num_cond_frames, class_ids=class_ids, cond_ids=cond_ids)
+        new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
+                                   mode=mode, **sampling)
+        return self.decode_ids(prompt.video_ids(new))
+
+    @torch.no_grad()
+    def most_likely_class(self, video: torch.Tensor, num_cond_frames: int = 5, *,
+                          max_rows: int | None = None) -> torch.Tensor:
+        """The class (int64 [B], CPU) under which a class-conditional model (cond_len 1) finds
+        the given frames' codes most likely.
+
+        One teacher-forced forward scores the codes of the first ``num_cond_frames``
+        frames of ``video`` (float [B, 3, T, H, W] in [0, 1]) under every class
+        (``layout.class_scoring_sequences``), ``max_rows`` (video, class) rows at a
+        time (default: one video's classes). Use it to pick ``class_ids`` for
+        ``predict_frames`` when a clip has no label. For footage unlike the
+        model's training data the class means nothing and the prediction is crude.
+        """
+        cfg = self.config
+        if cfg.cond_len != 1:
+            raise ValueError(f"most_likely_class: needs a class-conditional model (cond_len 1), "
+                             f"this one has cond_len {cfg.cond_len}")
+        _positive_or_none("max_rows", max_rows)
+        given = self._given_ids(video, num_cond_frames)
+        inputs, targets = layout.class_scoring_sequences(cfg, given)
+        rows = max_rows or cfg.cond_vocab_size
+        nll = torch.cat([self._sequence_nll(inputs[i:i + rows], targets[i:i + rows])
+                         for i in range(0, inputs.shape[0], rows)])
+        return nll.view(given.shape[0], cfg.cond_vocab_size).argmin(dim=1).cpu()
+
+    def _sequence_nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed negative log-likelihood float32 [R] of targets int64 [R, S] (-100 ignored)."""
+        logits = self.model(inputs, self.config.cond_len).float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                ignore_index=layout.IGNORE, reduction="none")
+        return nll.sum(dim=1)
 
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
@@ -330,8 +335,9 @@ class FastGenerator:
         hybrid models, else "nbp". Returns float32 [B, 3, T, H, W] in [0, 1].
         """
         self._require_tokenizer()
-        ids = self._condition_ids(class_ids, cond_ids, batch_size)
+        cond = layout.condition_ids(self.config, class_ids, cond_ids, batch_size=batch_size)
+        prompt = layout.video_prompt(self.config, cond)
         mode = mode or ("hybrid" if self.config.hybrid else "nbp")
-        new = self.generate_tokens(ids, self.config.video_len, cond_len=self.config.cond_len,
+        new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
-        return self._codes_to_video(new)
+        return self.decode_ids(prompt.video_ids(new))
