@@ -58,7 +58,7 @@ def _int_ids(name: str, value) -> torch.Tensor:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{name}: expected integer ids, got {value!r} ({e})") from None
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
         raise ValueError(f"{name}: expected integer ids, got {t.dtype} values {t.flatten()[:8].tolist()}")
     return t.long()
 
