@@ -242,6 +242,7 @@ class FastGenerator:
                              "FastGenerator with tokenizer=...")
         return self.tokenizer
 
+    @torch.no_grad()
     def decode_ids(self, video_ids: torch.Tensor) -> torch.Tensor:
         """Block-major model ids int64 [B, t*h*w] -> decoded video float32 [B, 3, T, H, W] in
         [0, 1] (ids outside the video range are clamped, see ``layout.ids_to_codes``)."""
@@ -256,6 +257,7 @@ class FastGenerator:
         codes = tok.encode(frames.to(self.device))                  # [B, n_lat, h, w]
         return layout.codes_to_ids(self.config, codes, name="video (its given frames encoded)")
 
+    @torch.no_grad()
     def frame_prompt(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
                      cond_ids=None) -> layout.Prompt:
         """The frame-prediction request (``layout.Prompt``): ``[condition, bov, given codes]``.
