@@ -78,7 +78,7 @@ def _check_range(name: str, ids: torch.Tensor, K: int) -> None:
 
 def condition_ids(cfg: TransformerConfig, class_ids=None, cond_ids=None, *,
                   batch_size: int | None = None) -> torch.Tensor:
-    """Condition model ids int64 [B, cond_len] (CPU), shifted by ``cfg.cond_offset``.
+    """Condition model ids int64 [B, cond_len] (on the ids' device), shifted by ``cfg.cond_offset``.
 
     class_ids: ints [B] (models with cond_len 1); cond_ids: ints [B, cond_len]
     (e.g. text tokens); neither for unconditional models (B = batch_size, default
