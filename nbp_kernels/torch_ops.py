@@ -1,7 +1,8 @@
 """The ``torch`` backend: vectorised PyTorch (SDPA), no host synchronisation.
 
-The CPU default and the GPU fallback. Same semantics as ``reference.py``, but
-without Python loops over the batch so it stays usable inside a captured graph.
+The CPU default and the GPU fallback of every op. Same semantics as
+``reference.py``, but without Python loops over the batch so it stays usable
+inside a captured graph.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import nbp_mask
+from .registry import register
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
@@ -62,3 +64,17 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     visible = torch.arange(M, device=q.device)[None, :] < (seq_lens.long()[:, None] + L)  # [B, M]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+
+
+def call_module(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The ``torch`` linear: the module's own forward (``F.linear``)."""
+    return module(x)
+
+
+def linear(model: torch.nn.Module):
+    """The ``linear`` op's torch fallback: nothing to prepare, ``call_module`` for every linear."""
+    return call_module
+
+
+register(("block_causal_attention", "block_decode_attention", "kv_append_", "linear"), "torch",
+         "nbp_kernels.torch_ops")
