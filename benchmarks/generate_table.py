@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from nbp.commands.bench import (bench_config, copy_bandwidth, frame_prediction_shape,
-                                gpu_table_device, machine_info, median, ntp_vs_nbp, random_model,
-                                time_interleaved, write_table)
+from harness import copy_bandwidth, gpu_table_device, write_table
+from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, median, ntp_vs_nbp,
+                                random_model, time_interleaved)
 from nbp.generate import FastGenerator
 
 TARGETS = {"step_over_floor_b1": 1.4, "b8_over_b1": 1.3, "ar_frames_per_s": 300,

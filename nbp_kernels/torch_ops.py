@@ -42,7 +42,7 @@ def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
 def _append(k_cache, v_cache, k_new, v_new, seq_lens, lens: list[int] | None) -> None:
     """``kv_append_`` with ``lens = _host_lens(seq_lens)`` already read."""
     B, H, L, D = k_new.shape
-    if lens and all(n == lens[0] for n in lens):   # one slice copy: ~10x cheaper than scatter_ on CPU
+    if lens and all(n == lens[0] for n in lens):   # one slice copy is far cheaper than scatter_ on CPU
         k_cache[:, :, lens[0]:lens[0] + L].copy_(k_new)
         v_cache[:, :, lens[0]:lens[0] + L].copy_(v_new)
         return
@@ -60,7 +60,7 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
     if lens and all(n + L == M for n in lens):
         # every cached key is visible (FastGenerator passes the exact length):
-        # SDPA without a mask is 1.2-2x faster on CPU
+        # SDPA without a mask takes a faster CPU kernel than with one
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     visible = torch.arange(M, device=q.device)[None, :] < (seq_lens.long()[:, None] + L)  # [B, M]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
