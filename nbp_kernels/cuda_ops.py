@@ -113,7 +113,7 @@ def supports(key) -> tuple[bool, str]:
 def supports_append(key) -> tuple[bool, str]:
     """(ok, why not): the append kernel moves 16-byte vectors along head_dim."""
     if key.head_dim is not None and key.dtype is not None:
-        size = torch.empty((), dtype=key.dtype).element_size()
+        size = key.dtype.itemsize
         if (key.head_dim * size) % 16:
             return False, (f"k_new: the cuda append needs head_dim * itemsize to be a multiple of 16 "
                            f"bytes, got {key.head_dim} x {size}")

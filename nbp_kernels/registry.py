@@ -167,6 +167,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def _status(op: str, backend: str, key: _Key) -> Status:
     """(usable, why not) of ``backend``'s implementation of ``op`` for ``key``."""
     ok, why = backend_status(backend, key.device)
+    if backend in _IMPORT_ERRORS:
+        return False, why
     entry = _REGISTRY[op].get(backend)
     if entry is None:
         return False, f"{backend} does not implement {op}"
@@ -221,7 +223,8 @@ def resolved_backend(op: str, backend: str = "auto", *, device="cpu", dtype=None
     key = _key(device, dtype, head_dim, block_size)
     if backend != "auto":
         _load(backend)
-    if backend == "auto" or backend not in _REGISTRY[op]:
+    # a backend that failed to import keeps its name, so resolve reports why
+    if backend == "auto" or (backend not in _REGISTRY[op] and backend not in _IMPORT_ERRORS):
         backend = _auto(op, key)
     return backend
 

@@ -133,3 +133,17 @@ def test_generator_resolves_once_per_request(monkeypatch):
     ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, cfg.block_size))
     gen.generate_tokens(ids, 3 * cfg.block_size, do_sample=False)
     assert sorted(calls) == ["block_causal_attention", "block_decode_attention", "kv_append_"]
+
+
+def test_backend_that_failed_to_import_is_not_silently_replaced(monkeypatch):
+    """A forced backend whose module cannot be imported raises with the import error;
+    auto skips it."""
+    without = {op: {b: e for b, e in impls.items() if b != "triton"}
+               for op, impls in registry._REGISTRY.items()}
+    monkeypatch.setattr(registry, "_REGISTRY", without)
+    monkeypatch.setitem(registry._IMPORT_ERRORS, "triton", "cannot import nbp_kernels.ops: boom")
+    monkeypatch.setattr(registry, "_CACHE", {})
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run kv_append_.*boom"):
+        registry.resolve("kv_append_", "triton", device="cpu")
+    assert registry.backend_status("triton", "cpu") == (False, "cannot import nbp_kernels.ops: boom")
+    assert registry.resolved_backend("kv_append_", device="cpu") == "torch"

@@ -17,6 +17,8 @@ from .kv_append import kv_append_
 
 __all__ = ["block_causal_attention", "block_decode_attention", "kv_append_", "is_available"]
 
-for _fn in (block_causal_attention, block_decode_attention):
-    register(_fn.__name__, "triton", _fn, available=is_available, supports=supports)
+register("block_causal_attention", "triton", block_causal_attention, available=is_available,
+         supports=supports)
+register("block_decode_attention", "triton", block_decode_attention, available=is_available,
+         supports=supports)
 register("kv_append_", "triton", kv_append_, available=is_available)
