@@ -103,6 +103,9 @@ class FastGenerator:
         _positive_or_none("max_batch_size", max_batch_size)
         _positive_or_none("max_seq_len", max_seq_len)
         linear_backend = _linear_backend(packed_linear, device, dtype)
+        if backend != "auto":   # an unusable backend fails here, before the model is moved
+            Kernels.resolve(backend, device=device, dtype=dtype, head_dim=model.config.head_dim,
+                            block_size=model.config.block_size, step_lens=(model.config.block_size,))
         if max_seq_len is not None and max_seq_len > model.config.max_seq_len:
             raise ValueError(f"max_seq_len: expected at most the model's position table "
                              f"({model.config.max_seq_len}), got {max_seq_len}")

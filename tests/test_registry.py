@@ -147,3 +147,14 @@ def test_backend_that_failed_to_import_is_not_silently_replaced(monkeypatch):
         registry.resolve("kv_append_", "triton", device="cpu")
     assert registry.backend_status("triton", "cpu") == (False, "cannot import nbp_kernels.ops: boom")
     assert registry.resolved_backend("kv_append_", device="cpu") == "torch"
+
+
+def test_generator_rejects_an_unusable_backend_before_touching_the_model():
+    from nbp.config import TransformerConfig
+    from nbp.generate import FastGenerator
+    from nbp.model import NBPTransformer
+
+    model = NBPTransformer(TransformerConfig.from_preset("tiny"))
+    with pytest.raises(ValueError, match="backend: 'cuda' cannot run"):
+        FastGenerator(model, dtype=torch.bfloat16, backend="cuda")
+    assert next(model.parameters()).dtype == torch.float32
