@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ablations.baseline import generate_tokens as baseline_generate
-from nbp.commands.bench import bench_config, copy_bandwidth, frame_prediction_shape, random_model
+from harness import copy_bandwidth
+from nbp.commands.bench import bench_config, frame_prediction_shape, random_model
 from nbp.decode import select_tokens
 from nbp.generate import FastGenerator
 from nbp.sampler import BatchedSampler

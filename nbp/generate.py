@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import torch
 
-from nbp_kernels.packed_linear import is_available as packed_linear_available
+from nbp_kernels import registry
 
 from . import layout
 from .cache import StaticKVCache
-from .decode import DecodeStep, ModelRunner, PackedLinears, select_tokens
-from .model import NBPTransformer, call_module
+from .decode import DecodeStep, Kernels, ModelRunner, select_tokens
+from .model import NBPTransformer
 from .sampler import DRAWS, BatchedSampler
 from .sampling import SamplingParams, cfg_weight
 from .schedule import StepPlan, check_generation_inputs, plan_steps
 
 __all__ = ["FastGenerator"]
 
-_BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LENGTH_QUANTUM = 64   # cache views are rounded up so nearby request lengths share graphs
 
@@ -48,19 +47,19 @@ def _positive_or_none(name: str, value) -> None:
         raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
 
 
-def _use_packed_linear(packed_linear, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps run their linears through ``nbp_kernels.packed_linear``."""
+def _linear_backend(packed_linear, device: torch.device, dtype: torch.dtype) -> str:
+    """The registry backend of the ``linear`` op for ``FastGenerator(packed_linear=...)``:
+    "auto" lets the registry choose (``cpu``'s packed kernel where usable), True forces
+    ``cpu`` (raising if unusable), False forces ``torch``."""
     if packed_linear not in ("auto", True, False):
         raise ValueError(f"packed_linear: expected 'auto', True or False, got {packed_linear!r}")
-    if packed_linear is False:
-        return False
-    if device.type != "cpu" or dtype != torch.float32:
-        ok, why = False, f"it needs float32 on the CPU, the generator runs {dtype} on {device}"
-    else:
-        ok, why = packed_linear_available()
-    if not ok and packed_linear is True:
-        raise ValueError(f"packed_linear: True, but the kernel is not usable: {why}")
-    return ok
+    if packed_linear is not True:
+        return "auto" if packed_linear == "auto" else "torch"
+    try:
+        registry.resolve("linear", "cpu", device=device, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"packed_linear: True, but the kernel is not usable: {e}") from None
+    return "cpu"
 
 
 class FastGenerator:
@@ -72,10 +71,14 @@ class FastGenerator:
     sized by the first request and grown when a longer one comes).
     cuda_graphs: "auto" (on for CUDA), True or False. compile: wrap the decode
     forward in ``torch.compile``. draw: "fast" or "multinomial" (module docstring).
-    packed_linear: run the decode steps' linears through
-    ``nbp_kernels.packed_linear`` (float32 on CPU; the weights are packed once,
-    a second copy of them): "auto" (when usable, see its ``is_available``),
-    True (raise if unusable) or False.
+    backend: the attention backend, a ``nbp_kernels.registry`` backend or
+    "auto" (an op the backend lacks falls back to ``auto`` for that op);
+    resolved once per request. packed_linear: run the decode steps' linears
+    through ``nbp_kernels.packed_linear`` (the registry's ``linear`` op on
+    backend ``cpu``: float32 on CPU; the weights are packed once, a second
+    copy of them): "auto" (when usable), True (raise if unusable) or False
+    (``torch``). The sampler's ops follow ``auto``; force them with
+    ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
@@ -88,8 +91,9 @@ class FastGenerator:
         dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {dtype}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+        if backend not in registry.BACKENDS + ("auto",):
+            raise ValueError(f"backend: expected one of {list(registry.BACKENDS) + ['auto']}, "
+                             f"got {backend!r}")
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs: expected 'auto', True or False, got {cuda_graphs!r}")
         if cuda_graphs is True and device.type != "cuda":
@@ -98,7 +102,10 @@ class FastGenerator:
             raise ValueError(f"draw: expected one of {DRAWS}, got {draw!r}")
         _positive_or_none("max_batch_size", max_batch_size)
         _positive_or_none("max_seq_len", max_seq_len)
-        use_packed = _use_packed_linear(packed_linear, device, dtype)
+        linear_backend = _linear_backend(packed_linear, device, dtype)
+        if backend != "auto":   # an unusable backend fails here, before the model is moved
+            Kernels.resolve(backend, device=device, dtype=dtype, head_dim=model.config.head_dim,
+                            block_size=model.config.block_size, step_lens=(model.config.block_size,))
         if max_seq_len is not None and max_seq_len > model.config.max_seq_len:
             raise ValueError(f"max_seq_len: expected at most the model's position table "
                              f"({model.config.max_seq_len}), got {max_seq_len}")
@@ -109,7 +116,8 @@ class FastGenerator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.use_graphs = device.type == "cuda" and cuda_graphs in ("auto", True)
         self.compile = compile
-        self.linear = PackedLinears(self.model) if use_packed else call_module
+        # packing copies the weights: done once per generator, not per request
+        self.linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)(self.model)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
 
@@ -132,14 +140,18 @@ class FastGenerator:
         return c
 
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
-        return ModelRunner(self.model, self.cache, backend=self.backend, mask_block=plan.mask_block,
+        """The request's runner, its attention implementations resolved here, once."""
+        kernels = Kernels.resolve(self.backend, device=self.device, dtype=self.dtype,
+                                  head_dim=self.config.head_dim, block_size=plan.mask_block,
+                                  step_lens=plan.tokens[1:])
+        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.mask_block,
                            hybrid=plan.hybrid, cond_len=cond_len, length=length,
                            linear=self.linear)
 
     def _step(self, runner: ModelRunner, sampler: BatchedSampler, batch: int, n: int,
               temperature: float, cfg: bool, length: int) -> DecodeStep:
         p = sampler.params
-        key = (self.cache.batch, n, length, runner.mask_block, runner.hybrid, runner.cond_len,
+        key = (self.cache.batch, n, length, runner.block_size, runner.hybrid, runner.cond_len,
                p.do_sample, p.top_k, p.top_p, temperature, cfg, sampler.draw)
         step = self._steps.get(key)
         if step is None:
