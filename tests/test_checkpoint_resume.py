@@ -64,8 +64,15 @@ def test_transformer_resume_is_bitwise_exact(tokens, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train_transformer(run_cfg(one), tokens)
     train_transformer(run_cfg(two, stop_at=STEPS // 2), tokens)
-    assert read_checkpoint(two / "checkpoint.pt")["step"] == STEPS // 2
-    assert not (two / "model").exists()                     # export only at the end
+    half = read_checkpoint(two / "checkpoint.pt")
+    assert half["step"] == STEPS // 2
+    # a loadable model is written with every checkpoint, so a stopped run leaves one
+    from nbp.loading import transformer_from_pretrained
+
+    stopped = transformer_from_pretrained(two / "model").state_dict()
+    assert stopped.keys() == {k.removeprefix("model.") for k in half["model"]}
+    for k, v in half["model"].items():
+        assert torch.equal(stopped[k.removeprefix("model.")], v), k
     train_transformer(run_cfg(two, resume="auto"), tokens)
     _assert_same_state(one, two)
     assert _log(one) == _log(two)                            # losses, grad norms and lr, bitwise
