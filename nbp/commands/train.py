@@ -34,7 +34,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="train", help="sub-folder scanned when there is no list")
     g.add_argument("--resolution", type=int, default=32)
     g.add_argument("--num-frames", type=int, default=17)
-    g.add_argument("--num-clips", type=int, default=10000, help="synthetic: number of clips")
+    g.add_argument("--num-clips", type=int, help="synthetic: number of clips (default 10000)")
+    g.add_argument("--clips-per-video", type=int,
+                   help="video folder: clips taken from each video, evenly over its length "
+                        "(default 1)")
     g.add_argument("--data-seed", type=int, default=0, help="synthetic: clip seed")
     g.add_argument("--sprites", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                    help="synthetic: sprites per clip")
@@ -50,12 +53,19 @@ def build_dataset(args):
     from ..data import SyntheticVideos, VideoFolder
 
     if args.data == "synthetic":
-        return SyntheticVideos(args.num_clips, resolution=args.resolution, num_frames=args.num_frames,
+        if args.clips_per_video is not None:
+            raise ValueError("--clips-per-video: applies to a video folder; synthetic data takes "
+                             "--num-clips")
+        return SyntheticVideos(10000 if args.num_clips is None else args.num_clips,
+                               resolution=args.resolution, num_frames=args.num_frames,
                                seed=args.data_seed, num_sprites=tuple(args.sprites),
                                background=args.background)
+    if args.num_clips is not None:
+        raise ValueError("--num-clips: applies to --data synthetic; a video folder gives "
+                         "(its videos) x --clips-per-video clips")
     return VideoFolder(args.data, args.annotations, split=args.split, resolution=args.resolution,
                        num_frames=args.num_frames, fps=args.fps, frame_stride=args.frame_stride,
-                       sampling=args.sampling)
+                       sampling=args.sampling, clips_per_video=args.clips_per_video or 1)
 
 
 def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
