@@ -239,7 +239,9 @@ def _checkpoint(module, optimizer, scheduler, step: int, cfg: LoopConfig, env: D
     sd = save_checkpoint(out_dir / CHECKPOINT_NAME, model=module, optimizer=optimizer,
                          scheduler=scheduler, step=step, identity=identity, env=env)
     if env.is_main and cfg.export and export is not None:
-        export_dir(lambda tmp: export(sd, tmp), out_dir / EXPORT_NAME)
+        # building the exported module draws from the RNG; a resumed run must see the same stream
+        with torch.random.fork_rng(devices=[]):
+            export_dir(lambda tmp: export(sd, tmp), out_dir / EXPORT_NAME)
 
 
 def _start_files(out_dir: Path, env: DistEnv, step: int, train_config: dict) -> None:
