@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import nbp
 from nbp.cli import main
@@ -119,13 +118,15 @@ def test_a_clip_decodes_only_its_frames_scaled_down(folder, monkeypatch):
     assert all(w == 176 for _, w in seen)
 
 
-def test_unreadable_file_is_one_clear_error(tmp_path):
+def test_unreadable_files_are_one_clear_error(folder, tmp_path):
     bad = tmp_path / "Walk" / "broken.mp4"
     bad.parent.mkdir()
     bad.write_text("not a video")
+    (tmp_path / "Walk" / "truncated.mp4").write_bytes((folder / "Walk" / "qcif.mp4").read_bytes()[:900])
     ds = VideoFolder(tmp_path, resolution=16, num_frames=5)
-    with pytest.raises(ValueError, match="cannot read .*broken.mp4"):
-        ds[0]
+    for i, name in enumerate(("broken.mp4", "truncated.mp4")):
+        with pytest.raises(ValueError, match=f"cannot (read|decode) .*{name}"):
+            ds[i]
 
 
 def test_cli_folder_flags(folder, tmp_path, capsys):

@@ -42,14 +42,13 @@ def class_text(class_name: str) -> str:
 
 
 def decode_frames(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """All frames of the first video stream: (uint8 [N, H, W, 3], float64 times [N] in seconds)."""
-    import av
+    """All frames of the first video stream: (uint8 [N, H, W, 3], float64 times [N] in seconds).
 
+    The whole file at full size: for a clip, ``decode_clip`` reads only what it needs.
+    """
     frames, times = [], []
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"video: {str(path)!r} has no video stream")
-        stream = container.streams.video[0]
+    container, stream = _open(path)
+    with container:
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         for i, frame in enumerate(container.decode(stream)):
             frames.append(frame.to_ndarray(format="rgb24"))
@@ -146,17 +145,22 @@ def decode_clip(path: str | Path, times: np.ndarray, size: tuple[int, int] | Non
                                                   interpolation=interpolation)
         return last[1]
 
+    import av
+
     for seek in (times[0] > info.start, False):
         container, stream = _open(path)
         with container:
             stream.thread_type = "AUTO"
-            if seek:  # to the keyframe at or before the first time
-                container.seek(int((times[0] - info.start) / stream.time_base) +
-                               (stream.start_time or 0), stream=stream)
-            decoded = enumerate(container.decode(stream))
-            pairs = ((f.time if seek or f.time is not None else info.start + k / info.rate, f)
-                     for k, f in decoded)
-            picked = _pick_nearest(pairs, times, convert, 0.5 / info.rate if seek else np.inf)
+            try:
+                if seek:  # to the keyframe at or before the first time
+                    container.seek(int((times[0] - info.start) / stream.time_base) +
+                                   (stream.start_time or 0), stream=stream)
+                decoded = enumerate(container.decode(stream))
+                pairs = ((f.time if seek or f.time is not None else info.start + k / info.rate, f)
+                         for k, f in decoded)
+                picked = _pick_nearest(pairs, times, convert, 0.5 / info.rate if seek else np.inf)
+            except av.FFmpegError as e:
+                raise ValueError(f"video: cannot decode {str(path)!r} ({e})") from None
         if picked is not None:
             return np.stack(picked)
         if not seek:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -233,7 +233,7 @@ def _batches_until_stop(batches: Iterator, stop: _StopRequest) -> Iterator:
         yield batch
 
 
-def _checkpoint(module, optimizer, scheduler, step: int, cfg: LoopConfig, env: DistEnv,
+def _checkpoint(module, optimizer, scheduler, step: int, *, cfg: LoopConfig, env: DistEnv,
                 out_dir: Path, identity: dict, export) -> None:
     """checkpoint.pt and, on rank 0, the loadable ``model/`` dir of the same weights."""
     sd = save_checkpoint(out_dir / CHECKPOINT_NAME, model=module, optimizer=optimizer,
@@ -272,6 +272,8 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
     identity = {**identity, "loop": cfg.identity()}
     optimizer, scheduler, step = _prepare(module, cfg, env, out_dir, identity)
     _start_files(out_dir, env, step, train_config)
+    save = functools.partial(_checkpoint, module, optimizer, scheduler, cfg=cfg, env=env,
+                             out_dir=out_dir, identity=identity, export=export)
     stop = cfg.stop_at or cfg.steps
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and env.device.type == "cuda"
            else contextlib.nullcontext())
@@ -284,10 +286,9 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
                 out = step_fn(step, batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
             gnorm = _optimizer_step(module, loss, optimizer, scheduler, cfg.optim.grad_clip)
-            step += 1
+            step, n_sum = step + 1, n_sum + 1
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            n_sum += 1
             bar.update(1)
             halt = request.requested()
             if step % cfg.log_every == 0 or step == stop or halt:
@@ -296,14 +297,14 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
                             n_sum / (time.perf_counter() - t0), bar)
                 sums, n_sum, t0 = {}, 0, time.perf_counter()
             if step % cfg.ckpt_every == 0 or step == stop or halt:
-                _checkpoint(module, optimizer, scheduler, step, cfg, env, out_dir, identity, export)
+                save(step)
                 saved = step
             if halt:
                 break
     bar.close()
     if (halt or request.flag) and step < stop:
         if saved != step:  # stopped while waiting for data: the last finished step is saved
-            _checkpoint(module, optimizer, scheduler, step, cfg, env, out_dir, identity, export)
+            save(step)
         raise Interrupted(step, out_dir / CHECKPOINT_NAME, env.is_main)
     return {"step": step, "last": last}
 
