@@ -158,15 +158,17 @@ def records(out):
 def test_sigint_checkpoints_and_resume_continues_exactly(folder, tmp_path, capsys):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "nbp.cli", *train_args(folder, out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # decoding in a worker process; the signal goes to the whole process group, as a terminal's does
+    proc = subprocess.Popen([sys.executable, "-m", "nbp.cli", *train_args(folder, out), "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         log = out / "log.jsonl"
         if log.exists() and len(log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -142,8 +142,16 @@ def step_batches(dataset, cfg: LoopConfig, env: DistEnv, collate: Callable[[list
         if num_workers <= 0:
             return (collate([dataset[i] for i in idx]) for idx in indices(start, stop))
         return iter(DataLoader(dataset, batch_sampler=indices(start, stop), collate_fn=collate,
-                               num_workers=num_workers, persistent_workers=False))
+                               num_workers=num_workers, persistent_workers=False,
+                               worker_init_fn=_ignore_stop_signals))
     return batches
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which stops them after
+    checkpointing (a worker killed by it would fail the step in progress). SIGTERM
+    still ends them: the loader's own shutdown sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _mean_across(value: torch.Tensor, env: DistEnv) -> float:
