@@ -128,3 +128,17 @@ def test_token_cache_must_fit_the_model(tokens, tmp_path):
     with pytest.raises(ValueError, match="max_seq_len"):
         train_transformer(run_cfg(tmp_path / "c", max_seq_len=40), tokens)
     assert not (tmp_path / "c").exists()
+
+
+def test_resuming_a_finished_run_changes_nothing(tokens, tmp_path, capsys):
+    out = tmp_path / "done"
+    train_transformer(run_cfg(out), tokens)
+
+    def files():  # train_config.json records the latest invocation (resume included)
+        return {p.relative_to(out): _digest(p) for p in out.rglob("*")
+                if p.is_file() and p.name != "train_config.json"}
+
+    before = files()
+    train_transformer(run_cfg(out, resume="out_dir"), tokens)
+    assert f"resumed from step {STEPS}" in capsys.readouterr().out
+    assert files() == before
