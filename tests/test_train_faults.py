@@ -100,6 +100,23 @@ def test_planted_checkpoint_runs_no_code_on_resume(tokens, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]   # nothing written
 
 
+def test_checkpoints_hold_only_tensors_and_plain_data(tokens, reference, tmp_path):
+    out = tmp_path / "run"
+    train_transformer(run_cfg(out, stop_at=2), TokenDataset(tokens))
+    path = out / "checkpoint.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    ckpt = torch.load(path, weights_only=True)                  # no allow-list needed
+    # a file from before the numpy RNG state was stored as a tensor still resumes exactly
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = ckpt["rng"][0]["numpy"]
+    ckpt["rng"][0]["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    torch.save(ckpt, path)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) != []
+    train_transformer(run_cfg(out, resume="out_dir"), TokenDataset(tokens))
+    assert_same_run(out, reference)
+
+
 CHILD = textwrap.dedent("""
     import io, json, os, signal, sys
     import torch

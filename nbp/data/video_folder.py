@@ -244,8 +244,8 @@ class VideoFolder(Dataset):
                              f"{num_frames!r}, {resolution!r}, {frame_stride!r}")
         if fps is not None and not fps > 0:
             raise ValueError(f"fps: expected a positive number or None, got {fps!r}")
-        if isinstance(clips_per_video, bool) or int(clips_per_video) != clips_per_video or \
-                clips_per_video < 1:
+        if not isinstance(clips_per_video, (int, np.integer)) or isinstance(clips_per_video, bool) \
+                or clips_per_video < 1:
             raise ValueError(f"clips_per_video: expected a positive int, got {clips_per_video!r}")
         self.clips_per_video = int(clips_per_video)
         self.files, labels = self._list(annotations, split)
