@@ -142,3 +142,43 @@ def test_resuming_a_finished_run_changes_nothing(tokens, tmp_path, capsys):
     train_transformer(run_cfg(out, resume="out_dir"), tokens)
     assert f"resumed from step {STEPS}" in capsys.readouterr().out
     assert files() == before
+
+
+def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, capsys):
+    """torchrun forwards Ctrl-C to each worker: all ranks stop at one step, rank 0 writes and
+    prints the one line (torchrun adds its own report of the signal)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import nbp
+    from nbp.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "transformer", "--tokens", str(tokens.path), "--out", str(out), "--steps", "3000",
+            "--batch", "4", "--log-every", "1", "--ckpt-every", "1000", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(nbp.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "nbp.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = out / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)                         # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=120)
+    stops = [ln for ln in err.splitlines() if ln.startswith("stopped at step")]
+    assert len(stops) == 1, err[-3000:]
+    step = int(stops[0].split()[3].rstrip(","))
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == step and ckpt["world_size"] == 2
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1))   # one writer
+    assert main([*args, "--resume", "--stop-at", str(step + 1)]) == 0
+    assert f"resumed from step {step}" in capsys.readouterr().out
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == step + 1
