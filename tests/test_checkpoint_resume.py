@@ -182,3 +182,17 @@ def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, ca
     assert main([*args, "--resume", "--stop-at", str(step + 1)]) == 0
     assert f"resumed from step {step}" in capsys.readouterr().out
     assert read_checkpoint(out / "checkpoint.pt")["step"] == step + 1
+
+
+def test_cli_resume_refusals_name_the_setting(tokens, tmp_path, capsys):
+    from nbp.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "transformer", "--tokens", str(tokens.path), "--out", str(out), "--steps", "4",
+            "--no-progress"]
+    assert main([*args, "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--n-embd", "64", "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another configuration" in err
+    assert "model.n_embd: checkpoint 32 vs now 64" in err and "loop.optim.lr: checkpoint 0.0003" in err

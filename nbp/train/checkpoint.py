@@ -115,12 +115,24 @@ def _canon(identity: dict) -> dict:
 
 def check_identity(stored: dict, current: dict, path: str | Path) -> None:
     """Raise ValueError naming every setting on which a checkpoint and this run differ."""
-    a, b = _canon(stored), _canon(current)
+    a, b = _flatten(_canon(stored)), _flatten(_canon(current))
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in diff[:6])
+        more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ValueError(f"resume: checkpoint {str(path)!r} was written by a run with another "
-                         f"configuration ({detail})")
+                         f"configuration ({detail}{more})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"model": {"n_embd": 64}} -> {"model.n_embd": 64}, so a refusal names the setting."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, step: int,
