@@ -195,13 +195,15 @@ class _StopRequest:
     """SIGINT / SIGTERM set a flag the loop reads between steps (all ranks agree on it).
 
     Handlers are installed only on the main thread; a second SIGINT raises
-    KeyboardInterrupt at once.
+    KeyboardInterrupt at once. Across ranks the flags are max-reduced without
+    blocking: a step reads the reduction started at the step before, so the
+    host never waits for the step it has just queued.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, env: DistEnv):
-        self.env, self.flag, self.saved = env, False, {}
+        self.env, self.flag, self.saved, self.pending = env, False, {}, None
 
     def _handle(self, signum, frame):
         if self.flag and signum == signal.SIGINT:
@@ -214,6 +216,8 @@ class _StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.pending is not None and exc[0] is None:
+            self.pending[0].wait()  # every rank started it; leave no collective in flight
         for s, handler in self.saved.items():
             signal.signal(s, handler)
 
@@ -221,8 +225,12 @@ class _StopRequest:
         if not self.env.distributed:
             return self.flag
         flag = torch.tensor([float(self.flag)], device=self.env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a stop anywhere stops every rank here
-        return bool(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        previous, self.pending = self.pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].item())  # a stop anywhere stops every rank at this step
 
 
 def _batches_until_stop(batches: Iterator, stop: _StopRequest) -> Iterator:
