@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, JsonConfig
 from .fsq import FSQ
+from .pretrained import Pretrained
 
 __all__ = ["TokenizerConfig", "TOKENIZER_PRESETS", "VideoTokenizer"]
 
@@ -248,12 +248,15 @@ def _decoder_layers(cfg: TokenizerConfig) -> list[nn.Module]:
 
 # --- the tokenizer -------------------------------------------------------------
 
-class VideoTokenizer(nn.Module):
+class VideoTokenizer(Pretrained, nn.Module):
     """Causal 3D CNN autoencoder with FSQ; videos <-> int64 code indices.
 
     ``encode(video) -> indices`` and ``decode(indices) -> video``; the
     indices are what the generator's vocabulary calls video codes.
     """
+
+    config_class = TokenizerConfig
+    model_type = "nbp-tokenizer"
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
@@ -346,15 +349,3 @@ class VideoTokenizer(nn.Module):
         """
         codes, indices = self.quantizer(self.encode_latents(video))
         return self.decode_latents(codes), indices
-
-    # --- native checkpoints -------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (atomically)."""
-        from .loading import save_tokenizer
-        save_tokenizer(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "VideoTokenizer":
-        """Load a directory written by :meth:`save_pretrained`."""
-        from .loading import tokenizer_from_pretrained
-        return tokenizer_from_pretrained(path, device=device, dtype=dtype)
