@@ -31,6 +31,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _WRAPPER_PREFIXES = ("module.", "_forward_module.")  # DDP / DeepSpeed / Lightning wrappers
 _LIST_LIMIT = 8
+# Meta-building this many parameters takes milliseconds; past it a config cannot fit the file.
+_BUDGET_FACTOR, _BUDGET_SLACK = 8, 1024
 
 
 class LoadError(ValueError):
@@ -90,21 +92,22 @@ def _check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tenso
 
 
 @contextmanager
-def _parameter_budget(limit: int, what: str):
+def _parameter_budget(n_tensors: int, what: str):
     """Abort module construction once it registers more than ``limit`` parameters.
 
     A config can describe far more layers than its file holds (``n_layer``
     1e8): building even the meta skeleton of those would take hours, so the
-    build stops as soon as it is certain not to match the file.
+    build stops once it is far past the file's size (a near miss is still
+    built, for the precise per-tensor comparison).
     """
-    count = 0
+    count, limit = 0, _BUDGET_FACTOR * n_tensors + _BUDGET_SLACK
 
     def hook(module, name, param):
         nonlocal count
         count += param is not None
         if count > limit:
-            raise LoadError(f"{what}: the configuration describes more parameters than the file's "
-                            f"{limit} tensors (stopped building the architecture at {count})")
+            raise LoadError(f"{what}: the configuration describes far more parameters than the "
+                            f"file's {n_tensors} tensors (stopped building the architecture at {count})")
 
     handle = register_module_parameter_registration_hook(hook)
     try:
@@ -121,8 +124,8 @@ def _float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 def build_checked(cls, config, tensors: dict[str, torch.Tensor], what: str, device=None, dtype=None):
     """``cls(config)`` in eval mode, filled from ``tensors`` (which is emptied).
 
-    The architecture is built on the meta device (no memory, no init), with
-    at most ``len(tensors)`` parameters; names and shapes are compared with
+    The architecture is built on the meta device (no memory, no init), and
+    abandoned when it grows far past ``len(tensors)`` parameters; names and shapes are compared with
     ``tensors`` before anything is allocated. ``dtype`` defaults to the
     file's (float32 when it mixes dtypes), ``device`` to the CPU.
     """

@@ -60,19 +60,23 @@ def read_torch_file(path: Path, *, trust_remote_code: bool = False):
             # Memory-map zip checkpoints so that a multi-GB file is not copied into RAM twice.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        if trust_remote_code:
-            raise LoadError(f"{path}: not a readable torch checkpoint ({e})") from e
-        raise LoadError(_refusal(path, e)) from e
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if culprit is None or trust_remote_code:
+            raise LoadError(f"{path}: not a readable torch checkpoint ({_reason(e)})") from e
+        raise LoadError(_refusal(path, culprit.group(1))) from e
     except (RuntimeError, KeyError, EOFError, OSError, ValueError) as e:
         raise LoadError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _refusal(path: Path, e: Exception) -> str:
-    """The message for a file the weights-only unpickler refused, naming the offending global."""
-    text = str(e)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    culprit = found.group(1) if found else (lines[0][:200] if lines else type(e).__name__)
+def _reason(e: Exception) -> str:
+    """The informative line of an unpickling error (torch's weights-only errors are long)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "WeightsUnpickler" in ln or "Unsupported" in ln]
+    return (hits or lines or [type(e).__name__])[0][:300]
+
+
+def _refusal(path: Path, culprit: str) -> str:
+    """The message for a file that pickles ``culprit``, a global outside the allow-list."""
     allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS)
     return (f"{path}: refused to unpickle {culprit}: the file pickles an object outside the allow-list "
             f"(tensors, plain containers and values, {allowed}). Loading it would run code from the "
