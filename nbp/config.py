@@ -153,8 +153,8 @@ class TransformerConfig(JsonConfig):
         if self.context_len > self.max_seq_len:
             raise ConfigError(f"max_seq_len: the position table has {self.max_seq_len} rows, but a clip "
                               f"of latent_shape {self.latent_shape} needs {self.context_len} positions "
-                              f"(cond_len {self.cond_len} + begin-of-video + {self.video_len} video "
-                              f"tokens - the last block of {self.block_size})")
+                              "(the condition, begin-of-video and video tokens of its layout, "
+                              "less the last block, which is only predicted)")
 
     @property
     def block_size(self) -> int:
