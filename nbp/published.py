@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TRANSFORMER_PRESETS, ConfigError, TransformerConfig
+from .config import TRANSFORMER_PRESETS, ConfigError, TransformerConfig, check_bool, check_int
 from .model import NBPTransformer
 from .native import CONFIG_FILE, LoadError, build_checked, listing, normalize_keys
 from .tokenizer import TokenizerConfig, VideoTokenizer
@@ -220,6 +220,19 @@ class _Flags:
                         f"and cannot be inferred from the weights; pass preset= (one of "
                         f"{sorted(TRANSFORMER_PRESETS)})")
 
+    def as_int(self, name: str, fallback=None, minimum: int = 0) -> int:
+        """A flag that must be an int (2.5 or "2" are refused, not rounded)."""
+        return self._typed(check_int, name, self.need(name, fallback), minimum)
+
+    def as_bool(self, name: str, fallback=None) -> bool:
+        return self._typed(check_bool, name, self.need(name, fallback))
+
+    def _typed(self, check, name, *args):
+        try:
+            return check(name, *args)
+        except ConfigError as e:
+            raise LoadError(f"{self.path}: training flag in hyper_parameters['args']: {e}") from e
+
 
 def _cond_vocab(f: _Flags, facts: dict, codebook: int, n_spe: int, unconditional: bool) -> int:
     """Size of the condition vocabulary, as the published Net2NetTransformer sets it."""
@@ -234,7 +247,7 @@ def _cond_vocab(f: _Flags, facts: dict, codebook: int, n_spe: int, unconditional
                             f"embedding rows, tok_emb.weight has {facts['vocab_size']}")
         return t
     if key == "label":
-        return int(f.need("class_cond_dim"))
+        return f.as_int("class_cond_dim", minimum=1)
     raise LoadError(f"{f.path}: cond_stage_key {key!r} is not supported; expected 'text' or 'label'")
 
 
@@ -249,8 +262,8 @@ def _config_from_flags(flags: dict, facts: dict, base: TransformerConfig | None,
         codebook = _MAGVIT2.codebook_size
     else:
         raise LoadError(f"{path}: tokenizer {f.get('tokenizer')!r} is not supported; expected 'magvit2'")
-    L, hybrid, bov = int(f["token_number_per_step"]), bool(f["hybrid"]), bool(f["starts_with_bov"])
-    unconditional = bool(f.need("unconditional", None if base is None else base.cond_vocab_size == 0))
+    L, hybrid, bov = f.as_int("token_number_per_step", minimum=1), f.as_bool("hybrid"), f.as_bool("starts_with_bov")
+    unconditional = f.as_bool("unconditional", None if base is None else base.cond_vocab_size == 0)
     if unconditional and (hybrid or bov):
         raise LoadError(f"{path}: flags unconditional with hybrid/starts_with_bov are inconsistent "
                         "(the published code forbids them together)")
@@ -258,9 +271,9 @@ def _config_from_flags(flags: dict, facts: dict, base: TransformerConfig | None,
     n_spe = 0 if unconditional else (L if hybrid else 1)
     cond_vocab = _cond_vocab(f, facts, codebook, n_spe, unconditional)
     if "sequence_length" in f.f and "resolution" in f.f:
-        res = int(f["resolution"])
+        res = f.as_int("resolution", minimum=1)
         try:
-            latent = _MAGVIT2.latent_shape(int(f["sequence_length"]), res, res)
+            latent = _MAGVIT2.latent_shape(f.as_int("sequence_length", minimum=1), res, res)
         except ValueError as e:
             raise LoadError(f"{path}: flags sequence_length/resolution do not fit the tokenizer ({e})") from e
     elif base is not None:
@@ -269,12 +282,12 @@ def _config_from_flags(flags: dict, facts: dict, base: TransformerConfig | None,
         latent = f.need("sequence_length" if "sequence_length" not in f.f else "resolution")
     try:
         return TransformerConfig(
-            vocab_size=codebook + cond_vocab + n_spe, n_layer=int(f.need("n_layer", facts["n_layer"])),
-            n_head=int(f.need("n_head", None if base is None else base.n_head)),
-            n_embd=int(f.need("n_embd", facts.get("n_embd"))),
-            max_seq_len=int(f.need("block_size", facts["max_seq_len"])), latent_shape=latent,
-            block_shape=(1, 1, L), hybrid=hybrid, bov=bov, cond_len=int(f["cond_token_num"]),
-            cond_vocab_size=cond_vocab, codebook_size=codebook, dropout=float(f["transformer_dropout"]))
+            vocab_size=codebook + cond_vocab + n_spe, n_layer=f.as_int("n_layer", facts["n_layer"]),
+            n_head=f.as_int("n_head", None if base is None else base.n_head),
+            n_embd=f.as_int("n_embd", facts.get("n_embd")),
+            max_seq_len=f.as_int("block_size", facts["max_seq_len"]), latent_shape=latent,
+            block_shape=(1, 1, L), hybrid=hybrid, bov=bov, cond_len=f.as_int("cond_token_num"),
+            cond_vocab_size=cond_vocab, codebook_size=codebook, dropout=f["transformer_dropout"])
     except ConfigError as e:
         raise LoadError(f"{path}: the training flags give an invalid configuration ({e})") from e
 

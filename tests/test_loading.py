@@ -173,6 +173,10 @@ def _ckpt_with(tmp_path, edit):
      r"unconditional with hybrid"),
     (lambda sd, c: setattr(c["hyper_parameters"]["args"], "sequence_length", 16),
      r"sequence_length/resolution do not fit .*T = 1 \+ 4k"),
+    (lambda sd, c: setattr(c["hyper_parameters"]["args"], "n_layer", 2.5),
+     r"training flag in hyper_parameters\['args'\]: n_layer: expected an int, got 2\.5"),
+    (lambda sd, c: setattr(c["hyper_parameters"]["args"], "hybrid", "no"),
+     r"training flag in hyper_parameters\['args'\]: hybrid: expected true or false"),
 ])
 def test_inconsistent_files_raise(tmp_path, edit, match):
     path = _ckpt_with(tmp_path, edit)
