@@ -153,7 +153,10 @@ def save_native(module: nn.Module, path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path: expected a directory to save into, {str(path)!r} is a file")
-    model_type = type(module).model_type
+    model_type = getattr(type(module), "model_type", None)
+    if not isinstance(model_type, str) or not hasattr(getattr(module, "config", None), "to_dict"):
+        raise ValueError(f"module: expected a module with a class model_type tag and a JsonConfig "
+                         f".config (NBPTransformer, VideoTokenizer), got {type(module).__name__}")
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}

@@ -10,6 +10,7 @@ import torch
 
 from nbp import (TRANSFORMER_PRESETS, LoadError, NBPTransformer, TokenizerConfig, TransformerConfig,
                  VideoTokenizer, load_tokenizer, load_transformer)
+from nbp.native import save_native
 from nbp.published import transformer_config_from_published
 
 
@@ -261,6 +262,9 @@ def test_native_transformer_round_trip(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="path: expected a directory"):
         model.save_pretrained(tmp_path / "f")
+    with pytest.raises(ValueError, match="module: expected a module with a class model_type tag"):
+        save_native(torch.nn.Linear(2, 2), tmp_path / "lin")
+    assert not (tmp_path / "lin").exists()
 
 
 @pytest.fixture(scope="module")
