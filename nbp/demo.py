@@ -31,7 +31,6 @@ import torch
 from . import layout
 from .data.synthetic import SyntheticVideos
 from .generate import FastGenerator
-from .loading import transformer_from_pretrained, tokenizer_from_pretrained
 from .model import NBPTransformer
 from .tokenizer import VideoTokenizer
 
@@ -78,9 +77,9 @@ def load_demo(path: str | Path | None = None, device="cpu", dtype=torch.float32)
     if missing:
         raise FileNotFoundError(f"demo models: {str(root)!r} lacks {missing} (native dirs with "
                                 f"config.json + model.safetensors; retrain with scripts/train_demo.sh)")
-    tok = tokenizer_from_pretrained(root / "tokenizer", device=device, dtype=dtype)
-    nbp = transformer_from_pretrained(root / "nbp", device=device, dtype=dtype)
-    ntp = transformer_from_pretrained(root / "ntp", device=device, dtype=dtype)
+    tok = VideoTokenizer.from_pretrained(root / "tokenizer", device=device, dtype=dtype)
+    nbp = NBPTransformer.from_pretrained(root / "nbp", device=device, dtype=dtype)
+    ntp = NBPTransformer.from_pretrained(root / "ntp", device=device, dtype=dtype)
     for name, m in (("nbp", nbp), ("ntp", ntp)):
         c = m.config
         if c.cond_len != 1 or not c.bov or c.hybrid or c.codebook_size != tok.codebook_size:

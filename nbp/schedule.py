@@ -1,6 +1,6 @@
 """What every generator agrees on: the step plan of each mode and its input checks.
 
-Modes (DESIGN.md / OFFICIAL_NBP.md):
+Modes (docs/design.md):
 
 * ``nbp``: L = config.block_size tokens per step; the prefix after the
   condition must be whole blocks (position p predicts p + L).

@@ -1,6 +1,6 @@
 """nbp_kernels: the attention, KV-cache, linear and sampling ops of the NBP engine.
 
-Public ops (semantics in ``nbp_kernels.reference``):
+Public ops (contracts in docs/design.md, semantics in ``nbp_kernels.reference``):
 
 * ``block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None, backend="auto")``
 * ``block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None, backend="auto", check_bounds=True)``

@@ -2,7 +2,7 @@
 
 Plain PyTorch, computed in float32, written to be obviously right rather than
 fast. Every backend (``torch``, ``triton``, ``cuda``) is tested against these
-functions. Shapes follow DESIGN.md: ``[batch, heads, seq, head_dim]``; caches
+functions. Shapes follow docs/design.md: ``[batch, heads, seq, head_dim]``; caches
 are preallocated ``[batch, heads, max_seq, head_dim]``; ``seq_lens`` is an
 int32 tensor ``[batch]``.
 

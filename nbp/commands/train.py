@@ -152,7 +152,7 @@ def _run_tokens(args) -> int:
     import torch
 
     from ..data import extract_tokens
-    from ..loading import load_tokenizer
+    from ..published import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:

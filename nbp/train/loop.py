@@ -337,11 +337,11 @@ def _log(out_dir: Path, env: DistEnv, step: int, means: dict, gnorm: float, lr: 
 
 def export_native(model: nn.Module, out: Path) -> Path:
     """Write ``out`` as a native dir (config.json + model.safetensors) with ``save_pretrained``
-    (NBPTransformer / VideoTokenizer; ``nbp.loading.save_transformer`` where the class lacks it)."""
+    (NBPTransformer / VideoTokenizer; ``nbp.native.save_native`` where the class lacks it)."""
     save = getattr(model, "save_pretrained", None)
     if callable(save):
         save(out)
         return Path(out)
-    from ..loading import save_transformer
+    from ..native import save_native
 
-    return save_transformer(model, out)
+    return save_native(model, out)
