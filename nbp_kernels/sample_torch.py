@@ -168,8 +168,10 @@ def draw_kept(logits: torch.Tensor, tau: torch.Tensor, row_max: torch.Tensor,
     w = torch.sub(logits, torch.where(finite, row_max, 0.0)).exp_()
     keep = (logits >= tau) & finite
     if logits.device.type == "cpu":
-        # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU
-        np.multiply(w.numpy(), keep.numpy(), out=w.numpy())
+        # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU; NaN * 0
+        # (a rejected row) stays NaN, harmless to _inverse_cdf
+        with np.errstate(invalid="ignore"):
+            np.multiply(w.numpy(), keep.numpy(), out=w.numpy())
     else:
         w.masked_fill_(~keep, 0.0)
     return _inverse_cdf(w, u)   # NaN or inf weights (rejected rows) still give an id in [0, V)
