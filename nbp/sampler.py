@@ -122,11 +122,23 @@ class BatchedSampler:
             kernels = self._kernels(x)
             if kernels is sample_cpu and bool(bad.any()):   # on the CPU the test is free
                 kernels = sample_torch                      # which draws any row, never raising
-            tokens = kernels.draw_kept(x, tau, row_max, noise)
+            # sample_torch takes the threshold's scratch for its weights too
+            extra = {"work": self._scratch(x, kernels)} if kernels is sample_torch else {}
+            tokens = kernels.draw_kept(x, tau, row_max, noise, **extra)
         return tokens.view(shape), bad.any()
 
     def _kernels(self, x: torch.Tensor) -> ModuleType:
         return sampling_kernels(self.backend, x)
+
+    def _scratch(self, x: torch.Tensor, kernels: ModuleType) -> torch.Tensor | None:
+        """The kernels' CPU scratch for x [N, V], kept from one step to the next (None off
+        the CPU): a fresh multi-MB array per step is paid in page faults."""
+        if x.device.type != "cpu":
+            return None
+        shape = kernels.work_shape(*x.shape)
+        if self._work is None or tuple(self._work.shape) != shape:
+            self._work = torch.empty(shape, dtype=torch.float32)
+        return self._work
 
     def _threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau, row_max) float32 [N, 1] of x float32 [N, V]; tau = -inf when nothing is filtered."""
@@ -134,12 +146,7 @@ class BatchedSampler:
         if args is None:
             return torch.full_like(x[:, :1], float("-inf")), x.amax(dim=-1, keepdim=True)
         kernels = self._kernels(x)
-        work = None
-        if x.device.type == "cpu":   # both kernels take the same scratch; reuse it across steps
-            shape = kernels.work_shape(*x.shape)
-            if self._work is None or tuple(self._work.shape) != shape:
-                self._work = torch.empty(shape, dtype=torch.float32)
-            work = self._work
+        work = self._scratch(x, kernels)
         try:
             return kernels.keep_threshold(x, *args, work=work)
         except ValueError:

@@ -46,6 +46,13 @@ def _check_column(name: str, t, logits: torch.Tensor, dtype: torch.dtype, shape:
         raise ValueError(f"{name}: expected {dtype} {shape} on {logits.device}, got {got}")
 
 
+def _check_work(work, N: int, V: int) -> None:
+    if work is not None and (not isinstance(work, torch.Tensor) or work.dtype != torch.float32
+                             or work.device.type != "cpu" or not work.is_contiguous()
+                             or tuple(work.shape) != work_shape(N, V)):
+        raise ValueError(f"work: expected a contiguous float32 CPU tensor {work_shape(N, V)}")
+
+
 def _np_sorted_top(x: np.ndarray, k: int, values: np.ndarray, work: np.ndarray) -> np.ndarray:
     """numpy's introselect + a sort of the k kept values (faster than torch.topk on CPU).
 
@@ -103,21 +110,20 @@ def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float, *,
         raise ValueError(f"top_k: expected an int in [1, {V}], got {top_k!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    if work is not None and (not isinstance(work, torch.Tensor) or work.dtype != torch.float32
-                             or work.device.type != "cpu" or not work.is_contiguous()
-                             or tuple(work.shape) != work_shape(N, V)):
-        raise ValueError(f"work: expected a contiguous float32 CPU tensor {work_shape(N, V)}")
+    _check_work(work, N, V)
     s, extra = _sorted_top(logits, top_k, work)
+    s = s.contiguous()   # a view of ``work`` on CPU: strided rows make every pass below slow
     tau, row_max = s[:, -1:], s[:, :1]
     p = torch.tensor(top_p, dtype=torch.float32).item()   # the float32 p the C kernel compares
     if p < 1.0:
         # keep sorted position i iff i == 0 or e_0 + .. + e_{i-1} <= p * z: a prefix of c
         # tokens. Counting (not a binary search) keeps c in [1, k] whatever the row holds.
-        e = torch.exp(s.double() - row_max.double())
-        z = e.sum(-1, keepdim=True) + extra * torch.exp(tau.double() - row_max.double())
-        c = (torch.cumsum(e[:, :-1], dim=-1) <= p * z).sum(-1, keepdim=True) + 1
+        # exp in float32 (as sample_cpu's expf), sums in float64
+        e = torch.exp(s - row_max).double()
+        z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - row_max).double()
+        c = (torch.cumsum(e, dim=-1)[:, :-1] <= p * z).sum(-1, keepdim=True) + 1
         tau = s.gather(1, c - 1)
-    return tau.clone(), row_max.clone()   # s may live in ``work``, which the next call reuses
+    return tau.clone(), row_max.clone()   # own storage: views would pin s
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -153,25 +159,34 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def draw_kept(logits: torch.Tensor, tau: torch.Tensor, row_max: torch.Tensor,
-              u: torch.Tensor) -> torch.Tensor:
+              u: torch.Tensor, *, work: torch.Tensor | None = None) -> torch.Tensor:
     """logits float32 [N, V]; tau, row_max float32 [N, 1]; u float64 [N] -> int64 [N].
 
     One token per row, drawn by inverse CDF over ``logits >= tau`` with weights
     exp(logits - row_max), as ``reference.draw_kept``. Rows with a non-finite
     row_max (see ``keep_threshold``) or nothing kept get some id in [0, V).
+    work: optional float32 CPU scratch of ``work_shape(N, V)`` (``keep_threshold``'s
+    may be passed again: it is free once tau is out) holding the weights.
     """
     N, V = _check_logits(logits)
     _check_column("tau", tau, logits, torch.float32, (N, 1))
     _check_column("row_max", row_max, logits, torch.float32, (N, 1))
     _check_column("u", u, logits, torch.float64, (N,))
     finite = torch.isfinite(row_max)
-    w = torch.sub(logits, torch.where(finite, row_max, 0.0)).exp_()
-    keep = (logits >= tau) & finite
-    if logits.device.type == "cpu":
-        # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU; NaN * 0
-        # (a rejected row) stays NaN, harmless to _inverse_cdf
-        with np.errstate(invalid="ignore"):
-            np.multiply(w.numpy(), keep.numpy(), out=w.numpy())
-    else:
-        w.masked_fill_(~keep, 0.0)
-    return _inverse_cdf(w, u)   # NaN or inf weights (rejected rows) still give an id in [0, V)
+    # NaN: nothing of a rejected row is kept
+    tau = torch.where(finite, tau, float("nan"))
+    m = torch.where(finite, row_max, 0.0)
+    if logits.device.type != "cpu":
+        return _inverse_cdf(torch.where(logits >= tau, torch.sub(logits, m).exp_(), 0.0), u)
+    _check_work(work, N, V)
+    if work is None:
+        work = torch.empty(work_shape(N, V), dtype=torch.float32)
+    flat = work.view(-1)
+    w = torch.sub(logits, m, out=flat[:N * V].view(N, V)).exp_()
+    keep = flat[N * V:].view(torch.uint8)[:N * V].view(torch.bool).view(N, V).numpy()
+    np.greater_equal(logits.detach().numpy(), tau.numpy(), out=keep)
+    # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU; inf * 0
+    # (a rejected row's +inf) is NaN, harmless to _inverse_cdf
+    with np.errstate(invalid="ignore"):
+        np.multiply(w.numpy(), keep, out=w.numpy())
+    return _inverse_cdf(w, u)   # inf weights (row_max below a kept logit) still give an id in [0, V)

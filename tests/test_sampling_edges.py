@@ -236,8 +236,11 @@ def test_sample_torch_equals_the_reference(kind, V):
     elif kind == "equal":
         x = torch.full((4, V), 0.25)
     u = torch.rand(4, dtype=torch.float64, generator=g)
+    work = torch.full(sample_torch.work_shape(4, V), NAN)    # reused: stale contents must not leak
     for k, p in sorted({(1, 1.0), (max(1, V // 4), 0.6), (V, 0.3), (V, 1.0), (max(1, V - 1), 0.95)}):
-        tau, m = sample_torch.keep_threshold(x, k, p)
+        tau, m = sample_torch.keep_threshold(x, k, p, work=work)
         ref_tau, ref_m = reference.keep_threshold(x, k, p)
         assert torch.equal(m, ref_m) and torch.equal(tau, ref_tau), (k, p)
-        assert torch.equal(sample_torch.draw_kept(x, tau, m, u), reference.draw_kept(x, tau, m, u))
+        want = reference.draw_kept(x, tau, m, u)
+        assert torch.equal(sample_torch.draw_kept(x, tau, m, u), want)
+        assert torch.equal(sample_torch.draw_kept(x, tau, m, u, work=work), want)
