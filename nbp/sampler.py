@@ -32,7 +32,7 @@ import torch
 
 from nbp_kernels import sample_cpu, sample_torch
 
-from .sampling import SamplingParams, _threshold_args, guided_logits, invalid_step_error
+from .sampling import SamplingParams, threshold_args, guided_logits, invalid_step_error
 
 __all__ = ["BACKENDS", "DRAWS", "BatchedSampler", "InvalidSteps", "sampling_kernels"]
 
@@ -142,7 +142,7 @@ class BatchedSampler:
 
     def _threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau, row_max) float32 [N, 1] of x float32 [N, V]; tau = -inf when nothing is filtered."""
-        args = _threshold_args(self.params, x.shape[-1])
+        args = threshold_args(self.params, x.shape[-1])
         if args is None:
             return torch.full_like(x[:, :1], float("-inf")), x.amax(dim=-1, keepdim=True)
         kernels = self._kernels(x)

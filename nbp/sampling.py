@@ -25,7 +25,7 @@ from nbp_kernels import reference
 
 __all__ = ["MIN_TEMPERATURE", "SamplingParams", "cfg_mix", "cfg_weight", "check_generator",
            "filter_logits", "guided_logits", "invalid_rows", "invalid_step_error",
-           "sample_logits"]
+           "sample_logits", "threshold_args"]
 
 # logits / temperature stays finite for any |logit| < 3.4e34 (bf16/fp16 heads stay far below)
 MIN_TEMPERATURE = 1e-4
@@ -134,8 +134,9 @@ def invalid_step_error(step: int) -> ValueError:
                       f"value (a diverged model, or temperature / cfg_scale overflowing float32?)")
 
 
-def _threshold_args(params: SamplingParams, vocab: int) -> tuple[int, float] | None:
-    """(top_k, top_p) for ``keep_threshold``, or None when nothing is filtered."""
+def threshold_args(params: SamplingParams, vocab: int) -> tuple[int, float] | None:
+    """(top_k, top_p) for a ``keep_threshold`` over ``vocab`` tokens (top_k clipped to
+    the vocabulary, None meaning no limit), or None when nothing is filtered."""
     k = vocab if params.top_k is None else min(params.top_k, vocab)
     p = 1.0 if params.top_p is None else params.top_p
     return None if k == vocab and p >= 1.0 else (k, p)
@@ -148,7 +149,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
     The oracle's filter: ``nbp_kernels.reference.keep_threshold`` (module docstring).
     """
     logits = logits.float()
-    args = _threshold_args(SamplingParams(top_k=top_k, top_p=top_p), logits.shape[-1])
+    args = threshold_args(SamplingParams(top_k=top_k, top_p=top_p), logits.shape[-1])
     if args is None:
         return logits
     tau, _ = reference.keep_threshold(logits, *args)
