@@ -163,6 +163,18 @@ def test_inverse_cdf_stays_in_the_vocabulary(rows, V, top_k):
     assert ((out >= 0) & (out < V)).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("draw_kind", DRAWS)
+def test_issue_case_nan_rows_of_a_1013_word_vocabulary(backend, draw_kind):
+    """The reported case: NaN rows once drew id 1023 from a vocabulary of 1013."""
+    x = torch.randn(4, 1, 1013)
+    x[1], x[3, 0, 5] = NAN, INF
+    sampler = BatchedSampler(SamplingParams(top_k=50, top_p=0.9), draw_kind, backend)
+    g = torch.Generator().manual_seed(0)
+    tokens, invalid = sampler(x, None, sampler.noise(4, g, torch.device("cpu")), g)
+    assert bool(invalid) and ((tokens >= 0) & (tokens < 1013)).all()
+
+
 def test_invalid_steps_name_the_first_bad_step():
     eager = InvalidSteps(4, torch.device("cpu"))
     eager.record(0, torch.tensor(False))
