@@ -22,9 +22,8 @@ from nbp_kernels.registry import resolve
 from .cache import StaticKVCache
 from .model import LinearFn, NBPTransformer, call_module
 from .sampler import BatchedSampler
-from .sampling import cfg_mix
 
-__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears", "select_tokens"]
+__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears"]
 
 
 @dataclass(frozen=True)
@@ -114,42 +113,25 @@ class ModelRunner:
         return self.model.logits(x, self.linear)
 
 
-def select_tokens(logits: torch.Tensor, batch: int, sampler: BatchedSampler, temperature: float,
-                  cfg_weight: torch.Tensor | None, noise: torch.Tensor | None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Temperature, CFG mix and one batched draw for every row of a step.
-
-    logits: [rows, n, V] with rows = batch (no CFG) or 2 * batch (conditional
-    rows first, then unconditional); cfg_weight: float64 0-d tensor or None;
-    noise: float64 [batch * n] or None. Returns int64 [batch, n].
-    """
-    lg = logits.float()
-    if temperature != 1.0:   # x / 1.0 == x exactly: skip a pass over [rows, n, V]
-        lg = lg / temperature
-    if cfg_weight is not None:
-        lg = cfg_mix(lg[:batch], lg[batch:], cfg_weight)
-    n = lg.shape[1]
-    return sampler(lg.reshape(batch * n, -1), noise, generator).view(batch, n)
-
-
 class DecodeStep:
     """Static buffers and (on CUDA) the captured graph of one decode step shape.
 
     ids: int64 [rows, n] (the tokens fed); noise: float64 [batch * n];
-    cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn).
-    ``run()`` reads ids/noise/cfg_weight and writes tokens; the cache's
-    seq_lens advance by n.
+    cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn);
+    invalid: bool 0-d (the sampler's flag: a row of logits it could not sample).
+    ``run()`` reads ids/noise/cfg_weight and writes tokens and invalid; the
+    cache's seq_lens advance by n.
     """
 
     def __init__(self, runner: ModelRunner, sampler: BatchedSampler, *, batch: int, n: int,
-                 temperature: float, cfg: bool, use_graph: bool, compiled=None):
+                 cfg: bool, use_graph: bool, compiled=None):
         device, rows = runner.cache.device, runner.cache.batch
         self.runner, self.sampler, self.batch, self.n = runner, sampler, batch, n
-        self.temperature = temperature
         self.ids = torch.zeros(rows, n, dtype=torch.long, device=device)
         self.noise = torch.zeros(batch * n, dtype=torch.float64, device=device)
         self.cfg_weight = torch.zeros((), dtype=torch.float64, device=device) if cfg else None
         self.tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.invalid = torch.zeros((), dtype=torch.bool, device=device)
         self.compiled = compiled is not None
         self._decode = compiled if compiled is not None else runner.decode
         self.use_graph = use_graph
@@ -161,9 +143,9 @@ class DecodeStep:
         else:
             logits = self._decode(self.ids, length)
         noise = self.noise if self.sampler.needs_noise else None
-        tokens = select_tokens(logits, self.batch, self.sampler, self.temperature,
-                               self.cfg_weight, noise, generator)
+        tokens, invalid = self.sampler(logits, self.cfg_weight, noise, generator)
         self.tokens.copy_(tokens)
+        self.invalid.copy_(invalid)
 
     def _capture(self) -> None:
         """Warm up on a side stream, undo its cache advance, then record the step."""

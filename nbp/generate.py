@@ -12,7 +12,7 @@ checks come from ``nbp.schedule``, sampling from ``nbp.sampling`` /
 * all B x L rows of a step are filtered and drawn in one sampler call;
 * classifier-free guidance runs the conditional and unconditional branches as
   one doubled batch (rows B..2B-1 carry ``model.uncond_embedding`` in place of
-  the condition) and mixes them in ``nbp.decode.select_tokens``;
+  the condition), mixed inside the sampler;
 * on CUDA the decode step is captured once in a CUDA graph and replayed.
 
 Random numbers: with ``do_sample`` the default ``draw="fast"`` draws one
@@ -30,10 +30,10 @@ from nbp_kernels import registry
 
 from . import layout
 from .cache import StaticKVCache
-from .decode import DecodeStep, Kernels, ModelRunner, select_tokens
+from .decode import DecodeStep, Kernels, ModelRunner
 from .model import NBPTransformer
-from .sampler import DRAWS, BatchedSampler
-from .sampling import SamplingParams, cfg_weight
+from .sampler import DRAWS, BatchedSampler, InvalidSteps
+from .sampling import SamplingParams, cfg_weight, check_generator
 from .schedule import StepPlan, check_generation_inputs, plan_steps
 
 __all__ = ["FastGenerator"]
@@ -156,8 +156,7 @@ class FastGenerator:
         step = self._steps.get(key)
         if step is None:
             compiled = torch.compile(runner.decode, dynamic=False) if self.compile else None
-            step = DecodeStep(runner, sampler, batch=batch, n=n, temperature=temperature, cfg=cfg,
-                              use_graph=self.use_graphs and sampler.graph_safe, compiled=compiled)
+            step = DecodeStep(runner, sampler, batch=batch, n=n, cfg=cfg, use_graph=self.use_graphs and sampler.graph_safe, compiled=compiled)
             self._steps[key] = step
         step.sampler = sampler
         return step
@@ -187,6 +186,7 @@ class FastGenerator:
         the generator's device (hybrid fillers removed).
         """
         params = SamplingParams(do_sample, temperature, top_k, top_p, cfg_scale, cfg_schedule)
+        check_generator(generator, self.device if do_sample and self.draw == "multinomial" else None)
         plan = plan_steps(self.config, mode, num_new_tokens)
         check_generation_inputs(self.config, input_ids, plan, cond_len, cfg_scale is not None)
         B, S = input_ids.shape
@@ -204,17 +204,21 @@ class FastGenerator:
         rows, prefix = self._prefill_inputs(ids, cond_len, cfg)
         weight = torch.tensor(cfg_weight(params, 0), dtype=torch.float64) if cfg else None
         n0 = plan.tokens[0]
-        tokens = select_tokens(runner.prefill(rows, prefix, n0), B, sampler, temperature, weight,
-                               None if noise is None else noise[:B * n0], generator)
+        tokens, invalid = sampler(runner.prefill(rows, prefix, n0), weight,
+                                  None if noise is None else noise[:B * n0], generator)
+        invalid_steps = InvalidSteps(len(plan.tokens), self.device)
+        invalid_steps.record(0, invalid)
         out[:, :n0] = tokens
         if callback is not None:
             callback(0, out[:, :n0])
-        self._decode_loop(runner, sampler, plan, out, noise, generator, callback, progress, length, S)
+        self._decode_loop(runner, sampler, plan, out, noise, generator, callback, progress, length, S,
+                          invalid_steps)
+        invalid_steps.check()
         return out
 
     def _decode_loop(self, runner: ModelRunner, sampler: BatchedSampler, plan: StepPlan,
                      out: torch.Tensor, noise, generator, callback, progress: bool,
-                     length: int, cached: int) -> None:
+                     length: int, cached: int, invalid_steps: InvalidSteps) -> None:
         """Steps 1.. of ``plan``: feed the previous step's tokens (+ fillers), draw the next.
 
         No host synchronisation: offsets and lengths are Python ints from the plan
@@ -242,6 +246,7 @@ class FastGenerator:
                 step.noise.copy_(noise[offset * B:(offset + n) * B])
             cached += n
             out[:, offset:offset + n].copy_(step.run(generator, cached))
+            invalid_steps.record(s, step.invalid)
             prev = out[:, offset:offset + n]
             if callback is not None:
                 callback(s, prev)

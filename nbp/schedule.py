@@ -34,10 +34,6 @@ class StepPlan:
     tokens: tuple[int, ...]
     filler_after: int
 
-    @property
-    def num_fillers(self) -> int:
-        return self.mask_block - 1 if self.filler_after >= 0 else 0
-
     def fillers(self, batch: int, device) -> torch.Tensor:
         """The middle-bos ids 1..L-1, int64 [batch, L-1]."""
         return torch.arange(1, self.mask_block, device=device).expand(batch, -1)

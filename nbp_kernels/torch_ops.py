@@ -78,3 +78,4 @@ def linear(model: torch.nn.Module):
 
 register(("block_causal_attention", "block_decode_attention", "kv_append_", "linear"), "torch",
          "nbp_kernels.torch_ops")
+register(("keep_threshold", "draw_kept"), "torch", "nbp_kernels.sample_torch")

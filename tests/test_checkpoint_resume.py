@@ -67,9 +67,9 @@ def test_transformer_resume_is_bitwise_exact(tokens, tmp_path):
     half = read_checkpoint(two / "checkpoint.pt")
     assert half["step"] == STEPS // 2
     # a loadable model is written with every checkpoint, so a stopped run leaves one
-    from nbp.loading import transformer_from_pretrained
+    from nbp import NBPTransformer
 
-    stopped = transformer_from_pretrained(two / "model").state_dict()
+    stopped = NBPTransformer.from_pretrained(two / "model").state_dict()
     assert stopped.keys() == {k.removeprefix("model.") for k in half["model"]}
     for k, v in half["model"].items():
         assert torch.equal(stopped[k.removeprefix("model.")], v), k

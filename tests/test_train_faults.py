@@ -68,9 +68,9 @@ def reference(tokens, tmp_path_factory):
 def assert_same_run(out, reference):
     log, state = reference
     assert losses(out) == log
-    from nbp.loading import transformer_from_pretrained
+    from nbp import NBPTransformer
 
-    for k, v in transformer_from_pretrained(out / "model").state_dict().items():
+    for k, v in NBPTransformer.from_pretrained(out / "model").state_dict().items():
         assert torch.equal(v, state[k]), k
 
 

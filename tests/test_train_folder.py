@@ -212,7 +212,7 @@ def test_readme_training_steps_run(tmp_path, monkeypatch):
     for cmd in commands:
         extra = TINY.get(cmd[2], []) if cmd[1] == "train" else []
         assert main(cmd[1:] + extra) == 0, cmd
-    from nbp.loading import transformer_from_pretrained
+    from nbp import NBPTransformer
 
-    assert transformer_from_pretrained(tmp_path / "runs" / "nbp" / "model").config.cond_len == 1
+    assert NBPTransformer.from_pretrained(tmp_path / "runs" / "nbp" / "model").config.cond_len == 1
     assert any(p.suffix == ".gif" for p in tmp_path.iterdir())   # the generated sample
