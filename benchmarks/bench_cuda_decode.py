@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nbp_kernels
-from nbp_kernels.dispatch import backend_status
+from nbp_kernels.registry import backend_status
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ablations.baseline import generate_tokens as baseline_generate
-from nbp.commands.bench import bench_config, copy_bandwidth, frame_prediction_shape, random_model
-from nbp.decode import select_tokens
+from harness import copy_bandwidth
+from nbp.commands.bench import bench_config, frame_prediction_shape, random_model
 from nbp.generate import FastGenerator
 from nbp.sampler import BatchedSampler
 from nbp.sampling import SamplingParams, filter_logits
@@ -98,7 +98,7 @@ def test_sampler_one_block(benchmark, impl):
     sampler = BatchedSampler(params)
     noise = sampler.noise(16, None, DEVICE)
     if impl == "batched":
-        fn = lambda: select_tokens(logits, 1, sampler, 1.0, None, noise)   # noqa: E731
+        fn = lambda: sampler(logits, None, noise)   # noqa: E731
     else:
         def fn():
             for i in range(16):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from .config import TRANSFORMER_PRESETS, ConfigError, TransformerConfig
 from .model import NBPTransformer
 from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VideoTokenizer
-from .loading import LoadError, load_tokenizer, load_transformer
+from .native import LoadError
+from .published import load_tokenizer, load_transformer
 from .generate import FastGenerator
 
 __version__ = "0.1.0"

@@ -1,9 +1,15 @@
-"""Model configurations: dataclasses with named presets, saved as JSON."""
+"""Model configurations: dataclasses with named presets, saved as JSON.
+
+Every field is checked for type and range when a config is made (from code,
+a preset or a JSON file), so a bad config.json fails with a ConfigError
+naming the field before any model is built from it.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +18,36 @@ __all__ = ["TransformerConfig", "TRANSFORMER_PRESETS", "ConfigError", "JsonConfi
 
 class ConfigError(ValueError):
     """A configuration is inconsistent or names an unknown preset."""
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int (bools and floats such as 2.5 are refused), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_float(name: str, value, lo: float, hi: float) -> float:
+    """``value`` as a float in [lo, hi)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not lo <= value < hi:
+        raise ConfigError(f"{name}: expected a number in [{lo}, {hi}), got {value!r}")
+    return float(value)
+
+
+def check_ints(name: str, value, *, length: int | None = None, minimum: int = 1) -> tuple[int, ...]:
+    """A non-empty list/tuple of ints >= ``minimum`` (of ``length`` entries when given), as a tuple."""
+    want = f"{length or 'a non-empty list of'} ints >= {minimum}"
+    if not isinstance(value, (list, tuple)) or not value or (length is not None and len(value) != length):
+        raise ConfigError(f"{name}: expected {want}, got {value!r}")
+    return tuple(check_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(value))
 
 
 def _jsonable(value):
@@ -36,6 +72,8 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -58,16 +96,9 @@ class JsonConfig:
         return dataclasses.replace(table[name], **overrides)
 
 
-def _tuple3(name: str, value) -> tuple[int, int, int]:
-    t = tuple(int(x) for x in value)
-    if len(t) != 3 or min(t) < 1:
-        raise ConfigError(f"{name}: expected three positive ints (t, h, w), got {value!r}")
-    return t
-
-
 @dataclass
 class TransformerConfig(JsonConfig):
-    """The published GPT-2 style NBP generator (OFFICIAL_NBP.md).
+    """The published GPT-2 style NBP generator (docs/published-checkpoints.md).
 
     Token layout (ids the model sees):
 
@@ -98,11 +129,15 @@ class TransformerConfig(JsonConfig):
         return TRANSFORMER_PRESETS
 
     def __post_init__(self):
-        self.latent_shape = _tuple3("latent_shape", self.latent_shape)
-        self.block_shape = _tuple3("block_shape", self.block_shape)
+        self.latent_shape = check_ints("latent_shape", self.latent_shape, length=3)
+        self.block_shape = check_ints("block_shape", self.block_shape, length=3)
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len", "codebook_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        for name in ("cond_len", "cond_vocab_size"):
+            setattr(self, name, check_int(name, getattr(self, name), 0))
+        self.hybrid = check_bool("hybrid", self.hybrid)
+        self.bov = check_bool("bov", self.bov)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for g, b, axis in zip(self.latent_shape, self.block_shape, "thw"):
@@ -115,6 +150,11 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the layout needs: "
                               f"video ids start at {self.video_offset} and there are "
                               f"{self.codebook_size} codes")
+        if self.context_len > self.max_seq_len:
+            raise ConfigError(f"max_seq_len: the position table has {self.max_seq_len} rows, but a clip "
+                              f"of latent_shape {self.latent_shape} needs {self.context_len} positions "
+                              "(the condition, begin-of-video and video tokens of its layout, "
+                              "less the last block, which is only predicted)")
 
     @property
     def block_size(self) -> int:
@@ -128,6 +168,14 @@ class TransformerConfig(JsonConfig):
     @property
     def video_len(self) -> int:
         return math.prod(self.latent_shape)
+
+    @property
+    def context_len(self) -> int:
+        """Positions a whole clip occupies: the teacher-forced input length (the last block of L
+        tokens is only predicted, never fed), which generation never exceeds either."""
+        if self.hybrid:  # [cond, bov, z_0..z_{L-1}, L-1 fillers, z_L..] minus the last L
+            return self.cond_len + self.video_len
+        return self.cond_len + self.block_size * int(self.bov) + self.video_len - self.block_size
 
     @property
     def cond_offset(self) -> int:

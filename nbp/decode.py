@@ -1,58 +1,70 @@
 """Prefill and decode steps of ``FastGenerator`` against a static KV cache.
 
 ``ModelRunner`` drives the model's pieces (``embed``, ``run_layers``,
-``logits``) with attention functions that write the cache in place through
-``nbp_kernels``. ``DecodeStep`` owns the static buffers of one step shape
-(rows x tokens fed) and either runs the step eagerly or replays it from a CUDA
-graph captured once: the graph reads token ids, positions (from
+``logits``) with the attention implementations of one request (``Kernels``,
+resolved once through ``nbp_kernels.registry``) that write the cache in place.
+``DecodeStep`` owns the static buffers of one step shape (rows x tokens fed)
+and either runs the step eagerly or replays it from a CUDA graph captured
+once: the graph reads token ids, positions (from
 ``cache.seq_lens``), the guidance weight and the sampling noise from device
 buffers, so nothing in a step needs the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-import nbp_kernels
-from nbp_kernels.packed_linear import PackedLinear
+from nbp_kernels.cpu_ops import PackedLinears
+from nbp_kernels.registry import resolve
 
 from .cache import StaticKVCache
 from .model import LinearFn, NBPTransformer, call_module
 from .sampler import BatchedSampler
-from .sampling import cfg_mix
 
-__all__ = ["ModelRunner", "DecodeStep", "PackedLinears", "select_tokens"]
+__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears"]
 
 
-class PackedLinears:
-    """A ``LinearFn`` that runs every ``nn.Linear`` of ``model`` through
-    ``nbp_kernels.packed_linear`` (float32 CPU models; weights packed once, here).
+@dataclass(frozen=True)
+class Kernels:
+    """The attention implementations of one request, resolved once (not per layer per call).
 
-    Products of more than ``packed_linear.MAX_ROWS`` rows (the prefill) use the
-    module's own forward. The packed copies are not updated if the model's
-    weights change later: build a new generator then.
+    causal: ``block_causal_attention`` (prefill); append: ``kv_append_``
+    (prefill); decode: ``block_decode_attention`` per query count n of a
+    decode step. The functions do not validate: ``ModelRunner`` builds their
+    arguments from a cache it owns.
     """
+    causal: Callable
+    append: Callable
+    decode: dict[int, Callable]
 
-    def __init__(self, model: NBPTransformer):
-        self.packed = {m: PackedLinear(m) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear)}
-
-    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.packed[module](x)
+    @classmethod
+    def resolve(cls, backend: str, *, device: torch.device, dtype: torch.dtype, head_dim: int,
+                block_size: int, step_lens) -> "Kernels":
+        """backend: a registry backend or "auto"; block_size: the mask's block; step_lens:
+        the query counts of the decode steps (an op a backend lacks falls back per op)."""
+        kw = dict(device=device, dtype=dtype, head_dim=head_dim)
+        return cls(resolve("block_causal_attention", backend, block_size=block_size, **kw),
+                   resolve("kv_append_", backend, **kw),
+                   {n: resolve("block_decode_attention", backend, block_size=n, **kw)
+                    for n in sorted(set(step_lens))})
 
 
 class ModelRunner:
     """Prefill and decode logits of ``model`` with ``cache`` (rows = cache.batch).
 
-    mask_block / hybrid / cond_len: the NBP mask of the request (StepPlan);
-    length: the cache positions the request can reach (attention reads only these);
-    linear: how the model's linears are computed (``PackedLinears`` or the modules).
+    kernels: the request's attention implementations; block_size / hybrid /
+    cond_len: the NBP mask of the request (StepPlan); length: the cache
+    positions the request can reach (attention reads only these); linear: how
+    the model's linears are computed (the registry's ``linear`` op).
     """
 
-    def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, backend: str,
-                 mask_block: int, hybrid: bool, cond_len: int, length: int,
+    def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, kernels: Kernels,
+                 block_size: int, hybrid: bool, cond_len: int, length: int,
                  linear: LinearFn = call_module):
-        self.model, self.cache, self.backend = model, cache, backend
-        self.mask_block, self.hybrid, self.cond_len = mask_block, hybrid, cond_len
+        self.model, self.cache, self.kernels = model, cache, kernels
+        self.block_size, self.hybrid, self.cond_len = block_size, hybrid, cond_len
         self.length, self.linear = length, linear
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
@@ -64,13 +76,13 @@ class ModelRunner:
         only (the head is not computed for the others).
         """
         seq_lens = self.cache.seq_lens
+        append, causal = self.kernels.append, self.kernels.causal
 
         def attend(q, k, v, i):
             kc, vc = self.cache.layer(i, self.length)
-            nbp_kernels.kv_append_(kc, vc, k, v, seq_lens, backend=self.backend, check_bounds=False)
-            return nbp_kernels.block_causal_attention(
-                q, k, v, block_size=self.mask_block, cond_len=self.cond_len, hybrid=self.hybrid,
-                backend=self.backend)
+            append(kc, vc, k, v, seq_lens)
+            return causal(q, k, v, block_size=self.block_size, cond_len=self.cond_len,
+                          hybrid=self.hybrid, scale=None)
 
         x = self.model.embed(ids, prefix_embeddings=prefix_embeddings)
         x = self.model.run_layers(x, attend, self.linear)
@@ -90,53 +102,36 @@ class ModelRunner:
         seq_lens = self.cache.seq_lens
         n = ids.shape[1]
         positions = seq_lens.long()[:, None] + torch.arange(n, device=ids.device)
+        decode = self.kernels.decode[n]
 
         def attend(q, k, v, i):
             kc, vc = self.cache.layer(i, length)
-            return nbp_kernels.block_decode_attention(q, kc, vc, seq_lens, k_new=k, v_new=v,
-                                                      backend=self.backend, check_bounds=False)
+            return decode(q, kc, vc, seq_lens, k_new=k, v_new=v, scale=None)
 
         x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)
         return self.model.logits(x, self.linear)
 
 
-def select_tokens(logits: torch.Tensor, batch: int, sampler: BatchedSampler, temperature: float,
-                  cfg_weight: torch.Tensor | None, noise: torch.Tensor | None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Temperature, CFG mix and one batched draw for every row of a step.
-
-    logits: [rows, n, V] with rows = batch (no CFG) or 2 * batch (conditional
-    rows first, then unconditional); cfg_weight: float64 0-d tensor or None;
-    noise: float64 [batch * n] or None. Returns int64 [batch, n].
-    """
-    lg = logits.float()
-    if temperature != 1.0:   # x / 1.0 == x exactly: skip a pass over [rows, n, V]
-        lg = lg / temperature
-    if cfg_weight is not None:
-        lg = cfg_mix(lg[:batch], lg[batch:], cfg_weight)
-    n = lg.shape[1]
-    return sampler(lg.reshape(batch * n, -1), noise, generator).view(batch, n)
-
-
 class DecodeStep:
     """Static buffers and (on CUDA) the captured graph of one decode step shape.
 
     ids: int64 [rows, n] (the tokens fed); noise: float64 [batch * n];
-    cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn).
-    ``run()`` reads ids/noise/cfg_weight and writes tokens; the cache's
-    seq_lens advance by n.
+    cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn);
+    invalid: bool 0-d (the sampler's flag: a row of logits it could not sample).
+    ``run()`` reads ids/noise/cfg_weight and writes tokens and invalid; the
+    cache's seq_lens advance by n.
     """
 
     def __init__(self, runner: ModelRunner, sampler: BatchedSampler, *, batch: int, n: int,
-                 temperature: float, cfg: bool, use_graph: bool, compiled=None):
+                 cfg: bool, use_graph: bool, compiled=None):
         device, rows = runner.cache.device, runner.cache.batch
         self.runner, self.sampler, self.batch, self.n = runner, sampler, batch, n
-        self.temperature = temperature
         self.ids = torch.zeros(rows, n, dtype=torch.long, device=device)
         self.noise = torch.zeros(batch * n, dtype=torch.float64, device=device)
         self.cfg_weight = torch.zeros((), dtype=torch.float64, device=device) if cfg else None
         self.tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.invalid = torch.zeros((), dtype=torch.bool, device=device)
         self.compiled = compiled is not None
         self._decode = compiled if compiled is not None else runner.decode
         self.use_graph = use_graph
@@ -148,9 +143,9 @@ class DecodeStep:
         else:
             logits = self._decode(self.ids, length)
         noise = self.noise if self.sampler.needs_noise else None
-        tokens = select_tokens(logits, self.batch, self.sampler, self.temperature,
-                               self.cfg_weight, noise, generator)
+        tokens, invalid = self.sampler(logits, self.cfg_weight, noise, generator)
         self.tokens.copy_(tokens)
+        self.invalid.copy_(invalid)
 
     def _capture(self) -> None:
         """Warm up on a side stream, undo its cache advance, then record the step."""

@@ -21,8 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nbp_kernels
+from nbp_kernels.torch_ops import call_module  # the default LinearFn: the module's own forward
 
 from .config import TransformerConfig
+from .pretrained import Pretrained
 
 __all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module"]
 
@@ -31,11 +33,6 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 # linear(module, x) -> module(x), or the same product computed another way
 # (FastGenerator's packed CPU linears for decode steps)
 LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
-
-
-def call_module(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The default ``LinearFn``: the module's own forward."""
-    return module(x)
 
 
 class SelfAttention(nn.Module):
@@ -80,12 +77,15 @@ class Block(nn.Module):
         return x + drop(linear(fc2, act(linear(fc1, self.ln2(x)))))
 
 
-class NBPTransformer(nn.Module):
+class NBPTransformer(Pretrained, nn.Module):
     """Decoder-only transformer over NBP token sequences.
 
     ``model(input_ids, cond_len=0)`` returns teacher-forced logits [B, S, V]
     (float32 or the parameter dtype) under the NBP mask from the config.
     """
+
+    config_class = TransformerConfig
+    model_type = "nbp-transformer"
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -177,15 +177,3 @@ class NBPTransformer(nn.Module):
         """Mean cross-entropy of ``targets`` [B, S] (-100 = ignored) under the forward's logits."""
         logits = self(input_ids, cond_len, **kwargs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-    # --- native checkpoints (implemented in nbp.loading) ----------------------
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (atomically)."""
-        from .loading import save_transformer
-        save_transformer(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None) -> "NBPTransformer":
-        """Load a directory written by :meth:`save_pretrained` (eval mode)."""
-        from .loading import transformer_from_pretrained
-        return transformer_from_pretrained(path, device=device, dtype=dtype)

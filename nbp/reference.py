@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .model import NBPTransformer
-from .sampling import SamplingParams, cfg_mix, cfg_weight, sample_logits
+from .sampling import (SamplingParams, cfg_weight, check_generator, guided_logits, invalid_rows,
+                       invalid_step_error, sample_logits)
 from .schedule import check_generation_inputs, plan_steps
 
 __all__ = ["generate_tokens"]
@@ -27,16 +28,21 @@ def generate_tokens(model: NBPTransformer, input_ids: torch.Tensor, num_new_toke
     of them). Returns int64 [B, num_new_tokens] (hybrid fillers removed).
     """
     params = SamplingParams(do_sample, temperature, top_k, top_p, cfg_scale, cfg_schedule)
+    check_generator(generator, input_ids.device if do_sample else None)
     plan = plan_steps(model.config, mode, num_new_tokens)
     check_generation_inputs(model.config, input_ids, plan, cond_len, cfg_scale is not None)
     seq, out = input_ids.long(), []
     run = dict(block_size=plan.mask_block, hybrid=plan.hybrid, backend=backend)
     for step, n in enumerate(plan.tokens):
-        logits = model(seq, cond_len, **run)[:, -n:].float() / temperature
+        logits = model(seq, cond_len, **run)[:, -n:]
+        weight = None
         if cfg_scale is not None:
             uncond = model(seq, cond_len, prefix_embeddings=model.uncond_embedding, **run)
-            logits = cfg_mix(logits, uncond[:, -n:].float() / temperature, cfg_weight(params, step))
-        tokens = sample_logits(logits.flatten(0, 1), params, generator).view(seq.shape[0], n)
+            logits, weight = torch.cat([logits, uncond[:, -n:]]), cfg_weight(params, step)
+        logits = guided_logits(logits, params, weight).flatten(0, 1)
+        if bool(invalid_rows(logits).any()):
+            raise invalid_step_error(step)
+        tokens = sample_logits(logits, params, generator).view(seq.shape[0], n)
         out.append(tokens)
         seq = torch.cat([seq, tokens], dim=1)
         if step == plan.filler_after:

@@ -1,31 +1,24 @@
-"""The batched sampler of ``FastGenerator``: all B x L rows of a step in one call.
+"""The fast batched sampler of ``FastGenerator``: raw logits of a step -> its tokens.
 
-Same distribution as ``nbp.sampling`` (temperature and CFG are applied by the
-caller; this module filters and draws), computed without sorting the whole
-vocabulary:
+One call takes every row of a step, logits [rows, n, V] as the model head
+returns them, and does the whole of ``nbp.sampling``'s semantics: temperature
+and guidance (``guided_logits``), top-k then top-p as one threshold, and the
+draw. It never returns an id outside ``[0, V)``; rows it cannot sample (NaN,
++inf, no finite value) are reported as a device-side flag, so a captured CUDA
+graph needs no host synchronisation to detect them (``InvalidSteps``).
 
-* top-k: the k largest logits are selected (``np.partition`` on CPU,
-  ``torch.topk`` elsewhere) and only those k are sorted. Every token whose
-  logit equals the k-th value is kept, as in ``filter_logits``.
-* top-p: the cumulative softmax mass over the sorted top-k values (normalised
-  over every top-k survivor, ties included) gives the crossing token; its logit
-  is the final threshold ``tau``. Tokens tied with the crossing token are all
-  kept (``filter_logits`` keeps an arbitrary subset of such exact ties; with
-  real-valued logits they do not occur).
-* the kept set is ``logits >= tau``.
-
-For float32 rows on the CPU, where it can be compiled, ``nbp_kernels.sample_cpu``
-computes the same threshold without sorting at all (a sampled selection by
-rank, then by softmax mass; ``reference.keep_threshold``) and the fast draw
-below in one pass per row, rows shared over torch's OpenMP threads: 4x faster
-for a 16 x 64000 step. ``CPU_KERNELS = False`` forces the numpy/torch path.
+The threshold and the draw are two ops of ``nbp_kernels`` with interchangeable
+implementations, picked in one place (``sampling_kernels``):
+``nbp_kernels.sample_cpu`` (C, float32 CPU rows on x86-64 with AVX-512) and
+``nbp_kernels.sample_torch`` (numpy/torch, any device). Both compute
+``nbp_kernels.reference.keep_threshold`` / ``draw_kept``.
 
 Two ways to draw, both exact for the filtered distribution:
 
 * ``draw="fast"``: inverse CDF in vocabulary order with one uniform number per
-  row (float64 chunked cumulative sums). The uniforms are drawn *outside* the
-  step (``noise``) so the step can be captured in a CUDA graph and replayed:
-  a graph must not advance a ``torch.Generator`` itself.
+  row. The uniforms are drawn *outside* the step (``noise``) so the step can be
+  captured in a CUDA graph and replayed: a graph must not advance a
+  ``torch.Generator`` itself.
 * ``draw="multinomial"``: ``torch.multinomial`` on the filtered softmax with the
   caller's generator: the reference generator's random stream, so seeded
   output equals ``nbp.reference.generate_tokens`` token for token. It draws
@@ -33,183 +26,52 @@ Two ways to draw, both exact for the filtered distribution:
 """
 from __future__ import annotations
 
-import numpy as np
+from types import ModuleType
+
 import torch
 
-from nbp_kernels import sample_cpu
+from nbp_kernels import registry, sample_cpu, sample_torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, threshold_args, guided_logits, invalid_step_error
 
-__all__ = ["BatchedSampler", "keep_threshold", "DRAWS"]
+__all__ = ["BACKENDS", "DRAWS", "BatchedSampler", "InvalidSteps", "sampling_kernels"]
 
 DRAWS = ("fast", "multinomial")
-_CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one chunk
-CPU_KERNELS = True   # use nbp_kernels.sample_cpu for float32 CPU rows where it is available
+BACKENDS = ("auto", "cpu", "torch")
+_KERNEL_MODULES = {"cpu": sample_cpu, "torch": sample_torch}
 
 
-def _use_cpu_kernels(x: torch.Tensor) -> bool:
-    return (CPU_KERNELS and x.device.type == "cpu" and x.dtype == torch.float32
-            and sample_cpu.is_available()[0])
+def sampling_kernels(backend: str, logits: torch.Tensor) -> ModuleType:
+    """The module whose ``keep_threshold`` / ``draw_kept`` serve ``logits`` (float32 [N, V]).
 
-
-def _np_sorted_top(x: np.ndarray, k: int, values: np.ndarray, work: np.ndarray) -> np.ndarray:
-    """numpy's introselect + vectorised sort of the k kept values (faster than
-    torch.topk on CPU). x: float32 [n, V]; values: float32 [n, k], written with
-    each row's k largest, descending; work: float32 [n, V] scratch, overwritten.
-    Returns the extra ties with the k-th, int64 [n]."""
-    n, V = x.shape
-    extra = np.zeros(n, dtype=np.int64)
-    np.copyto(work, x)
-    top = work
-    if k < V:
-        work.partition(V - k, axis=-1)
-        top, rest = work[:, V - k:], work[:, :V - k]
-        kth = top.min(axis=-1, keepdims=True)
-        if (rest.max(axis=-1, keepdims=True) == kth).any():   # exact ties: rare, count them
-            extra = np.count_nonzero(rest == kth, axis=-1).astype(np.int64)
-    top.sort(axis=-1)
-    np.copyto(values, top[:, ::-1])
-    return extra
-
-
-class Scratch:
-    """CPU arrays reused from one decode step to the next, by name.
-
-    A fresh multi-MB array per step is paid in page faults: glibc hands large
-    freed blocks back to the OS, so the next step touches new pages (measured:
-    ~1970 faults per K600 NBP step, and 1.1 ms for a [16, 64000] subtraction
-    whose arithmetic takes 0.24 ms). The arrays returned by one step are
-    overwritten by the next.
+    backend: "auto" (the registry's choice: ``sample_cpu`` where it can run
+    these rows, else ``sample_torch``), "cpu" (``sample_cpu``; an error naming
+    ``backend`` when it cannot) or "torch". ``nbp_kernels.registry.forced``
+    steers "auto".
     """
-
-    def __init__(self):
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """An uninitialised array of this shape and dtype, the same one as last time if it fits."""
-        a = self._arrays.get(name)
-        if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._arrays[name] = np.empty(shape, dtype=dtype)
-        return a
-
-
-def _array(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    return np.empty(shape, dtype=dtype) if scratch is None else scratch.get(name, shape, dtype)
-
-
-def _sorted_top(logits: torch.Tensor, k: int,
-                scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest logits of each row, descending, and how many further
-    tokens tie with the k-th one.
-
-    logits: float32 [N, V] -> (values float32 [N, k], extra_ties int64 [N, 1]).
-    With ``scratch`` (CPU) the values live in its arrays until the next call.
-    """
-    N, V = logits.shape
-    if logits.device.type == "cpu":
-        x = logits.detach().contiguous().numpy()
-        values = _array(scratch, "top_values", (N, k), np.float32)
-        extra = _np_sorted_top(x, k, values, _array(scratch, "top_work", (N, V), np.float32))
-        return torch.from_numpy(values), torch.from_numpy(extra)[:, None]
-    values = torch.topk(logits, k, dim=-1, sorted=True).values
-    extra = (logits >= values[:, -1:]).sum(-1, keepdim=True) - k
-    return values, extra
-
-
-def keep_threshold(logits: torch.Tensor, top_k: int | None,
-                   top_p: float | None) -> torch.Tensor | None:
-    """tau float32 [N, 1] with kept tokens ``logits >= tau``; None when nothing is filtered.
-
-    logits: float32 [N, V], already temperature-scaled and CFG-mixed.
-    """
-    found = _threshold_and_max(logits, top_k, top_p)
-    return None if found is None else found[0]
-
-
-def _threshold_and_max(logits: torch.Tensor, top_k: int | None, top_p: float | None,
-                       scratch: Scratch | None = None):
-    """(tau [N, 1], row max [N, 1]) on logits' device, or None when nothing is filtered."""
-    V = logits.shape[-1]
-    use_k = top_k is not None and top_k < V
-    use_p = top_p is not None and top_p < 1.0
-    if not (use_k or use_p):
-        return None
-    k = top_k if use_k else V
-    if _use_cpu_kernels(logits):
-        shape = sample_cpu.work_shape(*logits.shape)
-        work = None if scratch is None else torch.from_numpy(scratch.get("work", shape, np.float32))
-        return sample_cpu.keep_threshold(logits, k, top_p if use_p else 1.0, work=work)
-    s, extra = _sorted_top(logits, k, scratch)
-    tau, m = s[:, -1:], s[:, :1]
-    if use_p:
-        e = torch.exp(s - m)
-        z = e.sum(-1, keepdim=True) + extra * torch.exp(tau - m)
-        cum = torch.cumsum(e / z, dim=-1)
-        # keep sorted position i iff i == 0 or cum[i - 1] <= p: a prefix of length c.
-        # cum never decreases, so the count of cum[:-1] <= p is a binary search
-        # (p as float32, as the comparison with a Python float would take it).
-        p = torch.full((cum.shape[0], 1), top_p, dtype=cum.dtype, device=cum.device)
-        c = torch.searchsorted(cum, p, right=True).clamp_(max=cum.shape[1] - 1) + 1
-        tau = s.gather(1, c - 1)
-    return tau.to(logits.device), m.to(logits.device)
-
-
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index i drawn with probability weights[i] / sum(weights), per row.
-
-    weights: float32 [N, V] (>= 0, a positive entry in every row); u: float64
-    [N] uniforms in [0, 1). Returns int64 [N]. Chunk sums in float64 keep every
-    token's probability exact to float32 precision over large vocabularies.
-    """
-    N, V = weights.shape
-    pad = (-V) % _CHUNK
-    if pad:
-        weights = torch.nn.functional.pad(weights, (0, pad))
-    chunks = weights.view(N, -1, _CHUNK)
-    ccum = chunks.sum(-1).double().cumsum(-1)                    # [N, n_chunks]
-    target = u[:, None] * ccum[:, -1:]
-    ci = torch.searchsorted(ccum, target, right=True).clamp_(max=ccum.shape[1] - 1)
-    prev = torch.where(ci > 0, ccum.gather(1, (ci - 1).clamp(min=0)), torch.zeros_like(target))
-    width = ccum.gather(1, ci) - prev
-    frac = ((target - prev) / width).clamp_(0.0, 1.0 - 2.0 ** -53)
-    inner = chunks.gather(1, ci[:, :, None].expand(-1, -1, _CHUNK))[:, 0].double().cumsum(-1)
-    j = torch.searchsorted(inner, frac * inner[:, -1:], right=True).clamp_(max=_CHUNK - 1)
-    return (ci * _CHUNK + j).squeeze(-1)
-
-
-def _kept_weights(logits: torch.Tensor, found, scratch: Scratch | None = None) -> torch.Tensor:
-    """exp(logits - max) where ``logits >= tau``, else 0: float32 [N, V].
-
-    found: (tau, row max) from ``_threshold_and_max``, or None (nothing filtered).
-    With ``scratch`` (CPU) the result lives in its arrays until the next call.
-    """
-    m = logits.amax(dim=-1, keepdim=True) if found is None else found[1]
-    if logits.device.type != "cpu":
-        w = torch.sub(logits, m).exp_()
-        return w if found is None else w.masked_fill_(logits < found[0], 0.0)
-    out = torch.from_numpy(_array(scratch, "weights", tuple(logits.shape), np.float32))
-    w = torch.sub(logits, m, out=out).exp_()
-    if found is not None:
-        # numpy's bool-times-float is ~3x faster than torch's masked_fill on CPU
-        keep = np.greater_equal(logits.detach().numpy(), found[0].numpy(),
-                                out=_array(scratch, "keep", tuple(logits.shape), np.bool_))
-        np.multiply(w.numpy(), keep, out=w.numpy())
-    return w
+    chosen = registry.resolved_backend("keep_threshold", backend, device=logits.device,
+                                       dtype=logits.dtype)
+    return _KERNEL_MODULES[chosen]
 
 
 class BatchedSampler:
-    """Filters and draws one token per row of ``logits`` [N, V] in one call.
+    """Turns the raw logits of one step into one token per (sequence, position).
 
-    params: validated ``SamplingParams`` (temperature and CFG are applied by the
-    caller); draw: ``"fast"`` or ``"multinomial"`` (see the module docstring).
+    params: validated ``SamplingParams``; draw: ``"fast"`` or ``"multinomial"``
+    (module docstring); backend: which kernels filter and draw
+    (``sampling_kernels``).
     """
 
-    def __init__(self, params: SamplingParams, draw: str = "fast"):
+    def __init__(self, params: SamplingParams, draw: str = "fast", backend: str = "auto"):
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         if draw not in DRAWS:
             raise ValueError(f"draw: expected one of {DRAWS}, got {draw!r}")
-        self.params = params
-        self.draw = draw
-        self._scratch = Scratch()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.params, self.draw, self.backend = params, draw, backend
+        self._work: torch.Tensor | None = None
+        self._resolved: dict[tuple, ModuleType] = {}   # resolved once per (device, dtype)
 
     @property
     def needs_noise(self) -> bool:
@@ -228,22 +90,96 @@ class BatchedSampler:
         u = torch.rand(rows, generator=generator, dtype=torch.float64, device=gen_device)
         return u.to(device, non_blocking=True)
 
-    def __call__(self, logits: torch.Tensor, noise: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """logits: float32 [N, V]; noise: float64 [N] (``draw="fast"``). Returns int64 [N]."""
+    def __call__(self, logits: torch.Tensor, cfg_weight=None, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's tokens.
+
+        logits: [rows, n, V], any float dtype: rows = B, or 2B with guidance
+        (conditional rows first); cfg_weight: the step's guidance weight (float
+        or float64 0-d tensor; ``nbp.sampling.cfg_weight``), None without
+        guidance; noise: float64 [B * n] (``draw="fast"``); generator: for
+        ``draw="multinomial"``. Returns (tokens int64 [B, n] in [0, V), invalid:
+        bool 0-d on the logits' device, True when a row held NaN or +inf or no
+        finite value: its token is meaningless, the step must be rejected).
+        """
         p = self.params
-        if not p.do_sample:
-            return logits.argmax(dim=-1)
-        if self.draw == "fast" and noise is None:
+        if (cfg_weight is None) != (p.cfg_scale is None):
+            raise ValueError("cfg_weight: expected a weight exactly when params.cfg_scale is set")
+        if self.needs_noise and noise is None:
             raise ValueError("noise: draw='fast' needs uniforms from BatchedSampler.noise")
-        found = _threshold_and_max(logits, p.top_k, p.top_p, self._scratch)
+        lg = guided_logits(logits, p, cfg_weight)
+        shape = lg.shape[:-1]
+        x = lg.reshape(-1, lg.shape[-1])
+        if not p.do_sample:
+            # max's indices are argmax's (the first maximal value); its values flag bad rows
+            row_max, tokens = x.max(dim=-1)
+            return tokens.view(shape), ~torch.isfinite(row_max).all()
+        tau, row_max = self._threshold(x)
+        bad = ~torch.isfinite(row_max)
         if self.draw == "multinomial":
-            masked = logits if found is None else logits.masked_fill(logits < found[0], float("-inf"))
-            probs = torch.softmax(masked, dim=-1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if not _use_cpu_kernels(logits):
-            return _inverse_cdf(_kept_weights(logits, found, self._scratch), noise)
-        if found is None:
-            found = (torch.full_like(logits[:, :1], float("-inf")),
-                     logits.amax(dim=-1, keepdim=True))
-        return sample_cpu.draw_kept(logits, found[0], found[1], noise)
+            masked = x.masked_fill(x < tau, float("-inf")).masked_fill_(bad, 0.0)
+            tokens = torch.multinomial(torch.softmax(masked, dim=-1), 1, generator=generator)
+        else:
+            kernels = self._kernels(x)
+            if kernels is sample_cpu and bool(bad.any()):   # on the CPU the test is free
+                kernels = sample_torch                      # which draws any row, never raising
+            # sample_torch takes the threshold's scratch for its weights too
+            extra = {"work": self._scratch(x, kernels)} if kernels is sample_torch else {}
+            tokens = kernels.draw_kept(x, tau, row_max, noise, **extra)
+        return tokens.view(shape), bad.any()
+
+    def _kernels(self, x: torch.Tensor) -> ModuleType:
+        key = (x.device, x.dtype)
+        if key not in self._resolved:
+            self._resolved[key] = sampling_kernels(self.backend, x)
+        return self._resolved[key]
+
+    def _scratch(self, x: torch.Tensor, kernels: ModuleType) -> torch.Tensor | None:
+        """The kernels' CPU scratch for x [N, V], kept from one step to the next (None off
+        the CPU): a fresh multi-MB array per step is paid in page faults."""
+        if x.device.type != "cpu":
+            return None
+        shape = kernels.work_shape(*x.shape)
+        if self._work is None or tuple(self._work.shape) != shape:
+            self._work = torch.empty(shape, dtype=torch.float32)
+        return self._work
+
+    def _threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tau, row_max) float32 [N, 1] of x float32 [N, V]; tau = -inf when nothing is filtered."""
+        args = threshold_args(self.params, x.shape[-1])
+        if args is None:
+            return torch.full_like(x[:, :1], float("-inf")), x.amax(dim=-1, keepdim=True)
+        kernels = self._kernels(x)
+        work = self._scratch(x, kernels)
+        try:
+            return kernels.keep_threshold(x, *args, work=work)
+        except ValueError:
+            if kernels is not sample_cpu:
+                raise
+            # sample_cpu rejects rows without a distribution; sample_torch flags them instead
+            return sample_torch.keep_threshold(x, *args, work=work)
+
+
+class InvalidSteps:
+    """Collects the sampler's per-step ``invalid`` flags and raises naming the first bad step.
+
+    On the CPU a flag is read at once (free); on other devices flags stay on the
+    device (no synchronisation inside the decode loop) until ``check()``.
+    """
+
+    def __init__(self, num_steps: int, device: torch.device):
+        self.eager = torch.device(device).type == "cpu"
+        self.flags = None if self.eager else torch.zeros(num_steps, dtype=torch.bool, device=device)
+
+    def record(self, step: int, invalid: torch.Tensor) -> None:
+        """invalid: bool 0-d, the sampler's flag for step ``step``."""
+        if self.eager:
+            if bool(invalid):
+                raise invalid_step_error(step)
+        else:
+            self.flags[step].copy_(invalid)
+
+    def check(self) -> None:
+        """Raise for the first step recorded invalid (one host synchronisation)."""
+        if self.flags is not None and bool(self.flags.any()):
+            raise invalid_step_error(int(self.flags.nonzero()[0, 0]))

@@ -1,6 +1,6 @@
 """What every generator agrees on: the step plan of each mode and its input checks.
 
-Modes (DESIGN.md / OFFICIAL_NBP.md):
+Modes (docs/design.md):
 
 * ``nbp``: L = config.block_size tokens per step; the prefix after the
   condition must be whole blocks (position p predicts p + L).
@@ -33,10 +33,6 @@ class StepPlan:
     hybrid: bool
     tokens: tuple[int, ...]
     filler_after: int
-
-    @property
-    def num_fillers(self) -> int:
-        return self.mask_block - 1 if self.filler_after >= 0 else 0
 
     def fillers(self, batch: int, device) -> torch.Tensor:
         """The middle-bos ids 1..L-1, int64 [batch, L-1]."""

@@ -25,23 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, JsonConfig
+from .config import ConfigError, JsonConfig, check_int, check_ints
 from .fsq import FSQ
+from .pretrained import Pretrained
 
 __all__ = ["TokenizerConfig", "TOKENIZER_PRESETS", "VideoTokenizer"]
-
-
-def _ints(name: str, value, *, minimum: int = 1) -> tuple[int, ...]:
-    t = tuple(int(x) for x in value)
-    if not t or min(t) < minimum:
-        raise ConfigError(f"{name}: expected a non-empty sequence of ints >= {minimum}, got {value!r}")
-    return t
 
 
 @dataclass
@@ -60,7 +53,7 @@ class TokenizerConfig(JsonConfig):
     encoder_channels: tuple = (128, 256, 256, 512)
     encoder_units: tuple = (4, 4, 4, 8)
     # The published decoder has 4 + 4 = 8 units of 512 before its first
-    # upsampling (OFFICIAL_NBP.md lists 4); the released weights were saved
+    # upsampling (a description of the model lists 4); the released weights were saved
     # from the code, which has 8.
     decoder_channels: tuple = (512, 256, 256, 128)
     decoder_units: tuple = (8, 4, 4, 4)
@@ -76,29 +69,25 @@ class TokenizerConfig(JsonConfig):
         return TOKENIZER_PRESETS
 
     def __post_init__(self):
-        self.encoder_channels = _ints("encoder_channels", self.encoder_channels)
-        self.encoder_units = _ints("encoder_units", self.encoder_units)
-        self.decoder_channels = _ints("decoder_channels", self.decoder_channels)
-        self.decoder_units = _ints("decoder_units", self.decoder_units)
-        self.fsq_levels = _ints("fsq_levels", self.fsq_levels, minimum=2)
-        strides = []
-        for s in self.strides:
-            s = tuple(int(x) for x in s)
-            if len(s) != 3 or not all(x in (1, 2) for x in s):
-                raise ConfigError(f"strides: each entry must be three of 1 or 2 (t, h, w), got {self.strides!r}")
-            strides.append(s)
-        self.strides = tuple(strides)
+        for name in ("encoder_channels", "encoder_units", "decoder_channels", "decoder_units"):
+            setattr(self, name, check_ints(name, getattr(self, name)))
+        self.fsq_levels = check_ints("fsq_levels", self.fsq_levels, minimum=2)
+        if not isinstance(self.strides, (list, tuple)):
+            raise ConfigError(f"strides: expected a list of (t, h, w) strides, got {self.strides!r}")
+        self.strides = tuple(check_ints(f"strides[{i}]", s, length=3) for i, s in enumerate(self.strides))
+        if any(x not in (1, 2) for s in self.strides for x in s):
+            raise ConfigError(f"strides: each entry must be three of 1 or 2 (t, h, w), got {self.strides!r}")
+        for name in ("in_channels", "kernel_size", "norm_groups"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         n = len(self.strides) + 1
         for name in ("encoder_channels", "encoder_units", "decoder_channels", "decoder_units"):
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"{name}: expected {n} stages (len(strides) + 1), "
                                   f"got {len(getattr(self, name))}")
-        if int(self.in_channels) < 1:
-            raise ConfigError(f"in_channels: expected a positive int, got {self.in_channels!r}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+        if self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size: expected a positive odd int, got {self.kernel_size!r}")
         for w in self.encoder_channels + self.decoder_channels:
-            if self.norm_groups < 1 or w % self.norm_groups:
+            if w % self.norm_groups:
                 raise ConfigError(f"norm_groups ({self.norm_groups}) must divide every stage width, "
                                   f"got widths {self.encoder_channels} / {self.decoder_channels}")
 
@@ -248,12 +237,15 @@ def _decoder_layers(cfg: TokenizerConfig) -> list[nn.Module]:
 
 # --- the tokenizer -------------------------------------------------------------
 
-class VideoTokenizer(nn.Module):
+class VideoTokenizer(Pretrained, nn.Module):
     """Causal 3D CNN autoencoder with FSQ; videos <-> int64 code indices.
 
     ``encode(video) -> indices`` and ``decode(indices) -> video``; the
     indices are what the generator's vocabulary calls video codes.
     """
+
+    config_class = TokenizerConfig
+    model_type = "nbp-tokenizer"
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
@@ -346,15 +338,3 @@ class VideoTokenizer(nn.Module):
         """
         codes, indices = self.quantizer(self.encode_latents(video))
         return self.decode_latents(codes), indices
-
-    # --- native checkpoints -------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (atomically)."""
-        from .loading import save_tokenizer
-        save_tokenizer(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype=None) -> "VideoTokenizer":
-        """Load a directory written by :meth:`save_pretrained`."""
-        from .loading import tokenizer_from_pretrained
-        return tokenizer_from_pretrained(path, device=device, dtype=dtype)

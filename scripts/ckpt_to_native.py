@@ -12,11 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from nbp.config import TransformerConfig
+from nbp.config import ConfigError
 from nbp.model import NBPTransformer
-from nbp.tokenizer import TokenizerConfig, VideoTokenizer
+from nbp.tokenizer import VideoTokenizer
 from nbp.train.checkpoint import read_checkpoint
-from nbp.train.loop import export_native
 
 
 def main(argv: list[str]) -> int:
@@ -27,14 +26,17 @@ def main(argv: list[str]) -> int:
     ckpt = read_checkpoint(run / "checkpoint.pt")
     # The trainers wrap the model in their objective module (``model.`` / ``tokenizer.``).
     state = {k.removeprefix("model.").removeprefix("tokenizer."): v for k, v in ckpt["model"].items()}
-    if cfg["kind"] == "tokenizer":
-        model = VideoTokenizer(TokenizerConfig.from_dict(cfg["model"]))
-    elif cfg["kind"] == "transformer":
-        model = NBPTransformer(TransformerConfig.from_dict(cfg["model"]))
-    else:
-        raise SystemExit(f"ckpt_to_native: unknown run kind {cfg['kind']!r}")
+    kinds = {"tokenizer": VideoTokenizer, "transformer": NBPTransformer}
+    if cfg.get("kind") not in kinds:
+        raise SystemExit(f"ckpt_to_native: unknown run kind {cfg.get('kind')!r}; expected one of {sorted(kinds)}")
+    cls = kinds[cfg["kind"]]
+    try:
+        config = cls.config_class.from_dict(cfg.get("model"))
+    except ConfigError as e:
+        raise SystemExit(f"ckpt_to_native: {run / 'train_config.json'}: invalid model config ({e})") from e
+    model = cls(config)
     model.load_state_dict(state)
-    out = export_native(model, run / "model")
+    out = model.save_pretrained(run / "model")
     print(f"{run / 'checkpoint.pt'} (step {ckpt['step']}) -> {out}")
     return 0
 

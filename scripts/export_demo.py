@@ -5,7 +5,7 @@ Usage: python scripts/export_demo.py RUNS_DIR [OUT_DIR]
 RUNS_DIR holds the outputs of scripts/train_demo.sh: ``tok_ft`` (the tokenizer after
 decoder fine-tuning; ``tok/model`` when absent), ``nbp/model`` and ``ntp/model``. Each is loaded, cast to
 float16 (halving the shipped size; ``nbp.demo.load_demo`` casts back to float32)
-and saved with ``nbp.loading.save_*`` into OUT_DIR/{tokenizer,nbp,ntp}
+and saved with ``save_pretrained`` into OUT_DIR/{tokenizer,nbp,ntp}
 (default: the package's ``nbp/assets/demo``).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from nbp.demo import DEMO_DIR
-from nbp.loading import (save_tokenizer, save_transformer, tokenizer_from_pretrained,
-                         transformer_from_pretrained)
+from nbp.model import NBPTransformer
+from nbp.tokenizer import VideoTokenizer
 
 
 def main() -> int:
@@ -27,14 +27,14 @@ def main() -> int:
     args = p.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     tok_dir = runs / "tok_ft" if (runs / "tok_ft" / "model.safetensors").is_file() else runs / "tok" / "model"
-    sources = {"tokenizer": (tok_dir, tokenizer_from_pretrained, save_tokenizer),
-               "nbp": (runs / "nbp" / "model", transformer_from_pretrained, save_transformer),
-               "ntp": (runs / "ntp" / "model", transformer_from_pretrained, save_transformer)}
-    for name, (src, _, _) in sources.items():
+    sources = {"tokenizer": (tok_dir, VideoTokenizer),
+               "nbp": (runs / "nbp" / "model", NBPTransformer),
+               "ntp": (runs / "ntp" / "model", NBPTransformer)}
+    for name, (src, _) in sources.items():
         if not (src / "model.safetensors").is_file():
             raise SystemExit(f"export_demo: {src} is not a native model dir (train it first)")
-    for name, (src, load, save) in sources.items():
-        save(load(src, dtype=torch.float16), out / name)
+    for name, (src, cls) in sources.items():
+        cls.from_pretrained(src, dtype=torch.float16).save_pretrained(out / name)
         size = (out / name / "model.safetensors").stat().st_size
         print(f"{src} -> {out / name} ({size / 1e6:.2f} MB, float16)")
     return 0

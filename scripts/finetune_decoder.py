@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from nbp.data import SyntheticVideos
 from nbp.data.synthetic import BACKGROUNDS
 from nbp.io import atomic_write_text
-from nbp.loading import save_tokenizer, tokenizer_from_pretrained
+from nbp.tokenizer import VideoTokenizer
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    tok = tokenizer_from_pretrained(args.tokenizer, dtype=torch.float32).train()
+    tok = VideoTokenizer.from_pretrained(args.tokenizer, dtype=torch.float32).train()
     for prm in tok.encoder_layers.parameters():
         prm.requires_grad_(False)
     params = [q for q in tok.decoder_layers.parameters()]
@@ -67,7 +67,7 @@ def main() -> int:
                    "seconds": time.time() - t0}
             log.append(rec)
             print(json.dumps(rec), flush=True)
-    save_tokenizer(tok.eval(), args.out)
+    tok.eval().save_pretrained(args.out)
     atomic_write_text(Path(str(args.out) + ".log.jsonl"), "".join(json.dumps(r) + "\n" for r in log))
     print(f"wrote {args.out}")
     return 0

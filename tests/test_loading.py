@@ -10,16 +10,17 @@ import torch
 
 from nbp import (TRANSFORMER_PRESETS, LoadError, NBPTransformer, TokenizerConfig, TransformerConfig,
                  VideoTokenizer, load_tokenizer, load_transformer)
-from nbp.loading import transformer_config_from_published
+from nbp.native import save_native
+from nbp.published import transformer_config_from_published
 
 
 def _published_args(**overrides) -> argparse.Namespace:
     """Flags as transformer_train.py records them (K600 script: unconditional frame prediction)."""
     args = dict(tokenizer="magvit2", vtokens=False, vtokens_pos=False, unconditional=True,
                 cond_stage_key="label", class_cond_dim=None, cond_token_num=0, vocab_size=64000,
-                first_stage_vocab_size=16384, block_size=40, n_layer=2, n_head=2, n_embd=16,
+                first_stage_vocab_size=16384, block_size=96, n_layer=2, n_head=2, n_embd=16,
                 n_unmasked=0, transformer_dropout=0.1, semi_ar=True, token_number_per_step=4,
-                starts_with_bov=False, hybrid=False, sequence_length=17, resolution=128,
+                starts_with_bov=False, hybrid=False, sequence_length=17, resolution=32,
                 p_drop_cond=None, base_lr=1e-3, batch_size=2)
     args.update(overrides)
     return argparse.Namespace(**args)
@@ -66,7 +67,7 @@ def _assert_same(model, loaded, cfg=None):
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=64000, n_layer=2, n_head=2, n_embd=16, max_seq_len=40, latent_shape=(5, 16, 16),
+    base = dict(vocab_size=64000, n_layer=2, n_head=2, n_embd=16, max_seq_len=96, latent_shape=(5, 4, 4),
                 block_shape=(1, 1, 4), dropout=0.1)
     base.update(kw)
     return TransformerConfig(**base)
@@ -173,6 +174,10 @@ def _ckpt_with(tmp_path, edit):
      r"unconditional with hybrid"),
     (lambda sd, c: setattr(c["hyper_parameters"]["args"], "sequence_length", 16),
      r"sequence_length/resolution do not fit .*T = 1 \+ 4k"),
+    (lambda sd, c: setattr(c["hyper_parameters"]["args"], "n_layer", 2.5),
+     r"training flag in hyper_parameters\['args'\]: n_layer: expected an int, got 2\.5"),
+    (lambda sd, c: setattr(c["hyper_parameters"]["args"], "hybrid", "no"),
+     r"training flag in hyper_parameters\['args'\]: hybrid: expected true or false"),
 ])
 def test_inconsistent_files_raise(tmp_path, edit, match):
     path = _ckpt_with(tmp_path, edit)
@@ -201,10 +206,10 @@ def test_pickled_objects_need_trust(tmp_path):
     ckpt = torch.load(path, weights_only=False)
     ckpt["callbacks"] = {"ModelCheckpoint": {"best_model_score": fractions.Fraction(1, 3)}}
     torch.save(ckpt, path)
-    with pytest.raises(LoadError, match=r"weights_only=True.*Unsupported global.*fractions\.Fraction"):
-        load_transformer(path, allow_pickle=False)
-    with pytest.warns(UserWarning, match="fractions.Fraction.*weights_only=False"):
-        _assert_same(model, load_transformer(path))
+    with pytest.raises(LoadError, match=r"refused to unpickle fractions\.Fraction.*trust_remote_code=True"):
+        load_transformer(path)
+    with pytest.warns(UserWarning, match="trust_remote_code=True.*weights_only=False"):
+        _assert_same(model, load_transformer(path, trust_remote_code=True))
 
 
 def test_device_dtype_and_unreadable_files(tmp_path):
@@ -233,7 +238,7 @@ def test_published_training_flags_give_the_presets(preset, flags):
     """The flags of scripts/lm_train/*.sh on full-size (meta) tensors map onto our presets."""
     with torch.device("meta"):
         tensors = NBPTransformer(TRANSFORMER_PRESETS[preset]).state_dict()
-    args = vars(_published_args(block_size=5120, token_number_per_step=16, **flags))
+    args = vars(_published_args(block_size=5120, token_number_per_step=16, resolution=128, **flags))
     cfg = transformer_config_from_published(tensors, args)
     assert dataclasses.replace(cfg, dropout=0.0) == TRANSFORMER_PRESETS[preset]
     assert transformer_config_from_published(tensors, args, preset=preset) == cfg
@@ -257,6 +262,9 @@ def test_native_transformer_round_trip(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="path: expected a directory"):
         model.save_pretrained(tmp_path / "f")
+    with pytest.raises(ValueError, match="module: expected a module with a class model_type tag"):
+        save_native(torch.nn.Linear(2, 2), tmp_path / "lin")
+    assert not (tmp_path / "lin").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Sampling: nbp.sampling's filters on hand-computed examples, and the batched
-sampler of FastGenerator (nbp.sampler) against them."""
+"""Sampling: nbp.sampling's oracle on hand-computed examples, and the batched
+sampler of FastGenerator (nbp.sampler) with each of its kernels against it."""
 from __future__ import annotations
 
 import math
@@ -7,22 +7,27 @@ import math
 import pytest
 import torch
 
-from nbp.decode import select_tokens
-import nbp.sampler
-from nbp.sampler import DRAWS, BatchedSampler, _inverse_cdf, keep_threshold
-from nbp_kernels import sample_cpu
+from nbp.sampler import DRAWS, BatchedSampler, sampling_kernels
 from nbp.sampling import SamplingParams, cfg_mix, cfg_weight, filter_logits, sample_logits
+from nbp_kernels import reference, sample_cpu, sample_torch
+from nbp_kernels.sample_torch import _inverse_cdf, _sorted_top
 
 NEG = float("-inf")
 
 
-@pytest.fixture(params=["sample_cpu", "torch"])
-def cpu_path(request, monkeypatch):
-    """Run a test with the CPU sampler's C kernels and with its torch path."""
-    if request.param == "sample_cpu" and not sample_cpu.is_available()[0]:
+@pytest.fixture(params=["cpu", "torch"])
+def cpu_path(request):
+    """The sampler backend under test: the CPU sampler's C kernels, or numpy/torch."""
+    if request.param == "cpu" and not sample_cpu.is_available()[0]:
         pytest.skip(f"sample_cpu unavailable: {sample_cpu.is_available()[1]}")
-    monkeypatch.setattr(nbp.sampler, "CPU_KERNELS", request.param == "sample_cpu")
     return request.param
+
+
+def keep_threshold(x: torch.Tensor, top_k, top_p, backend: str = "torch") -> torch.Tensor:
+    """tau [N, 1] of the backend's kernels (top_k / top_p None: not filtered)."""
+    V = x.shape[-1]
+    k, p = V if top_k is None else min(top_k, V), 1.0 if top_p is None else top_p
+    return sampling_kernels(backend, x).keep_threshold(x, k, p)[0]
 
 
 def kept(logits: torch.Tensor) -> list[bool]:
@@ -45,8 +50,7 @@ def test_top_k_keeps_ties_with_the_kth_value():
 def test_top_p_keeps_the_crossing_token(p, expect):
     x = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()   # cumulative 0.5, 0.8, 0.95, 1.0
     assert kept(filter_logits(x, top_p=p)) == [expect]
-    tau = keep_threshold(x, None, p)
-    assert ((x >= tau) if tau is not None else torch.ones_like(x, dtype=torch.bool)).tolist() == [expect]
+    assert (x >= reference.keep_threshold(x, 4, p)[0]).tolist() == [expect]
 
 
 def test_top_k_then_top_p_renormalises_over_the_survivors():
@@ -68,14 +72,18 @@ def test_cfg_mix_and_schedule():
     assert [cfg_weight(linear, s) for s in (0, 3)] == [0.0, 4.5]
 
 
-def test_select_tokens_applies_temperature_then_cfg():
+def test_sampler_applies_temperature_then_cfg():
     # rows: conditional then unconditional; greedy picks argmax of (1+t)c - t u
     logits = torch.tensor([[[1.0, 0.0, 0.5]], [[0.0, 2.0, 0.0]]])    # [2 rows, n=1, V=3]
-    greedy = BatchedSampler(SamplingParams(do_sample=False))
+    guided = BatchedSampler(SamplingParams(do_sample=False, cfg_scale=1.0))
     w = torch.tensor(1.0, dtype=torch.float64)
     # mixed = 2 * [1, 0, .5] - [0, 2, 0] = [2, -2, 1] -> 0; without CFG the cond row alone -> 0
-    assert select_tokens(logits, 1, greedy, 1.0, w, None).tolist() == [[0]]
-    assert select_tokens(logits, 2, greedy, 3.0, None, None).tolist() == [[0], [1]]
+    tokens, invalid = guided(logits, w)
+    assert tokens.tolist() == [[0]] and not invalid
+    greedy = BatchedSampler(SamplingParams(do_sample=False, temperature=3.0))
+    assert greedy(logits)[0].tolist() == [[0], [1]]
+    with pytest.raises(ValueError, match="cfg_weight"):
+        greedy(logits, w)
 
 
 @pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
@@ -100,7 +108,7 @@ def test_bad_draw_and_missing_noise_raise():
 @pytest.mark.parametrize("scale", [0.1, 3.0])
 def test_keep_threshold_equals_filter_logits(cpu_path, V, top_k, top_p, scale):
     x = torch.randn(6, V, generator=torch.Generator().manual_seed(V)) * scale
-    tau = keep_threshold(x, top_k, top_p)
+    tau = keep_threshold(x, top_k, top_p, cpu_path)
     assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, top_k, top_p))
 
 
@@ -108,25 +116,26 @@ def test_keep_threshold_top_k_with_many_ties(cpu_path):
     # quantised logits: the k-th value is tied many times; all ties are kept
     x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(0)) * 2).round()
     for k in (1, 10, 77):
-        tau = keep_threshold(x, k, None)
+        tau = keep_threshold(x, k, None, cpu_path)
         assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, k))
 
 
-def test_keep_threshold_ties_differ_only_at_the_crossing_value(cpu_path):
+def test_keep_threshold_keeps_every_tie_at_the_crossing_value(cpu_path):
+    # one tie rule: the oracle keeps every token tied with the top-p crossing token too
     x = (torch.randn(8, 300, generator=torch.Generator().manual_seed(1)) * 2).round()
-    tau = keep_threshold(x, 50, 0.6)
-    ref = filter_logits(x, 50, 0.6) > NEG
-    mine = x >= tau
-    assert (mine | ~ref).all()                  # every token the reference keeps is kept
-    assert (x[mine & ~ref] == tau.expand_as(x)[mine & ~ref]).all()   # extras tie with tau
+    tau = keep_threshold(x, 50, 0.6, cpu_path)
+    assert torch.equal(x.masked_fill(x < tau, NEG), filter_logits(x, 50, 0.6))
+    y = torch.tensor([[3.0, 2.0, 2.0, 2.0, 0.0]])     # the crossing token is one of three ties
+    assert kept(filter_logits(y, top_p=0.5)) == [[True, True, True, True, False]]
 
 
 def test_multinomial_draw_equals_sample_logits_stream(cpu_path):
     x = torch.randn(12, 50, generator=torch.Generator().manual_seed(2))
     params = SamplingParams(top_k=20, top_p=0.8)
     ref = sample_logits(x, params, torch.Generator().manual_seed(5))
-    mine = BatchedSampler(params, draw="multinomial")(x, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(ref, mine)
+    sampler = BatchedSampler(params, draw="multinomial", backend=cpu_path)
+    mine, invalid = sampler(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(ref, mine) and not invalid
 
 
 # --- the fast draw samples the filtered distribution -------------------------------
@@ -138,9 +147,9 @@ def test_fast_draw_matches_the_filtered_softmax(cpu_path, top_k, top_p, temperat
     rows = 60000
     logits = base.expand(rows, 1, -1).contiguous()                # [rows, n=1, V]
     params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature)
-    sampler = BatchedSampler(params)
+    sampler = BatchedSampler(params, backend=cpu_path)
     noise = sampler.noise(rows, torch.Generator().manual_seed(0), torch.device("cpu"))
-    draws = select_tokens(logits, rows, sampler, temperature, None, noise).flatten()
+    draws = sampler(logits, None, noise)[0].flatten()
     expect = torch.softmax(filter_logits(base[None] / temperature, top_k, top_p), -1)[0]
     freq = torch.bincount(draws, minlength=6).double() / rows
     sigma = (expect * (1 - expect) / rows).sqrt()
@@ -153,9 +162,9 @@ def test_fast_draw_with_tied_logits_is_exact(cpu_path, top_k, top_p):
     # ties inside the top-k list, beyond it (the k-th value repeats) and at the top-p crossing
     base = torch.tensor([1.0, 2.0, 1.0, 0.5, 2.0, 1.0, 0.0, 1.0])
     rows = 80000
-    sampler = BatchedSampler(SamplingParams(top_k=top_k, top_p=top_p))
+    sampler = BatchedSampler(SamplingParams(top_k=top_k, top_p=top_p), backend=cpu_path)
     noise = sampler.noise(rows, torch.Generator().manual_seed(1), torch.device("cpu"))
-    draws = sampler(base.expand(rows, -1).contiguous(), noise)
+    draws = sampler(base.expand(rows, -1).contiguous(), None, noise)[0]
     tau = keep_threshold(base[None], top_k, top_p)
     expect = torch.softmax(base.masked_fill(base < tau[0], float("-inf")), -1)
     freq = torch.bincount(draws, minlength=8).double() / rows
@@ -178,22 +187,23 @@ def test_inverse_cdf_edges_and_padding():
 
 def test_fast_draw_is_seeded(cpu_path):
     x = torch.randn(4, 3, 100, generator=torch.Generator().manual_seed(0))
-    sampler = BatchedSampler(SamplingParams(top_k=30, top_p=0.9))
+    sampler = BatchedSampler(SamplingParams(top_k=30, top_p=0.9), backend=cpu_path)
 
     def draw(seed):
         u = sampler.noise(12, torch.Generator().manual_seed(seed), torch.device("cpu"))
-        return select_tokens(x, 4, sampler, 1.0, None, u)
+        return sampler(x, None, u)[0]
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
     assert math.prod(draw(1).shape) == 12
 
 
 def test_sorted_top_counts_ties_and_reuses_scratch():
-    import nbp.sampler as S
     x = (torch.randn(16, 500, generator=torch.Generator().manual_seed(5)) * 2).round()
-    scratch = S.Scratch()
+    work = torch.empty(sample_torch.work_shape(16, 500))
     for k in (1, 77, 500):                     # k = 1: a [N, 1] reversed view must still convert
-        fresh, reused = S._sorted_top(x, k), S._sorted_top(x, k, scratch)
+        fresh = _sorted_top(x, k, None)
+        fresh = fresh[0].clone(), fresh[1]
+        reused = _sorted_top(x, k, work)
         assert torch.equal(fresh[0], reused[0]) and torch.equal(fresh[1], reused[1])
         top = torch.sort(x, dim=-1, descending=True).values[:, :k]
         assert torch.equal(fresh[0], top)
@@ -206,14 +216,15 @@ def test_sorted_top_counts_ties_and_reuses_scratch():
 def test_two_threads_equal_one_thread(cpu_path, draw):
     """sample_cpu shares a step's rows over torch's OpenMP threads: same tokens."""
     x = torch.randn(17, 3000, generator=torch.Generator().manual_seed(6)) * 3
-    sampler = BatchedSampler(SamplingParams(top_k=900, top_p=0.8), draw=draw)
+    sampler = BatchedSampler(SamplingParams(top_k=900, top_p=0.8), draw=draw, backend=cpu_path)
     u = sampler.noise(17, torch.Generator().manual_seed(7), torch.device("cpu"))
     before = torch.get_num_threads()
     out = {}
     try:
         for threads in (2, 1):
             torch.set_num_threads(threads)
-            out[threads] = [sampler(x, u, torch.Generator().manual_seed(8)) for _ in range(2)]
+            out[threads] = [sampler(x, None, u, torch.Generator().manual_seed(8))[0]
+                            for _ in range(2)]
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[2][0], out[1][0]) and torch.equal(out[2][1], out[1][1])

@@ -221,16 +221,14 @@ def test_transformer_training_lowers_loss(synthetic_tokens, tmp_path):
     log = _log(tmp_path)
     assert log[0]["loss"] > 3.0                               # mean of steps 1-10: near-uniform start
     assert log[-1]["loss"] < log[0]["loss"] - 1.0, log
-    from nbp.loading import transformer_from_pretrained
 
-    loaded = transformer_from_pretrained(tmp_path / "model")
+    loaded = NBPTransformer.from_pretrained(tmp_path / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_cli_trains_and_exports(tmp_path, synthetic_tokens):
     from nbp.cli import main
-    from nbp.loading import transformer_from_pretrained
 
     _, path = synthetic_tokens
     out = tmp_path / "ntp"
@@ -238,7 +236,7 @@ def test_cli_trains_and_exports(tmp_path, synthetic_tokens):
                "--batch", "2", "--block-shape", "1", "1", "1", "--classes", "12",
                "--no-progress", "--log-every", "1"])
     assert rc == 0 and len(_log(out)) == 3
-    m = transformer_from_pretrained(out / "model")
+    m = NBPTransformer.from_pretrained(out / "model")
     assert m.config.block_size == 1 and m.config.cond_len == 1 and m.config.bov
     assert m.config.latent_shape == TokenDataset(path).latent_shape
 
@@ -326,7 +324,6 @@ def test_cuda_bf16_training_runs_and_exports(synthetic_tokens, tmp_path):
 def test_cli_pipeline_tokenizer_tokens_hybrid(tmp_path):
     """nbp train tokenizer -> nbp train tokens -> nbp train transformer (hybrid, class-conditional)."""
     from nbp.cli import main
-    from nbp.loading import transformer_from_pretrained
 
     data = ["--data", "synthetic", "--resolution", "16", "--num-frames", "9", "--num-clips", "6"]
     assert main(["train", "tokenizer", "--out", str(tmp_path / "tok"), *data, "--steps", "2",
@@ -339,7 +336,7 @@ def test_cli_pipeline_tokenizer_tokens_hybrid(tmp_path):
     assert main(["train", "transformer", "--tokens", str(codes), "--out", str(tmp_path / "lm"),
                  "--block-shape", "1", "1", "2", "--hybrid", "true", "--classes", "12",
                  "--p-drop-cond", "0.2", "--steps", "2", "--batch", "2", "--no-progress"]) == 0
-    cfg = transformer_from_pretrained(tmp_path / "lm" / "model").config
+    cfg = NBPTransformer.from_pretrained(tmp_path / "lm" / "model").config
     assert cfg.hybrid and cfg.bov and cfg.cond_len == 1 and cfg.block_size == 2
     assert cfg.vocab_size == 2 + 12 + 64 and cfg.max_seq_len == 1 + 12
 

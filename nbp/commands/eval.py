@@ -137,4 +137,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
     p.add_argument("--i3d", default=None, help="StyleGAN-V i3d_torchscript.pt: also report FVD")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="as in nbp generate: allow unpickling files that can run code. eval reads "
+                        "only native dirs (safetensors) and a TorchScript I3D, which are never "
+                        "unpickled as Python objects, so this changes nothing today")
     p.set_defaults(func=run)
