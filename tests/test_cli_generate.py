@@ -309,7 +309,7 @@ def test_trust_remote_code_reaches_the_loaders(monkeypatch, tmp_path):
     argv = ["generate", "--model", "m.ckpt", "--tokenizer", "t.pt"]
     assert _load(build_parser().parse_args(argv + ["--trust-remote-code"])) == ("m", "t", "file")
     assert _load(build_parser().parse_args(argv)) == ("m", "t", "file")
-    assert seen == [{"trust_remote_code": True}] * 2 + [{}] * 2
+    assert seen == [{"trust_remote_code": True}] * 2 + [{"trust_remote_code": False}] * 2
 
 
 @pytest.mark.parametrize("argv, match", [

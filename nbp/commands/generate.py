@@ -74,28 +74,29 @@ def _load(args):
                          "(native dir or magvit2_*.pt)")
     from nbp.loading import load_tokenizer, load_transformer
 
-    # trust_remote_code only when asked, so loaders without the keyword keep working
-    trust = {"trust_remote_code": True} if args.trust_remote_code else {}
-    model = load_transformer(args.model, **({"preset": args.preset} if args.preset else {}), **trust)
-    return model, load_tokenizer(args.tokenizer, **trust), "file"
+    trust = args.trust_remote_code
+    model = load_transformer(args.model, **({"preset": args.preset} if args.preset else {}),
+                             trust_remote_code=trust)
+    return model, load_tokenizer(args.tokenizer, trust_remote_code=trust), "file"
 
 
 def published_fps(path, trust: bool = False) -> float | None:
     """The frame rate a published ``.ckpt`` was trained at (``hyper_parameters.args.fps``).
 
     None when the file has no such flag (the published loader then kept each
-    video's own rate), is a native directory, or cannot be read safely.
+    video's own rate), is a native directory, or cannot be read. The file is
+    read as ``load_transformer`` reads it (memory-mapped, no code run from it
+    unless ``trust``).
     """
-    import pickle
+    from nbp.loading import LoadError
+    from nbp.published import read_torch_file
 
     p = Path(path)
     if not p.is_file():
         return None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            # memory-mapped: only the small pickle is read, not the weights
-            raw = torch.load(p, map_location="cpu", weights_only=not trust, mmap=zipfile.is_zipfile(p))
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError):
+        raw = read_torch_file(p, trust_remote_code=trust)
+    except LoadError:
         return None
     hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
     flags = hp.get("args", hp) if isinstance(hp, dict) else None
@@ -122,26 +123,6 @@ def _fps_value(value: str) -> str | float:
     return fps
 
 
-@torch.no_grad()
-def most_likely_class(gen, video: torch.Tensor, num_cond_frames: int) -> torch.Tensor:
-    """The class under which a class-conditional bov model finds the given frames most likely.
-
-    video: float [B, 3, T, H, W] in [0, 1]. The prompt ``[class, bov x L, codes]``
-    is scored teacher-forced for every class (position p predicts p + L) and the
-    summed log-probability of the codes compared. Returns int64 [B].
-    """
-    from nbp.demo import prediction_prompt
-
-    cfg = gen.config
-    B, C, L = video.shape[0], cfg.cond_vocab_size, cfg.block_size
-    prompt, _ = prediction_prompt(gen, video, [0] * B, num_cond_frames=num_cond_frames)
-    ids = prompt.repeat(C, 1)                                            # [C*B, S], class-major
-    ids[:, 0] = torch.arange(C, device=ids.device).repeat_interleave(B) + cfg.cond_offset
-    logp = gen.model(ids, cond_len=1).float().log_softmax(-1)[:, 1:ids.shape[1] - L]
-    score = logp.gather(-1, ids[:, 1 + L:, None]).sum((1, 2)).view(C, B)
-    return score.argmax(0).cpu()
-
-
 def _sampling(args) -> dict:
     return dict(do_sample=not args.greedy, temperature=args.temperature,
                 top_k=args.top_k if args.top_k and args.top_k > 0 else None, top_p=args.top_p,
@@ -163,14 +144,12 @@ def _check_ntp(cfg, mode: str, prompt_len: int, new: int) -> None:
 
 
 def _input_task(cfg) -> str:
-    """How the model continues a clip: "predict" (frame prediction) or "class" (demo layout)."""
-    if cfg.cond_len == 0 and not cfg.bov:
-        return "predict"
-    if cfg.cond_len == 1 and cfg.bov and not cfg.hybrid:
-        return "class"
-    raise ValueError("--input: this model generates whole videos from a condition "
-                     f"({cfg.cond_len} condition tokens{', hybrid' if cfg.hybrid else ''}) and cannot "
-                     "continue a clip; drop --input (use --cond-ids or --class-id)")
+    """How the model continues a clip: "predict" (no condition), "class" (one class id) or
+    "cond" (condition ids); hybrid models are refused."""
+    if cfg.hybrid:
+        raise ValueError("--input: this model (hybrid, UCF layout) generates whole videos from a "
+                         "condition and cannot continue a clip; drop --input (use --cond-ids)")
+    return "predict" if cfg.cond_len == 0 else "class" if cfg.cond_len == 1 else "cond"
 
 
 def _cond_latents(gen, n: int) -> int:
@@ -225,26 +204,28 @@ def _continuation_task(args, gen) -> str:
     task = _input_task(cfg)
     n_lat = _cond_latents(gen, args.num_cond_frames)
     t, h, w = cfg.latent_shape
-    _check_ntp(cfg, args.mode or "nbp", (1 + cfg.block_size if task == "class" else 0) + n_lat * h * w,
-               (t - n_lat) * h * w)
+    if task == "cond" and not args.cond_ids:
+        raise ValueError(f"--cond-ids: this model continues a clip under {cfg.cond_len} condition "
+                         "ids; pass --cond-ids a,b,...")
+    prompt_len = cfg.cond_len + cfg.block_size * int(cfg.bov) + n_lat * h * w
+    _check_ntp(cfg, args.mode or "nbp", prompt_len, (t - n_lat) * h * w)
     return task
 
 
 def _continue_clip(args, gen, clip: torch.Tensor, sampling: dict) -> torch.Tensor:
-    n, mode = args.num_cond_frames, args.mode or "nbp"
+    n, mode, B = args.num_cond_frames, args.mode or "nbp", clip.shape[0]
     task = _continuation_task(args, gen)
     given = clip[:, :, :n]
-    if task == "predict":
-        return gen.predict_frames(given, n, mode=mode, **sampling)
-    from nbp.demo import predict_frames
-
-    if args.class_id is not None:
-        class_ids = [args.class_id] * clip.shape[0]
-    else:
-        class_ids = most_likely_class(gen, given, n)
-        print(f"nbp generate: class {class_ids[0].item()} picked as the most likely for the given "
-              "frames (--class-id N to choose)")
-    return predict_frames(gen, given, class_ids, num_cond_frames=n, mode=mode, **sampling)
+    cond = {}
+    if task == "cond":
+        cond["cond_ids"] = [_cond_ids(args.cond_ids, gen.config)] * B
+    elif task == "class" and args.class_id is not None:
+        cond["class_ids"] = [args.class_id] * B
+    elif task == "class":
+        cond["class_ids"] = gen.most_likely_class(given, n)
+        print(f"nbp generate: class {cond['class_ids'][0].item()} picked as the most likely for "
+              "the given frames (--class-id N to choose)")
+    return gen.predict_frames(given, n, mode=mode, **cond, **sampling)
 
 
 def _cond_ids(text: str, cfg) -> list[int]:
