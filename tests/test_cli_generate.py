@@ -354,3 +354,23 @@ def test_predict_side_by_side_shows_the_held_out_clip(tmp_path, capsys):
     # within a few levels)
     diff = abs(frames[5:, :, :16].astype(int) - truth[5:].astype(int))
     assert diff.mean() < 6
+
+
+def test_input_with_a_multi_id_condition_needs_cond_ids(clips, tmp_path, capsys):
+    """A non-hybrid bov model conditioned on 2 ids continues a clip under --cond-ids."""
+    from nbp.config import TransformerConfig
+    from nbp.model import NBPTransformer
+    from nbp.tokenizer import TokenizerConfig, VideoTokenizer
+
+    torch.manual_seed(0)
+    VideoTokenizer(TokenizerConfig.from_preset("tiny")).save_pretrained(tmp_path / "tok")
+    cfg = TransformerConfig.from_preset("tiny", cond_len=2, cond_vocab_size=5, bov=True,
+                                        vocab_size=1 + 5 + 64)
+    NBPTransformer(cfg).save_pretrained(tmp_path / "gen")
+    out = tmp_path / "o.mp4"
+    argv = ["generate", "--model", str(tmp_path / "gen"), "--tokenizer", str(tmp_path / "tok"),
+            "--input", str(clips[(176, 144, 12)]), "--out", str(out), "--greedy"]
+    assert main(argv) == 2
+    assert "--cond-ids: this model continues a clip under 2 condition ids" in capsys.readouterr().err
+    assert main(argv + ["--cond-ids", "1,4"]) == 0
+    assert _mp4(out) == (9, 32, 32, 12.0)
