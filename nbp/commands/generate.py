@@ -9,10 +9,12 @@ class-conditional model instead.
 is probed before the model loads; ``--num-cond-frames`` frames from ``--start``
 are read at the model's frame rate and resolution (short side scaled, centre
 cropped, ``nbp.video.read_clip``) and the rest of the model's frames predicted.
-Frame-prediction models (no condition, like K600) continue them directly; the
-class-conditional demo models continue them under ``--class-id`` or, without
-it, the class under which the given frames are most likely. ``--predict``
-continues held-out synthetic clips with the demo model instead.
+Frame-prediction models (no condition, like K600) continue them directly;
+class-conditional ones (the demo models) under ``--class-id`` or, without it,
+the class under which the given frames are most likely
+(``FastGenerator.most_likely_class``); models with several condition ids under
+``--cond-ids``. Hybrid (UCF) models are refused. ``--predict`` continues
+held-out synthetic clips with the demo model instead.
 
 Frame rate (``--fps``): ``model`` (default) is the rate the model was trained
 at (``DEMO_FPS`` for the demo models, ``hyper_parameters.args.fps`` of a
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -199,7 +200,7 @@ def _read_input(args, gen, info, rate: float) -> torch.Tensor:
 
 
 def _continuation_task(args, gen) -> str:
-    """"predict" or "class" (see _input_task) once the flags fit the model, else ValueError."""
+    """The ``_input_task`` once the flags fit the model (else ValueError naming the flag)."""
     cfg = gen.config
     task = _input_task(cfg)
     n_lat = _cond_latents(gen, args.num_cond_frames)
