@@ -1,7 +1,7 @@
 """FastGenerator: static KV cache, one block per decode step, batched sampling, CUDA graphs.
 
 Same semantics as ``nbp.reference.generate_tokens`` (the step plan and input
-checks come from ``nbp.schedule``, sampling from ``nbp.sampling`` /
+checks come from ``nbp.step_plan``, sampling from ``nbp.sampling`` /
 ``nbp.sampler``), computed the fast way:
 
 * the given tokens are run once (prefill) and the vocabulary head is computed
@@ -30,11 +30,11 @@ from nbp_kernels import registry
 
 from . import layout
 from .cache import StaticKVCache
-from .decode import DecodeStep, Kernels, ModelRunner
+from .runner import DecodeStep, Kernels, ModelRunner
 from .model import NBPTransformer
 from .sampler import DRAWS, BatchedSampler, InvalidSteps
 from .sampling import SamplingParams, cfg_weight, check_generator
-from .schedule import StepPlan, check_generation_inputs, plan_steps
+from .step_plan import StepPlan, check_generation_inputs, plan_steps
 
 __all__ = ["FastGenerator"]
 
@@ -142,9 +142,9 @@ class FastGenerator:
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
         """The request's runner, its attention implementations resolved here, once."""
         kernels = Kernels.resolve(self.backend, device=self.device, dtype=self.dtype,
-                                  head_dim=self.config.head_dim, block_size=plan.mask_block,
+                                  head_dim=self.config.head_dim, block_size=plan.block_size,
                                   step_lens=plan.tokens[1:])
-        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.mask_block,
+        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.block_size,
                            hybrid=plan.hybrid, cond_len=cond_len, length=length,
                            linear=self.linear)
 

@@ -1,4 +1,4 @@
-"""FastGenerator (nbp.generate, nbp.decode, nbp.cache) against the reference generator."""
+"""FastGenerator (nbp.generate, nbp.runner, nbp.cache) against the reference generator."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +14,7 @@ import torch
 
 from nbp.cache import StaticKVCache
 from nbp.config import TransformerConfig
-from nbp.decode import PackedLinears
+from nbp.runner import PackedLinears
 from nbp.generate import FastGenerator
 from nbp.model import NBPTransformer, call_module
 from nbp_kernels.packed_linear import is_available
