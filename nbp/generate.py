@@ -24,6 +24,9 @@ each step, reproducing the reference generator's random stream token for token
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 
 from nbp_kernels import registry
@@ -62,6 +65,16 @@ def _linear_backend(packed_linear, device: torch.device, dtype: torch.dtype) -> 
     return "cpu"
 
 
+def _serialized(method):
+    """Run ``method`` holding the generator's (reentrant) lock: the static cache and the
+    captured decode steps are shared by every call on one generator."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class FastGenerator:
     """Fast generation with an ``NBPTransformer`` (and optionally a ``VideoTokenizer``).
 
@@ -79,6 +92,11 @@ class FastGenerator:
     copy of them): "auto" (when usable), True (raise if unusable) or False
     (``torch``). The sampler's ops follow ``auto``; force them with
     ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
+
+    Threads: one generator may be shared, but its calls run one at a time (its
+    public methods hold one lock, as they share the static cache and the
+    captured steps). For concurrent requests create one generator per thread;
+    several generators may share one model.
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
@@ -120,6 +138,7 @@ class FastGenerator:
         self.linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)(self.model)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
+        self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens
 
     # --- cache and step objects ----------------------------------------------
     def _ensure_cache(self, rows: int, need: int) -> StaticKVCache:
@@ -172,6 +191,7 @@ class FastGenerator:
         uncond = self.model.uncond_embedding.to(cond.dtype).expand(B, -1, -1)
         return torch.cat([ids, ids]), torch.cat([cond, uncond])
 
+    @_serialized
     @torch.no_grad()
     def generate_tokens(self, input_ids: torch.Tensor, num_new_tokens: int, *, cond_len: int = 0,
                         mode: str = "nbp", do_sample: bool = True, temperature: float = 1.0,
@@ -254,6 +274,7 @@ class FastGenerator:
                              "FastGenerator with tokenizer=...")
         return self.tokenizer
 
+    @_serialized
     @torch.no_grad()
     def decode_ids(self, video_ids: torch.Tensor) -> torch.Tensor:
         """Block-major model ids int64 [B, t*h*w] -> decoded video float32 [B, 3, T, H, W] in
@@ -269,6 +290,7 @@ class FastGenerator:
         codes = tok.encode(frames.to(self.device))                  # [B, n_lat, h, w]
         return layout.codes_to_ids(self.config, codes, name="video (its given frames encoded)")
 
+    @_serialized
     @torch.no_grad()
     def frame_prompt(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
                      cond_ids=None) -> layout.Prompt:
@@ -286,6 +308,7 @@ class FastGenerator:
         given = self._given_ids(video, num_cond_frames)
         return layout.frame_prediction_prompt(cfg, cond.to(self.device), given)
 
+    @_serialized
     @torch.no_grad()
     def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
                        cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
@@ -308,6 +331,7 @@ class FastGenerator:
                                    mode=mode, **sampling)
         return self.decode_ids(prompt.video_ids(new))
 
+    @_serialized
     @torch.no_grad()
     def most_likely_class(self, video: torch.Tensor, num_cond_frames: int = 5, *,
                           max_rows: int | None = None) -> torch.Tensor:
@@ -340,6 +364,7 @@ class FastGenerator:
                                                 ignore_index=layout.IGNORE, reduction="none")
         return nll.sum(dim=1)
 
+    @_serialized
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
                        mode: str | None = None, **sampling) -> torch.Tensor:
