@@ -31,7 +31,7 @@ import torch
 
 from nbp_kernels import registry
 
-from . import layout
+from . import devices, layout
 from .cache import StaticKVCache
 from .decode import DecodeStep, Kernels, ModelRunner, select_tokens
 from .model import NBPTransformer
@@ -105,7 +105,8 @@ class FastGenerator:
                  draw: str = "fast", packed_linear="auto"):
         if not isinstance(model, NBPTransformer):
             raise ValueError(f"model: expected an NBPTransformer, got {type(model).__name__}")
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        device = (devices.checked_device(device) if device is not None
+                  else next(model.parameters()).device)
         dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {dtype}")
@@ -152,11 +153,35 @@ class FastGenerator:
                                               -(-need // _LENGTH_QUANTUM) * _LENGTH_QUANTUM)
             self.cache = None
             self._steps.clear()   # captured graphs point into the old storage
+            self._check_fits(rows, length, f"batch: {rows} cache rows (the batch, doubled under "
+                                           f"classifier-free guidance) of {length} positions")
             c = self.cache = StaticKVCache.for_model(self.config, rows, length, device=self.device,
                                                      dtype=self.dtype)
         c.check_capacity(rows, need)
         c.reset()
         return c
+
+    def _check_fits(self, rows: int, length: int, what: str) -> None:
+        """Refuse, before allocating, a request whose KV cache ([2, n_layer, rows, n_head,
+        length, head_dim] in the generator's dtype) and a step's float32 logits and
+        sampler copy ([rows, block_size, vocab_size] twice) exceed the device's free memory."""
+        c = self.config
+        item = torch.empty((), dtype=self.dtype).element_size()
+        cache = 2 * c.n_layer * rows * c.n_head * length * c.head_dim * item
+        logits = 2 * rows * c.block_size * c.vocab_size * 4
+        devices.check_fits(cache + logits, self.device, what)
+
+    def check_batch_fits(self, batch_size: int, *, cfg: bool = False) -> None:
+        """Raise ValueError naming ``batch_size`` if that many sequences (doubled with
+        classifier-free guidance, ``cfg``) of the model's whole position table cannot fit
+        in the device's memory. Call it before preparing a large batch's inputs; every
+        request checks its own size again before its cache is allocated."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        rows = 2 * batch_size if cfg else batch_size
+        length = self.config.max_seq_len
+        self._check_fits(rows, length, f"batch_size: {batch_size} sequences ({rows} cache rows "
+                                       f"of {length} positions)")
 
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
         """The request's runner, its attention implementations resolved here, once."""
@@ -305,6 +330,8 @@ class FastGenerator:
         layout.check_frame_prediction(cfg)
         batch = video.shape[0] if isinstance(video, torch.Tensor) and video.dim() == 5 else None
         cond = layout.condition_ids(cfg, class_ids, cond_ids, batch_size=batch)
+        if batch is not None:   # before the frames are encoded: a batch that cannot fit costs nothing
+            self.check_batch_fits(batch)
         given = self._given_ids(video, num_cond_frames)
         return layout.frame_prediction_prompt(cfg, cond.to(self.device), given)
 
