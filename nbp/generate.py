@@ -94,9 +94,15 @@ class FastGenerator:
     ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
 
     Threads: one generator may be shared, but its calls run one at a time (its
-    public methods hold one lock, as they share the static cache and the
-    captured steps). For concurrent requests create one generator per thread;
-    several generators may share one model.
+    public methods hold one reentrant lock, as they share the static cache and
+    the captured steps; a ``callback`` runs holding it, so it may call the
+    generator itself but must not wait for another thread that does). For
+    concurrent requests create one generator per thread; several generators
+    may share one model (same device and dtype).
+
+    Device and memory: an unavailable ``device`` is refused before the model
+    moves; a request whose KV cache cannot fit in the device's free memory is
+    refused before anything is allocated (``check_batch_fits``).
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
