@@ -114,6 +114,6 @@ def test_video_tasks_share_one_generator(demo):
                                    generator=torch.Generator().manual_seed(7)),
         lambda: _run(gen, dict(ids=condition_ids(demo.nbp, [4, 5, 6]), do_sample=False)),
     ]
-    want = [task() for task in tasks]
-    _assert_same(_in_threads([[task] for task in tasks]), want)
+    want = [task() for task in tasks for _ in range(2)]
+    _assert_same(_in_threads([[task, task] for task in tasks]), want)
 
