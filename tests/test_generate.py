@@ -235,6 +235,50 @@ def test_baseline_generator_matches_reference():
                            reference_generate(model, ids, 16, mode=mode, do_sample=False))
 
 
+# --- devices and memory (issue 18, item 7) -------------------------------------------
+
+@pytest.mark.parametrize("device, match", [("cuda", "not available"), ("cuda:0", "not available"),
+                                           ("meta", "cannot run"), ("banana", "expected a torch device"),
+                                           (3.5, "expected a torch device")])
+def test_unavailable_device_is_refused_before_the_model_moves(monkeypatch, device, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = sharp_model("tiny")
+    with pytest.raises(ValueError, match=f"^device: .*{match}"):
+        FastGenerator(model, device=device, dtype=torch.bfloat16)
+    assert next(model.parameters()).device.type == "cpu"
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_batch_that_cannot_fit_is_refused_before_allocating(monkeypatch, tiny_tokenizer):
+    import nbp.devices
+    model = sharp_model("tiny")
+    gen = FastGenerator(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"^batch_size: 1000000000 sequences .* bytes .* available"):
+        gen.check_batch_fits(10 ** 9)                   # exabytes: no machine has them
+    gen.check_batch_fits(2)
+    free = 10_000                                       # bytes: less than any cache of this model
+    monkeypatch.setattr(nbp.devices, "available_bytes", lambda device: free)
+    with pytest.raises(ValueError, match=r"^batch: 4 cache rows .*needs at least [\d,]+ bytes.* 10,000 bytes"):
+        gen.generate_tokens(inputs(model.config, "nbp", 0, batch=4), 8)
+    assert gen.cache is None
+    encoded = []
+    monkeypatch.setattr(tiny_tokenizer, "encode", lambda x: encoded.append(x))
+    with pytest.raises(ValueError, match="^batch_size: 3 sequences"):
+        gen.predict_frames(torch.rand(3, 3, 9, 32, 32))
+    assert not encoded                                  # refused before encoding the frames
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+        gen.check_batch_fits(0)
+
+
+def test_available_bytes_reads_the_device():
+    from nbp.devices import available_bytes
+    cpu = available_bytes(torch.device("cpu"))
+    assert cpu is None or cpu > 0
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        assert free <= available_bytes(torch.device("cuda")) <= total
+
+
 # --- video-level tasks with the tiny tokenizer ---------------------------------------
 
 @pytest.fixture(scope="module")
