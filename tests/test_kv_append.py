@@ -121,6 +121,9 @@ def test_torch_unchecked_append_compiled_needs_no_host_lengths(lens):
     kc, vc = _rand(B, H, M, D, seed=5), _rand(B, H, M, D, seed=6)
     kn, vn = _rand(B, H, L, D, seed=7), _rand(B, H, L, D, seed=8)
     want_k, want_v = clipped_append(kc, vc, kn, vn, lens)
+    # resolve (and import) the backend eagerly first, as the generator does: an import
+    # inside traced code cannot be one graph; a resolved op is a dict lookup
+    _torch_append(kc.clone(), vc.clone(), kn, vn, lens)
     compiled = torch.compile(nbp_kernels.kv_append_, backend="aot_eager", fullgraph=True)
     _torch_append(kc, vc, kn, vn, lens, fn=compiled)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
@@ -139,10 +142,12 @@ def test_torch_unchecked_append_leaves_the_buffer_around_the_cache():
 
 
 @needs_triton
-def test_torch_and_triton_clip_an_overflow_alike():
+@pytest.mark.parametrize("lens", [[10, 3, 12], [-2, 3, -5]])
+def test_torch_and_triton_clip_an_overflow_alike(lens):
+    """Overflow is clipped at max_seq and a negative length writes nothing, on both backends."""
     B, H, L, M, D = 3, 2, 5, 12, 64
     kn, vn = _rand(B, H, L, D, seed=11), _rand(B, H, L, D, seed=12)
-    sl = torch.tensor([M - 2, 3, M], dtype=torch.int32, device=DEVICE)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     caches = []
     for backend in ("torch", "triton"):
         kc, vc = _rand(B, H, M, D, seed=13), _rand(B, H, M, D, seed=14)
