@@ -84,7 +84,7 @@ def test_relative_links_point_to_existing_files(doc):
 
 
 def test_docs_named_in_tracked_files_exist():
-    """A docstring or comment that points a reader to ``docs/NAME.md`` points to a real file."""
+    """Every markdown file under docs/ that a docstring or comment names exists."""
     named = set()
     for path in tracked_files():
         if path.suffix in (".py", ".md", ".cpp", ".cu", ".cuh", ".h", ".c", ".sh", ".toml"):
