@@ -229,7 +229,7 @@ class FastGenerator:
                         cfg_scale: float | None = None, cfg_schedule: str = "constant",
                         generator: torch.Generator | None = None, callback=None,
                         progress: bool = False) -> torch.Tensor:
-        """Generate ``num_new_tokens`` ids after ``input_ids`` (docs/design.md "Runtime").
+        """Generate ``num_new_tokens`` ids after ``input_ids`` (docs/design.md, "Data flow").
 
         input_ids: int64 [B, S], the model's own ids (condition first, ``cond_len``
         of them; hybrid: condition + begin-of-video). callback(step, tokens int64

@@ -151,7 +151,7 @@ def test_packed_linear_option():
 
 
 def test_decode_attention_traces_without_graph_breaks():
-    """The backend dispatch is traceable, so a compiled decode step is one graph."""
+    """The registry lookup is traceable, so a compiled decode step is one graph."""
     import nbp_kernels
     q, kn, vn = (torch.randn(1, 2, 4, 16) for _ in range(3))
     kc, vc = torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16)
