@@ -115,7 +115,7 @@ add_step table cuda_sanitizer step_cuda_sanitizer 300
 add_step table cuda_table step_cuda_table 240
 
 # ---------------------------------------------------------------- Generator (issue 4)
-# nbp.FastGenerator (nbp/generate.py, decode.py, cache.py, sampler.py): the
+# nbp.FastGenerator (nbp/generate.py, runner.py, cache.py, sampler.py): the
 # GPU tests of tests/test_generate.py join the GPU tests; the table step writes
 # $OUT/generate_<card>.md/.json: k600-base, bf16, random weights; decode step
 # (CUDA-graph replay) vs the bytes/copy-bandwidth floor at batch 1 and 8, per

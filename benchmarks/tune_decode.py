@@ -1,6 +1,6 @@
-"""Measure the decode step per backend on this GPU; write the dispatch table and a results table.
+"""Measure the decode step per backend on this GPU; write the tuning table and a results table.
 
-1. For every (head_dim, L, dtype) the ``auto`` dispatcher may meet, times
+1. For every (head_dim, block_size, dtype) the registry's ``auto`` may meet, times
    ``block_decode_attention`` (fused append + attend) and ``kv_append_`` on the
    ``cuda``, ``triton`` and ``torch`` backends and records the fastest in
    ``nbp_kernels/tuning.json`` (merged with existing entries, atomic write).

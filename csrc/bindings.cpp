@@ -69,7 +69,7 @@ void decode(uintptr_t q, Strides q_st, uintptr_t k_cache, Strides kc_st, uintptr
             int max_seq, int head_dim, int dtype, double scale, int num_splits, uintptr_t part_o,
             int64_t part_o_numel, uintptr_t part_lse, int64_t part_lse_numel, uintptr_t stream) {
   const int elem = elem_bytes(dtype);
-  check_shape(batch, heads, L, max_seq, head_dim, nbp::kMaxBlockLen);
+  check_shape(batch, heads, L, max_seq, head_dim, nbp::kMaxBlockSize);
   if (head_dim != 64 && head_dim != 96 && head_dim != 128)
     fail("head_dim: the CUDA decode kernel supports 64, 96, 128, got " + std::to_string(head_dim));
   if (!std::isfinite(scale)) fail("scale: expected a finite number");
@@ -143,7 +143,7 @@ py::dict build_info() {
   const int v = nbp::cuda_runtime_version_compiled();
   d["cuda_runtime"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
   d["max_splits"] = nbp::kMaxSplits;
-  d["max_block_len"] = nbp::kMaxBlockLen;
+  d["max_block_size"] = nbp::kMaxBlockSize;
   return d;
 }
 

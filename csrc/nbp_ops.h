@@ -36,7 +36,7 @@ struct AppendArgs {
 };
 
 constexpr int kMaxSplits = 64;
-constexpr int kMaxBlockLen = 256;
+constexpr int kMaxBlockSize = 256;
 
 // Launchers: arguments are assumed validated (bindings.cpp); they throw
 // std::runtime_error if the launch itself fails.

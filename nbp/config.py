@@ -100,12 +100,9 @@ class JsonConfig:
 class TransformerConfig(JsonConfig):
     """The published GPT-2 style NBP generator (docs/published-checkpoints.md).
 
-    Token layout (ids the model sees):
-
-    * ``hybrid`` (UCF): 0 = begin-of-video, 1..L-1 = middle-bos fillers, then
-      the condition vocabulary (``cond_vocab_size`` ids), then the video codes.
-    * ``bov`` without hybrid: 0 = begin-of-video, condition, video codes.
-    * neither (K600): condition (if any), then the video codes.
+    ``hybrid``, ``bov``, ``cond_len`` and ``cond_vocab_size`` fix the token
+    layout (``cond_offset``, ``video_offset``, ``bov_id``); how ids are built
+    from them is ``nbp.layout`` (docs/design.md, "Token layout").
     """
 
     vocab_size: int = 64000

@@ -1,7 +1,7 @@
 """FastGenerator: static KV cache, one block per decode step, batched sampling, CUDA graphs.
 
 Same semantics as ``nbp.reference.generate_tokens`` (the step plan and input
-checks come from ``nbp.schedule``, sampling from ``nbp.sampling`` /
+checks come from ``nbp.step_plan``, sampling from ``nbp.sampling`` /
 ``nbp.sampler``), computed the fast way:
 
 * the given tokens are run once (prefill) and the vocabulary head is computed
@@ -24,17 +24,20 @@ each step, reproducing the reference generator's random stream token for token
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 
 from nbp_kernels import registry
 
-from . import layout
+from . import devices, layout
 from .cache import StaticKVCache
-from .decode import DecodeStep, Kernels, ModelRunner
+from .runner import DecodeStep, Kernels, ModelRunner
 from .model import NBPTransformer
 from .sampler import DRAWS, BatchedSampler, InvalidSteps
 from .sampling import SamplingParams, cfg_weight, check_generator
-from .schedule import StepPlan, check_generation_inputs, plan_steps
+from .step_plan import StepPlan, check_generation_inputs, plan_steps
 
 __all__ = ["FastGenerator"]
 
@@ -62,6 +65,16 @@ def _linear_backend(packed_linear, device: torch.device, dtype: torch.dtype) -> 
     return "cpu"
 
 
+def _serialized(method):
+    """Run ``method`` holding the generator's (reentrant) lock: the static cache and the
+    captured decode steps are shared by every call on one generator."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class FastGenerator:
     """Fast generation with an ``NBPTransformer`` (and optionally a ``VideoTokenizer``).
 
@@ -79,6 +92,17 @@ class FastGenerator:
     copy of them): "auto" (when usable), True (raise if unusable) or False
     (``torch``). The sampler's ops follow ``auto``; force them with
     ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
+
+    Threads: one generator may be shared, but its calls run one at a time (its
+    public methods hold one reentrant lock, as they share the static cache and
+    the captured steps; a ``callback`` runs holding it, so it may call the
+    generator itself but must not wait for another thread that does). For
+    concurrent requests create one generator per thread; several generators
+    may share one model (same device and dtype).
+
+    Device and memory: an unavailable ``device`` is refused before the model
+    moves; a request whose KV cache cannot fit in the device's free memory is
+    refused before anything is allocated (``check_batch_fits``).
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
@@ -87,7 +111,8 @@ class FastGenerator:
                  draw: str = "fast", packed_linear="auto"):
         if not isinstance(model, NBPTransformer):
             raise ValueError(f"model: expected an NBPTransformer, got {type(model).__name__}")
-        device = torch.device(device) if device is not None else next(model.parameters()).device
+        device = (devices.checked_device(device) if device is not None
+                  else next(model.parameters()).device)
         dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {dtype}")
@@ -120,6 +145,7 @@ class FastGenerator:
         self.linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)(self.model)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
+        self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens
 
     # --- cache and step objects ----------------------------------------------
     def _ensure_cache(self, rows: int, need: int) -> StaticKVCache:
@@ -133,18 +159,42 @@ class FastGenerator:
                                               -(-need // _LENGTH_QUANTUM) * _LENGTH_QUANTUM)
             self.cache = None
             self._steps.clear()   # captured graphs point into the old storage
+            self._check_fits(rows, length, f"batch: {rows} cache rows (the batch, doubled under "
+                                           f"classifier-free guidance) of {length} positions")
             c = self.cache = StaticKVCache.for_model(self.config, rows, length, device=self.device,
                                                      dtype=self.dtype)
         c.check_capacity(rows, need)
         c.reset()
         return c
 
+    def _check_fits(self, rows: int, length: int, what: str) -> None:
+        """Refuse, before allocating, a request whose KV cache ([2, n_layer, rows, n_head,
+        length, head_dim] in the generator's dtype) and a step's float32 logits and
+        sampler copy ([rows, block_size, vocab_size] twice) exceed the device's free memory."""
+        c = self.config
+        item = torch.empty((), dtype=self.dtype).element_size()
+        cache = 2 * c.n_layer * rows * c.n_head * length * c.head_dim * item
+        logits = 2 * rows * c.block_size * c.vocab_size * 4
+        devices.check_fits(cache + logits, self.device, what)
+
+    def check_batch_fits(self, batch_size: int, *, cfg: bool = False) -> None:
+        """Raise ValueError naming ``batch_size`` if that many sequences (doubled with
+        classifier-free guidance, ``cfg``) of the model's whole position table cannot fit
+        in the device's memory. Call it before preparing a large batch's inputs; every
+        request checks its own size again before its cache is allocated."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        rows = 2 * batch_size if cfg else batch_size
+        length = self.config.max_seq_len
+        self._check_fits(rows, length, f"batch_size: {batch_size} sequences ({rows} cache rows "
+                                       f"of {length} positions)")
+
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
         """The request's runner, its attention implementations resolved here, once."""
         kernels = Kernels.resolve(self.backend, device=self.device, dtype=self.dtype,
-                                  head_dim=self.config.head_dim, block_size=plan.mask_block,
+                                  head_dim=self.config.head_dim, block_size=plan.block_size,
                                   step_lens=plan.tokens[1:])
-        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.mask_block,
+        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.block_size,
                            hybrid=plan.hybrid, cond_len=cond_len, length=length,
                            linear=self.linear)
 
@@ -171,6 +221,7 @@ class FastGenerator:
         uncond = self.model.uncond_embedding.to(cond.dtype).expand(B, -1, -1)
         return torch.cat([ids, ids]), torch.cat([cond, uncond])
 
+    @_serialized
     @torch.no_grad()
     def generate_tokens(self, input_ids: torch.Tensor, num_new_tokens: int, *, cond_len: int = 0,
                         mode: str = "nbp", do_sample: bool = True, temperature: float = 1.0,
@@ -178,7 +229,7 @@ class FastGenerator:
                         cfg_scale: float | None = None, cfg_schedule: str = "constant",
                         generator: torch.Generator | None = None, callback=None,
                         progress: bool = False) -> torch.Tensor:
-        """Generate ``num_new_tokens`` ids after ``input_ids`` (docs/design.md "Runtime").
+        """Generate ``num_new_tokens`` ids after ``input_ids`` (docs/design.md, "Data flow").
 
         input_ids: int64 [B, S], the model's own ids (condition first, ``cond_len``
         of them; hybrid: condition + begin-of-video). callback(step, tokens int64
@@ -259,6 +310,7 @@ class FastGenerator:
                              "FastGenerator with tokenizer=...")
         return self.tokenizer
 
+    @_serialized
     @torch.no_grad()
     def decode_ids(self, video_ids: torch.Tensor) -> torch.Tensor:
         """Block-major model ids int64 [B, t*h*w] -> decoded video float32 [B, 3, T, H, W] in
@@ -274,6 +326,7 @@ class FastGenerator:
         codes = tok.encode(frames.to(self.device))                  # [B, n_lat, h, w]
         return layout.codes_to_ids(self.config, codes, name="video (its given frames encoded)")
 
+    @_serialized
     @torch.no_grad()
     def frame_prompt(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
                      cond_ids=None) -> layout.Prompt:
@@ -288,9 +341,12 @@ class FastGenerator:
         layout.check_frame_prediction(cfg)
         batch = video.shape[0] if isinstance(video, torch.Tensor) and video.dim() == 5 else None
         cond = layout.condition_ids(cfg, class_ids, cond_ids, batch_size=batch)
+        if batch is not None:   # before the frames are encoded: a batch that cannot fit costs nothing
+            self.check_batch_fits(batch)
         given = self._given_ids(video, num_cond_frames)
         return layout.frame_prediction_prompt(cfg, cond.to(self.device), given)
 
+    @_serialized
     @torch.no_grad()
     def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
                        cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
@@ -313,6 +369,7 @@ class FastGenerator:
                                    mode=mode, **sampling)
         return self.decode_ids(prompt.video_ids(new))
 
+    @_serialized
     @torch.no_grad()
     def most_likely_class(self, video: torch.Tensor, num_cond_frames: int = 5, *,
                           max_rows: int | None = None) -> torch.Tensor:
@@ -345,6 +402,7 @@ class FastGenerator:
                                                 ignore_index=layout.IGNORE, reduction="none")
         return nll.sum(dim=1)
 
+    @_serialized
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
                        mode: str | None = None, **sampling) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from .model import NBPTransformer
 from .sampling import (SamplingParams, cfg_weight, check_generator, guided_logits, invalid_rows,
                        invalid_step_error, sample_logits)
-from .schedule import check_generation_inputs, plan_steps
+from .step_plan import check_generation_inputs, plan_steps
 
 __all__ = ["generate_tokens"]
 
@@ -32,7 +32,7 @@ def generate_tokens(model: NBPTransformer, input_ids: torch.Tensor, num_new_toke
     plan = plan_steps(model.config, mode, num_new_tokens)
     check_generation_inputs(model.config, input_ids, plan, cond_len, cfg_scale is not None)
     seq, out = input_ids.long(), []
-    run = dict(block_size=plan.mask_block, hybrid=plan.hybrid, backend=backend)
+    run = dict(block_size=plan.block_size, hybrid=plan.hybrid, backend=backend)
     for step, n in enumerate(plan.tokens):
         logits = model(seq, cond_len, **run)[:, -n:]
         weight = None

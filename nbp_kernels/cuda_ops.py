@@ -47,7 +47,7 @@ __all__ = ["block_decode_attention", "kv_append_", "is_available", "supports",
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DECODE_HEAD_DIMS = (64, 96, 128)
-MAX_BLOCK_LEN = 256
+MAX_BLOCK_SIZE = 256
 BUILD_HINT = "build it with: NBP_BUILD_CUDA=1 python setup.py build_ext --inplace"
 
 
@@ -104,8 +104,8 @@ def supports(key) -> tuple[bool, str]:
     """(ok, why not): the decode kernel's limits on a registry key (checked at resolve time)."""
     if key.head_dim is not None and key.head_dim not in DECODE_HEAD_DIMS:
         return False, f"q: the cuda decode kernel supports head_dim in {DECODE_HEAD_DIMS}, got {key.head_dim}"
-    if key.block_size is not None and key.block_size > MAX_BLOCK_LEN:
-        return False, (f"q: the cuda decode kernel supports blocks of at most {MAX_BLOCK_LEN} queries, "
+    if key.block_size is not None and key.block_size > MAX_BLOCK_SIZE:
+        return False, (f"q: the cuda decode kernel supports blocks of at most {MAX_BLOCK_SIZE} queries, "
                        f"got block_size {key.block_size}")
     return True, ""
 

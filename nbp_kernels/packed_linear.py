@@ -29,8 +29,8 @@ __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "PANE
 PANEL = 16          # output columns per packed panel (one AVX-512 register)
 MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS GEMM
 # ... and one-row products with fewer weights than this to MKL's GEMV, which
-# is faster there (benchmarks/bench_packed_linear.py: the 36 layer linears of
-# the K600 model at one row, 2.5 vs 1.9 ms; the 64000 x 384 head 3.2 vs 4.2 ms).
+# was measured faster there (benchmarks/bench_packed_linear.py): with one row
+# there is no weight reuse across rows for the panels to win.
 GEMV_MIN_WEIGHTS = 1 << 20
 
 

@@ -2,8 +2,8 @@
 
 ``nbp.sampler`` needs, per row of a decode step, the threshold that top-k then
 top-p leave (``keep_threshold``) and one inverse-CDF draw over the kept tokens
-(``draw_kept``). numpy's partition and sort plus torch's elementwise passes
-cost ~0.35 ms per row of a 64000-token vocabulary; ``cpu/sample_cpu.c`` selects
+(``draw_kept``). Where numpy's partition and sort plus several torch
+elementwise passes each sweep the row, ``cpu/sample_cpu.c`` selects
 without sorting (sampled two-pivot selection, by rank and then by softmax
 mass), sums in float64, and shares rows over torch's OpenMP threads (numbers
 in ``benchmarks/bench_sample_cpu.py``). Semantics: ``reference.keep_threshold``

@@ -29,26 +29,52 @@ def _host_lens(seq_lens: torch.Tensor) -> list[int] | None:
     return seq_lens.tolist()
 
 
-def _block_index(seq_lens: torch.Tensor, L: int, H: int, D: int) -> torch.Tensor:
-    pos = seq_lens.long()[:, None] + torch.arange(L, device=seq_lens.device)   # [B, L]
-    return pos[:, None, :, None].expand(-1, H, -1, D)                            # [B, H, L, D]
+def _block_targets(seq_lens: torch.Tensor, L: int, M: int, H: int, D: int):
+    """Where the rows of a new block go, computed on the device (no host sync).
+
+    Position ``seq_lens[b] + l`` is written when ``seq_lens[b] >= 0`` and it is
+    below ``M``, the rule of the CUDA kernel (and of the Triton one for
+    non-negative lengths), so an unchecked overflow is clipped at ``M`` and a
+    negative length writes nothing. ``scatter_`` cannot skip an index, so a row
+    that must not be written is sent to ``slot = clamp(position, 0, M - 1)``
+    with the value that slot ends up holding anyway (its own new row if the
+    block covers it, else its old value): all writes to a slot agree, whatever
+    order ``scatter_`` applies duplicates in.
+
+    Returns (slot, covered, src), each [B, H, L, D]: slot int64 cache index,
+    covered bool (slot is inside the block), src int64 row of the new block.
+    """
+    s = seq_lens.long()[:, None]                                   # [B, 1]
+    slot = (s + torch.arange(L, device=seq_lens.device)).clamp(0, M - 1)   # [B, L]
+    covered = (s >= 0) & (slot >= s)   # slot < s + L holds whenever s >= 0
+    src = (slot - s).clamp(0, L - 1)
+
+    def grid(t):
+        return t[:, None, :, None].expand(-1, H, -1, D)
+    return grid(slot), grid(covered), grid(src)
 
 
 def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
-    """Scatter the block into the caches at ``seq_lens[b]`` (in place)."""
+    """Scatter the block into the caches at ``seq_lens[b]`` (in place); nothing outside
+    the block or the cache is written (``_block_targets``), k and v alike."""
     _append(k_cache, v_cache, k_new, v_new, seq_lens, _host_lens(seq_lens))
 
 
 def _append(k_cache, v_cache, k_new, v_new, seq_lens, lens: list[int] | None) -> None:
     """``kv_append_`` with ``lens = _host_lens(seq_lens)`` already read."""
     B, H, L, D = k_new.shape
-    if lens and all(n == lens[0] for n in lens):   # one slice copy is far cheaper than scatter_ on CPU
+    M = k_cache.shape[2]
+    if M == 0 or L == 0:
+        return
+    if lens and all(n == lens[0] for n in lens) and 0 <= lens[0] <= M - L:
+        # one slice copy is far cheaper than scatter_ on CPU
         k_cache[:, :, lens[0]:lens[0] + L].copy_(k_new)
         v_cache[:, :, lens[0]:lens[0] + L].copy_(v_new)
         return
-    idx = _block_index(seq_lens, L, H, D)
-    k_cache.scatter_(2, idx, k_new.to(k_cache.dtype))
-    v_cache.scatter_(2, idx, v_new.to(v_cache.dtype))
+    slot, covered, src = _block_targets(seq_lens, L, M, H, D)
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        rows = torch.where(covered, new.to(cache.dtype).gather(2, src), cache.gather(2, slot))
+        cache.scatter_(2, slot, rows)
 
 
 def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None):

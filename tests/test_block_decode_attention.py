@@ -13,11 +13,12 @@ import nbp_kernels
 from nbp_kernels import reference
 from nbp_kernels.registry import backend_status
 from nbp_kernels.ops import block_decode_attention as triton_decode
+from test_kv_append import clipped_append
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 _OK, _WHY = backend_status("triton", DEVICE)
-pytestmark = pytest.mark.skipif(not _OK, reason=f"triton backend unusable: {_WHY}")
+needs_triton = pytest.mark.skipif(not _OK, reason=f"triton backend unusable: {_WHY}")
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
@@ -65,23 +66,27 @@ def _check(case, dtype, append=True, num_splits=None, new_dtype=None, seed=0, le
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}L{}M{}D{}".format(*c))
 def test_matches_reference(case, dtype):
     _check(case, dtype)
 
 
+@needs_triton
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "B{}H{}L{}M{}D{}".format(*c))
 def test_without_new_block(case):
     _check(case, torch.float32, append=False)
 
 
+@needs_triton
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_split_counts_agree(num_splits):
     """Every split count gives the reference result (the reduction is exact up to rounding)."""
     _check(CASES[1], torch.float32, num_splits=num_splits, seed=num_splits)
 
 
+@needs_triton
 @pytest.mark.skipif(not CUDA, reason="fp16/bf16 kernels need a GPU (the interpreter runs fp32 only here)")
 def test_bf16_cache_fp16_queries():
     """Queries in another dtype than the cache: the output follows q, the cache keeps its dtype."""
@@ -95,17 +100,20 @@ def test_bf16_cache_fp16_queries():
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
 
 
+@needs_triton
 def test_new_block_cast_to_cache_dtype():
     """fp16 new keys go into an fp32 cache; attention sees the cache's (rounded) values."""
     _check(CASES[0], torch.float32, new_dtype=torch.float16)
 
 
+@needs_triton
 def test_single_sequence_lengths_edge():
     """Empty cache (seq_len 0) and a cache filled up to max_seq exactly."""
     B, H, L, M, D = 2, 1, 8, 40, 96
     _check((B, H, L, M, D), torch.float32, lens=[0, M - L], num_splits=3)
 
 
+@needs_triton
 def test_no_write_at_or_beyond_max_seq():
     """With the host check skipped, an overflowing block is clipped at max_seq.
 
@@ -122,6 +130,7 @@ def test_no_write_at_or_beyond_max_seq():
     assert torch.equal(kbuf[0, :, M - 3:M], kn[0, :, :3]) and torch.equal(kbuf[1, :, 2:2 + L], kn[1])
 
 
+@needs_triton
 @settings(max_examples=5, deadline=None)
 @given(B=st.integers(1, 3), L=st.sampled_from([1, 3, 8, 16]), extra=st.integers(0, 40),
        D=st.sampled_from([64, 96]), splits=st.integers(0, 4), append=st.booleans(),
@@ -132,6 +141,7 @@ def test_random_shapes(B, L, extra, D, splits, append, seed):
     _check((B, 1, L, M, D), torch.float32, append=append, num_splits=splits, seed=seed, lens=lens)
 
 
+@needs_triton
 def test_bad_inputs_raise():
     q, kc, vc, kn, vn, sl = _setup(1, 1, 4, 10, 64, torch.float32)
     with pytest.raises(ValueError, match="cache overflow"):
@@ -147,3 +157,16 @@ def test_bad_inputs_raise():
         nbp_kernels.block_decode_attention(big, torch.zeros(1, 1, 10, 512, device=DEVICE),
                                            torch.zeros(1, 1, 10, 512, device=DEVICE), sl,
                                            backend="triton")
+
+
+@pytest.mark.parametrize("lens", [[-3, 5], [17, 20], [-1, -1], [30, 0]])
+def test_torch_fused_append_unchecked_writes_only_the_block(lens):
+    """The torch backend's fused append with check_bounds=False keeps the kernels' rule:
+    negative lengths write nothing, an overflow is clipped at max_seq, k and v alike."""
+    B, H, L, M, D = 2, 2, 4, 20, 64
+    q, kc, vc, kn, vn, _ = _setup(B, H, L, M, D, torch.float32, seed=3)
+    want_k, want_v = clipped_append(kc, vc, kn, vn, lens)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    nbp_kernels.block_decode_attention(q, kc, vc, sl, k_new=kn, v_new=vn, backend="torch",
+                                       check_bounds=False)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)

@@ -56,7 +56,7 @@ def test_module_reports_archs(C):
     major, minor = (int(x) for x in info["cuda_runtime"].split("."))
     assert major >= 12 and minor >= 0
     assert cuda_ops.build_info() == info
-    assert info["max_splits"] >= 1 and info["max_block_len"] == cuda_ops.MAX_BLOCK_LEN
+    assert info["max_splits"] >= 1 and info["max_block_size"] == cuda_ops.MAX_BLOCK_SIZE
 
 
 @pytest.mark.parametrize("over, match", [

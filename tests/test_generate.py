@@ -1,4 +1,4 @@
-"""FastGenerator (nbp.generate, nbp.decode, nbp.cache) against the reference generator."""
+"""FastGenerator (nbp.generate, nbp.runner, nbp.cache) against the reference generator."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +14,7 @@ import torch
 
 from nbp.cache import StaticKVCache
 from nbp.config import TransformerConfig
-from nbp.decode import PackedLinears
+from nbp.runner import PackedLinears
 from nbp.generate import FastGenerator
 from nbp.model import NBPTransformer, call_module
 from nbp_kernels.packed_linear import is_available
@@ -151,7 +151,7 @@ def test_packed_linear_option():
 
 
 def test_decode_attention_traces_without_graph_breaks():
-    """The backend dispatch is traceable, so a compiled decode step is one graph."""
+    """The registry lookup is traceable, so a compiled decode step is one graph."""
     import nbp_kernels
     q, kn, vn = (torch.randn(1, 2, 4, 16) for _ in range(3))
     kc, vc = torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16)
@@ -233,6 +233,50 @@ def test_baseline_generator_matches_reference():
     for mode in ("nbp", "ntp"):
         assert torch.equal(baseline.generate_tokens(model, ids, 16, mode=mode, do_sample=False),
                            reference_generate(model, ids, 16, mode=mode, do_sample=False))
+
+
+# --- devices and memory (issue 18, item 7) -------------------------------------------
+
+@pytest.mark.parametrize("device, match", [("cuda", "not available"), ("cuda:0", "not available"),
+                                           ("meta", "cannot run"), ("banana", "expected a torch device"),
+                                           (3.5, "expected a torch device")])
+def test_unavailable_device_is_refused_before_the_model_moves(monkeypatch, device, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = sharp_model("tiny")
+    with pytest.raises(ValueError, match=f"^device: .*{match}"):
+        FastGenerator(model, device=device, dtype=torch.bfloat16)
+    assert next(model.parameters()).device.type == "cpu"
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_batch_that_cannot_fit_is_refused_before_allocating(monkeypatch, tiny_tokenizer):
+    import nbp.devices
+    model = sharp_model("tiny")
+    gen = FastGenerator(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"^batch_size: 1000000000 sequences .* bytes .* available"):
+        gen.check_batch_fits(10 ** 9)                   # exabytes: no machine has them
+    gen.check_batch_fits(2)
+    free = 10_000                                       # bytes: less than any cache of this model
+    monkeypatch.setattr(nbp.devices, "available_bytes", lambda device: free)
+    with pytest.raises(ValueError, match=r"^batch: 4 cache rows .*needs at least [\d,]+ bytes.* 10,000 bytes"):
+        gen.generate_tokens(inputs(model.config, "nbp", 0, batch=4), 8)
+    assert gen.cache is None
+    encoded = []
+    monkeypatch.setattr(tiny_tokenizer, "encode", lambda x: encoded.append(x))
+    with pytest.raises(ValueError, match="^batch_size: 3 sequences"):
+        gen.predict_frames(torch.rand(3, 3, 9, 32, 32))
+    assert not encoded                                  # refused before encoding the frames
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+        gen.check_batch_fits(0)
+
+
+def test_available_bytes_reads_the_device():
+    from nbp.devices import available_bytes
+    cpu = available_bytes(torch.device("cpu"))
+    assert cpu is None or cpu > 0
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        assert free <= available_bytes(torch.device("cuda")) <= total
 
 
 # --- video-level tasks with the tiny tokenizer ---------------------------------------

@@ -128,7 +128,7 @@ def test_generator_resolves_once_per_request(monkeypatch):
     gen = FastGenerator(model, packed_linear=False)
     calls = []
     real = registry.resolve
-    monkeypatch.setattr("nbp.decode.resolve", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr("nbp.runner.resolve", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     cfg = model.config
     ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, cfg.block_size))
     gen.generate_tokens(ids, 3 * cfg.block_size, do_sample=False)

@@ -21,8 +21,11 @@ def _kv_append_kernel(KC, VC, KN, VN, SEQ, skcb, skch, skcs, svcb, svch, svcs,
     h = (bh % H).to(tl.int64)
     offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, BLOCK_D)
-    pos = tl.load(SEQ + b) + offs_l
-    ok = (offs_l < L) & (pos >= 0) & (pos < M)
+    start = tl.load(SEQ + b)
+    pos = start + offs_l
+    # a negative length writes nothing (as the torch and CUDA backends): no row is half-written
+    # (tl.where: a bool tensor & a bool scalar trips the interpreter)
+    ok = tl.where(start >= 0, (offs_l < L) & (pos < M), False)
     mask = ok[:, None] & (offs_d[None, :] < D)
     kn = tl.load(KN + b * sknb + h * sknh + offs_l[:, None] * skns + offs_d[None, :], mask=mask)
     vn = tl.load(VN + b * svnb + h * svnh + offs_l[:, None] * svns + offs_d[None, :], mask=mask)

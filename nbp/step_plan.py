@@ -24,19 +24,19 @@ __all__ = ["MODES", "StepPlan", "plan_steps", "check_generation_inputs"]
 
 @dataclass(frozen=True)
 class StepPlan:
-    """mask_block: block size of the attention mask; hybrid: hybrid mask layout;
+    """block_size: L, the block size of the attention mask; hybrid: hybrid mask layout;
     tokens: number of tokens sampled at each step; filler_after: the step after
     which the middle-bos ids are appended (-1: never)."""
 
     mode: str
-    mask_block: int
+    block_size: int
     hybrid: bool
     tokens: tuple[int, ...]
     filler_after: int
 
     def fillers(self, batch: int, device) -> torch.Tensor:
         """The middle-bos ids 1..L-1, int64 [batch, L-1]."""
-        return torch.arange(1, self.mask_block, device=device).expand(batch, -1)
+        return torch.arange(1, self.block_size, device=device).expand(batch, -1)
 
 
 def plan_steps(config: TransformerConfig, mode: str, num_new_tokens: int) -> StepPlan:
@@ -74,9 +74,9 @@ def check_generation_inputs(config: TransformerConfig, input_ids: torch.Tensor, 
     if not isinstance(cond_len, int) or not 0 <= cond_len < S:
         raise ValueError(f"cond_len: expected an int in [0, seq={S}) (at least one token after the "
                          f"condition), got {cond_len!r}")
-    if plan.mode == "nbp" and (S - cond_len) % plan.mask_block:
+    if plan.mode == "nbp" and (S - cond_len) % plan.block_size:
         raise ValueError(f"input_ids: in mode 'nbp' the tokens after the condition must be whole "
-                         f"blocks of L={plan.mask_block}, got {S - cond_len}")
+                         f"blocks of L={plan.block_size}, got {S - cond_len}")
     if plan.mode == "hybrid" and S != cond_len + 1:
         raise ValueError(f"input_ids: in mode 'hybrid' pass the condition ({cond_len} tokens) "
                          f"followed by the begin-of-video id, got {S} tokens")
