@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
+        # user errors (bad flags, unreadable or unwritable files) end with one message,
+        # not a traceback; ValueError covers LoadError and nbp.video.VideoError
         print(f"nbp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """File output: atomic writes and video files (GIF / MP4)."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -12,18 +13,36 @@ import torch
 __all__ = ["atomic_path", "atomic_write_text", "save_video", "video_to_uint8"]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no read-only query elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it into place on success.
 
     Readers never see a half-written file, and a failure leaves any existing
-    file untouched.
+    file untouched. The file gets the mode a plain ``open(path, "w")`` would
+    give it (0666 less the umask; mkstemp alone would leave 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary keeps the real suffix so format-sniffing writers (video, safetensors) work
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -48,13 +67,15 @@ def video_to_uint8(video: torch.Tensor) -> np.ndarray:
 def save_video(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
     """Write a video ``[3, T, H, W]`` or a batch ``[B, 3, T, H, W]`` (tiled side by side).
 
-    The format follows the suffix: ``.gif`` or ``.mp4``. Written atomically.
+    The format follows the suffix: ``.gif`` or ``.mp4`` (H.264, played at exactly
+    ``fps``). GIF stores frame delays in 1/100 s, so its rate is the nearest one
+    of 100/k fps (30 fps plays at 33.3). Written atomically, mode per the umask.
     """
     path = Path(path)
     if path.suffix.lower() not in (".gif", ".mp4"):
         raise ValueError(f"path: expected a .gif or .mp4 file name, got {str(path)!r}")
-    if fps <= 0:
-        raise ValueError(f"fps: expected a positive number, got {fps}")
+    if not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise ValueError(f"fps: expected a positive number, got {fps!r}")
     if video.dim() == 5:  # tile the batch horizontally: [3, T, H, B*W]
         video = torch.cat(list(video), dim=-1)
     frames = video_to_uint8(video)
@@ -62,7 +83,8 @@ def save_video(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
 
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".gif":
-            iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+            iio.imwrite(tmp, frames, extension=".gif", duration=10 * max(1, round(100 / fps)),
+                        loop=0)
         else:
             h, w = frames.shape[1:3]
             if h % 2 or w % 2:  # yuv420p needs even sizes
