@@ -299,13 +299,13 @@ def test_mode_ntp_without_model_uses_the_demo_ntp_model(capsys):
 
 
 def test_trust_remote_code_reaches_the_loaders(monkeypatch, tmp_path):
-    import nbp.loading
+    import nbp.published
     from nbp.cli import build_parser
     from nbp.commands.generate import _load
 
     seen = []
-    monkeypatch.setattr(nbp.loading, "load_transformer", lambda path, **kw: seen.append(kw) or "m")
-    monkeypatch.setattr(nbp.loading, "load_tokenizer", lambda path, **kw: seen.append(kw) or "t")
+    monkeypatch.setattr(nbp.published, "load_transformer", lambda path, **kw: seen.append(kw) or "m")
+    monkeypatch.setattr(nbp.published, "load_tokenizer", lambda path, **kw: seen.append(kw) or "t")
     argv = ["generate", "--model", "m.ckpt", "--tokenizer", "t.pt"]
     assert _load(build_parser().parse_args(argv + ["--trust-remote-code"])) == ("m", "t", "file")
     assert _load(build_parser().parse_args(argv)) == ("m", "t", "file")

@@ -169,7 +169,9 @@ def run(args) -> int:
               f"(--layers/--width to change)")
     cfg = bench_config(args.preset, layers=layers, width=width)
     model = random_model(cfg, device=device, dtype=dtype, seed=args.seed)
-    top_k = None if args.top_k <= 0 else args.top_k
+    if args.top_k < 0:
+        raise ValueError(f"--top-k: expected 0 (no top-k) or a positive int, got {args.top_k}")
+    top_k = None if args.top_k == 0 else args.top_k
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, top_k=top_k, top_p=args.top_p,
                       device=device, seed=args.seed)
     info = machine_info(device)

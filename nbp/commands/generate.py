@@ -73,7 +73,7 @@ def _load(args):
     if args.tokenizer is None:
         raise ValueError("--tokenizer: a generator checkpoint needs its video tokenizer "
                          "(native dir or magvit2_*.pt)")
-    from nbp.loading import load_tokenizer, load_transformer
+    from nbp.published import load_tokenizer, load_transformer
 
     trust = args.trust_remote_code
     model = load_transformer(args.model, **({"preset": args.preset} if args.preset else {}),
@@ -89,7 +89,7 @@ def published_fps(path, trust: bool = False) -> float | None:
     read as ``load_transformer`` reads it (memory-mapped, no code run from it
     unless ``trust``).
     """
-    from nbp.loading import LoadError
+    from nbp.native import LoadError
     from nbp.published import read_torch_file
 
     p = Path(path)
@@ -126,7 +126,7 @@ def _fps_value(value: str) -> str | float:
 
 def _sampling(args) -> dict:
     return dict(do_sample=not args.greedy, temperature=args.temperature,
-                top_k=args.top_k if args.top_k and args.top_k > 0 else None, top_p=args.top_p,
+                top_k=args.top_k, top_p=args.top_p,
                 cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
                 generator=torch.Generator().manual_seed(args.seed))
 
@@ -295,6 +295,7 @@ def _compose(args, video: torch.Tensor, clip: torch.Tensor | None) -> torch.Tens
 
 
 def run(args) -> int:
+    from nbp.devices import checked_device
     from nbp.generate import FastGenerator
     from nbp.io import save_video
 
@@ -303,7 +304,7 @@ def run(args) -> int:
     if args.input is not None:
         from nbp.video import probe
         info = probe(args.input)     # an unreadable file is refused before the model loads
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok, kind = _load(args)
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend)
     cfg = gen.config
@@ -320,6 +321,7 @@ def run(args) -> int:
     if args.predict:
         from nbp.demo import heldout_clips, predict_frames
 
+        gen.check_batch_fits(args.batch, cfg=args.cfg_scale is not None)   # before rendering clips
         clip, labels = heldout_clips(args.batch)
         video = predict_frames(gen, clip, labels, num_cond_frames=args.num_cond_frames,
                                mode=args.mode or "nbp", **sampling)
