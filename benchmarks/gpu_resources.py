@@ -229,10 +229,19 @@ def problems(record: dict) -> list[str]:
     return out
 
 
+def cuda_kernel_names() -> set[str]:
+    """Names of the __global__ functions in csrc/*.cu."""
+    return {m[1] for cu in (ROOT / "csrc").glob("*.cu")
+            for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\(\w+\)\s+)?(\w+)\s*\(", cu.read_text())}
+
+
 def check(data: dict, expected_keys: list[str]) -> list[str]:
-    """Errors of a results file: a production config missing, or an unwaived problem."""
+    """Errors of a results file: a production config or a CUDA kernel missing, or an unwaived problem."""
     have = {r["key"]: r for r in data["kernels"]}
     errors = [f"{k}: not in the file (rerun benchmarks/gpu_resources.py)" for k in expected_keys if k not in have]
+    cuda = " ".join(r["kernel"] for r in data["kernels"] if r["kind"] == "cuda")
+    errors += [f"cuda kernel {k}: not in the file" for k in sorted(cuda_kernel_names()) if f"::{k}<" not in cuda
+               and f"::{k}(" not in cuda]
     waivers = data.get("waivers", {})
     for key, rec in have.items():
         for p in problems(rec):
