@@ -30,7 +30,8 @@ GIVEN_LATENT_FRAMES = 2
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(bench_config(PRESET, **SIZE), device=DEVICE, dtype=DTYPE)
+    with torch.device(DEVICE):  # initialise on the device: the 700M model's CPU init takes minutes
+        return random_model(bench_config(PRESET, **SIZE), device=DEVICE, dtype=DTYPE)
 
 
 def _task(model, batch: int):
