@@ -250,6 +250,22 @@ def check(data: dict, expected_keys: list[str]) -> list[str]:
     return errors
 
 
+def verify(data: dict, configs: list[dict], n: int) -> list[str]:
+    """Recompile ``n`` configs spread over the list; errors where the file's record differs."""
+    if n <= 0:
+        return []
+    have = {r["key"]: r for r in data["kernels"]}
+    errors = []
+    for cfg in configs[::max(1, len(configs) // n)][:n]:
+        rec = compile_triton(cfg)
+        old = have.get(rec["key"], {})
+        diff = {k: (old.get(k), v) for k, v in rec.items() if old.get(k) != v}
+        print(f"verify {rec['key']}: {'same' if not diff else diff}", flush=True)
+        if diff:
+            errors.append(f"{rec['key']}: recompiled differs (file, now): {diff}")
+    return errors
+
+
 def _versions() -> dict:
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
@@ -284,14 +300,7 @@ def main(argv=None) -> int:
     configs = triton_configs()
     if args.check or args.verify:
         data = json.loads(args.out.read_text())
-        errors = check(data, [config_key(c) for c in configs])
-        have = {r["key"]: r for r in data["kernels"]}
-        for cfg in configs[::max(1, len(configs) // args.verify)][:args.verify] if args.verify else []:
-            rec = compile_triton(cfg)
-            old = have.get(rec["key"], {})
-            diff = {k: (old.get(k), v) for k, v in rec.items() if old.get(k) != v}
-            print(f"verify {rec['key']}: {'same' if not diff else diff}")
-            errors += [f"{rec['key']}: recompiled differs {diff}"] if diff else []
+        errors = check(data, [config_key(c) for c in configs]) + verify(data, configs, args.verify)
         print("\n".join(errors) or f"ok: {len(configs)} triton configs covered, no unwaived problem")
         return 1 if errors else 0
     old = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -77,6 +77,10 @@ def test_committed_file_covers_production_without_unwaived_problems():
 @pytest.mark.slow
 def test_recompiled_configs_match_the_file(tmp_path):
     pytest.importorskip("triton.backends.nvidia", reason="triton's NVIDIA backend (ptxas) is not installed")
+    import triton
+    made_with = json.loads(RESULT.read_text())["triton"]
+    if triton.__version__ != made_with:
+        pytest.skip(f"the file holds triton {made_with}'s numbers; this is triton {triton.__version__}")
     proc = _script("--verify", "2", timeout=900, TRITON_CACHE_DIR=str(tmp_path))  # a cold cache
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.stdout.count(": same") == 2
