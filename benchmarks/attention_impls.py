@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nbp_kernels import reference, torch_ops
-from nbp_kernels.dispatch import backend_status
+from nbp_kernels.registry import backend_status
 
 
 def triton_ops(device: torch.device, interpreter_ok: bool = False):

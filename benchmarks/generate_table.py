@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from nbp.commands.bench import (bench_config, copy_bandwidth, frame_prediction_shape,
-                                gpu_table_device, machine_info, median, ntp_vs_nbp, random_model,
-                                time_interleaved, write_table)
+from harness import copy_bandwidth, gpu_table_device, write_table
+from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, median, ntp_vs_nbp,
+                                random_model, time_interleaved)
 from nbp.generate import FastGenerator
 
 TARGETS = {"step_over_floor_b1": 1.4, "b8_over_b1": 1.3, "ar_frames_per_s": 300,
@@ -130,7 +130,7 @@ def decode_row(s: dict, model, bandwidth: float, backend: str, batch: int) -> di
 def decode_rows(s: dict, model, bandwidth: float) -> list[dict]:
     """Rows for backend "auto" (what FastGenerator runs by default; the targets are judged
     on it) and, on CUDA, each usable explicit backend, at every batch size."""
-    from nbp_kernels.dispatch import backend_status
+    from nbp_kernels.registry import backend_status
 
     device = s["device"]
     backends = ["auto"] + [b for b in ("triton", "cuda")
@@ -211,10 +211,11 @@ def verdicts(result: dict) -> list[dict]:
 def decode_backends(model, device, dtype) -> dict:
     """The backend ``backend="auto"`` runs the decode attention with, for L = block and L = 1
     (from nbp_kernels/tuning.json when gpu_check.sh's CUDA steps wrote it, else triton)."""
-    from nbp_kernels.dispatch import _auto
+    from nbp_kernels.registry import resolved_backend
 
     cfg = model.config
-    return {f"L={n}": _auto("block_decode_attention", device, cfg.head_dim, n, dtype)
+    return {f"L={n}": resolved_backend("block_decode_attention", device=device, dtype=dtype,
+                                       head_dim=cfg.head_dim, block_size=n)
             for n in (cfg.block_size, 1)}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from attention_impls import decode_impls, prefill_backward_impls, prefill_impls, visible_pairs
-from nbp.commands.bench import gpu_table_device, write_table
+from harness import gpu_table_device, write_table
 
 # Peak HBM bandwidth (bytes/s) by device-name fragment, first match wins.
 PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),

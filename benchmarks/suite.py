@@ -86,7 +86,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def measure_floors(device: torch.device, dtype: torch.dtype) -> dict:
     """Copy bandwidth (bytes/s) and matmul rate (FLOP/s) of ``device``, measured now."""
-    from nbp.commands.bench import copy_bandwidth, machine_info
+    from harness import copy_bandwidth
+    from nbp.commands.bench import machine_info
 
     nbytes = 1 << (22 if smoke() else 28)
     return dict(copy_bandwidth_bytes_per_s=copy_bandwidth(device, nbytes=nbytes, repeats=3 if smoke() else 10),

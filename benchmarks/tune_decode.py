@@ -31,11 +31,10 @@ import torch.nn.functional as F
 
 import nbp_kernels
 from nbp.io import atomic_write_text
-from nbp_kernels.dispatch import TUNING_FILE, backend_status
+from nbp_kernels.registry import TUNING_FILE, backend_status, backends_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BACKENDS = ("cuda", "triton", "torch")
 DEVICE = "cuda"
 
 
@@ -176,7 +175,7 @@ def tune_shape(device_name: str, usable: list[str], dname: str, D: int, L: int, 
                 print(f"  {op} {b} D={D} L={L} {dname}: {type(e).__name__}: {e}")
         if us:
             best = min(us, key=us.get)
-            entries.append(dict(op=op, head_dim=D, block_len=L, dtype=dname, device=device_name,
+            entries.append(dict(op=op, head_dim=D, block_size=L, dtype=dname, device=device_name,
                                 backend=best, us=us))
             print(f"{op:24s} D={D:3d} L={L:2d} {dname:8s} " +
                   " ".join(f"{b}={t:8.2f}us" for b, t in us.items()) + f"  -> {best}")
@@ -188,7 +187,8 @@ def tune(device_name: str, reps: int, budget_s: float) -> list[dict]:
 
     The 700M model's shapes (D = 96) come first; shapes left when ``budget_s`` runs out are skipped.
     """
-    usable = [b for b in BACKENDS if backend_status(b, DEVICE)[0]]
+    usable = [b for b in backends_for("block_decode_attention")
+              if b != "reference" and backend_status(b, DEVICE)[0]]
     grid = [(dn, D, L) for dn in DTYPES for D in (96, 64, 128) for L in (16, 1)]
     deadline = time.monotonic() + budget_s
     entries = []
@@ -202,8 +202,8 @@ def tune(device_name: str, reps: int, budget_s: float) -> list[dict]:
 
 def write_tuning(entries: list[dict], device_name: str) -> None:
     old = json.loads(TUNING_FILE.read_text()).get("entries", []) if TUNING_FILE.exists() else []
-    keys = {(e["op"], e["head_dim"], e["block_len"], e["dtype"], e["device"]) for e in entries}
-    kept = [e for e in old if (e["op"], e["head_dim"], e["block_len"], e["dtype"], e["device"]) not in keys]
+    keys = {(e["op"], e["head_dim"], e["block_size"], e["dtype"], e["device"]) for e in entries}
+    kept = [e for e in old if (e["op"], e["head_dim"], e["block_size"], e["dtype"], e["device"]) not in keys]
     text = json.dumps({"entries": kept + entries}, indent=1) + "\n"
     atomic_write_text(TUNING_FILE, text)
     print(f"wrote {len(entries)} entries for {device_name!r} to {TUNING_FILE}")

@@ -1,58 +1,71 @@
 """Prefill and decode steps of ``FastGenerator`` against a static KV cache.
 
 ``ModelRunner`` drives the model's pieces (``embed``, ``run_layers``,
-``logits``) with attention functions that write the cache in place through
-``nbp_kernels``. ``DecodeStep`` owns the static buffers of one step shape
-(rows x tokens fed) and either runs the step eagerly or replays it from a CUDA
-graph captured once: the graph reads token ids, positions (from
+``logits``) with the attention implementations of one request (``Kernels``,
+resolved once through ``nbp_kernels.registry``) that write the cache in place.
+``DecodeStep`` owns the static buffers of one step shape (rows x tokens fed)
+and either runs the step eagerly or replays it from a CUDA graph captured
+once: the graph reads token ids, positions (from
 ``cache.seq_lens``), the guidance weight and the sampling noise from device
 buffers, so nothing in a step needs the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-import nbp_kernels
-from nbp_kernels.packed_linear import PackedLinear
+from nbp_kernels.cpu_ops import PackedLinears
+from nbp_kernels.registry import resolve
 
 from .cache import StaticKVCache
 from .model import LinearFn, NBPTransformer, call_module
 from .sampler import BatchedSampler
 from .sampling import cfg_mix
 
-__all__ = ["ModelRunner", "DecodeStep", "PackedLinears", "select_tokens"]
+__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears", "select_tokens"]
 
 
-class PackedLinears:
-    """A ``LinearFn`` that runs every ``nn.Linear`` of ``model`` through
-    ``nbp_kernels.packed_linear`` (float32 CPU models; weights packed once, here).
+@dataclass(frozen=True)
+class Kernels:
+    """The attention implementations of one request, resolved once (not per layer per call).
 
-    Products of more than ``packed_linear.MAX_ROWS`` rows (the prefill) use the
-    module's own forward. The packed copies are not updated if the model's
-    weights change later: build a new generator then.
+    causal: ``block_causal_attention`` (prefill); append: ``kv_append_``
+    (prefill); decode: ``block_decode_attention`` per query count n of a
+    decode step. The functions do not validate: ``ModelRunner`` builds their
+    arguments from a cache it owns.
     """
+    causal: Callable
+    append: Callable
+    decode: dict[int, Callable]
 
-    def __init__(self, model: NBPTransformer):
-        self.packed = {m: PackedLinear(m) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear)}
-
-    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.packed[module](x)
+    @classmethod
+    def resolve(cls, backend: str, *, device: torch.device, dtype: torch.dtype, head_dim: int,
+                block_size: int, step_lens) -> "Kernels":
+        """backend: a registry backend or "auto"; block_size: the mask's block; step_lens:
+        the query counts of the decode steps (an op a backend lacks falls back per op)."""
+        kw = dict(device=device, dtype=dtype, head_dim=head_dim)
+        return cls(resolve("block_causal_attention", backend, block_size=block_size, **kw),
+                   resolve("kv_append_", backend, **kw),
+                   {n: resolve("block_decode_attention", backend, block_size=n, **kw)
+                    for n in sorted(set(step_lens))})
 
 
 class ModelRunner:
     """Prefill and decode logits of ``model`` with ``cache`` (rows = cache.batch).
 
-    mask_block / hybrid / cond_len: the NBP mask of the request (StepPlan);
-    length: the cache positions the request can reach (attention reads only these);
-    linear: how the model's linears are computed (``PackedLinears`` or the modules).
+    kernels: the request's attention implementations; block_size / hybrid /
+    cond_len: the NBP mask of the request (StepPlan); length: the cache
+    positions the request can reach (attention reads only these); linear: how
+    the model's linears are computed (the registry's ``linear`` op).
     """
 
-    def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, backend: str,
-                 mask_block: int, hybrid: bool, cond_len: int, length: int,
+    def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, kernels: Kernels,
+                 block_size: int, hybrid: bool, cond_len: int, length: int,
                  linear: LinearFn = call_module):
-        self.model, self.cache, self.backend = model, cache, backend
-        self.mask_block, self.hybrid, self.cond_len = mask_block, hybrid, cond_len
+        self.model, self.cache, self.kernels = model, cache, kernels
+        self.block_size, self.hybrid, self.cond_len = block_size, hybrid, cond_len
         self.length, self.linear = length, linear
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
@@ -64,13 +77,13 @@ class ModelRunner:
         only (the head is not computed for the others).
         """
         seq_lens = self.cache.seq_lens
+        append, causal = self.kernels.append, self.kernels.causal
 
         def attend(q, k, v, i):
             kc, vc = self.cache.layer(i, self.length)
-            nbp_kernels.kv_append_(kc, vc, k, v, seq_lens, backend=self.backend, check_bounds=False)
-            return nbp_kernels.block_causal_attention(
-                q, k, v, block_size=self.mask_block, cond_len=self.cond_len, hybrid=self.hybrid,
-                backend=self.backend)
+            append(kc, vc, k, v, seq_lens)
+            return causal(q, k, v, block_size=self.block_size, cond_len=self.cond_len,
+                          hybrid=self.hybrid, scale=None)
 
         x = self.model.embed(ids, prefix_embeddings=prefix_embeddings)
         x = self.model.run_layers(x, attend, self.linear)
@@ -90,11 +103,11 @@ class ModelRunner:
         seq_lens = self.cache.seq_lens
         n = ids.shape[1]
         positions = seq_lens.long()[:, None] + torch.arange(n, device=ids.device)
+        decode = self.kernels.decode[n]
 
         def attend(q, k, v, i):
             kc, vc = self.cache.layer(i, length)
-            return nbp_kernels.block_decode_attention(q, kc, vc, seq_lens, k_new=k, v_new=v,
-                                                      backend=self.backend, check_bounds=False)
+            return decode(q, kc, vc, seq_lens, k_new=k, v_new=v, scale=None)
 
         x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)

@@ -7,7 +7,7 @@ class-conditional generators trained on ``nbp.data.synthetic`` clips (16x16,
 beside the weights says how they were trained and what they score.
 
 Token layout of the demo generators (``bov`` without hybrid, see
-``nbp.train.transformer.build_sequences``): ``[class, bov x L, codes...]`` with
+``nbp.layout``): ``[class, bov x L, codes...]`` with
 L = 8 for NBP and 1 for NTP, codes in raster order (row blocks). Two tasks:
 
 * class-conditional generation: feed ``[class, bov x L]`` and generate the
@@ -15,6 +15,11 @@ L = 8 for NBP and 1 for NTP, codes in raster order (row blocks). Two tasks:
 * frame prediction (K600 protocol: 5 given frames, 12 predicted): feed
   ``[class, bov x L, codes of the 5 given frames]`` (3 latent frames: the
   tokenizer halves time after the first frame) and generate the remaining 6.
+
+Both run through ``FastGenerator`` (``generate_video``, ``predict_frames``); the
+helpers below only fix the demo's defaults. A clip without a label can take the
+class ``FastGenerator.most_likely_class`` finds for it; for footage unlike these
+sprites that class means nothing and the prediction is crude.
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .blocks import from_block_order, to_block_order
-from .data.synthetic import CLASS_NAMES, SyntheticVideos
+from . import layout
+from .data.synthetic import SyntheticVideos
 from .generate import FastGenerator
 from .loading import transformer_from_pretrained, tokenizer_from_pretrained
 from .model import NBPTransformer
@@ -95,21 +100,16 @@ def heldout_clips(num_clips: int, seed: int = EVAL_SEED) -> tuple[torch.Tensor, 
 
 
 def condition_ids(model: NBPTransformer, class_ids) -> torch.Tensor:
-    """Model ids int64 [B, 1 + L] = [class, bov x L] that start a demo sequence."""
+    """Model ids int64 [B, 1 + L] = [class, bov x L] that start a demo sequence
+    (``nbp.layout.video_prompt``); class_ids: int [B] in [0, 12) (``nbp.data.synthetic.CLASS_NAMES``)."""
     cfg = model.config
-    cls = torch.as_tensor(class_ids, dtype=torch.int64).reshape(-1, 1)
-    if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= cfg.cond_vocab_size:
-        raise ValueError(f"class_ids: expected ids in [0, {cfg.cond_vocab_size}) "
-                         f"({', '.join(CLASS_NAMES[:2])}, ...), got {cls.flatten().tolist()}")
-    bov = torch.full((cls.shape[0], cfg.block_size), cfg.bov_id, dtype=torch.int64)
-    return torch.cat([cls + cfg.cond_offset, bov], dim=1)
+    return layout.video_prompt(cfg, layout.condition_ids(cfg, class_ids)).ids
 
 
 def decode_tokens(gen: FastGenerator, tokens: torch.Tensor) -> torch.Tensor:
-    """Model ids of the whole grid [B, t*h*w] (block order) -> video float32 [B, 3, T, H, W]."""
-    cfg = gen.config
-    codes = (tokens - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
-    return gen.tokenizer.decode(from_block_order(codes, cfg.latent_shape, cfg.block_shape))
+    """Model ids of the whole grid [B, t*h*w] (block order) -> video float32 [B, 3, T, H, W]
+    (``FastGenerator.decode_ids``)."""
+    return gen.decode_ids(tokens)
 
 
 @torch.no_grad()
@@ -118,54 +118,31 @@ def prediction_prompt(gen: FastGenerator, video: torch.Tensor, class_ids, *,
     """Encode the given frames: (prompt ids int64 [B, 1 + L + n], their codes' ids int64 [B, n]).
 
     video: float [B, 3, T, H, W] in [0, 1] (only the first ``num_cond_frames`` are read);
-    class_ids: int [B]. The prompt is ``[class, bov x L, codes]`` in the model's id space.
+    class_ids: int [B]. The prompt is ``[class, bov x L, codes]`` (``FastGenerator.frame_prompt``).
     """
-    cfg, tok = gen.config, gen.tokenizer
-    ft = tok.config.factors[0]
-    if not isinstance(num_cond_frames, int) or num_cond_frames < 1 or (num_cond_frames - 1) % ft:
-        raise ValueError(f"num_cond_frames: expected 1 + {ft}k frames, got {num_cond_frames!r}")
-    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[2] < num_cond_frames:
-        raise ValueError(f"video: expected a float tensor [batch, 3, T >= {num_cond_frames}, H, W]")
-    codes = tok.encode(video[:, :, :num_cond_frames].to(gen.device))       # [B, n_lat, h, w]
-    if tuple(codes.shape[2:]) != tuple(cfg.latent_shape[1:]) or codes.shape[1] >= cfg.latent_shape[0]:
-        raise ValueError(f"video: encodes to {tuple(codes.shape[1:])}, which does not start the "
-                         f"model's latent grid {cfg.latent_shape}")
-    prefix = to_block_order(codes, cfg.block_shape) + cfg.video_offset
-    cond = condition_ids(gen.model, class_ids).to(gen.device)
-    if cond.shape[0] != prefix.shape[0]:
-        raise ValueError(f"class_ids: expected one per video ({prefix.shape[0]}), got {cond.shape[0]}")
-    return torch.cat([cond, prefix], dim=1), prefix
+    prompt = gen.frame_prompt(video, num_cond_frames, class_ids=class_ids)
+    return prompt.ids, prompt.given
 
 
-@torch.no_grad()
 def predict_frames(gen: FastGenerator, video: torch.Tensor, class_ids, *,
                    num_cond_frames: int = NUM_COND_FRAMES, mode: str = "nbp",
                    **sampling) -> torch.Tensor:
-    """Frame prediction with a demo generator.
+    """Frame prediction with a demo generator (``FastGenerator.predict_frames``, greedy by default).
 
     video: float [B, 3, T, H, W] in [0, 1] (only the first ``num_cond_frames`` are
     read); class_ids: int [B]. mode: "nbp" (blocks of L) or "ntp" (for the NTP
-    model). ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``
-    (default greedy). Returns the decoded video float32 [B, 3, 17, 16, 16]: the
-    tokenizer's reconstruction of the given frames, then the predicted ones.
+    model). ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``.
+    Returns the decoded video float32 [B, 3, 17, 16, 16]: the tokenizer's
+    reconstruction of the given frames, then the predicted ones.
     """
-    prompt, prefix = prediction_prompt(gen, video, class_ids, num_cond_frames=num_cond_frames)
     sampling.setdefault("do_sample", False)
-    new = gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
-                              cond_len=gen.config.cond_len, mode=mode, **sampling)
-    return decode_tokens(gen, torch.cat([prefix, new], dim=1))
+    return gen.predict_frames(video, num_cond_frames, class_ids=class_ids, mode=mode, **sampling)
 
 
-@torch.no_grad()
 def generate_class(gen: FastGenerator, class_ids, *, mode: str = "nbp", **sampling) -> torch.Tensor:
     """Class-conditional generation: class_ids int [B] -> video float32 [B, 3, 17, 16, 16].
 
     ``sampling``: keyword arguments of ``FastGenerator.generate_tokens`` (default:
     sampling with ``SAMPLING``, i.e. top-k 5).
     """
-    sampling = {**SAMPLING, **sampling}
-    cfg = gen.config
-    cond = condition_ids(gen.model, class_ids).to(gen.device)
-    new = gen.generate_tokens(cond, cfg.video_len, cond_len=cfg.cond_len, mode=mode, **sampling)
-    return decode_tokens(gen, new)
-
+    return gen.generate_video(class_ids, mode=mode, **{**SAMPLING, **sampling})

@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import torch
 
-from nbp_kernels.packed_linear import is_available as packed_linear_available
+from nbp_kernels import registry
 
-from .blocks import from_block_order, to_block_order
+from . import layout
 from .cache import StaticKVCache
-from .decode import DecodeStep, ModelRunner, PackedLinears, select_tokens
-from .model import NBPTransformer, call_module
+from .decode import DecodeStep, Kernels, ModelRunner, select_tokens
+from .model import NBPTransformer
 from .sampler import DRAWS, BatchedSampler
 from .sampling import SamplingParams, cfg_weight
 from .schedule import StepPlan, check_generation_inputs, plan_steps
 
 __all__ = ["FastGenerator"]
 
-_BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LENGTH_QUANTUM = 64   # cache views are rounded up so nearby request lengths share graphs
 
@@ -48,19 +47,19 @@ def _positive_or_none(name: str, value) -> None:
         raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
 
 
-def _use_packed_linear(packed_linear, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps run their linears through ``nbp_kernels.packed_linear``."""
+def _linear_backend(packed_linear, device: torch.device, dtype: torch.dtype) -> str:
+    """The registry backend of the ``linear`` op for ``FastGenerator(packed_linear=...)``:
+    "auto" lets the registry choose (``cpu``'s packed kernel where usable), True forces
+    ``cpu`` (raising if unusable), False forces ``torch``."""
     if packed_linear not in ("auto", True, False):
         raise ValueError(f"packed_linear: expected 'auto', True or False, got {packed_linear!r}")
-    if packed_linear is False:
-        return False
-    if device.type != "cpu" or dtype != torch.float32:
-        ok, why = False, f"it needs float32 on the CPU, the generator runs {dtype} on {device}"
-    else:
-        ok, why = packed_linear_available()
-    if not ok and packed_linear is True:
-        raise ValueError(f"packed_linear: True, but the kernel is not usable: {why}")
-    return ok
+    if packed_linear is not True:
+        return "auto" if packed_linear == "auto" else "torch"
+    try:
+        registry.resolve("linear", "cpu", device=device, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"packed_linear: True, but the kernel is not usable: {e}") from None
+    return "cpu"
 
 
 class FastGenerator:
@@ -72,10 +71,14 @@ class FastGenerator:
     sized by the first request and grown when a longer one comes).
     cuda_graphs: "auto" (on for CUDA), True or False. compile: wrap the decode
     forward in ``torch.compile``. draw: "fast" or "multinomial" (module docstring).
-    packed_linear: run the decode steps' linears through
-    ``nbp_kernels.packed_linear`` (float32 on CPU; the weights are packed once,
-    a second copy of them): "auto" (when usable, see its ``is_available``),
-    True (raise if unusable) or False.
+    backend: the attention backend, a ``nbp_kernels.registry`` backend or
+    "auto" (an op the backend lacks falls back to ``auto`` for that op);
+    resolved once per request. packed_linear: run the decode steps' linears
+    through ``nbp_kernels.packed_linear`` (the registry's ``linear`` op on
+    backend ``cpu``: float32 on CPU; the weights are packed once, a second
+    copy of them): "auto" (when usable), True (raise if unusable) or False
+    (``torch``). The sampler's ops follow ``auto``; force them with
+    ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
     """
 
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
@@ -88,8 +91,9 @@ class FastGenerator:
         dtype = dtype if dtype is not None else next(model.parameters()).dtype
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {dtype}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+        if backend not in registry.BACKENDS + ("auto",):
+            raise ValueError(f"backend: expected one of {list(registry.BACKENDS) + ['auto']}, "
+                             f"got {backend!r}")
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs: expected 'auto', True or False, got {cuda_graphs!r}")
         if cuda_graphs is True and device.type != "cuda":
@@ -98,7 +102,10 @@ class FastGenerator:
             raise ValueError(f"draw: expected one of {DRAWS}, got {draw!r}")
         _positive_or_none("max_batch_size", max_batch_size)
         _positive_or_none("max_seq_len", max_seq_len)
-        use_packed = _use_packed_linear(packed_linear, device, dtype)
+        linear_backend = _linear_backend(packed_linear, device, dtype)
+        if backend != "auto":   # an unusable backend fails here, before the model is moved
+            Kernels.resolve(backend, device=device, dtype=dtype, head_dim=model.config.head_dim,
+                            block_size=model.config.block_size, step_lens=(model.config.block_size,))
         if max_seq_len is not None and max_seq_len > model.config.max_seq_len:
             raise ValueError(f"max_seq_len: expected at most the model's position table "
                              f"({model.config.max_seq_len}), got {max_seq_len}")
@@ -109,7 +116,8 @@ class FastGenerator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.use_graphs = device.type == "cuda" and cuda_graphs in ("auto", True)
         self.compile = compile
-        self.linear = PackedLinears(self.model) if use_packed else call_module
+        # packing copies the weights: done once per generator, not per request
+        self.linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)(self.model)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
 
@@ -132,14 +140,18 @@ class FastGenerator:
         return c
 
     def _runner(self, plan: StepPlan, cond_len: int, length: int) -> ModelRunner:
-        return ModelRunner(self.model, self.cache, backend=self.backend, mask_block=plan.mask_block,
+        """The request's runner, its attention implementations resolved here, once."""
+        kernels = Kernels.resolve(self.backend, device=self.device, dtype=self.dtype,
+                                  head_dim=self.config.head_dim, block_size=plan.mask_block,
+                                  step_lens=plan.tokens[1:])
+        return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.mask_block,
                            hybrid=plan.hybrid, cond_len=cond_len, length=length,
                            linear=self.linear)
 
     def _step(self, runner: ModelRunner, sampler: BatchedSampler, batch: int, n: int,
               temperature: float, cfg: bool, length: int) -> DecodeStep:
         p = sampler.params
-        key = (self.cache.batch, n, length, runner.mask_block, runner.hybrid, runner.cond_len,
+        key = (self.cache.batch, n, length, runner.block_size, runner.hybrid, runner.cond_len,
                p.do_sample, p.top_k, p.top_p, temperature, cfg, sampler.draw)
         step = self._steps.get(key)
         if step is None:
@@ -235,91 +247,98 @@ class FastGenerator:
                 callback(s, prev)
             offset += n
 
-    # --- video-level tasks ---------------------------------------------------
+    # --- video-level tasks (the token layout lives in nbp.layout) --------------
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError("tokenizer: this task encodes/decodes video; create the "
                              "FastGenerator with tokenizer=...")
         return self.tokenizer
 
-    def _codes_to_video(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Block-major model ids [B, t*h*w] -> decoded video [B, 3, T, H, W] in [0, 1].
-
-        Ids outside the video range (a trained model does not emit them) are
-        clamped to the nearest code so random-weight models still decode.
-        """
-        cfg, tok = self.config, self._require_tokenizer()
-        codes = (tokens - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
-        return tok.decode(from_block_order(codes, cfg.latent_shape, cfg.block_shape))
+    @torch.no_grad()
+    def decode_ids(self, video_ids: torch.Tensor) -> torch.Tensor:
+        """Block-major model ids int64 [B, t*h*w] -> decoded video float32 [B, 3, T, H, W] in
+        [0, 1] (ids outside the video range are clamped, see ``layout.ids_to_codes``)."""
+        tok = self._require_tokenizer()
+        return tok.decode(layout.ids_to_codes(self.config, video_ids))
 
     @torch.no_grad()
-    def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, mode: str = "nbp",
-                       **sampling) -> torch.Tensor:
-        """K600-style frame prediction.
+    def _given_ids(self, video: torch.Tensor, num_cond_frames: int) -> torch.Tensor:
+        """Encoded given frames as block-major model ids int64 [B, n] on the device."""
+        tok = self._require_tokenizer()
+        frames = layout.given_frames(video, num_cond_frames, tok.config.factors[0])
+        codes = tok.encode(frames.to(self.device))                  # [B, n_lat, h, w]
+        return layout.codes_to_ids(self.config, codes, name="video (its given frames encoded)")
 
-        video: float [B, 3, T, H, W] in [0, 1] (T >= num_cond_frames; only the
-        first ``num_cond_frames`` frames are read). They are encoded, their
-        latent frames kept as the prefix, the rest of the latent grid
-        (config.latent_shape) generated, and everything decoded. ``sampling``:
-        keyword arguments of ``generate_tokens``. Returns float32 [B, 3, T', H, W].
+    @torch.no_grad()
+    def frame_prompt(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
+                     cond_ids=None) -> layout.Prompt:
+        """The frame-prediction request (``layout.Prompt``): ``[condition, bov, given codes]``.
+
+        video: float [B, 3, T, H, W] in [0, 1]; only the first ``num_cond_frames``
+        (1 + k * the tokenizer's time factor, at most T) are encoded. class_ids /
+        cond_ids: the condition of conditional models (``layout.condition_ids``).
         """
-        cfg, tok = self.config, self._require_tokenizer()
-        if cfg.cond_len or cfg.bov:
-            raise ValueError("predict_frames: needs a frame-prediction model (no condition, no "
-                             "begin-of-video id), like the K600 models; use generate_video")
-        if not isinstance(video, torch.Tensor) or video.dim() != 5:
-            raise ValueError("video: expected a float tensor [batch, 3, T, H, W] in [0, 1]")
-        ft = tok.config.factors[0]
-        if not isinstance(num_cond_frames, int) or num_cond_frames < 1 or (num_cond_frames - 1) % ft \
-                or num_cond_frames > video.shape[2]:
-            raise ValueError(f"num_cond_frames: expected 1 + {ft}k frames (whole latent frames) "
-                             f"and at most T = {video.shape[2]}, got {num_cond_frames!r}")
-        codes = tok.encode(video[:, :, :num_cond_frames].to(self.device))   # [B, n_lat, h, w]
-        t, h, w = cfg.latent_shape
-        n_lat = codes.shape[1]
-        if tuple(codes.shape[2:]) != (h, w) or n_lat >= t or n_lat % cfg.block_shape[0]:
-            raise ValueError(f"video: encodes to a latent grid {tuple(codes.shape[1:])}, which does "
-                             f"not start the model's grid {cfg.latent_shape} in whole blocks "
-                             f"{cfg.block_shape}")
-        prefix = to_block_order(codes, cfg.block_shape) + cfg.video_offset
-        new = self.generate_tokens(prefix, (t - n_lat) * h * w, mode=mode, **sampling)
-        return self._codes_to_video(torch.cat([prefix, new], dim=1))
-
-    def _condition_ids(self, class_ids, cond_ids, batch_size: int | None) -> torch.Tensor:
-        """Model ids [B, cond_len (+1 with bov)] that start a generated video."""
         cfg = self.config
-        if class_ids is not None and cond_ids is not None:
-            raise ValueError("class_ids, cond_ids: pass at most one")
-        if class_ids is not None:
-            if cfg.cond_len != 1:
-                raise ValueError(f"class_ids: this model's condition is {cfg.cond_len} tokens "
-                                 f"(not one class token); pass cond_ids [batch, {cfg.cond_len}]")
-            cond_ids = torch.as_tensor(class_ids, dtype=torch.long).reshape(-1, 1)
-            if cond_ids.numel() == 0 or int(cond_ids.min()) < 0 \
-                    or int(cond_ids.max()) >= cfg.cond_vocab_size:
-                raise ValueError(f"class_ids: expected a non-empty list of classes in "
-                                 f"[0, {cfg.cond_vocab_size}), got {class_ids!r}")
-        if cond_ids is not None:
-            cond_ids = torch.as_tensor(cond_ids, dtype=torch.long)
-            if cfg.cond_len == 0:
-                raise ValueError("cond_ids: this model is unconditional (cond_len = 0)")
-            if cond_ids.dim() != 2 or cond_ids.shape[1] != cfg.cond_len or cond_ids.numel() == 0 \
-                    or int(cond_ids.min()) < 0 or int(cond_ids.max()) >= cfg.cond_vocab_size:
-                raise ValueError(f"cond_ids: expected ids in [0, {cfg.cond_vocab_size}) of shape "
-                                 f"[batch, {cfg.cond_len}], got {tuple(cond_ids.shape)}")
-            ids = cond_ids + cfg.cond_offset
-        elif cfg.cond_len:
-            raise ValueError(f"class_ids, cond_ids: this model is conditional ({cfg.cond_len} "
-                             f"condition tokens); pass one of them")
-        else:
-            ids = torch.empty(batch_size or 1, 0, dtype=torch.long)
-        if not cfg.bov:
-            raise ValueError("generate_video: this model has no begin-of-video id, so it continues "
-                             "given frames; use predict_frames")
-        # hybrid: one begin-of-video id; otherwise a whole first block of them (NBP needs
-        # whole blocks after the condition; nbp.demo's generators use this layout)
-        n_bov = 1 if cfg.hybrid else cfg.block_size
-        return torch.cat([ids, torch.full((ids.shape[0], n_bov), cfg.bov_id)], dim=1)
+        self._require_tokenizer()
+        layout.check_frame_prediction(cfg)
+        batch = video.shape[0] if isinstance(video, torch.Tensor) and video.dim() == 5 else None
+        cond = layout.condition_ids(cfg, class_ids, cond_ids, batch_size=batch)
+        given = self._given_ids(video, num_cond_frames)
+        return layout.frame_prediction_prompt(cfg, cond.to(self.device), given)
+
+    @torch.no_grad()
+    def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
+                       cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
+        """Frame prediction: continue the first ``num_cond_frames`` frames of ``video``.
+
+        Serves frame-prediction models (no condition, no begin-of-video id: the
+        K600 layout) and non-hybrid models with a begin-of-video id; conditional
+        ones need ``class_ids`` (int [B]) or ``cond_ids`` (int [B, cond_len]). A
+        class-conditional model given a clip it was not trained on can take
+        ``most_likely_class(video, num_cond_frames)``.
+        video: float [B, 3, T, H, W] in [0, 1] (T >= num_cond_frames). The given
+        frames are encoded, their latent frames kept as the prefix, the rest of
+        the latent grid (config.latent_shape) generated, and everything decoded.
+        ``sampling``: keyword arguments of ``generate_tokens``. Returns float32
+        [B, 3, T', H, W]: the tokenizer's reconstruction of the given frames,
+        then the predicted ones.
+        """
+        prompt = self.frame_prompt(video, num_cond_frames, class_ids=class_ids, cond_ids=cond_ids)
+        new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
+                                   mode=mode, **sampling)
+        return self.decode_ids(prompt.video_ids(new))
+
+    @torch.no_grad()
+    def most_likely_class(self, video: torch.Tensor, num_cond_frames: int = 5, *,
+                          max_rows: int | None = None) -> torch.Tensor:
+        """The class (int64 [B], CPU) under which a class-conditional model (cond_len 1) finds
+        the given frames' codes most likely.
+
+        One teacher-forced forward scores the codes of the first ``num_cond_frames``
+        frames of ``video`` (float [B, 3, T, H, W] in [0, 1]) under every class
+        (``layout.class_scoring_sequences``), ``max_rows`` (video, class) rows at a
+        time (default: one video's classes). Use it to pick ``class_ids`` for
+        ``predict_frames`` when a clip has no label. For footage unlike the
+        model's training data the class means nothing and the prediction is crude.
+        """
+        cfg = self.config
+        if cfg.cond_len != 1:
+            raise ValueError(f"most_likely_class: needs a class-conditional model (cond_len 1), "
+                             f"this one has cond_len {cfg.cond_len}")
+        _positive_or_none("max_rows", max_rows)
+        given = self._given_ids(video, num_cond_frames)
+        inputs, targets = layout.class_scoring_sequences(cfg, given)
+        rows = max_rows or cfg.cond_vocab_size
+        nll = torch.cat([self._sequence_nll(inputs[i:i + rows], targets[i:i + rows])
+                         for i in range(0, inputs.shape[0], rows)])
+        return nll.view(given.shape[0], cfg.cond_vocab_size).argmin(dim=1).cpu()
+
+    def _sequence_nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed negative log-likelihood float32 [R] of targets int64 [R, S] (-100 ignored)."""
+        logits = self.model(inputs, self.config.cond_len).float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                ignore_index=layout.IGNORE, reduction="none")
+        return nll.sum(dim=1)
 
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
@@ -330,8 +349,9 @@ class FastGenerator:
         hybrid models, else "nbp". Returns float32 [B, 3, T, H, W] in [0, 1].
         """
         self._require_tokenizer()
-        ids = self._condition_ids(class_ids, cond_ids, batch_size)
+        cond = layout.condition_ids(self.config, class_ids, cond_ids, batch_size=batch_size)
+        prompt = layout.video_prompt(self.config, cond)
         mode = mode or ("hybrid" if self.config.hybrid else "nbp")
-        new = self.generate_tokens(ids, self.config.video_len, cond_len=self.config.cond_len,
+        new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
-        return self._codes_to_video(new)
+        return self.decode_ids(prompt.video_ids(new))

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nbp_kernels
+from nbp_kernels.torch_ops import call_module  # the default LinearFn: the module's own forward
 
 from .config import TransformerConfig
 
@@ -31,11 +32,6 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 # linear(module, x) -> module(x), or the same product computed another way
 # (FastGenerator's packed CPU linears for decode steps)
 LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
-
-
-def call_module(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The default ``LinearFn``: the module's own forward."""
-    return module(x)
 
 
 class SelfAttention(nn.Module):

@@ -1,32 +1,33 @@
-"""nbp_kernels: the attention and KV-cache ops of the NBP engine.
+"""nbp_kernels: the attention, KV-cache, linear and sampling ops of the NBP engine.
 
-Public ops (contracts in DESIGN.md, semantics in ``nbp_kernels.reference``):
+Public ops (semantics in ``nbp_kernels.reference``):
 
 * ``block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None, backend="auto")``
 * ``block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None, backend="auto", check_bounds=True)``
 * ``kv_append_(k_cache, v_cache, k_new, v_new, seq_lens, *, backend="auto", check_bounds=True)``
 
-On the CPU, ``nbp_kernels.packed_linear`` (float32 linears for the few rows of
-a decode step, weights pre-packed; reference ``reference.linear``) and
-``nbp_kernels.sample_cpu`` (the sampler's top-k / top-p threshold and draw;
-references ``reference.keep_threshold`` and ``reference.draw_kept``) are used
-by ``FastGenerator``.
+Which backend runs an op is decided by ``nbp_kernels.registry`` (``resolve``,
+``status_table``); ``nbp info`` prints that table. The registry also holds
+the host ops of ``FastGenerator``: ``linear`` (``cpu``: the C kernel of
+``nbp_kernels.packed_linear``) and the sampler's ``keep_threshold`` /
+``draw_kept`` (``cpu``: ``nbp_kernels.sample_cpu``), each with a torch fallback.
 
-Every op validates its arguments before any kernel launch. ``check_bounds``
-reads ``seq_lens`` on the host (one synchronisation) to raise on cache
-overflow; callers that have already checked capacity (the generator, inside
-a captured decode loop) pass ``check_bounds=False``.
+These functions validate their arguments, once, before any kernel launch;
+the implementations behind them do not. ``check_bounds`` reads ``seq_lens``
+on the host (one synchronisation) to raise on cache overflow; callers that
+have already checked capacity (the generator, inside a captured decode loop)
+pass ``check_bounds=False``.
 """
 from __future__ import annotations
 
 from . import reference
 from ._validate import check_append, check_attention, check_decode
-from .dispatch import available_backends, backend_status, resolve
 from .reference import nbp_mask
+from .registry import available_backends, backend_status, resolve, status_table
 
 __all__ = [
     "block_causal_attention", "block_decode_attention", "kv_append_",
-    "nbp_mask", "available_backends", "backend_status", "reference",
+    "nbp_mask", "available_backends", "backend_status", "resolve", "status_table", "reference",
 ]
 
 
@@ -37,9 +38,9 @@ def block_causal_attention(q, k, v, *, block_size: int, cond_len: int = 0, hybri
     Differentiable on every backend.
     """
     check_attention(q, k, v, block_size, cond_len)
-    mod = resolve(backend, "block_causal_attention", q.device, q.shape[-1], block_size, q.dtype)
-    return mod.block_causal_attention(q, k, v, block_size=block_size, cond_len=cond_len,
-                                      hybrid=hybrid, scale=scale)
+    fn = resolve("block_causal_attention", backend, device=q.device, dtype=q.dtype,
+                 head_dim=q.shape[-1], block_size=block_size)
+    return fn(q, k, v, block_size=block_size, cond_len=cond_len, hybrid=hybrid, scale=scale)
 
 
 def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None,
@@ -51,14 +52,15 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     ``seq_lens[b]`` first (in place); the caller advances ``seq_lens``.
     """
     check_decode(q, k_cache, v_cache, seq_lens, k_new, v_new, check_bounds)
-    mod = resolve(backend, "block_decode_attention", q.device, q.shape[-1], q.shape[2], q.dtype)
-    return mod.block_decode_attention(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new,
-                                      scale=scale)
+    fn = resolve("block_decode_attention", backend, device=q.device, dtype=q.dtype,
+                 head_dim=q.shape[-1], block_size=q.shape[2])
+    return fn(q, k_cache, v_cache, seq_lens, k_new=k_new, v_new=v_new, scale=scale)
 
 
 def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens, *, backend: str = "auto",
                check_bounds: bool = True) -> None:
     """Write k_new/v_new ([B, H, L, D]) into the caches ([B, H, M, D]) at ``seq_lens[b]``, in place."""
     check_append(k_cache, v_cache, k_new, v_new, seq_lens, check_bounds)
-    mod = resolve(backend, "kv_append_", k_new.device, k_new.shape[-1], k_new.shape[2], k_new.dtype)
-    mod.kv_append_(k_cache, v_cache, k_new, v_new, seq_lens)
+    fn = resolve("kv_append_", backend, device=k_new.device, dtype=k_new.dtype,
+                 head_dim=k_new.shape[-1], block_size=k_new.shape[2])
+    fn(k_cache, v_cache, k_new, v_new, seq_lens)

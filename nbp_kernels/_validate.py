@@ -68,13 +68,13 @@ def check_new_block(name: str, t, like_shape, cache) -> None:
         _fail(f"{name}: expected device {cache.device}, got {t.device}")
 
 
-def check_capacity(seq_lens: torch.Tensor, block_len: int, max_seq: int) -> None:
-    """Raise if any ``seq_lens[b] + block_len`` exceeds the cache (one host sync)."""
+def check_capacity(seq_lens: torch.Tensor, block_size: int, max_seq: int) -> None:
+    """Raise if any ``seq_lens[b] + block_size`` exceeds the cache (one host sync)."""
     lo, hi = int(seq_lens.min()), int(seq_lens.max())
     if lo < 0:
         _fail(f"seq_lens: expected non-negative lengths, got min {lo}")
-    if hi + block_len > max_seq:
-        _fail(f"cache overflow: seq_lens.max() + L = {hi} + {block_len} = {hi + block_len} "
+    if hi + block_size > max_seq:
+        _fail(f"cache overflow: seq_lens.max() + block_size = {hi} + {block_size} = {hi + block_size} "
               f"exceeds the cache's max_seq {max_seq}")
 
 

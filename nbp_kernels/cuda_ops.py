@@ -9,9 +9,9 @@ Ops (semantics exactly ``nbp_kernels.reference``):
   tiles otherwise). head_dim 64, 96 or 128. ``seq_lens`` is read on the device.
 * ``kv_append_``: in-place block append (any dtype; head_dim * itemsize a
   multiple of 16 bytes).
-* ``block_causal_attention``: not implemented here (raises
-  ``NotImplementedError`` naming the backends that have it); ``auto`` never
-  picks ``cuda`` for it.
+
+``block_causal_attention`` is not implemented here: the registry falls back
+to ``auto`` for it (``nbp_kernels.registry``).
 
 The compiled module takes raw device pointers, strides and the current CUDA
 stream, so it does not depend on torch's C++ ABI. Both ops are registered as
@@ -27,13 +27,13 @@ meaningful).
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
 import math
+from typing import Optional
 
 import torch
 
-from ._validate import check_append, check_decode
+from ._tiles import sm_count, strides3
+from .registry import register
 
 try:
     from . import _C
@@ -42,7 +42,7 @@ except ImportError as e:  # not built: the package still works without it
     _C = None
     _IMPORT_ERROR = str(e)
 
-__all__ = ["block_causal_attention", "block_decode_attention", "kv_append_", "is_available",
+__all__ = ["block_decode_attention", "kv_append_", "is_available", "supports",
            "build_info", "arch_supported"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -92,35 +92,46 @@ def is_available(device) -> tuple[bool, str]:
     return True, ""
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """A read-only input the kernels can address with 16-byte vectors (copied only if needed)."""
     row = t.element_size()
-    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all((s * row) % 16 == 0 for s in _strides(t)):
+    if t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all((s * row) % 16 == 0 for s in strides3(t)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _check_backend_args(q, k_cache, v_cache, k_new, v_new) -> None:
-    named = [("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)]
-    for name, t in named:
-        if t is not None and t.dtype != q.dtype:
-            raise ValueError(f"{name}: the cuda backend expects the same dtype as q ({q.dtype}), got {t.dtype}")
-    if q.shape[-1] not in DECODE_HEAD_DIMS:
-        raise ValueError(f"q: the cuda decode kernel supports head_dim in {DECODE_HEAD_DIMS}, got {q.shape[-1]}")
-    if q.shape[2] > MAX_BLOCK_LEN:
-        raise ValueError(f"q: the cuda decode kernel supports blocks of at most {MAX_BLOCK_LEN} queries, "
-                         f"got L = {q.shape[2]}")
-    if q.device.type != "cuda":
-        raise ValueError(f"q: the cuda backend expects CUDA tensors, got device {q.device}")
+def supports(key) -> tuple[bool, str]:
+    """(ok, why not): the decode kernel's limits on a registry key (checked at resolve time)."""
+    if key.head_dim is not None and key.head_dim not in DECODE_HEAD_DIMS:
+        return False, f"q: the cuda decode kernel supports head_dim in {DECODE_HEAD_DIMS}, got {key.head_dim}"
+    if key.block_size is not None and key.block_size > MAX_BLOCK_LEN:
+        return False, (f"q: the cuda decode kernel supports blocks of at most {MAX_BLOCK_LEN} queries, "
+                       f"got block_size {key.block_size}")
+    return True, ""
+
+
+def supports_append(key) -> tuple[bool, str]:
+    """(ok, why not): the append kernel moves 16-byte vectors along head_dim."""
+    if key.head_dim is not None and key.dtype is not None:
+        size = key.dtype.itemsize
+        if (key.head_dim * size) % 16:
+            return False, (f"k_new: the cuda append needs head_dim * itemsize to be a multiple of 16 "
+                           f"bytes, got {key.head_dim} x {size}")
+    return True, ""
+
+
+def _check_launch(first: str, tensors) -> None:
+    """The kernels take one dtype code and raw device pointers: a CPU tensor or a
+    second dtype would be read out of bounds, so this stays on every call."""
+    given = [(name, t) for name, t in tensors if t is not None]
+    ref = given[0][1]
+    for name, t in given:
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name}: the cuda backend expects the same dtype as {first} ({ref.dtype}), "
+                             f"got {t.dtype}")
+    for name, t in given:
+        if t.device.type != "cuda":
+            raise ValueError(f"{name}: the cuda backend expects CUDA tensors, got device {t.device}")
 
 
 @torch.library.custom_op("nbp::cuda_block_decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -135,18 +146,17 @@ def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
     v_new = None if v_new is None else _kernel_ready(v_new)
     seq_lens = seq_lens.contiguous()
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    splits = num_splits or _C.num_splits(B, H, L, M, D, DTYPE_CODES[q.dtype], _num_sms(index))
+    splits = num_splits or _C.num_splits(B, H, L, M, D, DTYPE_CODES[q.dtype], sm_count(q.device))
     rows = B * H * L * splits
     part_o = torch.empty(rows * D if splits > 1 else 0, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(rows if splits > 1 else 0, dtype=torch.float32, device=q.device)
     zero = (0, 0, 0)
     with torch.cuda.device(q.device):
-        _C.decode(q.data_ptr(), _strides(q), k_cache.data_ptr(), _strides(k_cache),
-                  v_cache.data_ptr(), _strides(v_cache),
-                  0 if k_new is None else k_new.data_ptr(), zero if k_new is None else _strides(k_new),
-                  0 if v_new is None else v_new.data_ptr(), zero if v_new is None else _strides(v_new),
-                  out.data_ptr(), _strides(out), seq_lens.data_ptr(), B, H, L, M, D,
+        _C.decode(q.data_ptr(), strides3(q), k_cache.data_ptr(), strides3(k_cache),
+                  v_cache.data_ptr(), strides3(v_cache),
+                  0 if k_new is None else k_new.data_ptr(), zero if k_new is None else strides3(k_new),
+                  0 if v_new is None else v_new.data_ptr(), zero if v_new is None else strides3(v_new),
+                  out.data_ptr(), strides3(out), seq_lens.data_ptr(), B, H, L, M, D,
                   DTYPE_CODES[q.dtype], float(scale), splits,
                   part_o.data_ptr() if splits > 1 else 0, part_o.numel(),
                   part_lse.data_ptr() if splits > 1 else 0, part_lse.numel(),
@@ -166,8 +176,8 @@ def _append_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor
     k_new, v_new = _kernel_ready(k_new), _kernel_ready(v_new)
     seq_lens = seq_lens.contiguous()
     with torch.cuda.device(k_new.device):
-        _C.append(k_cache.data_ptr(), _strides(k_cache), v_cache.data_ptr(), _strides(v_cache),
-                  k_new.data_ptr(), _strides(k_new), v_new.data_ptr(), _strides(v_new),
+        _C.append(k_cache.data_ptr(), strides3(k_cache), v_cache.data_ptr(), strides3(v_cache),
+                  k_new.data_ptr(), strides3(k_new), v_new.data_ptr(), strides3(v_new),
                   seq_lens.data_ptr(), B, H, L, k_cache.shape[2], D, DTYPE_CODES[k_new.dtype],
                   torch.cuda.current_stream(k_new.device).cuda_stream)
 
@@ -177,22 +187,17 @@ def _append_fake(k_cache, v_cache, k_new, v_new, seq_lens):
     return None
 
 
-def _require_built() -> None:
-    if _C is None:
-        raise RuntimeError(f"the cuda backend is not built ({_IMPORT_ERROR}); {BUILD_HINT}")
-
-
 def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=None, scale=None):
     """One decode step (see ``reference.block_decode_attention``).
 
     q: [B, H, L, D] fp32/fp16/bf16, D in {64, 96, 128}, L <= 256; k_cache,
-    v_cache: [B, H, M, D], same dtype, last dim contiguous, 16-byte aligned
-    (updated in place when k_new/v_new, [B, H, L, D], are given); seq_lens:
-    int32 [B] on the same device. Returns [B, H, L, D] (contiguous) in q's dtype.
+    v_cache: [B, H, M, D], same dtype, last dim contiguous (updated in place
+    when k_new/v_new, [B, H, L, D], are given); seq_lens: int32 [B] on the
+    same device. Returns [B, H, L, D] (contiguous) in q's dtype. Shapes are
+    validated by the public wrapper ``nbp_kernels.block_decode_attention``.
     """
-    check_decode(q, k_cache, v_cache, seq_lens, k_new, v_new, check_bounds=False)
-    _check_backend_args(q, k_cache, v_cache, k_new, v_new)
-    _require_built()
+    _check_launch("q", (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
+                        ("v_new", v_new)))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return torch.ops.nbp.cuda_block_decode_attention(q, k_cache, v_cache, seq_lens, k_new, v_new, scale)
 
@@ -201,23 +206,14 @@ def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
     """In-place append (see ``reference.kv_append_``).
 
     k_cache, v_cache: [B, H, M, D]; k_new, v_new: [B, H, L, D], all one dtype,
-    D * itemsize a multiple of 16 bytes; seq_lens: int32 [B].
+    D * itemsize a multiple of 16 bytes; seq_lens: int32 [B]. Shapes are
+    validated by the public wrapper ``nbp_kernels.kv_append_``.
     """
-    check_append(k_cache, v_cache, k_new, v_new, seq_lens, check_bounds=False)
-    for name, t in (("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-        if t.dtype != k_cache.dtype:
-            raise ValueError(f"{name}: the cuda backend expects the same dtype as k_cache "
-                             f"({k_cache.dtype}), got {t.dtype}")
-    if k_new.device.type != "cuda":
-        raise ValueError(f"k_new: the cuda backend expects CUDA tensors, got device {k_new.device}")
-    if (k_new.shape[-1] * k_new.element_size()) % 16 != 0:
-        raise ValueError(f"k_new: the cuda append needs head_dim * itemsize to be a multiple of 16 bytes, "
-                         f"got {k_new.shape[-1]} x {k_new.element_size()}")
-    _require_built()
+    _check_launch("k_cache", (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
+                              ("v_new", v_new)))
     torch.ops.nbp.cuda_kv_append(k_cache, v_cache, k_new, v_new, seq_lens)
 
 
-def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
-    """Not provided by this backend: the CUDA kernels cover the decode step only."""
-    raise NotImplementedError("the cuda backend implements block_decode_attention and kv_append_ only; "
-                              "use backend='triton' (GPU) or 'torch' for block_causal_attention")
+register("block_decode_attention", "cuda", block_decode_attention, available=is_available,
+         supports=supports)
+register("kv_append_", "cuda", kv_append_, available=is_available, supports=supports_append)

@@ -184,3 +184,9 @@ def draw_kept(logits: torch.Tensor, tau: torch.Tensor, row_max: torch.Tensor,
     V = logits.shape[-1]
     last_kept = V - 1 - (w > 0).flip(-1).int().argmax(-1)
     return torch.where(i < V, i, last_kept)
+
+
+from .registry import register  # noqa: E402 (registration needs the functions above)
+
+register(("block_causal_attention", "block_decode_attention", "kv_append_"), "reference",
+         "nbp_kernels.reference")

@@ -1,7 +1,8 @@
 """The ``torch`` backend: vectorised PyTorch (SDPA), no host synchronisation.
 
-The CPU default and the GPU fallback. Same semantics as ``reference.py``, but
-without Python loops over the batch so it stays usable inside a captured graph.
+The CPU default and the GPU fallback of every op. Same semantics as
+``reference.py``, but without Python loops over the batch so it stays usable
+inside a captured graph.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import nbp_mask
+from .registry import register
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
@@ -40,7 +42,7 @@ def kv_append_(k_cache, v_cache, k_new, v_new, seq_lens):
 def _append(k_cache, v_cache, k_new, v_new, seq_lens, lens: list[int] | None) -> None:
     """``kv_append_`` with ``lens = _host_lens(seq_lens)`` already read."""
     B, H, L, D = k_new.shape
-    if lens and all(n == lens[0] for n in lens):   # one slice copy: ~10x cheaper than scatter_ on CPU
+    if lens and all(n == lens[0] for n in lens):   # one slice copy is far cheaper than scatter_ on CPU
         k_cache[:, :, lens[0]:lens[0] + L].copy_(k_new)
         v_cache[:, :, lens[0]:lens[0] + L].copy_(v_new)
         return
@@ -58,7 +60,21 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
     if lens and all(n + L == M for n in lens):
         # every cached key is visible (FastGenerator passes the exact length):
-        # SDPA without a mask is 1.2-2x faster on CPU
+        # SDPA without a mask takes a faster CPU kernel than with one
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     visible = torch.arange(M, device=q.device)[None, :] < (seq_lens.long()[:, None] + L)  # [B, M]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+
+
+def call_module(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The ``torch`` linear: the module's own forward (``F.linear``)."""
+    return module(x)
+
+
+def linear(model: torch.nn.Module):
+    """The ``linear`` op's torch fallback: nothing to prepare, ``call_module`` for every linear."""
+    return call_module
+
+
+register(("block_causal_attention", "block_decode_attention", "kv_append_", "linear"), "torch",
+         "nbp_kernels.torch_ops")

@@ -6,13 +6,14 @@
 # CPU only, one thread per process, fixed seeds. Data: nbp.data.synthetic with seed 0
 # (clips 0..9999), 16x16 frames, one sprite per clip, palette backgrounds. The held-out
 # clips of `nbp eval` use seed 1001, which no step below reads. Steps 3a and 3b are
-# independent (they were run side by side); a step whose output exists is skipped, so a
-# rerun continues.
+# independent (they were run side by side); a rerun resumes each training from its
+# checkpoint (a finished one does no more steps) and skips an existing token cache.
 set -euo pipefail
 RUNS=${1:-demo_runs}
 mkdir -p "$RUNS"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HERE=$(cd "$(dirname "$0")" && pwd)
+resume() { if [ -f "$1/checkpoint.pt" ]; then echo --resume; fi; }
 DATA=(--data synthetic --resolution 16 --data-seed 0 --num-clips 10000 --sprites 1 1 --background palette)
 
 # 1. Tokenizer: causal 3D CNN + FSQ (8,5,5,5) = 1000 codes, one downsampling (2,2,2):
@@ -23,7 +24,7 @@ cat > "$RUNS/tok_config.json" <<'JSON'
  "decoder_channels": [32, 16], "decoder_units": [1, 1], "strides": [[2, 2, 2]],
  "kernel_size": 3, "norm_groups": 1, "fsq_levels": [8, 5, 5, 5]}
 JSON
-[ -f "$RUNS/tok/model/model.safetensors" ] || nbp train tokenizer --config "$RUNS/tok_config.json" \
+nbp train tokenizer $(resume "$RUNS/tok") --config "$RUNS/tok_config.json" \
     --out "$RUNS/tok" "${DATA[@]}" --num-frames 9 --loss l1+mse --steps 12000 --batch 8 --lr 2e-3 \
     --warmup 100 --schedule cosine --min-lr-ratio 0.05 --weight-decay 0.0 --seed 0 --log-every 100 \
     --ckpt-every 500 --no-progress --device cpu
@@ -36,7 +37,7 @@ JSON
 #    2400 steps of 16 clips): NBP with row blocks of 8 tokens, NTP with one token per step.
 for kind in nbp ntp; do
     block="1 1 8"; [ "$kind" = ntp ] && block="1 1 1"
-    [ -f "$RUNS/$kind/model/model.safetensors" ] || nbp train transformer \
+    nbp train transformer $(resume "$RUNS/$kind") \
         --tokens "$RUNS/tokens.safetensors" --out "$RUNS/$kind" --preset tiny --n-layer 4 --n-head 4 \
         --n-embd 128 --block-shape $block --classes 12 --steps 2400 --batch 16 \
         --lr 2e-3 --warmup 50 --schedule cosine --min-lr-ratio 0.05 --weight-decay 0.01 --seed 0 \

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import nbp_kernels
 from nbp_kernels import reference
-from nbp_kernels.dispatch import backend_status
+from nbp_kernels.registry import backend_status
 from nbp_kernels.ops import block_decode_attention as triton_decode
 
 CUDA = torch.cuda.is_available()

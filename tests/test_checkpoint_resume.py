@@ -64,8 +64,15 @@ def test_transformer_resume_is_bitwise_exact(tokens, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train_transformer(run_cfg(one), tokens)
     train_transformer(run_cfg(two, stop_at=STEPS // 2), tokens)
-    assert read_checkpoint(two / "checkpoint.pt")["step"] == STEPS // 2
-    assert not (two / "model").exists()                     # export only at the end
+    half = read_checkpoint(two / "checkpoint.pt")
+    assert half["step"] == STEPS // 2
+    # a loadable model is written with every checkpoint, so a stopped run leaves one
+    from nbp.loading import transformer_from_pretrained
+
+    stopped = transformer_from_pretrained(two / "model").state_dict()
+    assert stopped.keys() == {k.removeprefix("model.") for k in half["model"]}
+    for k, v in half["model"].items():
+        assert torch.equal(stopped[k.removeprefix("model.")], v), k
     train_transformer(run_cfg(two, resume="auto"), tokens)
     _assert_same_state(one, two)
     assert _log(one) == _log(two)                            # losses, grad norms and lr, bitwise
@@ -121,3 +128,71 @@ def test_token_cache_must_fit_the_model(tokens, tmp_path):
     with pytest.raises(ValueError, match="max_seq_len"):
         train_transformer(run_cfg(tmp_path / "c", max_seq_len=40), tokens)
     assert not (tmp_path / "c").exists()
+
+
+def test_resuming_a_finished_run_changes_nothing(tokens, tmp_path, capsys):
+    out = tmp_path / "done"
+    train_transformer(run_cfg(out), tokens)
+
+    def files():  # train_config.json records the latest invocation (resume included)
+        return {p.relative_to(out): _digest(p) for p in out.rglob("*")
+                if p.is_file() and p.name != "train_config.json"}
+
+    before = files()
+    train_transformer(run_cfg(out, resume="out_dir"), tokens)
+    assert f"resumed from step {STEPS}" in capsys.readouterr().out
+    assert files() == before
+
+
+def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, capsys):
+    """torchrun forwards Ctrl-C to each worker: all ranks stop at one step, rank 0 writes and
+    prints the one line (torchrun adds its own report of the signal)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import nbp
+    from nbp.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "transformer", "--tokens", str(tokens.path), "--out", str(out), "--steps", "3000",
+            "--batch", "4", "--log-every", "1", "--ckpt-every", "1000", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(nbp.__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "nbp.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = out / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)                         # what a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=120)
+    stops = [ln for ln in err.splitlines() if ln.startswith("stopped at step")]
+    assert len(stops) == 1, err[-3000:]
+    step = int(stops[0].split()[3].rstrip(","))
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == step and ckpt["world_size"] == 2
+    assert [r["step"] for r in _log(out)] == list(range(1, step + 1))   # one writer
+    assert main([*args, "--resume", "--stop-at", str(step + 1)]) == 0
+    assert f"resumed from step {step}" in capsys.readouterr().out
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == step + 1
+
+
+def test_cli_resume_refusals_name_the_setting(tokens, tmp_path, capsys):
+    from nbp.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "transformer", "--tokens", str(tokens.path), "--out", str(out), "--steps", "4",
+            "--no-progress"]
+    assert main([*args, "--stop-at", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--n-embd", "64", "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another configuration" in err
+    assert "model.n_embd: checkpoint 32 vs now 64" in err and "loop.optim.lr: checkpoint 0.0003" in err

@@ -129,6 +129,10 @@ def test_unusable_on_cpu():
 
 
 def test_backend_rejects_cpu_and_mixed_dtypes():
+    """The launch keeps its memory-safety checks (one dtype code, device pointers); the
+    kernels' shape limits are checked once, when the registry resolves the op."""
+    import nbp_kernels
+
     q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
     cache = torch.zeros(1, 2, 32, 64, dtype=torch.bfloat16)
     lens = torch.zeros(1, dtype=torch.int32)
@@ -136,12 +140,12 @@ def test_backend_rejects_cpu_and_mixed_dtypes():
         cuda_ops.block_decode_attention(q, cache, cache.clone(), lens)
     with pytest.raises(ValueError, match="k_cache: the cuda backend expects the same dtype"):
         cuda_ops.block_decode_attention(q, cache.float(), cache.float(), lens)
-    with pytest.raises(ValueError, match="head_dim"):
-        cuda_ops.block_decode_attention(q[..., :32], cache[..., :32], cache[..., :32].clone(), lens)
+    with pytest.raises(ValueError, match="head_dim in"):
+        nbp_kernels.block_decode_attention(q[..., :32], cache[..., :32], cache[..., :32].clone(), lens,
+                                           backend="cuda")
     with pytest.raises(ValueError, match="CUDA tensors"):
         cuda_ops.kv_append_(cache, cache.clone(), q, q, lens)
-    with pytest.raises(NotImplementedError, match="triton"):
-        cuda_ops.block_causal_attention(q, q, q, block_size=4)
+    assert not hasattr(cuda_ops, "block_causal_attention")   # the registry falls back per op
 
 
 def test_fake_impls_trace_without_a_gpu():

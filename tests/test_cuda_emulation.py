@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from nbp_kernels import reference
-from nbp_kernels.cuda_ops import DTYPE_CODES, _kernel_ready, _strides
+from nbp_kernels._tiles import strides3 as _strides
+from nbp_kernels.cuda_ops import DTYPE_CODES, _kernel_ready
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CUDA_INCLUDE = next((p / "include" for p in [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"))]

@@ -9,7 +9,7 @@ import torch
 
 import nbp_kernels.ops  # noqa: F401  (registers the nbp:: ops)
 from nbp_kernels import reference
-from nbp_kernels.dispatch import backend_status
+from nbp_kernels.registry import backend_status
 from nbp_kernels.ops import block_causal_attention, block_decode_attention, kv_append_
 
 CUDA = torch.cuda.is_available()

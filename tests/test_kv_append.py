@@ -4,7 +4,7 @@ import torch
 
 import nbp_kernels
 from nbp_kernels import reference
-from nbp_kernels.dispatch import backend_status
+from nbp_kernels.registry import backend_status
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

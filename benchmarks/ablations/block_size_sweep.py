@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from nbp.commands.bench import (add_ablation_args, bench_config, frame_prediction_shape, machine_info,
-                                machine_tag, median, random_model, time_interleaved)
+from ablation_args import add_ablation_args
+from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, machine_tag, median,
+                                random_model, time_interleaved)
 from nbp.generate import FastGenerator
 from nbp.io import atomic_path, atomic_write_text
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from baseline import generate_tokens as baseline_generate
-from nbp.commands.bench import (add_ablation_args, bench_config, format_table, machine_info,
-                                machine_tag, median, ntp_vs_nbp, random_model, time_interleaved)
+from ablation_args import add_ablation_args
+from nbp.commands.bench import (bench_config, format_table, machine_info, machine_tag, median, ntp_vs_nbp,
+                                random_model, time_interleaved)
 from nbp.io import atomic_write_text
 from nbp_kernels import packed_linear, sample_cpu
 

@@ -1,41 +1,21 @@
 """``nbp bench``: NTP vs NBP generation speed of a preset on this device (random weights).
 
-Also the shared helpers of ``benchmarks/``: the machine's name, random-weight
-models of a preset with size overrides, and interleaved side-by-side timing.
+Its pieces are also imported by ``benchmarks/``: the machine's name,
+random-weight models of a preset with size overrides, and interleaved
+side-by-side timing. Helpers only the benchmark scripts use live there
+(``benchmarks/harness.py``, ``benchmarks/ablations/ablation_args.py``).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import re
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 # CPU default: the preset's layout at 6 layers x 384 wide, so NTP finishes in about a minute.
 CPU_LAYERS, CPU_WIDTH = 6, 384
-
-
-def gpu_table_device(script: str, tiny: bool) -> torch.device:
-    """The device of a GPU table script: CUDA when present; the CPU only for a --tiny smoke run."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not tiny:
-        raise SystemExit(f"{script} needs a CUDA device (use --tiny for a CPU smoke run)")
-    return torch.device("cpu")
-
-
-def write_table(out: Path, stem: str, device_name: str, result: dict, text: str) -> None:
-    """Write a GPU table as ``out/<stem>_<device>.md`` (``text``) and ``.json`` (``result``), atomically."""
-    from nbp.io import atomic_write_text
-
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}_{slug}.md", text)
-    atomic_write_text(out / f"{stem}_{slug}.json", json.dumps(result, indent=1, default=str))
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
@@ -123,28 +103,6 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device | str = "cpu"
     return times
 
 
-def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 28,
-                   repeats: int = 10) -> float:
-    """Measured copy bandwidth of ``device`` in bytes/s: a copy of an ``nbytes``
-    buffer reads and writes it (2 * nbytes moved); median of ``repeats`` copies,
-    timed with CUDA events on CUDA (no host synchronisation in the interval)."""
-    device = torch.device(device)
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    if device.type != "cuda":
-        return 2 * nbytes / median(time_interleaved({"copy": lambda: dst.copy_(src)}, repeats)["copy"])
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
-    for start, end in events:
-        start.record()
-        dst.copy_(src)
-        end.record()
-    _sync(device)
-    return 2 * nbytes / (1e-3 * median([s.elapsed_time(e) for s, e in events]))
-
-
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -221,21 +179,6 @@ def run(args) -> int:
           f"{info['torch_threads']} torch threads, load {info['load_avg_1m']})")
     print(format_table(rows))
     return 0
-
-
-def add_ablation_args(p) -> None:
-    """The model, sampling and device flags shared by the scripts in benchmarks/ablations."""
-    p.add_argument("--preset", default="k600-base")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--top-k", type=int, default=16000)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def register(sub) -> None:

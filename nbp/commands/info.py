@@ -1,5 +1,5 @@
-"""``nbp info``: versions, devices, which kernel backends are usable, and whether the
-CPU decode path can use ``nbp_kernels.packed_linear``."""
+"""``nbp info``: versions, devices, and the kernel registry's table per device:
+every op x backend, usable or why not (``nbp_kernels.registry.status_table``)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     import nbp
-    import nbp_kernels
+    from nbp_kernels import registry
 
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     info = {
@@ -21,9 +21,13 @@ def collect() -> dict:
         "devices": {d: (torch.cuda.get_device_name(d) if d != "cpu" else platform.processor() or "cpu")
                     for d in devices},
         "backends": {d: {b: (ok if ok else f"no ({why})")
-                         for b in nbp_kernels.dispatch.BACKENDS
-                         for ok, why in [nbp_kernels.backend_status(b, d)]}
+                         for b in registry.BACKENDS
+                         for ok, why in [registry.backend_status(b, d)]}
                      for d in devices},
+        "ops": {d: [{"op": op, "backend": b, "implemented": b in registry.backends_for(op),
+                     "usable": ok, "why": why}
+                    for op, b, ok, why in registry.status_table(d)]
+                for d in devices},
     }
     try:
         import triton
@@ -51,12 +55,21 @@ def run(args) -> int:
         print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")
     for dev, name in info["devices"].items():
         print(f"{'device':>14}: {dev} ({name})")
-        for b, status in info["backends"][dev].items():
-            print(f"{'':>16}{b:<10} {'yes' if status is True else status}")
+        _print_table(info["ops"][dev])
     return 0
 
 
+def _print_table(rows: list[dict]) -> None:
+    """One line per op x backend that the backend implements; usable, or why not."""
+    width = max(len(r["op"]) for r in rows)
+    for r in rows:
+        if not r["implemented"]:
+            continue
+        status = "yes" if r["usable"] else f"no ({r['why']})"
+        print(f"{'':>16}{r['op']:<{width}}  {r['backend']:<10} {status}")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("info", help="versions, devices and usable kernel backends")
+    p = sub.add_parser("info", help="versions, devices and the kernel op x backend table")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=run)

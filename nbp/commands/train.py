@@ -10,11 +10,14 @@
 
 Every command runs unchanged under ``torchrun --nproc_per_node N -m nbp.cli train ...``
 (DDP; ``--fsdp`` for FSDP2); ``--resume`` continues ``DIR/checkpoint.pt`` exactly.
+Ctrl-C checkpoints the step in progress and ends with one line (exit code 130).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 
 from ..data.synthetic import BACKGROUNDS
@@ -31,7 +34,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="train", help="sub-folder scanned when there is no list")
     g.add_argument("--resolution", type=int, default=32)
     g.add_argument("--num-frames", type=int, default=17)
-    g.add_argument("--num-clips", type=int, default=10000, help="synthetic: number of clips")
+    g.add_argument("--num-clips", type=int, help="synthetic: number of clips (default 10000)")
+    g.add_argument("--clips-per-video", type=int,
+                   help="video folder: clips taken from each video, evenly over its length "
+                        "(default 1)")
     g.add_argument("--data-seed", type=int, default=0, help="synthetic: clip seed")
     g.add_argument("--sprites", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                    help="synthetic: sprites per clip")
@@ -47,12 +53,19 @@ def build_dataset(args):
     from ..data import SyntheticVideos, VideoFolder
 
     if args.data == "synthetic":
-        return SyntheticVideos(args.num_clips, resolution=args.resolution, num_frames=args.num_frames,
+        if args.clips_per_video is not None:
+            raise ValueError("--clips-per-video: applies to a video folder; synthetic data takes "
+                             "--num-clips")
+        return SyntheticVideos(10000 if args.num_clips is None else args.num_clips,
+                               resolution=args.resolution, num_frames=args.num_frames,
                                seed=args.data_seed, num_sprites=tuple(args.sprites),
                                background=args.background)
+    if args.num_clips is not None:
+        raise ValueError("--num-clips: applies to --data synthetic; a video folder gives "
+                         "(its videos) x --clips-per-video clips")
     return VideoFolder(args.data, args.annotations, split=args.split, resolution=args.resolution,
                        num_frames=args.num_frames, fps=args.fps, frame_stride=args.frame_stride,
-                       sampling=args.sampling)
+                       sampling=args.sampling, clips_per_video=args.clips_per_video or 1)
 
 
 def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -71,8 +84,9 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--ckpt-every", type=int, default=500)
     g.add_argument("--stop-at", type=int, help="stop (checkpointed) at this step; resume later")
-    g.add_argument("--resume", nargs="?", const="auto",
-                   help="continue OUT/checkpoint.pt (or the given checkpoint)")
+    g.add_argument("--resume", nargs="?", const="out_dir", metavar="CHECKPOINT",
+                   help="continue OUT/checkpoint.pt (or the given checkpoint); refused when "
+                        "there is nothing to continue or it was written with other settings")
     g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -92,6 +106,27 @@ def _loop(args):
                       progress=not args.no_progress, threads=args.threads)
 
 
+def _stop_cleanly(run):
+    """Ctrl-C ends a command with one line and exit code 130, never a traceback."""
+    from ..train.loop import Interrupted
+
+    @functools.wraps(run)
+    def wrapped(args) -> int:
+        try:
+            return run(args)
+        except Interrupted as e:
+            if e.is_main:
+                print(f"stopped at step {e.step}, checkpoint at {e.checkpoint}, resume with the "
+                      f"same command plus --resume", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:
+            print(f"nbp train {args.what}: interrupted (the step in progress was not saved)",
+                  file=sys.stderr)
+            return 130
+    return wrapped
+
+
+@_stop_cleanly
 def _run_tokenizer(args) -> int:
     from ..tokenizer import TokenizerConfig
     from ..train import TokenizerTrainConfig, train_tokenizer
@@ -112,6 +147,7 @@ def _run_tokenizer(args) -> int:
     return 0
 
 
+@_stop_cleanly
 def _run_tokens(args) -> int:
     import torch
 
@@ -168,6 +204,7 @@ def _sequence_length(cfg) -> int:
     return build_sequences(codes, cond, cfg)[0].shape[1]
 
 
+@_stop_cleanly
 def _run_transformer(args) -> int:
     from ..data import TokenDataset
     from ..train import TransformerTrainConfig, train_transformer

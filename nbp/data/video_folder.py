@@ -13,12 +13,16 @@ As in the published loader, the class of a clip is its parent folder's name
 text prompt is that name with CamelCase split (``ApplyEyeMakeup`` ->
 ``apply eye makeup``). Each item holds ``num_frames`` frames sampled at
 ``fps`` (or every ``frame_stride``-th decoded frame), the short side resized
-to ``resolution`` and the centre cropped to a square.
+to ``resolution`` and the centre cropped to a square; a video gives
+``clips_per_video`` items. Reading an item probes the file, seeks to the
+keyframe before the clip and decodes only up to its last frame, scaling the
+kept frames down in PyAV's converter, so its cost follows the clip, not the file.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["VideoFolder", "VIDEO_EXTENSIONS", "decode_frames", "class_text"]
+__all__ = ["VideoFolder", "VIDEO_EXTENSIONS", "VideoInfo", "probe_video", "decode_clip",
+           "clip_times", "decode_frames", "class_text"]
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 
@@ -37,14 +42,13 @@ def class_text(class_name: str) -> str:
 
 
 def decode_frames(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """All frames of the first video stream: (uint8 [N, H, W, 3], float64 times [N] in seconds)."""
-    import av
+    """All frames of the first video stream: (uint8 [N, H, W, 3], float64 times [N] in seconds).
 
+    The whole file at full size: for a clip, ``decode_clip`` reads only what it needs.
+    """
     frames, times = [], []
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"video: {str(path)!r} has no video stream")
-        stream = container.streams.video[0]
+    container, stream = _open(path)
+    with container:
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         for i, frame in enumerate(container.decode(stream)):
             frames.append(frame.to_ndarray(format="rgb24"))
@@ -55,40 +59,158 @@ def decode_frames(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(frames), np.asarray(times, dtype=np.float64)
 
 
-def _window_start(slack: float, sampling: str, rng: np.random.Generator, whole: bool) -> float:
-    if slack <= 0 or sampling == "start":
-        return 0
-    if sampling == "center":
-        return slack // 2 if whole else slack / 2
-    return int(rng.integers(0, int(slack) + 1)) if whole else float(rng.uniform(0, slack))
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a clip's first video stream says about itself, read without decoding it.
 
-
-def _sample_indices(times: np.ndarray, num_frames: int, fps: float | None, stride: int,
-                    sampling: str, rng: np.random.Generator) -> np.ndarray:
-    """Indices (int64 [num_frames]) into the decoded frames; short videos repeat their last frame.
-
-    With ``fps`` the frames nearest to the times ``start + k / fps`` are taken
-    (the video's own frame rate does not matter), else every ``stride``-th frame.
+    rate: frames per second; start: time of the first frame (s); num_frames: frames
+    in the stream (from the duration when the container does not count them).
     """
-    n = len(times)
+
+    rate: float
+    start: float
+    num_frames: int
+    height: int
+    width: int
+
+
+def _open(path: str | Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise ValueError(f"video: cannot read {str(path)!r} ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"video: {str(path)!r} has no video stream")
+    return container, container.streams.video[0]
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """The frame rate, start time, frame count and size of ``path``'s first video stream."""
+    container, stream = _open(path)
+    with container:
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        tb = stream.time_base
+        start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
+        n = int(stream.frames or 0)
+        if n <= 0:
+            seconds = (float(stream.duration * tb) if stream.duration and tb
+                       else (container.duration or 0) / 1e6)
+            n = max(1, round(seconds * rate))
+        return VideoInfo(rate, start, n, stream.codec_context.height, stream.codec_context.width)
+
+
+def _pick_nearest(frames, times: np.ndarray, convert, tolerance: float) -> list | None:
+    """Walk decoded ``(time, frame)`` pairs; for each target time take the nearest frame.
+
+    Returns the converted frames ([len(times)]; targets past the end take the
+    last frame), or None when a frame has no time or the first frame comes more
+    than ``tolerance`` seconds after the first target (a seek that overshot).
+    """
+    out, prev, i = [], None, 0
+    for t, frame in frames:
+        if t is None or (prev is None and t > times[0] + tolerance):
+            return None
+        while i < len(times) and t >= times[i]:
+            near_prev = prev is not None and abs(prev[0] - times[i]) <= abs(t - times[i])
+            out.append(convert(prev if near_prev else (t, frame)))
+            i += 1
+        if i == len(times):
+            return out
+        prev = (t, frame)
+    if prev is None:
+        return None
+    return out + [convert(prev)] * (len(times) - i)
+
+
+def decode_clip(path: str | Path, times: np.ndarray, size: tuple[int, int] | None = None,
+                info: VideoInfo | None = None) -> np.ndarray:
+    """The frames nearest to ``times`` (seconds, increasing): uint8 [len(times), H, W, 3].
+
+    Seeks to the keyframe before the first time and decodes only up to the last,
+    scaling each kept frame to ``size`` = (H, W) while converting it to RGB, so a
+    clip costs its own frames, not the whole file at full resolution.
+    """
+    info = info or probe_video(path)
+    times = np.asarray(times, dtype=np.float64)
+    h, w = size or (info.height, info.width)
+    interpolation = "AREA" if h * w < info.height * info.width else "BILINEAR"
+    last: list = [None, None]  # (frame, array): a frame nearest to several times converts once
+
+    def convert(item) -> np.ndarray:
+        if last[0] is not item[1]:
+            last[:] = item[1], item[1].to_ndarray(width=w, height=h, format="rgb24",
+                                                  interpolation=interpolation)
+        return last[1]
+
+    import av
+
+    for seek in (times[0] > info.start, False):
+        container, stream = _open(path)
+        with container:
+            stream.thread_type = "AUTO"
+            try:
+                if seek:  # to the keyframe at or before the first time
+                    container.seek(int((times[0] - info.start) / stream.time_base) +
+                                   (stream.start_time or 0), stream=stream)
+                decoded = enumerate(container.decode(stream))
+                pairs = ((f.time if seek or f.time is not None else info.start + k / info.rate, f)
+                         for k, f in decoded)
+                picked = _pick_nearest(pairs, times, convert, 0.5 / info.rate if seek else np.inf)
+            except av.FFmpegError as e:
+                raise ValueError(f"video: cannot decode {str(path)!r} ({e})") from None
+        if picked is not None:
+            return np.stack(picked)
+        if not seek:
+            break
+    raise ValueError(f"video: {str(path)!r} decoded to zero frames")
+
+
+def _window_start(slack: float, sampling: str, rng: np.random.Generator, whole: bool,
+                  clip: int = 0, clips: int = 1) -> float:
+    """Start of clip ``clip`` of ``clips``: chosen by ``sampling`` inside its share of the slack."""
+    if slack <= 0:
+        return 0
+    lo, hi = (clip * slack // clips, (clip + 1) * slack // clips) if whole else (
+        clip * slack / clips, (clip + 1) * slack / clips)
+    if sampling == "start":
+        return lo
+    if sampling == "center":
+        return (lo + hi) // 2 if whole else (lo + hi) / 2
+    return int(rng.integers(lo, hi + 1)) if whole else float(rng.uniform(lo, hi))
+
+
+def clip_times(info: VideoInfo, num_frames: int, fps: float | None, stride: int, sampling: str,
+               rng: np.random.Generator, clip: int = 0, clips: int = 1) -> np.ndarray:
+    """Times (float64 [num_frames], seconds) of clip ``clip`` of ``clips`` of a video.
+
+    With ``fps`` the frames are ``1 / fps`` apart (the video's own frame rate
+    does not matter), else every ``stride``-th frame; times past the end take
+    the last frame (short videos repeat it).
+    """
+    n = info.num_frames
     if fps is None:
         offsets = np.arange(num_frames) * stride
-        start = _window_start(n - 1 - offsets[-1], sampling, rng, whole=True)
-        return np.minimum(start + offsets, n - 1).astype(np.int64)
-    rel = times - times[0]
+        first = _window_start(n - 1 - offsets[-1], sampling, rng, True, clip, clips)
+        return info.start + np.minimum(first + offsets, n - 1) / info.rate
     offsets = np.arange(num_frames) / fps
-    target = _window_start(rel[-1] - offsets[-1], sampling, rng, whole=False) + offsets
-    idx = np.searchsorted(rel, target).clip(0, n - 1)
-    prev = (idx - 1).clip(0, n - 1)
-    return np.where(np.abs(rel[prev] - target) <= np.abs(rel[idx] - target), prev, idx).astype(np.int64)
+    last = (n - 1) / info.rate
+    return info.start + _window_start(last - offsets[-1], sampling, rng, False, clip, clips) + offsets
+
+
+def scaled_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(H, W) with the short side at ``resolution`` (the size ``resize_center_crop`` crops)."""
+    scale = resolution / min(height, width)
+    return max(resolution, round(height * scale)), max(resolution, round(width * scale))
 
 
 def resize_center_crop(frames: torch.Tensor, resolution: int) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float32 [3, T, r, r] in [0, 1]: short side to r, then centre crop."""
     x = frames.permute(0, 3, 1, 2).float() / 255.0                   # [T, 3, H, W]
     h, w = x.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
+    size = scaled_size(h, w, resolution)
     if size != (h, w):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
@@ -100,15 +222,18 @@ class VideoFolder(Dataset):
     """Clips from a folder of videos (UCF-101 / Kinetics-600 layouts).
 
     Items: ``{"video": float32 [3, num_frames, resolution, resolution] in [0, 1],
-    "label": int, "text": str, "path": str}``. ``sampling`` picks the window:
+    "label": int, "text": str, "path": str}``. Each video gives ``clips_per_video``
+    items (video ``i // clips_per_video``): its span is cut into that many equal
+    shares and clip ``j`` starts in share ``j``, where ``sampling`` puts it:
     ``"center"`` (evaluation), ``"start"`` or ``"random"`` (training; drawn from
     ``(seed, index, epoch)`` so it is the same on every worker; see ``set_epoch``).
+    Only the clip's frames are decoded, scaled down while decoding.
     """
 
     def __init__(self, root: str | Path, annotations: str | Path | None = None, *,
                  split: str = "train", resolution: int = 64, num_frames: int = 17,
                  fps: float | None = None, frame_stride: int = 1, sampling: str = "center",
-                 seed: int = 0):
+                 seed: int = 0, clips_per_video: int = 1):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"root: {str(self.root)!r} is not a directory")
@@ -119,6 +244,10 @@ class VideoFolder(Dataset):
                              f"{num_frames!r}, {resolution!r}, {frame_stride!r}")
         if fps is not None and not fps > 0:
             raise ValueError(f"fps: expected a positive number or None, got {fps!r}")
+        if not isinstance(clips_per_video, (int, np.integer)) or isinstance(clips_per_video, bool) \
+                or clips_per_video < 1:
+            raise ValueError(f"clips_per_video: expected a positive int, got {clips_per_video!r}")
+        self.clips_per_video = int(clips_per_video)
         self.files, labels = self._list(annotations, split)
         self.classes = sorted({p.parent.name for p in self.files})
         index = {c: i for i, c in enumerate(self.classes)}
@@ -159,19 +288,25 @@ class VideoFolder(Dataset):
         self.epoch = int(epoch)
 
     def describe(self) -> dict:
-        return {"kind": "video_folder", "root": str(self.root), "num_clips": len(self.files),
+        return {"kind": "video_folder", "root": str(self.root), "num_clips": len(self),
+                "num_videos": len(self.files),
                 "resolution": self.resolution, "num_frames": self.num_frames, "fps": self.fps,
-                "frame_stride": self.frame_stride, "sampling": self.sampling, "seed": self.seed}
+                "frame_stride": self.frame_stride, "sampling": self.sampling, "seed": self.seed,
+                "clips_per_video": self.clips_per_video}
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) * self.clips_per_video
 
     def __getitem__(self, index: int) -> dict:
-        path = self.files[index]
-        frames, times = decode_frames(path)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index: {index} is outside [0, {len(self)})")
+        file, clip = divmod(int(index), self.clips_per_video)
+        path = self.files[file]
+        info = probe_video(path)
         rng = np.random.default_rng([self.seed, int(index), self.epoch])
-        idx = _sample_indices(times, self.num_frames, self.fps, self.frame_stride, self.sampling, rng)
-        video = resize_center_crop(torch.from_numpy(frames[idx]), self.resolution)
-        name = path.parent.name
-        return {"video": video, "label": self.labels[index], "text": class_text(name),
+        times = clip_times(info, self.num_frames, self.fps, self.frame_stride, self.sampling, rng,
+                           clip, self.clips_per_video)
+        frames = decode_clip(path, times, scaled_size(info.height, info.width, self.resolution), info)
+        video = resize_center_crop(torch.from_numpy(frames), self.resolution)
+        return {"video": video, "label": self.labels[file], "text": class_text(path.parent.name),
                 "path": str(path)}

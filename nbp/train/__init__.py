@@ -18,7 +18,8 @@ Python::
 
 Each run writes ``out_dir/checkpoint.pt`` (exact resume: ``--resume``),
 ``out_dir/log.jsonl`` (one JSON object per logged step), ``train_config.json``
-and, when it reaches its last step, the native model dir ``out_dir/model``.
+and, with every checkpoint, the loadable native model dir ``out_dir/model``.
+Ctrl-C checkpoints and raises ``loop.Interrupted``; see ``loop`` and ``run_files``.
 """
 from .loop import LoopConfig
 from .optim import OptimConfig

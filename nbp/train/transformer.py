@@ -14,6 +14,7 @@ Sequences follow the published training (nbp/lm_transformer.py forward):
 ``z`` are the codes in block-major order (``nbp.blocks.to_block_order`` with
 ``config.block_shape``) shifted by ``config.video_offset``; the condition
 (class label) is shifted by ``config.cond_offset``. NTP is block shape (1, 1, 1).
+``nbp.layout`` holds this layout, shared with generation.
 
 Condition dropout for classifier-free guidance replaces a sample's condition
 embeddings by ``model.uncond_embedding``, per sample with probability
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..blocks import to_block_order
+from .. import layout
 from ..config import TransformerConfig
 from ..model import NBPTransformer, Block
 from .distributed import DistEnv, init_distributed, shutdown, unwrap, wrap_model
@@ -66,46 +67,14 @@ class TransformerTrainConfig:
 
 def build_sequences(codes: torch.Tensor, cond: torch.Tensor | None,
                     cfg: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forcing inputs and targets.
+    """Teacher-forcing inputs and targets (``nbp.layout.training_sequences``).
 
     codes: int [B, t, h, w] raster-order tokenizer codes; cond: int [B, cond_len]
     raw condition ids (class labels), or None when ``cfg.cond_len == 0``.
     Returns (input_ids int64 [B, S], targets int64 [B, S]) with -100 where a
     position predicts nothing (the condition).
     """
-    if codes.dim() != 4 or tuple(codes.shape[1:]) != cfg.latent_shape:
-        raise ValueError(f"codes: expected [batch, *latent_shape={cfg.latent_shape}], got "
-                         f"{tuple(codes.shape)}")
-    lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= cfg.codebook_size:
-        raise ValueError(f"codes: expected ids in [0, codebook_size={cfg.codebook_size}), "
-                         f"got [{lo}, {hi}]")
-    B, L, C = codes.shape[0], cfg.block_size, cfg.cond_len
-    z = to_block_order(codes.long(), cfg.block_shape) + cfg.video_offset
-    if C:
-        if cond is None or tuple(cond.shape) != (B, C):
-            raise ValueError(f"cond: expected int ids [batch={B}, cond_len={C}], got "
-                             f"{None if cond is None else tuple(cond.shape)}")
-        if int(cond.min()) < 0 or int(cond.max()) >= cfg.cond_vocab_size:
-            raise ValueError(f"cond: expected ids in [0, cond_vocab_size={cfg.cond_vocab_size})")
-        c = cond.long() + cfg.cond_offset
-    else:
-        c = z.new_empty(B, 0)
-    bov = z.new_full((B, 1 if cfg.hybrid else L * int(cfg.bov)), cfg.bov_id)
-    if cfg.hybrid:
-        fillers = torch.arange(1, L, device=z.device).expand(B, -1)
-        seq = torch.cat([c, bov, z[:, :L], fillers, z[:, L:]], dim=1)
-        scored = z
-    else:
-        seq = torch.cat([c, bov, z], dim=1)
-        scored = seq[:, C + L:]
-    input_ids = seq[:, :-L]
-    if input_ids.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"model: sequences of {input_ids.shape[1]} tokens exceed max_seq_len "
-                         f"{cfg.max_seq_len}")
-    targets = torch.full_like(input_ids, -100)
-    targets[:, C:] = scored
-    return input_ids, targets
+    return layout.training_sequences(cfg, codes, cond)
 
 
 class LMObjective(nn.Module):

@@ -9,9 +9,16 @@
 Runs on CUDA tensors, and on CPU tensors in the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported.
 """
-from ._common import is_available
+from ..registry import register
+from ._common import is_available, supports
 from .block_causal_attention import block_causal_attention
 from .block_decode_attention import block_decode_attention
 from .kv_append import kv_append_
 
 __all__ = ["block_causal_attention", "block_decode_attention", "kv_append_", "is_available"]
+
+register("block_causal_attention", "triton", block_causal_attention, available=is_available,
+         supports=supports)
+register("block_decode_attention", "triton", block_decode_attention, available=is_available,
+         supports=supports)
+register("kv_append_", "triton", kv_append_, available=is_available)

@@ -6,10 +6,11 @@ chunk its own ``tl.dot``; so a 96-wide head costs 96 columns of matrix work,
 not the 128 a padded ``tl.arange`` would. Only a remainder that is not a power
 of two (e.g. 112 = 64 + 48 -> 64 + 64) is padded, with masked loads.
 """
-import functools
 import os
 
 import torch
+
+from .._tiles import next_pow2
 
 try:
     import triton
@@ -50,14 +51,11 @@ def is_available(device) -> tuple[bool, str]:
 MAX_HEAD_DIM = 256  # larger tiles would not fit a GPU's registers/shared memory
 
 
-def check_head_dim(name: str, d: int) -> None:
-    """Raise ValueError unless ``d`` (the head dim of tensor ``name``) fits the attention kernels."""
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"{name}: the triton backend supports head_dim in [1, {MAX_HEAD_DIM}], got {d}")
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def supports(key) -> tuple[bool, str]:
+    """(ok, why not): the attention kernels' limits on a registry key (checked at resolve time)."""
+    if key.head_dim is not None and not 1 <= key.head_dim <= MAX_HEAD_DIM:
+        return False, f"q: the triton backend supports head_dim in [1, {MAX_HEAD_DIM}], got {key.head_dim}"
+    return True, ""
 
 
 def head_split(d: int) -> tuple[int, int]:
@@ -75,23 +73,6 @@ def head_split(d: int) -> tuple[int, int]:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are multiplied in full precision ("ieee"), not TF32, to match the reference."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
-    if device.type != "cuda":
-        return 8
-    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, seq) strides of a [B, H, S, D] tensor whose last dim is contiguous."""
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import Tuple
 
 import torch
 
-from ._common import (LOG2E, check_head_dim, dot_precision, head_split, interpreting,
-                      last_dim_contiguous, next_pow2, strides3, tl, triton)
+from .._tiles import next_pow2, strides3
+from ._common import LOG2E, dot_precision, head_split, interpreting, last_dim_contiguous, tl, triton
 
 
 @triton.jit
@@ -436,9 +436,9 @@ def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, sca
     """Attention under the NBP mask. q, k, v: [B, H, S, D] fp32/fp16/bf16 -> [B, H, S, D] q.dtype.
 
     Differentiable (Triton backward kernels). Arguments are validated by the
-    public wrapper ``nbp_kernels.block_causal_attention``.
+    public wrapper ``nbp_kernels.block_causal_attention`` (head_dim <= 256 by
+    the registry's ``supports``).
     """
-    check_head_dim("q", q.shape[-1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = _fwd_op(q, k, v, int(block_size), int(cond_len), bool(hybrid), scale)
     return out

@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (LOG2E, check_head_dim, dot_precision, head_split, interpreting,
-                      last_dim_contiguous, sm_count, strides3, tl, triton)
+from .._tiles import next_pow2, sm_count, strides3
+from ._common import LOG2E, dot_precision, head_split, interpreting, last_dim_contiguous, tl, triton
 from .block_causal_attention import _load_rows, _load_t, _store_rows
 
 
@@ -218,7 +218,7 @@ def decode(q, k_cache, v_cache, seq_lens, k_new, v_new, scale: float, num_splits
         num_warps=warps, num_stages=stages)
     if splits > 1:
         rm = 16
-        bd = 1 << max(0, (D - 1).bit_length())
+        bd = next_pow2(D)
         _decode_reduce_kernel[(B * H, triton.cdiv(L, rm))](opart, lpart, out, *strides3(out), H, L,
                                                            splits, D=D, BLOCK_M=rm, BLOCK_D=bd,
                                                            num_warps=4)
@@ -255,9 +255,9 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     With k_new/v_new ([B, H, L, D]) they are written into the caches at
     ``seq_lens[b]`` in the same launch. ``num_splits`` (tests, tuning)
     overrides the split count chosen from the shape. Arguments are validated
-    by the public wrapper ``nbp_kernels.block_decode_attention``.
+    by the public wrapper ``nbp_kernels.block_decode_attention`` (head_dim <=
+    256 by the registry's ``supports``).
     """
-    check_head_dim("q", q.shape[-1])
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 0):
         raise ValueError(f"num_splits: expected a non-negative int (0 = choose), got {num_splits!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

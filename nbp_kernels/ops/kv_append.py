@@ -8,7 +8,8 @@ in the cache is ever written, even when the caller skipped the capacity check.
 """
 import torch
 
-from ._common import interpreting, last_dim_contiguous, next_pow2, strides3, tl, triton
+from .._tiles import next_pow2, strides3
+from ._common import interpreting, last_dim_contiguous, tl, triton
 
 
 @triton.jit(do_not_specialize=["L", "M"])

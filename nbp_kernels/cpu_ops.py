@@ -1,0 +1,53 @@
+"""The ``cpu`` backend: the C kernels of ``packed_linear`` and ``sample_cpu`` as registry ops.
+
+* ``linear``: ``PackedLinears(model)``, the model's ``nn.Linear`` weights
+  packed once for ``packed_linear`` (float32 CPU only);
+* ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows).
+
+Each is usable where its C file compiles (``is_available()`` of its module);
+``auto`` falls back to the op's ``torch`` implementation elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import packed_linear, sample_cpu
+from .registry import register
+
+__all__ = ["PackedLinears"]
+
+
+class PackedLinears:
+    """A linear function that runs every ``nn.Linear`` of ``model`` through
+    ``packed_linear`` (float32 CPU models; weights packed once, here).
+
+    ``__call__(module, x)``: x float32 [..., in_features] -> [..., out_features].
+    Products of more than ``packed_linear.MAX_ROWS`` rows (the prefill) use the
+    module's own forward. The packed copies are not updated if the model's
+    weights change later: build a new generator then.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.packed = {m: packed_linear.PackedLinear(m) for m in model.modules()
+                       if isinstance(m, torch.nn.Linear)}
+
+    def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.packed[module](x)
+
+
+def _float32_cpu(key) -> tuple[bool, str]:
+    if key.device.type != "cpu":
+        return False, f"the cpu kernels run on the CPU, got device {key.device}"
+    if key.dtype is not None and key.dtype != torch.float32:
+        return False, f"the cpu kernels take float32, got {key.dtype}"
+    return True, ""
+
+
+def _module_available(module):
+    return lambda device: module.is_available()
+
+
+register("linear", "cpu", PackedLinears, available=_module_available(packed_linear),
+         supports=_float32_cpu)
+register(("keep_threshold", "draw_kept"), "cpu", "nbp_kernels.sample_cpu",
+         available=_module_available(sample_cpu), supports=_float32_cpu)
