@@ -282,11 +282,6 @@ def _compile_all(configs: list[dict], jobs: int) -> list[dict]:
         return list(pool.map(compile_triton, configs))
 
 
-def _write(out: Path, data: dict) -> None:
-    from nbp.io import atomic_write_text
-    atomic_write_text(out, json.dumps(data, indent=1) + "\n")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -303,12 +298,14 @@ def main(argv=None) -> int:
         errors = check(data, [config_key(c) for c in configs]) + verify(data, configs, args.verify)
         print("\n".join(errors) or f"ok: {len(configs)} triton configs covered, no unwaived problem")
         return 1 if errors else 0
+    from nbp.io import atomic_write_text  # imported before the long compile, not after it
+
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     rows = _compile_all(configs, args.jobs) + compile_cuda()
     data = dict(arch="sm_90", smem_limit_bytes=SMEM_LIMIT, register_file=REGISTER_FILE, **_versions(),
                 note="smem_bytes = Triton's dynamic shared memory + ptxas static smem",
                 waivers=old.get("waivers", {}), kernels=rows)
-    _write(args.out, data)
+    atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     errors = check(data, [config_key(c) for c in configs])
     print(f"wrote {args.out}: {len(rows)} kernels")
     print("\n".join(errors))

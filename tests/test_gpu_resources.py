@@ -30,7 +30,8 @@ def _module():
 
 
 def _script(*args, timeout=600, **env):
-    env = dict(os.environ, TRITON_INTERPRET="0", **env)
+    # PYTHONPATH: this checkout's nbp_kernels, whichever checkout is installed
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT), **env)
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
