@@ -173,7 +173,9 @@ def compile_triton(cfg: dict, arch: int = 90) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        proc = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", str(ptx),
+        # the flags Triton's own ptxas call uses (its cubin has the same registers and stack)
+        proc = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                               f"--gpu-name=sm_{arch}a", str(ptx),
                                "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True)
     (usage,) = parse_ptxas(proc.stderr + proc.stdout).values()
     return dict(key=config_key(cfg), kind="triton", kernel=cfg["kernel"], dtype=cfg["dtype"],
