@@ -86,7 +86,8 @@ _pytest_par() {  # spread Triton compiles over processes when pytest-xdist is th
 }
 
 step_quick_tests() {
-    local args=(-q -p no:cacheprovider -rs --durations=10 tests/test_gpu_first_contact.py)
+    # -v: each result reaches the log as it ends, so a timeout still shows what passed
+    local args=(-v -p no:cacheprovider -rs --durations=10 tests/test_gpu_first_contact.py)
     if [ "$DRY" = 1 ]; then "$PY" -m pytest --collect-only "${args[@]}"; return; fi
     # shellcheck disable=SC2046
     "$PY" -m pytest $(_pytest_par 8) "${args[@]}"
