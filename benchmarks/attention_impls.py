@@ -1,4 +1,4 @@
-"""Attention implementations compared by bench_attention.py and gpu_table.py.
+"""Attention implementations compared by gpu_table.py (and FlexAttention's NBP mask for the suite).
 
 Each builder returns ``{name: callable_or_skip_reason}``: a zero-argument
 callable that runs one call of that implementation on prebuilt inputs, or a

@@ -1,107 +1,76 @@
-"""Generation benchmarks (pytest-benchmark): FastGenerator NBP vs NTP vs the
-published-style baseline, one decode step, and the batched sampler.
+"""Generation (pytest-benchmark): ``FastGenerator`` NBP and NTP vs the published-style baseline.
 
     pytest benchmarks/bench_generate.py --benchmark-only
 
-CUDA runs the k600-base shape (24 layers x 1536, vocab 64000, L = 16, bf16,
-random weights, batch 1 and 8); CPU runs a small fp32 model on the K600 token
-layout (2 layers x 256, vocab 8192) so the suite finishes quickly. The full
-CPU acceptance measurement is benchmarks/ablations/ntp_vs_nbp.py.
+K600-style frame prediction on random weights: 2 given latent frames, the
+other 3 generated (768 tokens on the 5x16x16 grid), top-k / top-p sampling.
+CUDA runs k600-base (24 layers x 1536, vocabulary 64000, L = 16, bf16) at
+batch 1 and 8; a CPU a small float32 model on the same token layout (2 layers
+x 256, vocabulary 8192) at batch 1. The baseline
+(``benchmarks/ablations/baseline.py``) runs the same weights the way the
+published sampler does. Bytes: every weight read once per decode step (the
+lower bound of a step); FLOPs: 2 x parameters per generated token.
+The CPU acceptance measurement at the K600 size is
+``benchmarks/ablations/ntp_vs_nbp.py``.
 """
 import pytest
 import torch
 
 from ablations.baseline import generate_tokens as baseline_generate
-from harness import copy_bandwidth
-from nbp.commands.bench import bench_config, frame_prediction_shape, random_model
+from nbp.commands.bench import bench_config, random_model
 from nbp.generate import FastGenerator
-from nbp.sampler import BatchedSampler
-from nbp.sampling import SamplingParams, filter_logits
+from suite import CUDA, DEVICE, DTYPE, record, run, smoke
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-SIZE = {} if CUDA else dict(layers=2, width=256, vocab=8192)
-BATCHES = (1, 8) if CUDA else (1,)
+PRESET = "tiny" if smoke() else "k600-base"
+SIZE = {} if CUDA or smoke() else dict(layers=2, width=256, vocab=8192)
+BATCHES = (1, 8) if CUDA and not smoke() else (1,)
 SAMPLING = dict(top_k=16000, top_p=0.9) if CUDA else dict(top_k=2048, top_p=0.9)
+GIVEN_LATENT_FRAMES = 2
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(bench_config("k600-base", **SIZE), device=DEVICE, dtype=DTYPE)
+    with torch.device(DEVICE):  # initialise on the device: the 700M model's CPU init takes minutes
+        return random_model(bench_config(PRESET, **SIZE), device=DEVICE, dtype=DTYPE)
 
 
-def _ids(cfg, batch):
-    given, _ = frame_prediction_shape(cfg)
-    return torch.randint(0, cfg.codebook_size, (batch, given), device=DEVICE,
-                         generator=torch.Generator(DEVICE).manual_seed(0))
+def _task(model, batch: int):
+    """(given ids [batch, given] int64, number of new tokens) of frame prediction on the latent grid."""
+    cfg = model.config
+    t, h, w = cfg.latent_shape
+    given, new = GIVEN_LATENT_FRAMES * h * w, (t - GIVEN_LATENT_FRAMES) * h * w
+    g = torch.Generator(DEVICE).manual_seed(0)
+    return torch.randint(0, cfg.codebook_size, (batch, given), device=DEVICE, generator=g), new
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _bench(benchmark, fn, rounds=3):
-    def call():
-        fn()
-        _sync()
-    call()   # warm up (and capture CUDA graphs)
-    benchmark.pedantic(call, rounds=rounds, iterations=1)
+def _record(benchmark, floors, model, impl: str, mode: str, batch: int, new: int) -> None:
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    steps = new // cfg.block_size if mode == "nbp" else new
+    record(benchmark, floors, op="generate_tokens", impl=impl, mode=mode, batch=batch, new_tokens=new,
+           steps=steps, shape=f"{PRESET} {cfg.n_layer}x{cfg.n_embd} vocab {cfg.vocab_size} L{cfg.block_size} "
+                             f"B{batch} new{new}",
+           dtype=DTYPE, nbytes=steps * params * torch.finfo(DTYPE).bits // 8, flops=2 * params * batch * new)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        frames = (cfg.latent_shape[0] - GIVEN_LATENT_FRAMES) * 4  # the tokenizer's 4x time factor
+        benchmark.extra_info.update(tokens_per_s=batch * new / stats.stats.median,
+                                    frames_per_s=batch * frames / stats.stats.median)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", ["nbp", "ntp"])
-def test_fast_generator(benchmark, model, mode, batch):
+def test_generate_tokens_fast_generator(benchmark, floors, model, mode, batch):
+    benchmark.group = f"generate_tokens {PRESET} B{batch} {DTYPE}"
     gen = FastGenerator(model, device=DEVICE)
-    ids = _ids(model.config, batch)
-    _, new = frame_prediction_shape(model.config)
-    benchmark.extra_info.update(mode=mode, batch=batch, new_tokens=new, device=str(DEVICE))
-    _bench(benchmark, lambda: gen.generate_tokens(ids, new, mode=mode, **SAMPLING))
+    ids, new = _task(model, batch)
+    run(benchmark, lambda: gen.generate_tokens(ids, new, mode=mode, **SAMPLING), 3)
+    _record(benchmark, floors, model, "fast_generator", mode, batch, new)
 
 
-def test_baseline_nbp(benchmark, model):
-    ids = _ids(model.config, 1)
-    _, new = frame_prediction_shape(model.config)
-    _bench(benchmark, lambda: baseline_generate(model, ids, new, mode="nbp", **SAMPLING), rounds=2)
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-def test_decode_step(benchmark, model, batch):
-    """One NBP decode step (L tokens) at the end of a K600-length sequence."""
-    gen = FastGenerator(model, device=DEVICE)
-    ids = _ids(model.config, batch)
-    _, new = frame_prediction_shape(model.config)
-    gen.generate_tokens(ids, new, do_sample=False)
-    step = next(iter(gen._steps.values()))
-    seq_lens = gen.cache.seq_lens
-    end = seq_lens.clone()
-
-    def one_step():
-        seq_lens.copy_(end - step.n)
-        step.run()
-    _bench(benchmark, one_step, rounds=20)
-    # memory floor: every weight and every cached key/value read once per step
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache_bytes = 2 * gen.cache.k[:, :, :, :int(end.max())].numel() * gen.cache.k.element_size()
-    floor_s = (weight_bytes + cache_bytes) / copy_bandwidth(DEVICE)
-    benchmark.extra_info.update(weight_bytes=weight_bytes, cache_bytes=cache_bytes,
-                                floor_ms=floor_s * 1e3,
-                                step_over_floor=benchmark.stats.stats.median / floor_s)
-
-
-@pytest.mark.parametrize("impl", ["batched", "per_token_loop"])
-def test_sampler_one_block(benchmark, impl):
-    """Top-k 16000 / top-p 0.9 draws for 16 rows of a 64000-word vocabulary."""
-    logits = torch.randn(1, 16, 64000, device=DEVICE) * 2
-    params = SamplingParams(top_k=16000, top_p=0.9)
-    sampler = BatchedSampler(params)
-    noise = sampler.noise(16, None, DEVICE)
-    if impl == "batched":
-        fn = lambda: sampler(logits, None, noise)   # noqa: E731
-    else:
-        def fn():
-            for i in range(16):
-                probs = torch.softmax(filter_logits(logits[:, i], 16000, 0.9), dim=-1)
-                torch.multinomial(probs, 1)
-    _bench(benchmark, fn, rounds=10)
+@pytest.mark.parametrize("mode", ["nbp", "ntp"])
+def test_generate_tokens_published_baseline(benchmark, floors, model, mode):
+    benchmark.group = f"generate_tokens {PRESET} B1 {DTYPE}"
+    ids, new = _task(model, 1)
+    run(benchmark, lambda: baseline_generate(model, ids, new, mode=mode, **SAMPLING), 2 if mode == "nbp" else 1)
+    _record(benchmark, floors, model, "published_baseline", mode, 1, new)

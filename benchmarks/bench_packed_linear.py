@@ -1,22 +1,24 @@
-"""Decode-step linears on the CPU: packed_linear vs torch (MKL) (pytest-benchmark).
+"""Decode-step linears on the CPU: ``nbp_kernels.packed_linear`` vs torch (MKL) (pytest-benchmark).
 
     pytest benchmarks/bench_packed_linear.py --benchmark-only
 
-The K600 model of issue 4 (6 x 384, vocabulary 64000), float32, for the rows
-of one NTP step (1) and one NBP step (16): the vocabulary head alone, and the
-36 layer linears of a step in turn. Before each (untimed) round a 64 MiB buffer is touched so
-the weights come from memory, as in a decode step (the layers, attention and
-sampler evict them). Compare within a group; absolute times hold for the
-machine they were taken on.
+The K600 model of the CPU study (6 x 384, vocabulary 64000), float32, for the
+rows of one NTP step (1) and one NBP step (16): the vocabulary head alone, and
+the 36 layer linears of a step in turn. Before each (untimed) round a 64 MiB
+buffer is touched so the weights come from memory, as in a decode step (the
+layers, attention and sampler evict them). Bytes: the weights read once;
+FLOPs: 2 x rows x in x out. CPU only (on a GPU the linears are cuBLAS's).
 """
 import pytest
 import torch
 
 from nbp_kernels.packed_linear import PackedLinear, is_available
+from suite import CUDA, record, run, smoke
 
+pytestmark = pytest.mark.skipif(CUDA, reason="CPU kernels: the GPU run benchmarks the GPU paths")
 OK, WHY = is_available()
-WIDTH, VOCAB, LAYERS = 384, 64000, 6
-_EVICT = torch.empty(16 << 20)
+WIDTH, VOCAB, LAYERS = (64, 1024, 1) if smoke() else (384, 64000, 6)
+_EVICT = torch.empty((1 << 14) if smoke() else (16 << 20))
 
 
 def _evict() -> None:
@@ -30,7 +32,7 @@ def _linears(shapes):
 
 HEAD = _linears([(VOCAB, WIDTH, False)])
 LAYER = _linears([(WIDTH, WIDTH, True)] * 4 + [(4 * WIDTH, WIDTH, True), (WIDTH, 4 * WIDTH, True)])
-LAYERS_ALL = LAYER * LAYERS
+SETS = {"head": HEAD, "layer_linears": LAYER * LAYERS}
 
 
 def _fns(mods, impl):
@@ -41,7 +43,13 @@ def _fns(mods, impl):
     return [PackedLinear(m) for m in mods]
 
 
-def _bench(benchmark, mods, impl, rows):
+@pytest.mark.parametrize("impl", ["packed", "torch"])
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("which", sorted(SETS))
+def test_packed_linear(benchmark, floors, which, impl, rows):
+    mods = SETS[which]
+    benchmark.group = f"packed_linear {which} ({len(mods)} linears, width {WIDTH}) rows={rows} fp32 " \
+                      f"threads={torch.get_num_threads()}"
     fns = _fns(mods, impl)
     xs = [torch.randn(1, rows, m.in_features) for m in mods]
 
@@ -50,20 +58,8 @@ def _bench(benchmark, mods, impl, rows):
             f(x)
 
     with torch.no_grad():
-        step()
-        benchmark.pedantic(step, setup=_evict, rounds=40, iterations=1)
-
-
-@pytest.mark.parametrize("impl", ["packed", "torch"])
-@pytest.mark.parametrize("rows", [1, 16])
-def test_head(benchmark, impl, rows):
-    benchmark.group = f"head {VOCAB}x{WIDTH} rows={rows} fp32 threads={torch.get_num_threads()}"
-    _bench(benchmark, HEAD, impl, rows)
-
-
-@pytest.mark.parametrize("impl", ["packed", "torch"])
-@pytest.mark.parametrize("rows", [1, 16])
-def test_layer_linears(benchmark, impl, rows):
-    benchmark.group = f"{len(LAYERS_ALL)} layer linears width {WIDTH} rows={rows} fp32 " \
-                      f"threads={torch.get_num_threads()}"
-    _bench(benchmark, LAYERS_ALL, impl, rows)
+        run(benchmark, step, 40, setup=_evict)
+    weights = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in mods)
+    record(benchmark, floors, op="packed_linear", impl=impl, shape=f"{which} rows={rows} width={WIDTH}",
+           dtype=torch.float32, nbytes=4 * weights,
+           flops=sum(2 * rows * m.in_features * m.out_features for m in mods), rows=rows)

@@ -1,6 +1,7 @@
 """GPU table of FastGenerator (issue 4): decode step vs the memory floor, frames/s.
 
     python3 benchmarks/generate_table.py --out DIR          # CUDA: k600-base, bf16
+    python3 benchmarks/generate_table.py --quick --out DIR  # the same, fewer repeats
     python3 benchmarks/generate_table.py --tiny --out DIR   # smoke run (tiny preset, any device)
 
 k600-base shape (24 layers, 16 heads x 96, width 1536, vocab 64000, L = 16),
@@ -40,14 +41,16 @@ TARGETS = {"step_over_floor_b1": 1.4, "b8_over_b1": 1.3, "ar_frames_per_s": 300,
 _EMBEDDING_TABLES = ("tok_emb.weight", "pos_emb")   # gathered by row, not read whole
 
 
-def settings(tiny: bool) -> dict:
-    """Shapes and repeat counts of a run (--tiny: a seconds-long smoke run of every code path)."""
+def settings(tiny: bool, quick: bool = False) -> dict:
+    """Shapes and repeat counts of a run (--tiny: a seconds-long smoke run of every code path;
+    --quick: the full shapes with fewer repeats, for the first GPU contact's time share)."""
     base = dict(device=gpu_table_device("generate_table.py", tiny), tiny=tiny, top_p=0.9)
     if tiny:
         return base | dict(preset="tiny", tokenizer="tiny", dtype=torch.float32, batches=(1, 2),
                            top_k=32, step_iters=5, repeats=2, bw_bytes=1 << 24)
     return base | dict(preset="k600-base", tokenizer="magvit2", dtype=torch.bfloat16,
-                       batches=(1, 8), top_k=16000, step_iters=200, repeats=5, bw_bytes=1 << 30)
+                       batches=(1, 8), top_k=16000, step_iters=50 if quick else 200,
+                       repeats=2 if quick else 5, bw_bytes=1 << 30)
 
 
 def _ids(cfg, batch: int, length: int, device) -> torch.Tensor:
@@ -266,8 +269,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for the .md and .json tables")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke run of this script)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (the first GPU contact)")
     args = ap.parse_args(argv)
-    s = settings(args.tiny)
+    s = settings(args.tiny, args.quick)
     device = s["device"]
     with torch.device(device):   # initialise the weights on the device: seconds, not a minute
         model = random_model(bench_config(s["preset"]), device=device, dtype=s["dtype"])

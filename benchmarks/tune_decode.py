@@ -12,7 +12,7 @@
 Times are CUDA-graph replays (the engine captures its decode step), median of
 several replays of ``--reps`` calls each. Usage (GPU only)::
 
-    python benchmarks/tune_decode.py [--quick] [--no-write] [--out DIR]
+    python benchmarks/tune_decode.py [--quick] [--no-write] [--no-table] [--out DIR]
 
 ``--out DIR`` puts the table (``decode_attention_<card>.md``) and a copy of
 the new ``tuning.json`` in DIR (default: the table in ``benchmarks/results``).
@@ -248,6 +248,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    ap.add_argument("--no-table", action="store_true", help="only the tuning grid (tuning.json), no table")
     ap.add_argument("--budget-s", type=float, default=600.0, help="time limit for the tuning grid")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the table (and a tuning.json copy)")
     args = ap.parse_args()
@@ -258,17 +259,19 @@ def main() -> None:
     print(f"device: {name}  (torch {torch.__version__}, cuda backend: {backend_status('cuda', 'cuda')})")
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s")
-    md = table(name, bw, reps)
-    print(md)
+    md = None if args.no_table else table(name, bw, reps)
+    if md:
+        print(md)
     entries = tune(name, reps, args.budget_s)
     if not args.no_write:
         write_tuning(entries, name)
         args.out.mkdir(parents=True, exist_ok=True)
         if args.out.resolve() != RESULTS.resolve():
             atomic_write_text(args.out / "tuning.json", TUNING_FILE.read_text())
-        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        atomic_write_text(args.out / f"decode_attention_{slug}.md", md)
-        print(f"wrote {args.out / f'decode_attention_{slug}.md'}")
+        if md:
+            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+            atomic_write_text(args.out / f"decode_attention_{slug}.md", md)
+            print(f"wrote {args.out / f'decode_attention_{slug}.md'}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ top-p leave (``keep_threshold``) and one inverse-CDF draw over the kept tokens
 elementwise passes each sweep the row, ``cpu/sample_cpu.c`` selects
 without sorting (sampled two-pivot selection, by rank and then by softmax
 mass), sums in float64, and shares rows over torch's OpenMP threads (numbers
-in ``benchmarks/bench_sample_cpu.py``). Semantics: ``reference.keep_threshold``
+in ``benchmarks/bench_sampler.py``). Semantics: ``reference.keep_threshold``
 and ``reference.draw_kept``, equal up to the rounding of the float64 sums (a
 row whose top-p mass lands within ~1e-12 of a token boundary, or whose u lands
 within ~1e-7 of a token's CDF edge, may differ by that token).
