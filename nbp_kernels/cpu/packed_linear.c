@@ -31,6 +31,7 @@
 #    error "NBP_ISA_AVX512 needs -mavx512f -mfma"
 #  endif
 #  define ISA_NAME "avx512"
+#  define VLEN 16         /* floats per vector register */
 #  define TILE_ROWS 8     /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
 #  define TILE_PANELS 3
 #  define GROUP 3         /* panels per thread work item; one row streams all of them */
@@ -39,6 +40,7 @@
 #    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
 #  endif
 #  define ISA_NAME "avx2"
+#  define VLEN 8
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 12 of the 16 ymm as accumulators */
 #  define TILE_PANELS 1
 #  define GROUP 2
@@ -47,6 +49,7 @@
 #    error "NBP_ISA_NEON needs AArch64"
 #  endif
 #  define ISA_NAME "neon"
+#  define VLEN 4
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 24 of the 32 q registers as accumulators */
 #  define TILE_PANELS 1
 #  define GROUP 2
@@ -59,10 +62,15 @@
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };   /* packed_linear.py's _DTYPES codes */
 
-typedef float vf __attribute__((vector_size(PANEL * 4), aligned(4)));      /* 16 floats */
-typedef uint16_t vbf __attribute__((vector_size(PANEL * 2), aligned(2)));  /* 16 bf16 */
-typedef int8_t vq __attribute__((vector_size(PANEL), aligned(1)));         /* 16 int8 */
-typedef uint32_t vu __attribute__((vector_size(PANEL * 4)));
+#define SUB (PANEL / VLEN)  /* vector registers per panel row */
+
+/* Native-width vectors: wider generic vectors were split through the stack. */
+typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef uint16_t vbf __attribute__((vector_size(VLEN * 2), aligned(2)));
+typedef int8_t vq __attribute__((vector_size(VLEN), aligned(1)));
+typedef int16_t vh __attribute__((vector_size(VLEN * 2)));
+typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
+typedef uint32_t vu __attribute__((vector_size(VLEN * 4)));
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
@@ -70,31 +78,35 @@ static inline int64_t elem_bytes(const int dtype) {
     return dtype == W_F32 ? 4 : dtype == W_BF16 ? 2 : 1;
 }
 
-/* row k of a panel, widened to fp32 (bf16 is the top half of an fp32) */
+/* VLEN weights at p, widened to fp32. bf16 is the top half of an fp32; int8
+ * widens by doubling steps, which GCC maps to single instructions (a direct
+ * int8 -> float conversion was lowered lane by lane). */
 static inline __attribute__((always_inline)) vf load_w(const char *p, const int dtype) {
     if (dtype == W_F32)
         return *(const vf *)p;
     if (dtype == W_BF16)
         return (vf)(__builtin_convertvector(*(const vbf *)p, vu) << 16);
-    return __builtin_convertvector(*(const vq *)p, vf);
+    return __builtin_convertvector(
+        __builtin_convertvector(__builtin_convertvector(*(const vq *)p, vh), vi), vf);
 }
 
-/* 16 floats of src[col0 : n_out] zero-padded (bias and scales of a partial panel) */
-static inline vf load_cols(const float *src, int64_t n_out, int64_t col0) {
-    if (n_out - col0 >= PANEL)
-        return *(const vf *)(src + col0);
-    float buf[PANEL] = {0};
-    memcpy(buf, src + col0, (size_t)(n_out - col0) * sizeof(float));
+/* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
+static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
+    if (n_out - c >= VLEN)
+        return *(const vf *)(src + c);
+    float buf[VLEN] = {0};
+    if (n_out > c)
+        memcpy(buf, src + c, (size_t)(n_out - c) * sizeof(float));
     return *(const vf *)buf;
 }
 
-static inline void store_cols(float *dst, int64_t n_out, int64_t col0, vf v) {
-    if (n_out - col0 >= PANEL) {
-        *(vf *)(dst + col0) = v;
-    } else {
-        float buf[PANEL];
+static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
+    if (n_out - c >= VLEN) {
+        *(vf *)(dst + c) = v;
+    } else if (n_out > c) {
+        float buf[VLEN];
         *(vf *)buf = v;
-        memcpy(dst + col0, buf, (size_t)(n_out - col0) * sizeof(float));
+        memcpy(dst + c, buf, (size_t)(n_out - c) * sizeof(float));
     }
 }
 
@@ -105,31 +117,32 @@ static inline __attribute__((always_inline)) void tile(
         const float *x, int64_t K, const char *panels, const int dtype, const float *scale,
         const float *bias, float *y, int64_t n_out, int64_t col0, const int rows,
         const int n_panels) {
-    vf acc[TILE_ROWS][GROUP];
-    for (int j = 0; j < GROUP; j++)
+    vf acc[TILE_ROWS][GROUP * SUB];
+    for (int j = 0; j < GROUP * SUB; j++)
         for (int m = 0; m < TILE_ROWS; m++)
             acc[m][j] = (vf){0};
     const int64_t row_bytes = PANEL * elem_bytes(dtype);
     for (int64_t k = 0; k < K; k++) {
-        vf w[GROUP];
+        vf w[GROUP * SUB];
         for (int j = 0; j < GROUP; j++) {
             if (j < n_panels) {
                 const char *p = panels + (j * K + k) * row_bytes;
                 __builtin_prefetch(p + PREFETCH);
-                w[j] = load_w(p, dtype);
+                for (int v = 0; v < SUB; v++)
+                    w[j * SUB + v] = load_w(p + v * VLEN * elem_bytes(dtype), dtype);
             }
         }
         for (int m = 0; m < TILE_ROWS; m++) {
             if (m < rows) {
                 vf xv = (vf){0} + x[m * K + k];
-                for (int j = 0; j < GROUP; j++)
-                    if (j < n_panels)
+                for (int j = 0; j < GROUP * SUB; j++)
+                    if (j < n_panels * SUB)
                         acc[m][j] += xv * w[j];
             }
         }
     }
-    for (int j = 0; j < n_panels; j++) {
-        int64_t c = col0 + j * PANEL;
+    for (int j = 0; j < n_panels * SUB; j++) {
+        int64_t c = col0 + j * VLEN;
         vf s = scale ? load_cols(scale, n_out, c) : (vf){0} + 1.0f;
         vf b = bias ? load_cols(bias, n_out, c) : (vf){0};
         for (int m = 0; m < rows; m++)
