@@ -123,7 +123,7 @@ static inline __attribute__((always_inline)) void tile(
             acc[m][j] = (vf){0};
     const int64_t row_bytes = PANEL * elem_bytes(dtype);
     for (int64_t k = 0; k < K; k++) {
-        vf w[GROUP * SUB];
+        vf w[GROUP * SUB] = {0};   /* only the first n_panels * SUB are used */
         for (int j = 0; j < GROUP; j++) {
             if (j < n_panels) {
                 const char *p = panels + (j * K + k) * row_bytes;
