@@ -187,17 +187,28 @@ def load(name: str) -> tuple[ctypes.CDLL | None, str, str]:
     return lib, isa, (err if lib is None else why)
 
 
-def configure_threads(threads: int | None = None) -> int:
-    """Set the CPU threads (torch's and the kernels') and OpenMP's wait policy.
+def _spin_waits() -> bool:
+    """Whether OpenMP threads spin after a parallel region (libgomp's default), as the
+    environment says (libgomp read it when torch loaded it)."""
+    return (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+            and os.environ.get("GOMP_SPINCOUNT", "").strip() not in ("0",))
 
-    threads: a positive int, or None for ``min(2, cores)`` (hypothetical
-    defaults beyond two cores are unmeasured). OpenMP worker threads that
-    spin-wait between parallel regions take a shared core from the thread that
-    has work, so on a busy machine more threads were many times slower than
-    one; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead. libgomp reads it
-    once, when it is loaded with torch: set here only if torch is not imported
-    yet (an explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept).
-    Returns the thread count set.
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set the CPU threads (torch's and the kernels') for a busy or quiet machine.
+
+    OpenMP worker threads spin-wait after each parallel region (libgomp's
+    default), taking a shared core from the thread that still has work: on a
+    busy 2-core machine 2 threads were hundreds of times slower than 1, and
+    with ``OMP_WAIT_POLICY=PASSIVE`` (sleeping waits) 2 threads were as fast
+    as 1 or faster (benchmarks/ablations/cpu_threads_under_load.py). libgomp
+    reads the policy once, when torch loads it, so it is set here only if
+    torch is not imported yet; entry points set it before importing torch.
+    An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+
+    threads: a positive int, or None: torch's default count with sleeping
+    waits, and 1 thread when threads spin and the machine is busy (1-minute
+    load average at or above the cores). Returns the thread count set.
     """
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
@@ -205,6 +216,8 @@ def configure_threads(threads: int | None = None) -> int:
     if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
-    n = threads if threads is not None else min(2, os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    return n
+    if threads is None:
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
+        threads = 1 if _spin_waits() and busy else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -115,3 +115,33 @@ def test_configure_threads_sets_torch_threads():
         assert cpu_build.configure_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_configure_threads_default_follows_the_wait_policy(monkeypatch):
+    """Spinning waits on a busy machine: 1 thread; sleeping waits: torch's default count."""
+    import torch
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    try:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert cpu_build.configure_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+        assert cpu_build.configure_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_configure_threads_sets_passive_waits_before_torch_loads():
+    """In a fresh process, called before torch is imported: libgomp sees PASSIVE."""
+    code = ("import os, sys, importlib.util\n"
+            "spec = importlib.util.spec_from_file_location('cb', 'nbp_kernels/cpu_build.py')\n"
+            "cb = importlib.util.module_from_spec(spec); spec.loader.exec_module(cb)\n"
+            "assert 'torch' not in sys.modules\n"
+            "cb.configure_threads(1)\n"
+            "print(os.environ['OMP_WAIT_POLICY'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "PASSIVE"

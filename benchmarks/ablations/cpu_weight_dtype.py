@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
     if not ok:
         raise SystemExit(f"packed_linear unusable here: {why}")
     isa, isa_why = cpu_isa()
-    info = dict(machine_info("cpu"), isa=isa, isa_reason=isa_why)
+    info = dict(machine_info("cpu"), isa=isa, isa_reason=isa_why,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
     result = {"what": __doc__.split("\n\n")[0], "shape": {"width": WIDTH, "vocab": VOCAB,
                                                          "layers": LAYERS},
               "machine": info, **run(args)}
