@@ -117,10 +117,15 @@ static inline __attribute__((always_inline)) void tile(
         const float *x, int64_t K, const char *panels, const int dtype, const float *scale,
         const float *bias, float *y, int64_t n_out, int64_t col0, const int rows,
         const int n_panels) {
+    /* Unscaled weights start from the bias (the float32 results of the earlier
+     * AVX-512-only kernel, bit for bit); int8 sums are scaled before the bias. */
     vf acc[TILE_ROWS][GROUP * SUB];
-    for (int j = 0; j < GROUP * SUB; j++)
+    for (int j = 0; j < GROUP * SUB; j++) {
+        vf b = bias && !scale && j < n_panels * SUB ? load_cols(bias, n_out, col0 + j * VLEN)
+                                                    : (vf){0};
         for (int m = 0; m < TILE_ROWS; m++)
-            acc[m][j] = (vf){0};
+            acc[m][j] = b;
+    }
     const int64_t row_bytes = PANEL * elem_bytes(dtype);
     for (int64_t k = 0; k < K; k++) {
         vf w[GROUP * SUB] = {0};   /* only the first n_panels * SUB are used */
@@ -143,10 +148,13 @@ static inline __attribute__((always_inline)) void tile(
     }
     for (int j = 0; j < n_panels * SUB; j++) {
         int64_t c = col0 + j * VLEN;
-        vf s = scale ? load_cols(scale, n_out, c) : (vf){0} + 1.0f;
-        vf b = bias ? load_cols(bias, n_out, c) : (vf){0};
+        if (scale) {
+            vf s = load_cols(scale, n_out, c), b = bias ? load_cols(bias, n_out, c) : (vf){0};
+            for (int m = 0; m < rows; m++)
+                acc[m][j] = acc[m][j] * s + b;
+        }
         for (int m = 0; m < rows; m++)
-            store_cols(y + m * n_out, n_out, c, acc[m][j] * s + b);
+            store_cols(y + m * n_out, n_out, c, acc[m][j]);
     }
 }
 
