@@ -5,16 +5,17 @@
  * once per step: the step is bound by memory, so the weight is packed once into
  * panels of 16 output columns, wp[panel][k][16] (contiguous), streamed from
  * memory once per call against register tiles of several rows of x (further
- * row tiles find the panels in L1/L2). Narrower weights read fewer bytes; they
- * are widened to fp32 in registers (bf16: a shift; int8: a convert, the column
- * scale applied once at the end). A software prefetch 4 KiB ahead keeps each
- * stream going while the FMAs run (the hardware prefetcher alone left
- * bandwidth unused).
+ * row tiles find the panels in L1/L2). Narrower weights read fewer bytes;
+ * they are widened to fp32 in registers (bf16: a shift; int8: a sign
+ * extension and a convert, the column scale applied once at the end). A
+ * software prefetch 4 KiB ahead keeps each stream going while the FMAs run
+ * (the hardware prefetcher alone left bandwidth unused).
  *
- * One portable source: GCC vector extensions on a 16-float panel row, which the
- * compiler maps to one zmm (AVX-512), two ymm (AVX2) or four q registers (NEON).
- * cpu_build.py compiles it once per ISA with -DNBP_ISA_<isa>; only the tile
- * sizes differ, chosen so accumulators + weights fit the register file.
+ * One portable source: GCC vector extensions at the register width; a 16-float
+ * panel row is one zmm (AVX-512), two ymm (AVX2) or four q registers (NEON).
+ * cpu_build.py compiles it once per ISA with -DNBP_ISA_<isa>; the tile sizes
+ * differ (accumulators + weights fit the register file), and the int8 widening
+ * uses the ISA's one-instruction sign extension where there is one.
  *
  * Threads: OpenMP over panel groups, in torch's libgomp (already loaded when
  * this library is opened), so torch.set_num_threads applies and no second
