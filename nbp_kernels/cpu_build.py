@@ -1,11 +1,22 @@
 """Compile-at-first-use for the C kernels in ``nbp_kernels/cpu/`` (CPU decode path).
 
-``load("packed_linear")`` compiles ``cpu/packed_linear.c`` with the system C
-compiler (``$CC``, default ``cc``; about a second) into ``$NBP_CACHE_DIR``
-(default ``~/.cache/nbp``), named by a hash of the source and flags and
-written atomically, and opens it with ctypes. The kernels use AVX-512F and
-OpenMP: the process's OpenMP runtime is torch's (libgomp.so.1 is loaded with
-torch), so ``torch.set_num_threads`` applies to them too. Nothing here is
+One portable C source per kernel (GCC vector extensions) is compiled once per
+instruction set: ``avx512`` (AVX-512 F/BW/DQ/VL + FMA), ``avx2`` (AVX2 + FMA)
+on x86-64, ``neon`` on AArch64. ``cpu_isa()`` picks the best one this CPU runs,
+or the one ``NBP_CPU_ISA=avx512|avx2|neon|off`` names, and says why.
+
+``load("packed_linear")`` compiles ``cpu/packed_linear.c`` for that ISA with
+the system C compiler (``$CC``, default ``cc``; about a second) into
+``$NBP_CACHE_DIR`` (default ``~/.cache/nbp``), named by a hash of the source,
+compiler and flags, and opens it with ctypes. A cached library is used only if
+its sidecar (``<lib>.sha256``: size and SHA-256, written after the library)
+matches it; otherwise it is rebuilt, so a truncated or half-copied file is
+never mapped (that killed the process with SIGBUS). Both files are written
+atomically with the modes the umask gives.
+
+The kernels use OpenMP: the process's OpenMP runtime is torch's (libgomp.so.1
+is loaded with torch), so ``torch.set_num_threads`` applies to them too;
+``configure_threads`` sets the count and the wait policy. Nothing here is
 needed for correctness: callers fall back to torch when ``load`` says why not.
 """
 from __future__ import annotations
@@ -17,55 +28,196 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["load"]
+__all__ = ["load", "cpu_isa", "ISAS", "supported_isas", "configure_threads"]
 
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
-LIBS = {"sample_cpu": ["-lmvec"]}   # glibc's vector math (expf on 16 lanes)
+# Per ISA: compiler flags, the /proc/cpuinfo flags it needs, and glibc's
+# vector expf (libmvec) for the sampler.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma"],
+    "neon": [],
+}
+CPU_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"),
+    "avx2": ("avx2", "fma"),
+    "neon": ("asimd",),
+}
+ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
+LIBS = {"sample_cpu": ["-lmvec", "-lm"]}
+ENV = "NBP_CPU_ISA"
+
+
+def _arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The ISAs this machine runs, best first (empty off Linux x86-64/AArch64)."""
+    if platform.system() != "Linux":
+        return ()
+    flags = _cpu_flags()
+    return tuple(i for i in ISAS.get(_arch(), ()) if all(f in flags for f in CPU_FLAGS[i]))
+
+
+def cpu_isa() -> tuple[str, str]:
+    """(isa, reason): the kernels' instruction set here, ``"off"`` if none.
+
+    ``NBP_CPU_ISA`` forces one (``avx512``, ``avx2``, ``neon`` or ``off``); a
+    forced ISA this CPU lacks gives ``"off"`` (running it would be SIGILL).
+    Raises ValueError for any other value of ``NBP_CPU_ISA``.
+    """
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced and forced not in ("off", *ISA_FLAGS):
+        raise ValueError(f"{ENV}: expected one of avx512, avx2, neon, off; got {forced!r}")
+    have = supported_isas()
+    if forced == "off":
+        return "off", f"{ENV}=off"
+    if forced:
+        if forced not in have:
+            return "off", f"{ENV}={forced}, but this CPU lacks it (it runs: {', '.join(have) or 'none'})"
+        return forced, f"{ENV}={forced} (this CPU runs: {', '.join(have)})"
+    if not have:
+        if platform.system() != "Linux" or _arch() not in ISAS:
+            return "off", f"needs Linux on x86-64 or AArch64, this is {platform.system()} on {_arch()}"
+        need = " or ".join("+".join(CPU_FLAGS[i]) for i in ISAS[_arch()])
+        return "off", f"this CPU lacks {need}"
+    return have[0], f"best this CPU runs (of {', '.join(have)}; {ENV} overrides)"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, mode from the umask."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _digest(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+
+
+def _verified(lib: Path) -> bool:
+    """Whether ``lib`` is whole: its sidecar holds its size and hash."""
+    try:
+        return lib.with_name(lib.name + ".sha256").read_text() == _digest(lib)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _compile(name: str, isa: str, cc: str) -> Path:
+    """Path of the shared library for ``cpu/<name>.c`` on ``isa``, compiled now unless cached."""
+    src = SOURCES / f"{name}.c"
+    cmd = [*FLAGS, *ISA_FLAGS[isa], f"-DNBP_ISA_{isa.upper()}=1"]
+    libs = LIBS.get(name, [])
+    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{name}-{isa}-{tag}.so"
+    if out.exists() and _verified(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-build-") as tmpdir:
+        tmp = Path(tmpdir) / out.name   # the linker gives it the umask's mode
+        try:
+            subprocess.run([cc, *cmd, str(src), "-o", str(tmp), *libs], check=True,
+                           capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"compiling {src.name} for {isa} with {cc} failed: "
+                               f"{e.stderr.strip()[-500:]}") from None
+        digest = _digest(tmp)
+        os.replace(tmp, out)   # atomic: a concurrent process sees no file or a whole one
+    _atomic_write(out.with_name(out.name + ".sha256"), digest.encode())   # after the library
+    return out
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("NBP_CACHE_DIR") or Path.home() / ".cache" / "nbp")
 
 
-def _compile(name: str, cc: str) -> Path:
-    """Path of the shared library for ``cpu/<name>.c``, compiled now unless cached."""
-    src = SOURCES / f"{name}.c"
-    libs = LIBS.get(name, [])
-    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS, *libs]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"{name}-{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *FLAGS, str(src), "-o", tmp, *libs], check=True,
-                       capture_output=True, text=True)
-        os.replace(tmp, out)   # atomic: a concurrent process sees no file or a whole one
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"compiling {src.name} with {cc} failed: {e.stderr.strip()[-500:]}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
 @functools.lru_cache(maxsize=None)
-def load(name: str) -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") or (None, why ``cpu/<name>.c`` cannot be used on this machine)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
+def _load(name: str, isa: str) -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None, f"no C compiler {cc!r} on PATH (set $CC)"
     try:
-        lib = ctypes.CDLL(str(_compile(name, cc)))
+        lib = ctypes.CDLL(str(_compile(name, isa, cc)))
     except (OSError, RuntimeError) as e:
         return None, str(e)
-    if not lib.nbp_cpu_supported():   # every cpu/*.c says whether this CPU can run it
-        return None, "this CPU lacks AVX-512F/FMA"
+    lib.nbp_cpu_isa.restype = ctypes.c_char_p
+    built = lib.nbp_cpu_isa().decode()
+    if built != isa:   # the source's ISA macros and these flags disagree: a bug, not a CPU limit
+        return None, f"{name} built for {isa!r} reports {built!r}"
     return lib, ""
+
+
+def load(name: str) -> tuple[ctypes.CDLL | None, str, str]:
+    """(library or None, isa, reason): ``cpu/<name>.c`` for ``cpu_isa()``.
+
+    reason says why the ISA was chosen, or why the library cannot be used.
+    """
+    isa, why = cpu_isa()
+    if isa == "off":
+        return None, isa, why
+    lib, err = _load(name, isa)
+    return lib, isa, (err if lib is None else why)
+
+
+def _spin_waits() -> bool:
+    """Whether OpenMP threads spin after a parallel region (libgomp's default), as the
+    environment says (libgomp read it when torch loaded it)."""
+    return (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+            and os.environ.get("GOMP_SPINCOUNT", "").strip() not in ("0",))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set the CPU threads (torch's and the kernels') for a busy or quiet machine.
+
+    OpenMP worker threads spin-wait after each parallel region (libgomp's
+    default), taking a shared core from the thread that still has work: on a
+    busy 2-core machine 2 threads were hundreds of times slower than 1, and
+    with ``OMP_WAIT_POLICY=PASSIVE`` (sleeping waits) 2 threads were as fast
+    as 1 or faster (benchmarks/ablations/cpu_threads_under_load.py). libgomp
+    reads the policy once, when torch loads it, so it is set here only if
+    torch is not imported yet; entry points set it before importing torch.
+    An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+
+    threads: a positive int, or None: torch's default count with sleeping
+    waits, and 1 thread when threads spin and the machine is busy (1-minute
+    load average at or above the cores). Returns the thread count set.
+    """
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    if threads is None:
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
+        threads = 1 if _spin_waits() and busy else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -1,19 +1,21 @@
-"""``packed_linear``: a linear layer for the few rows of a decode step (fp32, CPU).
+"""``packed_linear``: a linear layer for the few rows of a decode step (CPU).
 
-``packed_linear(x, packed, bias, out_features)`` equals
-``reference.linear(x, weight, bias)`` = ``x @ weight.T + bias`` with
-``packed = pack_weight(weight)``: the weight [N, K] rearranged once into
-panels of 16 output columns, float32 [ceil(N / 16), K, 16] (zero-padded).
-``cpu/packed_linear.c`` streams each weight panel from memory once per call
-(8-row register tiles; further rows find it in L2), so a 16-row NBP step pays
-about what a 1-row NTP step pays for the weights (MKL
-repacks the weight on every small-M call and runs such products at a third
-of the FMA peak; numbers in ``benchmarks/bench_packed_linear.py``).
+Activations are float32; the weight is stored as float32, bfloat16, or int8
+with one float32 scale per output channel (``reference.quantize_weight``).
+``packed_linear(x, packed, bias, out_features, scale)`` equals
+``reference.dequantized_linear(x, stored, scale, bias)`` (for float32,
+``reference.linear(x, weight, bias)``) with ``packed = pack_weight(stored)``:
+the weight [N, K] rearranged once into panels of 16 output columns,
+[ceil(N / 16), K, 16] of the same dtype (zero-padded). ``cpu/packed_linear.c``
+streams each weight panel from memory once per call, so a 16-row NBP step
+reads the weights about as often as a 1-row NTP step, and narrower weights
+read fewer bytes (measurements: ``benchmarks/bench_packed_linear.py``,
+``benchmarks/ablations/cpu_weight_dtype.py``).
 
-The C file is compiled at first use (``nbp_kernels.cpu_build``). It needs
-x86-64 with AVX-512F; ``is_available()`` says why not otherwise, and callers
-(``FastGenerator``) then use ``torch.nn.functional.linear``.
-Inference only: there is no backward.
+The C file is compiled at first use for the ISA ``cpu_build.cpu_isa()`` picks
+(AVX-512, AVX2 or NEON; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
+which, or why none; callers (``FastGenerator``) then use
+``torch.nn.functional.linear``. Inference only: there is no backward.
 """
 from __future__ import annotations
 
@@ -22,129 +24,165 @@ import functools
 
 import torch
 
+from . import reference
 from .cpu_build import load
 
-__all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "PANEL", "MAX_ROWS"]
+__all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "PANEL", "MAX_ROWS",
+           "WEIGHT_DTYPES"]
 
-PANEL = 16          # output columns per packed panel (one AVX-512 register)
+PANEL = 16          # output columns per packed panel
 MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS GEMM
-# ... and one-row products with fewer weights than this to MKL's GEMV, which
-# was measured faster there (benchmarks/bench_packed_linear.py): with one row
-# there is no weight reuse across rows for the panels to win.
+# ... and one-row float32 products with fewer weights than this to the BLAS
+# GEMV, which was faster there (benchmarks/bench_packed_linear.py).
 GEMV_MIN_WEIGHTS = 1 << 20
+WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}   # the C kernel's codes
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") or (None, why it cannot be used here)."""
-    lib, why = load("packed_linear")
-    if lib is not None:
-        lib.nbp_packed_linear.restype = None
-        lib.nbp_packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_int64]
-    return lib, why
+@functools.lru_cache(maxsize=None)
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.nbp_packed_linear.restype = ctypes.c_int
+    lib.nbp_packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str, str]:
+    """(library or None, isa, reason) for the ISA in force now."""
+    lib, isa, why = load("packed_linear")
+    return (None if lib is None else _bind(lib)), isa, why
 
 
 def is_available() -> tuple[bool, str]:
-    """(usable, reason): compiles the kernel on the first call."""
-    lib, why = _load()
-    return lib is not None, why
+    """(usable, reason naming the ISA): compiles the kernel on the first call."""
+    lib, isa, why = _load()
+    return lib is not None, (f"{isa}: {why}" if lib is not None else why)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight float32 [N, K] (CPU) -> panels float32 [ceil(N / 16), K, 16], zero-padded."""
+    """weight [N, K] (float32, bfloat16 or int8, CPU) -> panels [ceil(N / 16), K, 16], same
+    dtype, zero-padded. Store a float32 weight narrower with ``reference.quantize_weight``."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d tensor [out_features, in_features], got "
                          f"{getattr(weight, 'shape', type(weight))}")
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        raise ValueError(f"weight: expected float32 on the CPU, got {weight.dtype} on {weight.device}")
+    if weight.dtype not in WEIGHT_DTYPES or weight.device.type != "cpu":
+        raise ValueError(f"weight: expected float32, bfloat16 or int8 on the CPU, got "
+                         f"{weight.dtype} on {weight.device}")
     N, K = weight.shape
     padded = weight.new_zeros(-(-N // PANEL) * PANEL, K)
     padded[:N] = weight.detach()
     return padded.view(padded.shape[0] // PANEL, PANEL, K).transpose(1, 2).contiguous()
 
 
-def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
-    for name, t in (("x", x), ("packed", packed), ("bias", bias)):
+def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+           scale: torch.Tensor | None):
+    for name, t in (("x", x), ("bias", bias), ("scale", scale)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise ValueError(f"{name}: expected float32 on the CPU, got {t.dtype} on {t.device}")
-    if not isinstance(out_features, int) or out_features < 1:
+    if packed.dtype not in WEIGHT_DTYPES or packed.device.type != "cpu":
+        raise ValueError(f"packed: expected float32, bfloat16 or int8 on the CPU, got "
+                         f"{packed.dtype} on {packed.device}")
+    if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
     if packed.dim() != 3 or packed.shape[2] != PANEL or packed.shape[0] != -(-out_features // PANEL):
         raise ValueError(f"packed: expected pack_weight's layout [{-(-out_features // PANEL)}, K, "
                          f"{PANEL}] for {out_features} outputs, got {tuple(packed.shape)}")
     if x.dim() < 1 or x.shape[-1] != packed.shape[1]:
         raise ValueError(f"x: expected [..., {packed.shape[1]}] (in_features), got {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias: expected shape ({out_features},), got {tuple(bias.shape)}")
-    if packed.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad):
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None and tuple(t.shape) != (out_features,):
+            raise ValueError(f"{name}: expected shape ({out_features},), got {tuple(t.shape)}")
+    if (scale is None) != (packed.dtype != torch.int8):
+        raise ValueError(f"scale: expected float32 [{out_features}] with int8 weights and None "
+                         f"otherwise, got {'None' if scale is None else 'a tensor'} with "
+                         f"{packed.dtype} weights")
+    if any(t is not None and t.requires_grad for t in (x, packed, bias, scale)):
         raise ValueError("packed_linear: inference only; pass tensors that do not require grad")
 
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-            out_features: int) -> torch.Tensor:
-    """The kernel call on checked arguments (packed and bias contiguous)."""
-    lib, why = _load()
+            out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel call on checked arguments (packed, bias and scale contiguous)."""
+    lib, isa, why = _load()
     if lib is None:
         raise RuntimeError(f"packed_linear is not usable here: {why}")
     M, K = x.shape[:-1].numel(), x.shape[-1]
     x2 = x.reshape(M, K).contiguous()
     y = torch.empty(M, out_features, dtype=torch.float32)
     if M and K:
-        lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(),
+        lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(), WEIGHT_DTYPES[packed.dtype],
+                              None if scale is None else scale.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), out_features)
     elif M:
         y.copy_(bias.expand(M, -1) if bias is not None else torch.zeros_like(y))
     return y.view(*x.shape[:-1], out_features)
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("nbp::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                      out_features: int) -> torch.Tensor:
-    return _launch(x, packed.contiguous(), None if bias is None else bias.contiguous(),
-                   out_features)
+                      out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(x, packed.contiguous(), _contiguous(bias), out_features, _contiguous(scale))
 
 
 @_packed_linear_op.register_fake
-def _(x, packed, bias, out_features):
+def _(x, packed, bias, out_features, scale=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                  out_features: int) -> torch.Tensor:
+                  out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., K] -> float32 [..., out_features] (= x @ W.T + bias).
 
-    packed: ``pack_weight(W)`` [ceil(out_features / 16), K, 16]; bias: [out_features] or None.
+    packed: ``pack_weight(stored)`` [ceil(out_features / 16), K, 16] (float32,
+    bfloat16 or int8); scale: float32 [out_features] for int8 weights (W = stored
+    * scale[:, None]), else None; bias: float32 [out_features] or None.
     """
-    _check(x, packed, bias, out_features)
-    return _packed_linear_op(x, packed, bias, out_features)
+    _check(x, packed, bias, out_features, scale)
+    return _packed_linear_op(x, packed, bias, out_features, scale)
 
 
 class PackedLinear:
     """An ``nn.Linear``'s weights packed once for ``packed_linear`` (a frozen copy).
 
-    ``__call__(x)``: x float32 [..., in_features] -> [..., out_features]; more
-    than ``MAX_ROWS`` rows, or one row against fewer than ``GEMV_MIN_WEIGHTS``
-    weights, go through the module's own (BLAS) forward, which is faster there.
+    weight_dtype: None or torch.float32 (the module's float32 weight as is),
+    torch.bfloat16 or torch.int8 (stored as ``reference.quantize_weight`` says).
+    ``__call__(x)``: x float32 [..., in_features] -> [..., out_features]. With
+    float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through the
+    module's BLAS GEMM, and so does one row against fewer than
+    ``GEMV_MIN_WEIGHTS`` weights (faster there). Narrower weights go through
+    the kernel at every row count: no float32 copy is kept.
     """
 
-    def __init__(self, module: torch.nn.Linear):
-        self.module = module
-        self.packed = pack_weight(module.weight.detach())
+    def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None):
+        dtype = torch.float32 if weight_dtype is None else weight_dtype
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype: expected None, torch.float32, torch.bfloat16 or "
+                             f"torch.int8, got {weight_dtype!r}")
+        weight = module.weight.detach()
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"module: expected a float32 CPU weight, got {weight.dtype} on "
+                             f"{weight.device}")
+        self.module, self.weight_dtype = module, dtype
+        stored, self.scale = reference.quantize_weight(weight, dtype)
+        self.packed = pack_weight(stored)
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
         self.out_features = module.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS):
+        if self.weight_dtype == torch.float32 and (
+                rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS)):
             return self.module(x)
         if torch.compiler.is_compiling():
-            return packed_linear(x, self.packed, self.bias, self.out_features)
+            return packed_linear(x, self.packed, self.bias, self.out_features, self.scale)
         # Eager decode steps call this ~40 times each: the weights were checked
         # when packed, so only x is, and the kernel is called without the
         # custom-op dispatch (tens of microseconds per call on a 2-core CPU).
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.packed.shape[1] \
                 or x.requires_grad:
-            _check(x, self.packed, self.bias, self.out_features)
-        return _launch(x, self.packed, self.bias, self.out_features)
+            _check(x, self.packed, self.bias, self.out_features, self.scale)
+        return _launch(x, self.packed, self.bias, self.out_features, self.scale)

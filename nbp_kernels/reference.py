@@ -33,6 +33,8 @@ __all__ = [
     "block_decode_attention",
     "kv_append_",
     "linear",
+    "quantize_weight",
+    "dequantized_linear",
     "keep_threshold",
     "draw_kept",
 ]
@@ -142,6 +144,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N]: what ``packed_linear`` computes."""
     y = torch.matmul(x, weight.t())
     return y if bias is None else y + bias
+
+
+def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float32 weight [N, K] stored at ``dtype``: (stored [N, K], scale float32 [N] or None).
+
+    float32: unchanged; bfloat16: rounded to nearest even; int8: symmetric per
+    output channel, scale = max |weight[n]| / 127 (1 for an all-zero row) and
+    stored = round(weight / scale) in [-127, 127].
+    """
+    if dtype in (torch.float32, torch.bfloat16):
+        return weight.to(dtype), None
+    if dtype != torch.int8:
+        raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.int8, got {dtype}")
+    absmax = weight.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)).float()
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantized_linear(x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, W, bias)`` with W = stored * scale[:, None] in float32 (``quantize_weight``'s
+    output): what ``packed_linear`` computes for bfloat16 and int8 weights. x float32 [..., K]
+    (float64 computes the exact value in float64)."""
+    w = stored.to(x.dtype)
+    return linear(x, w if scale is None else w * scale.to(x.dtype)[:, None], bias)
 
 
 def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,18 +2,18 @@
 
 ``nbp.sampler`` needs, per row of a decode step, the threshold that top-k then
 top-p leave (``keep_threshold``) and one inverse-CDF draw over the kept tokens
-(``draw_kept``). Where numpy's partition and sort plus several torch
-elementwise passes each sweep the row, ``cpu/sample_cpu.c`` selects
-without sorting (sampled two-pivot selection, by rank and then by softmax
-mass), sums in float64, and shares rows over torch's OpenMP threads (numbers
-in ``benchmarks/bench_sampler.py``). Semantics: ``reference.keep_threshold``
+(``draw_kept``). ``cpu/sample_cpu.c`` selects without sorting (sampled
+two-pivot selection, by rank and then by softmax mass), sums in float64, and
+shares rows over torch's OpenMP threads (measurements against the numpy/torch
+path: ``benchmarks/bench_sampler.py``). Semantics: ``reference.keep_threshold``
 and ``reference.draw_kept``, equal up to the rounding of the float64 sums (a
 row whose top-p mass lands within ~1e-12 of a token boundary, or whose u lands
 within ~1e-7 of a token's CDF edge, may differ by that token).
 
-Compiled at first use (``nbp_kernels.cpu_build``); needs x86-64 Linux with
-AVX-512F and glibc's libmvec. ``is_available()`` says why not otherwise, and
-``nbp.sampler`` then uses its numpy/torch path.
+Compiled at first use (``nbp_kernels.cpu_build``) for the ISA
+``cpu_build.cpu_isa()`` picks (AVX-512 or AVX2 with glibc's libmvec on x86-64
+Linux, NEON on AArch64; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
+which, or why none, and ``nbp.sampler`` then uses its numpy/torch path.
 """
 from __future__ import annotations
 
@@ -29,21 +29,24 @@ __all__ = ["keep_threshold", "draw_kept", "work_shape", "is_available"]
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") or (None, why it cannot be used here)."""
-    lib, why = load("sample_cpu")
-    if lib is not None:
-        lib.nbp_keep_threshold.restype = lib.nbp_draw_kept.restype = None
-        lib.nbp_keep_threshold.argtypes = [_P, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _P, _P]
-        lib.nbp_draw_kept.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
-    return lib, why
+@functools.lru_cache(maxsize=None)
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.nbp_keep_threshold.restype = lib.nbp_draw_kept.restype = None
+    lib.nbp_keep_threshold.argtypes = [_P, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _P, _P]
+    lib.nbp_draw_kept.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str, str]:
+    """(library or None, isa, reason) for the ISA in force now."""
+    lib, isa, why = load("sample_cpu")
+    return (None if lib is None else _bind(lib)), isa, why
 
 
 def is_available() -> tuple[bool, str]:
-    """(usable, reason): compiles the kernels on the first call."""
-    lib, why = _load()
-    return lib is not None, why
+    """(usable, reason naming the ISA): compiles the kernels on the first call."""
+    lib, isa, why = _load()
+    return lib is not None, (f"{isa}: {why}" if lib is not None else why)
 
 
 def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple[int, ...]):
@@ -55,7 +58,7 @@ def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple[int, ...]):
 
 
 def _library() -> ctypes.CDLL:
-    lib, why = _load()
+    lib, isa, why = _load()
     if lib is None:
         raise RuntimeError(f"sample_cpu is not usable here: {why}")
     return lib

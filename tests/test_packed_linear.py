@@ -3,11 +3,26 @@ import pytest
 import torch
 
 from nbp_kernels import reference
+from nbp_kernels.cpu_build import cpu_isa, supported_isas
 from nbp_kernels.packed_linear import (MAX_ROWS, PANEL, PackedLinear, is_available, pack_weight,
                                        packed_linear)
 
-_OK, _WHY = is_available()
-needs_kernel = pytest.mark.skipif(not _OK, reason=f"packed_linear unusable here: {_WHY}")
+# Every ISA path this machine runs (NBP_CPU_ISA forces each), so an AVX-512
+# machine tests the AVX2 path too.
+_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
+DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+@pytest.fixture(params=_ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("NBP_CPU_ISA", request.param)
+    ok, why = is_available()
+    assert ok, why   # a supported ISA whose kernel does not build is a failure, not a skip
+    assert why.startswith(f"{request.param}:")
+    return request.param
+
+
+needs_kernel = pytest.mark.usefixtures("isa")
 
 
 def _rand(*shape, seed=0):
@@ -30,23 +45,56 @@ def test_pack_layout():
     (1, 96, 17),             # a partial panel and a partial group of panels
     (2, 7, 1),
     (5, 96, 33),
-    (16, 384, 1152),         # one full register block: an NBP step of L = 16
-    (17, 80, 48),            # a full block plus one row
+    (7, 64, 72),             # AVX2/NEON row tiles of 6 plus one
+    (16, 384, 1152),         # full register tiles: an NBP step of L = 16
+    (17, 80, 47),            # a full tile plus one row; a partial panel
     (33, 128, 100),          # above MAX_ROWS: the kernel itself still handles it
 ])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_reference(M, K, N, bias, threads):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(M, K, N, bias, threads, dtype):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, w = _rand(M, K, seed=1), _rand(N, K, seed=2)
         b = _rand(N, seed=3) if bias else None
-        got = packed_linear(x, pack_weight(w), b, N)
+        stored, scale = reference.quantize_weight(w, dtype)
+        got = packed_linear(x, pack_weight(stored), b, N, scale)
     finally:
         torch.set_num_threads(before)
-    want = reference.linear(x.double(), w.double(), None if b is None else b.double())
+    want = reference.dequantized_linear(x.double(), stored, scale,
+                                        None if b is None else b.double())
     # fp32 dot products of length K: rounding grows like sqrt(K) * eps * |x||w|
+    # (|w| <= 1.0x the fp32 weight's for bf16, 1 + 1/254 of it for int8)
     torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5 * 4, rtol=1e-5)
+
+
+def test_quantize_weight_reference():
+    """bf16 rounds to nearest; int8 per output channel within half a step of the weight."""
+    w = _rand(37, 50, seed=11)
+    w[3] = 0.0
+    b16, none = reference.quantize_weight(w, torch.bfloat16)
+    assert none is None and torch.equal(b16, w.bfloat16())
+    q, scale = reference.quantize_weight(w, torch.int8)
+    assert q.dtype == torch.int8 and scale.shape == (37,) and scale.dtype == torch.float32
+    assert int(q.abs().max()) == 127 and not q[3].any() and scale[3] == 1.0
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 * (1 + 1e-6)).all())
+    with pytest.raises(ValueError, match="dtype: expected torch.float32, torch.bfloat16 or torch.int8"):
+        reference.quantize_weight(w, torch.float16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantized_error_against_the_float32_weight(dtype):
+    """What a narrower weight costs, against the float32 product: bounded by its rounding."""
+    x, w = _rand(16, 384, seed=12), _rand(1000, 384, seed=13) * 0.05
+    stored, scale = reference.quantize_weight(w, dtype)
+    got = packed_linear(x, pack_weight(stored), None, 1000, scale)
+    exact = reference.linear(x.double(), w.double())
+    rel = float((got.double() - exact).norm() / exact.norm())
+    bound = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.int8: 1.5e-2}[dtype]
+    assert rel < bound, rel
 
 
 @needs_kernel
@@ -61,14 +109,25 @@ def test_leading_dims_strides_and_empty():
 
 
 @needs_kernel
-def test_packed_module_routes_by_rows():
-    """Few rows use the kernel; a prefill-sized input uses the module (BLAS)."""
+@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
+def test_packed_module_routes_by_rows(dtype):
+    """Few rows use the kernel; a float32 prefill-sized input uses the module (BLAS); every
+    row count computes the same function of the stored weight."""
     lin = torch.nn.Linear(64, 50)
-    pl = PackedLinear(lin)
+    pl = PackedLinear(lin, weight_dtype=dtype)
+    stored, scale = reference.quantize_weight(lin.weight.detach(), dtype or torch.float32)
     with torch.no_grad():
         for rows in (1, 2, 16, MAX_ROWS, MAX_ROWS + 1, 300):
             x = _rand(1, rows, 64, seed=rows)
-            torch.testing.assert_close(pl(x), lin(x), atol=1e-5, rtol=1e-5)
+            want = reference.dequantized_linear(x, stored, scale, lin.bias)
+            torch.testing.assert_close(pl(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_module_errors():
+    with pytest.raises(ValueError, match="weight_dtype: expected None, torch.float32"):
+        PackedLinear(torch.nn.Linear(4, 4), weight_dtype=torch.float16)
+    with pytest.raises(ValueError, match="module: expected a float32 CPU weight"):
+        PackedLinear(torch.nn.Linear(4, 4).bfloat16())
 
 
 @needs_kernel
@@ -76,6 +135,8 @@ def test_custom_op_and_compile():
     w, b = _rand(50, 32, seed=7), _rand(50, seed=8)
     p, x = pack_weight(w), _rand(4, 32, seed=9)
     torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, p, b, 50))
+    q, scale = reference.quantize_weight(w, torch.int8)
+    torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, pack_weight(q), b, 50, scale))
     f = torch.compile(lambda x: packed_linear(x, p, b, 50) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(x), reference.linear(x, w, b) * 2)
 
@@ -85,9 +146,15 @@ def test_custom_op_and_compile():
     (lambda x, p, b: (x[:, :20], p, b, 40), r"x: expected \[..., 24\]"),
     (lambda x, p, b: (x, p[:2], b, 40), "packed: expected pack_weight's layout"),
     (lambda x, p, b: (x, p, b, 60), "packed: expected pack_weight's layout"),
+    (lambda x, p, b: (x, p.half(), b, 40), "packed: expected float32, bfloat16 or int8"),
     (lambda x, p, b: (x, p, b[:39], 40), r"bias: expected shape \(40,\)"),
     (lambda x, p, b: (x, p, b, 0), "out_features: expected a positive int"),
+    (lambda x, p, b: (x, p, b, True), "out_features: expected a positive int"),
     (lambda x, p, b: (x.requires_grad_(), p, b, 40), "inference only"),
+    (lambda x, p, b: (x, p, b, 40, torch.ones(40)), "scale: expected float32 \\[40\\] with int8"),
+    (lambda x, p, b: (x, p.to(torch.int8), b, 40), "scale: expected float32 \\[40\\] with int8"),
+    (lambda x, p, b: (x, p.to(torch.int8), b, 40, torch.ones(39)), r"scale: expected shape \(40,\)"),
+    (lambda x, p, b: (x, p.to(torch.int8), b, 40, torch.ones(40).double()), "scale: expected float32"),
 ])
 def test_errors(args, match):
     x, p, b = _rand(3, 24), pack_weight(_rand(40, 24)), _rand(40)
@@ -96,7 +163,7 @@ def test_errors(args, match):
 
 
 def test_pack_errors():
-    with pytest.raises(ValueError, match="weight: expected float32 on the CPU"):
-        pack_weight(torch.zeros(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="weight: expected float32, bfloat16 or int8 on the CPU"):
+        pack_weight(torch.zeros(4, 4, dtype=torch.float16))
     with pytest.raises(ValueError, match="weight: expected a 2-d tensor"):
         pack_weight(torch.zeros(4))

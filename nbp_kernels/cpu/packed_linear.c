@@ -1,108 +1,231 @@
-/* packed_linear: y = x @ W^T for few rows of x (fp32, CPU, AVX-512), W pre-packed.
+/* packed_linear: y = x @ W^T for few rows of x (fp32 activations, CPU), W pre-packed
+ * and stored as fp32, bf16, or int8 with one fp32 scale per output column.
  *
- * Decode steps feed 1..~32 rows through every linear. MKL treats such a product
- * as a general GEMM and repacks the weight on every call, so a 16-row product
- * streams the weight about twice and runs at a third of the core's FMA peak.
- * Here the weight is packed once into panels of 16 output columns,
- * wp[panel][k][16] (contiguous). Three panels at a time are streamed from
- * memory once, against tiles of 8 rows of x: each k loads 3 weight vectors and
- * broadcasts 8 x values, 24 FMAs, so loads do not bound the FMA rate; a second
- * row tile (rows 9..16) finds the panels in L2. A software prefetch 4 KiB ahead
- * keeps the stream going while the FMAs run (the hardware prefetcher alone
- * left half the bandwidth unused). One row (NTP) is the same tile with one row:
- * three weight streams at a time.
+ * Decode steps feed 1..~32 rows through every linear, and read every weight
+ * once per step: the step is bound by memory, so the weight is packed once into
+ * panels of 16 output columns, wp[panel][k][16] (contiguous), streamed from
+ * memory once per call against register tiles of several rows of x (further
+ * row tiles find the panels in L1/L2). Narrower weights read fewer bytes;
+ * they are widened to fp32 in registers (bf16: a shift; int8: a sign
+ * extension and a convert, the column scale applied once at the end). A
+ * software prefetch 4 KiB ahead keeps each stream going while the FMAs run
+ * (the hardware prefetcher alone left bandwidth unused).
  *
- * Threads: OpenMP over panel groups. The process's OpenMP runtime is torch's
- * (libgomp.so.1 is already loaded when this library is opened), so
- * torch.set_num_threads applies and no second thread pool competes for cores.
+ * One portable source: GCC vector extensions at the register width; a 16-float
+ * panel row is one zmm (AVX-512), two ymm (AVX2) or four q registers (NEON).
+ * cpu_build.py compiles it once per ISA with -DNBP_ISA_<isa>; the tile sizes
+ * differ (accumulators + weights fit the register file), and the int8 widening
+ * uses the ISA's one-instruction sign extension where there is one.
  *
- * Compiled at first use by nbp_kernels/cpu_build.py; nbp_kernels/packed_linear.py
- * has the Python contract, nbp_kernels/reference.py the semantics.
+ * Threads: OpenMP over panel groups, in torch's libgomp (already loaded when
+ * this library is opened), so torch.set_num_threads applies and no second
+ * thread pool competes for cores.
+ *
+ * nbp_kernels/packed_linear.py has the Python contract, nbp_kernels/reference.py
+ * the semantics.
  */
 #include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__)
+#  include <immintrin.h>
+#endif
 
-#define PANEL 16          /* output columns per panel: one zmm register */
-#define TILE_ROWS 8       /* rows of x per register tile */
-#define TILE_PANELS 3     /* panels per register tile: 8 x 3 accumulators */
-#define PREFETCH 1024     /* floats ahead in the weight stream (4 KiB) */
+#if defined(NBP_ISA_AVX512)
+#  if !defined(__AVX512F__) || !defined(__FMA__)
+#    error "NBP_ISA_AVX512 needs -mavx512f -mfma"
+#  endif
+#  define ISA_NAME "avx512"
+#  define VLEN 16         /* floats per vector register */
+#  define TILE_ROWS 8     /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
+#  define TILE_PANELS 3
+#  define GROUP 3         /* panels per thread work item; one row streams all of them */
+#elif defined(NBP_ISA_AVX2)
+#  if !defined(__AVX2__) || !defined(__FMA__)
+#    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
+#  endif
+#  define ISA_NAME "avx2"
+#  define VLEN 8
+#  define TILE_ROWS 6     /* 6 rows x 1 panel = 12 of the 16 ymm as accumulators */
+#  define TILE_PANELS 1
+#  define GROUP 2
+#elif defined(NBP_ISA_NEON)
+#  if !defined(__aarch64__)
+#    error "NBP_ISA_NEON needs AArch64"
+#  endif
+#  define ISA_NAME "neon"
+#  define VLEN 4
+#  define TILE_ROWS 6     /* 6 rows x 1 panel = 24 of the 32 q registers as accumulators */
+#  define TILE_PANELS 1
+#  define GROUP 2
+#else
+#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
+#endif
 
-int nbp_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+#define PANEL 16            /* output columns per panel */
+#define PREFETCH 4096       /* bytes ahead in each weight stream */
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };   /* packed_linear.py's _DTYPES codes */
+
+#define SUB (PANEL / VLEN)  /* vector registers per panel row */
+
+/* Native-width vectors: wider generic vectors were split through the stack. */
+typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef uint16_t vbf __attribute__((vector_size(VLEN * 2), aligned(2)));
+typedef int8_t vq __attribute__((vector_size(VLEN), aligned(1)));
+typedef int16_t vh __attribute__((vector_size(VLEN * 2)));
+typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
+typedef uint32_t vu __attribute__((vector_size(VLEN * 4)));
+
+const char *nbp_cpu_isa(void) { return ISA_NAME; }
+
+static inline int64_t elem_bytes(const int dtype) {
+    return dtype == W_F32 ? 4 : dtype == W_BF16 ? 2 : 1;
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,fma")
-#include <immintrin.h>
-
-static inline __mmask16 column_mask(int64_t n_out, int64_t col0) {
-    int64_t cols = n_out - col0 < PANEL ? n_out - col0 : PANEL;
-    return (__mmask16)((1u << cols) - 1u);
+/* VLEN int8 at p sign-extended to int32: one instruction where the ISA has it
+ * (GCC's generic int8 -> int32 conversion took several, or went lane by lane) */
+static inline __attribute__((always_inline)) vi widen_i8(const char *p) {
+#if defined(NBP_ISA_AVX512)
+    return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(NBP_ISA_AVX2)
+    return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    return __builtin_convertvector(__builtin_convertvector(*(const vq *)p, vh), vi);
+#endif
 }
 
-static inline __m512 bias_or_zero(const float *bias, int64_t n_out, int64_t col0) {
-    return bias ? _mm512_maskz_loadu_ps(column_mask(n_out, col0), bias + col0) : _mm512_setzero_ps();
+/* VLEN weights at p, widened to fp32 (bf16 is the top half of an fp32) */
+static inline __attribute__((always_inline)) vf load_w(const char *p, const int dtype) {
+    if (dtype == W_F32)
+        return *(const vf *)p;
+    if (dtype == W_BF16)
+        return (vf)(__builtin_convertvector(*(const vbf *)p, vu) << 16);
+    return __builtin_convertvector(widen_i8(p), vf);
 }
 
-/* rows (<= TILE_ROWS) rows of x [rows][K] times n_panels (<= TILE_PANELS)
- * consecutive panels [K][16] (+ bias) -> y[rows][col0 : col0 + 16 n_panels].
- * Each broadcast x value feeds TILE_PANELS FMAs, so loads do not bound the
- * FMA rate (8 x 3 accumulators: 24 of the 32 vector registers). Inlined so the
- * common tiles (8 rows, and the single row of an NTP step) compile without guards. */
+/* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
+static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
+    if (n_out - c >= VLEN)
+        return *(const vf *)(src + c);
+    float buf[VLEN] = {0};
+    if (n_out > c)
+        memcpy(buf, src + c, (size_t)(n_out - c) * sizeof(float));
+    return *(const vf *)buf;
+}
+
+static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
+    if (n_out - c >= VLEN) {
+        *(vf *)(dst + c) = v;
+    } else if (n_out > c) {
+        float buf[VLEN];
+        *(vf *)buf = v;
+        memcpy(dst + c, buf, (size_t)(n_out - c) * sizeof(float));
+    }
+}
+
+/* rows (<= TILE_ROWS) rows of x [rows][K] times n_panels (<= GROUP) consecutive
+ * panels [K][16] -> y[rows][col0 : col0 + 16 n_panels] = acc * scale + bias.
+ * Inlined so the common tiles compile with constant trip counts (no guards). */
 static inline __attribute__((always_inline)) void tile(
-        const float *x, int64_t K, const float *panels, const float *bias, float *y,
-        int64_t n_out, int64_t col0, const int rows, const int n_panels) {
-    __m512 acc[TILE_ROWS][TILE_PANELS];
-    for (int j = 0; j < TILE_PANELS; j++) {
-        __m512 b = j < n_panels ? bias_or_zero(bias, n_out, col0 + j * PANEL) : _mm512_setzero_ps();
+        const float *x, int64_t K, const char *panels, const int dtype, const float *scale,
+        const float *bias, float *y, int64_t n_out, int64_t col0, const int rows,
+        const int n_panels) {
+    /* Unscaled weights start from the bias (the float32 results of the earlier
+     * AVX-512-only kernel, bit for bit); int8 sums are scaled before the bias. */
+    vf acc[TILE_ROWS][GROUP * SUB];
+    for (int j = 0; j < GROUP * SUB; j++) {
+        vf b = bias && !scale && j < n_panels * SUB ? load_cols(bias, n_out, col0 + j * VLEN)
+                                                    : (vf){0};
         for (int m = 0; m < TILE_ROWS; m++)
             acc[m][j] = b;
     }
+    const int64_t row_bytes = PANEL * elem_bytes(dtype);
     for (int64_t k = 0; k < K; k++) {
-        __m512 w[TILE_PANELS];
-        for (int j = 0; j < TILE_PANELS; j++) {
+        vf w[GROUP * SUB] = {0};   /* only the first n_panels * SUB are used */
+        for (int j = 0; j < GROUP; j++) {
             if (j < n_panels) {
-                const float *p = panels + (j * K + k) * PANEL;
-                _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
-                w[j] = _mm512_loadu_ps(p);
+                const char *p = panels + (j * K + k) * row_bytes;
+                __builtin_prefetch(p + PREFETCH);
+                for (int v = 0; v < SUB; v++)
+                    w[j * SUB + v] = load_w(p + v * VLEN * elem_bytes(dtype), dtype);
             }
         }
         for (int m = 0; m < TILE_ROWS; m++) {
             if (m < rows) {
-                __m512 xv = _mm512_set1_ps(x[m * K + k]);
-                for (int j = 0; j < TILE_PANELS; j++)
-                    if (j < n_panels)
-                        acc[m][j] = _mm512_fmadd_ps(xv, w[j], acc[m][j]);
+                vf xv = (vf){0} + x[m * K + k];
+                for (int j = 0; j < GROUP * SUB; j++)
+                    if (j < n_panels * SUB)
+                        acc[m][j] += xv * w[j];
             }
         }
     }
-    for (int j = 0; j < n_panels; j++) {
-        __mmask16 mask = column_mask(n_out, col0 + j * PANEL);
+    for (int j = 0; j < n_panels * SUB; j++) {
+        int64_t c = col0 + j * VLEN;
+        if (scale) {
+            vf s = load_cols(scale, n_out, c), b = bias ? load_cols(bias, n_out, c) : (vf){0};
+            for (int m = 0; m < rows; m++)
+                acc[m][j] = acc[m][j] * s + b;
+        }
         for (int m = 0; m < rows; m++)
-            _mm512_mask_storeu_ps(y + m * n_out + col0 + j * PANEL, mask, acc[m][j]);
+            store_cols(y + m * n_out, n_out, c, acc[m][j]);
     }
 }
 
-/* x: [M][K] row-major; wp: [ceil(n_out / 16)][K][16]; bias: [n_out] or NULL;
- * y: [M][n_out] row-major. */
-void nbp_packed_linear(const float *x, int64_t M, int64_t K, const float *wp, const float *bias,
-                       float *y, int64_t n_out) {
-    int64_t n_panels = (n_out + PANEL - 1) / PANEL;
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < n_panels; p += TILE_PANELS) {
-        int n = n_panels - p < TILE_PANELS ? (int)(n_panels - p) : TILE_PANELS;
-        const float *panels = wp + p * K * PANEL;
+/* One group of n (<= GROUP) panels against every row of x. */
+static inline __attribute__((always_inline)) void group(
+        const float *x, int64_t M, int64_t K, const char *panels, const int dtype,
+        const float *scale, const float *bias, float *y, int64_t n_out, int64_t col0, int n) {
+    if (M == 1) {   /* one row (an NTP step): all the group's panels stream at once */
+        if (n == GROUP)
+            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, GROUP);
+        else
+            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, n);
+        return;
+    }
+    const int64_t panel_bytes = K * PANEL * elem_bytes(dtype);
+    for (int j0 = 0; j0 < n; j0 += TILE_PANELS) {
+        int np = n - j0 < TILE_PANELS ? n - j0 : TILE_PANELS;
+        const char *p = panels + j0 * panel_bytes;
+        int64_t c = col0 + j0 * PANEL;
         for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
             int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-            if (rows == TILE_ROWS && n == TILE_PANELS)
-                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, TILE_ROWS,
-                     TILE_PANELS);
-            else if (rows == 1 && n == TILE_PANELS)
-                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, 1, TILE_PANELS);
+            if (rows == TILE_ROWS && np == TILE_PANELS)
+                tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c,
+                     TILE_ROWS, TILE_PANELS);
             else
-                tile(x + m0 * K, K, panels, bias, y + m0 * n_out, n_out, p * PANEL, rows, n);
+                tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c, rows, np);
         }
     }
 }
 
-#pragma GCC pop_options
+/* One function per dtype, each with its own parallel loop: OpenMP outlines the
+ * loop body before inlining, so only a literal dtype there removes the dtype
+ * branches from the inner loop. */
+#define DEFINE_LINEAR(NAME, DTYPE)                                                           \
+    static void NAME(const float *x, int64_t M, int64_t K, const char *wp, const float *scale, \
+                     const float *bias, float *y, int64_t n_out) {                            \
+        const int64_t n_panels = (n_out + PANEL - 1) / PANEL;                                 \
+        const int64_t panel_bytes = K * PANEL * elem_bytes(DTYPE);                            \
+        _Pragma("omp parallel for schedule(static)")                                          \
+        for (int64_t p = 0; p < n_panels; p += GROUP) {                                       \
+            int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;                       \
+            group(x, M, K, wp + p * panel_bytes, DTYPE, scale, bias, y, n_out, p * PANEL, n); \
+        }                                                                                     \
+    }
+DEFINE_LINEAR(linear_f32, W_F32)
+DEFINE_LINEAR(linear_bf16, W_BF16)
+DEFINE_LINEAR(linear_i8, W_I8)
+
+/* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][K][16] of the weight dtype
+ * (0 fp32, 1 bf16, 2 int8); scale: [n_out] fp32 for int8, else ignored;
+ * bias: [n_out] or NULL; y: [M][n_out] row-major fp32. Returns 0, or -1 for an
+ * unknown dtype (nothing written). */
+int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int dtype,
+                      const float *scale, const float *bias, float *y, int64_t n_out) {
+    switch (dtype) {
+    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out); return 0;
+    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out); return 0;
+    case W_I8: linear_i8(x, M, K, wp, scale, bias, y, n_out); return 0;
+    default: return -1;
+    }
+}

@@ -15,9 +15,12 @@
  *   by inverse CDF in vocabulary order with one uniform u in [0, 1) per row:
  *   float64 sums of 256-token chunks, then a float64 scan inside the chosen chunk.
  *
- * numpy's partition + sort + torch's elementwise passes took ~0.35 ms per row
- * of a 64000-token vocabulary; this is about a tenth (benchmarks/bench_sample_cpu.py).
- * exp is glibc's 16-lane vector expf (libmvec). Threads: OpenMP over rows, in
+ * Measurements against numpy's partition + sort: benchmarks/bench_sample_cpu.py.
+ * One portable source (GCC vector extensions at the register width), compiled
+ * per ISA by cpu_build.py with -DNBP_ISA_<isa>: exp is glibc's vector expf
+ * (libmvec: 16 lanes on AVX-512, 8 on AVX2; lane by lane on NEON), and the
+ * keep-between copy uses the ISA's compress (AVX-512: an instruction; AVX2: a
+ * permute from a table; NEON: branch-free scalar stores). Threads: OpenMP over rows, in
  * torch's libgomp (see packed_linear.c), so the decode step's threads, still
  * spinning after the vocabulary head, pick the rows up.
  * Compiled at first use by nbp_kernels/cpu_build.py (linked with -lmvec);
@@ -26,38 +29,127 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-#define LANES 16
+#if defined(NBP_ISA_AVX512)
+#  if !defined(__AVX512F__) || !defined(__AVX512DQ__)
+#    error "NBP_ISA_AVX512 needs -mavx512f -mavx512dq"
+#  endif
+#  include <immintrin.h>
+#  define ISA_NAME "avx512"
+#  define LANES 16
+#  define HALF_LO 0, 1, 2, 3, 4, 5, 6, 7
+#  define HALF_HI 8, 9, 10, 11, 12, 13, 14, 15
+#elif defined(NBP_ISA_AVX2)
+#  if !defined(__AVX2__) || !defined(__FMA__)
+#    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
+#  endif
+#  include <immintrin.h>
+#  define ISA_NAME "avx2"
+#  define LANES 8
+#  define HALF_LO 0, 1, 2, 3
+#  define HALF_HI 4, 5, 6, 7
+#elif defined(NBP_ISA_NEON)
+#  if !defined(__aarch64__)
+#    error "NBP_ISA_NEON needs AArch64"
+#  endif
+#  define ISA_NAME "neon"
+#  define LANES 4
+#  define HALF_LO 0, 1
+#  define HALF_HI 2, 3
+#else
+#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
+#endif
+
 #define CHUNK 256   /* tokens per first-level CDF chunk */
 #define SAMPLE 64   /* elements sampled to place a selection pass's two pivots */
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
 #define SMALL 64    /* sets this small are sorted outright */
 
-int nbp_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef float vf_u __attribute__((vector_size(LANES * 4), aligned(4)));   /* unaligned loads */
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));               /* lane masks: -1 / 0 */
+typedef float vh __attribute__((vector_size(LANES * 2)));
+typedef double vd __attribute__((vector_size(LANES * 4)));                /* LANES / 2 doubles */
+
+const char *nbp_cpu_isa(void) { return ISA_NAME; }
+
+#if defined(NBP_ISA_AVX512)
+vf _ZGVeN16v_expf(vf x);   /* glibc libmvec */
+static inline vf vexp(vf x) { return _ZGVeN16v_expf(x); }
+#elif defined(NBP_ISA_AVX2)
+vf _ZGVdN8v_expf(vf x);
+static inline vf vexp(vf x) { return _ZGVdN8v_expf(x); }
+#else
+static inline vf vexp(vf x) {
+    for (int i = 0; i < LANES; i++) x[i] = expf(x[i]);
+    return x;
+}
+#endif
+
+static inline vf splat(float v) { return (vf){0} + v; }
+
+static inline vf load(const float *p) { return *(const vf_u *)p; }
+
+/* n (< LANES) floats of p, the other lanes fill */
+static inline vf load_tail(const float *p, int64_t n, float fill) {
+    float buf[LANES];
+    for (int i = 0; i < LANES; i++) buf[i] = i < n ? p[i] : fill;
+    return load(buf);
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,fma")
-#include <immintrin.h>
+static inline vf select_mask(vi mask, vf v) { return (vf)((vi)v & mask); }   /* v or +0.0 */
 
-__m512 _ZGVeN16v_expf(__m512 x);   /* glibc libmvec: expf on 16 lanes */
-
-static inline __mmask16 lanes_left(int64_t n) {
-    return n >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+static inline vd widen_sum(vf v) {   /* LANES floats -> LANES / 2 doubles (pairwise sums) */
+    vh lo = __builtin_shufflevector(v, v, HALF_LO), hi = __builtin_shufflevector(v, v, HALF_HI);
+    return __builtin_convertvector(lo, vd) + __builtin_convertvector(hi, vd);
 }
 
-static inline __m512d widen_sum(__m512 v) {   /* 16 floats -> 8 doubles (pairwise sums) */
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    return _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_cvtps_pd(hi));
+static inline double reduce_add(vd v) {
+    double s = 0.0;
+    for (int i = 0; i < LANES / 2; i++) s += v[i];
+    return s;
 }
 
-/* exp(v - m) on the lanes of v[0..n) (n <= 16), 0 elsewhere */
-static inline __m512 exp_shifted(const float *v, int64_t n, __m512 m) {
-    __mmask16 lanes = lanes_left(n);
-    __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, v), m));
-    return _mm512_maskz_mov_ps(lanes, e);
+static inline int64_t count(vi mask) {   /* lanes set in mask (or -(sum) of summed masks) */
+    int64_t n = 0;
+    for (int i = 0; i < LANES; i++) n -= mask[i];
+    return n;
+}
+
+/* stores the lanes of v where mask is set, in order, at dst (room for LANES);
+ * returns how many */
+static inline int64_t compress_store(float *dst, vf v, vi mask) {
+#if defined(NBP_ISA_AVX512)
+    __mmask16 k = _mm512_movepi32_mask((__m512i)mask);
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(k, (__m512)v));
+    return __builtin_popcount(k);
+#elif defined(NBP_ISA_AVX2)
+    static int32_t table[256][8];   /* lane order of each 8-bit mask's set lanes */
+    static int ready;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {   /* idempotent: races write equal values */
+        for (int m = 0; m < 256; m++)
+            for (int i = 0, o = 0; i < 8; i++)
+                if (m >> i & 1) table[m][o++] = i;
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    int k = _mm256_movemask_ps((__m256)mask);
+    __m256i idx = _mm256_loadu_si256((const __m256i *)table[k]);
+    _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps((__m256)v, idx));
+    return __builtin_popcount(k);
+#else
+    int64_t out = 0;
+    for (int i = 0; i < LANES; i++) {   /* branch-free: always store, advance if kept */
+        dst[out] = v[i];
+        out -= mask[i];
+    }
+    return out;
+#endif
+}
+
+/* exp(v - m) on the lanes of v[0..n) (n <= LANES), 0 elsewhere */
+static inline vf exp_shifted(const float *v, int64_t n, vf m) {
+    return vexp((n >= LANES ? load(v) : load_tail(v, n, -INFINITY)) - m);
 }
 
 /* ---- selection ---------------------------------------------------------- */
@@ -65,39 +157,32 @@ static inline __m512 exp_shifted(const float *v, int64_t n, __m512 m) {
 typedef struct { int64_t n_gt, n_ge; double m_gt, m_ge; } classes_t;
 
 /* counts (and exp(x - mx) masses, if mass) of x > hi and of x >= lo in src[0..n) */
-static classes_t classify(const float *src, int64_t n, float lo, float hi, int mass, __m512 mx) {
-    __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-    __m512d mg = _mm512_setzero_pd(), mb = _mm512_setzero_pd();
-    classes_t c = {0, 0, 0.0, 0.0};
+static classes_t classify(const float *src, int64_t n, float lo, float hi, int mass, vf mx) {
+    vf vlo = splat(lo), vhi = splat(hi);
+    vd mg = {0}, mb = {0};
+    vi n_gt = {0}, n_ge = {0};
     for (int64_t i = 0; i < n; i += LANES) {
-        __mmask16 lanes = lanes_left(n - i);
-        __m512 v = _mm512_maskz_loadu_ps(lanes, src + i);
-        __mmask16 gt = _mm512_mask_cmp_ps_mask(lanes, v, vhi, _CMP_GT_OQ);
-        __mmask16 ge = _mm512_mask_cmp_ps_mask(lanes, v, vlo, _CMP_GE_OQ);
-        c.n_gt += __builtin_popcount(gt);
-        c.n_ge += __builtin_popcount(ge);
+        /* NaN fills the tail: it compares false with any pivot, -inf included */
+        vf v = n - i >= LANES ? load(src + i) : load_tail(src + i, n - i, NAN);
+        vi gt = v > vhi, ge = v >= vlo;
+        n_gt += gt;
+        n_ge += ge;
         if (mass) {
-            __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(v, mx));
-            mg = _mm512_add_pd(mg, widen_sum(_mm512_maskz_mov_ps(gt, e)));
-            mb = _mm512_add_pd(mb, widen_sum(_mm512_maskz_mov_ps(ge, e)));
+            vf e = vexp(v - mx);
+            mg += widen_sum(select_mask(gt, e));
+            mb += widen_sum(select_mask(ge, e));
         }
     }
-    c.m_gt = _mm512_reduce_add_pd(mg);
-    c.m_ge = _mm512_reduce_add_pd(mb);
-    return c;
+    return (classes_t){count(n_gt), count(n_ge), reduce_add(mg), reduce_add(mb)};
 }
 
-/* copies the x of src[0..n) with lo <= x <= hi to dst (room for n + 16); returns how many */
+/* copies the x of src[0..n) with lo <= x <= hi to dst (room for n + LANES); returns how many */
 static int64_t keep_between(const float *src, int64_t n, float lo, float hi, float *dst) {
-    __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    vf vlo = splat(lo), vhi = splat(hi);
     int64_t out = 0;
     for (int64_t i = 0; i < n; i += LANES) {
-        __mmask16 lanes = lanes_left(n - i);
-        __m512 v = _mm512_maskz_loadu_ps(lanes, src + i);
-        __mmask16 k = _mm512_mask_cmp_ps_mask(lanes, v, vlo, _CMP_GE_OQ)
-                    & _mm512_mask_cmp_ps_mask(lanes, v, vhi, _CMP_LE_OQ);
-        _mm512_storeu_ps(dst + out, _mm512_maskz_compress_ps(k, v));   /* register compress: fast */
-        out += __builtin_popcount(k);
+        vf v = n - i >= LANES ? load(src + i) : load_tail(src + i, n - i, NAN);
+        out += compress_store(dst + out, v, (v >= vlo) & (v <= vhi));
     }
     return out;
 }
@@ -128,7 +213,7 @@ static int no_progress(classes_t c, int64_t n) { return c.n_gt == 0 && c.n_ge ==
 /* the value of rank r (1 = largest) among src[0..n); a, b: n + 16 floats each */
 static float select_rank(const float *src, int64_t n, int64_t r, float *a, float *b) {
     float s[SAMPLE], lo, hi, *dst = a;
-    __m512 unused = _mm512_setzero_ps();
+    vf unused = {0};
     while (n > SMALL) {
         sample_sorted(src, n, s);
         int64_t est = (r - 1) * SAMPLE / n;
@@ -172,7 +257,7 @@ static int64_t mass_estimate(const float *s, float mx, double f) {
 static float select_mass(const float *src, int64_t n, double R, double M, float mx, float kth,
                          float *a, float *b) {
     float s[SAMPLE], lo, hi, *dst = a;
-    __m512 vmx = _mm512_set1_ps(mx);
+    vf vmx = splat(mx);
     while (n > SMALL) {
         sample_sorted(src, n, s);
         int64_t est = mass_estimate(s, mx, M > 0.0 ? R / M : 0.0);
@@ -202,7 +287,7 @@ static float select_mass(const float *src, int64_t n, double R, double M, float 
     float small[SMALL], e[SMALL + LANES];
     for (int64_t i = 0; i < n; i++) small[i] = src[i];
     sort_descending(small, n);
-    for (int64_t i = 0; i < n; i += LANES) _mm512_storeu_ps(e + i, exp_shifted(small + i, n - i, vmx));
+    for (int64_t i = 0; i < n; i += LANES) *(vf_u *)(e + i) = exp_shifted(small + i, n - i, vmx);
     double run = 0.0;
     for (int64_t i = 0; i < n; i++)
         if ((run += e[i]) > R) return small[i];
@@ -211,18 +296,24 @@ static float select_mass(const float *src, int64_t n, double R, double M, float 
 
 /* max (and min) of x[0..V); 0 if a NaN is present */
 static int row_range(const float *x, int64_t V, float *mx, float *mn) {
-    __m512 hi = _mm512_set1_ps(-INFINITY), lo = _mm512_set1_ps(INFINITY);
-    __mmask16 nan = 0;
+    vf hi = splat(-INFINITY), lo = splat(INFINITY);
+    vi nan = {0};
     for (int64_t i = 0; i < V; i += LANES) {
-        __mmask16 lanes = lanes_left(V - i);
-        __m512 v = _mm512_maskz_loadu_ps(lanes, x + i);
-        nan |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
-        hi = _mm512_mask_max_ps(hi, lanes, hi, v);
-        lo = _mm512_mask_min_ps(lo, lanes, lo, v);
+        vf v = V - i >= LANES ? load(x + i) : load_tail(x + i, V - i, x[0]);   /* x[0]: neutral */
+        nan |= v != v;
+        vi up = v > hi, down = v < lo;
+        hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
+        lo = (vf)(((vi)v & down) | ((vi)lo & ~down));
     }
-    *mx = _mm512_reduce_max_ps(hi);
-    *mn = _mm512_reduce_min_ps(lo);
-    return !nan;
+    *mx = -INFINITY;
+    *mn = INFINITY;
+    int any_nan = 0;
+    for (int i = 0; i < LANES; i++) {
+        *mx = hi[i] > *mx ? hi[i] : *mx;
+        *mn = lo[i] < *mn ? lo[i] : *mn;
+        any_nan |= nan[i];
+    }
+    return !any_nan;
 }
 
 static void threshold_row(const float *x, int64_t V, int64_t k, float p, float *a, float *b,
@@ -239,27 +330,26 @@ static void threshold_row(const float *x, int64_t V, int64_t k, float p, float *
         return;
     }
     int64_t n = keep_between(x, V, kth, INFINITY, a);   /* the top-k survivors, ties included */
-    double z = classify(a, n, kth, INFINITY, 1, _mm512_set1_ps(mx)).m_ge;
+    double z = classify(a, n, kth, INFINITY, 1, splat(mx)).m_ge;
     *tau = select_mass(a, n, (double)p * z, z, mx, kth, b, a);
 }
 
 /* kept weights of x[0..n) (n <= CHUNK) into w; returns their float64 sum */
-static double chunk_weights(const float *x, int64_t n, __m512 tau, __m512 m, float *w) {
-    __m512d acc = _mm512_setzero_pd();
+static double chunk_weights(const float *x, int64_t n, vf tau, vf m, float *w) {
+    vd acc = {0};
     for (int64_t i = 0; i < n; i += LANES) {
-        __mmask16 lanes = lanes_left(n - i);
-        __m512 v = _mm512_maskz_loadu_ps(lanes, x + i);
-        __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, v, tau, _CMP_GE_OQ);
-        __m512 e = _mm512_maskz_mov_ps(keep, _ZGVeN16v_expf(_mm512_sub_ps(v, m)));
-        if (w) _mm512_mask_storeu_ps(w + i, lanes, e);
-        acc = _mm512_add_pd(acc, widen_sum(e));
+        /* -inf fills the tail: kept or not, its weight is 0 */
+        vf v = n - i >= LANES ? load(x + i) : load_tail(x + i, n - i, -INFINITY);
+        vf e = select_mask(v >= tau, vexp(v - m));
+        if (w) *(vf_u *)(w + i) = e;   /* w has CHUNK floats, a multiple of LANES */
+        acc += widen_sum(e);
     }
-    return _mm512_reduce_add_pd(acc);
+    return reduce_add(acc);
 }
 
 static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, double u,
                         double *cum) {
-    __m512 tau = _mm512_set1_ps(tau_f), m = _mm512_set1_ps(max_f);
+    vf tau = splat(tau_f), m = splat(max_f);
     int64_t chunks = (V + CHUNK - 1) / CHUNK, c = 0, last = 0;
     double total = 0.0;
     for (int64_t i = 0; i < chunks; i++) {
@@ -287,7 +377,6 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
     return c * CHUNK + pick;
 }
 
-#pragma GCC pop_options
 
 void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k,
                         float p, float *work, float *tau, float *row_max) {
