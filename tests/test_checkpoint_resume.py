@@ -144,14 +144,12 @@ def test_resuming_a_finished_run_changes_nothing(tokens, tmp_path, capsys):
     assert files() == before
 
 
-def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, capsys):
+def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, capsys, interrupt_when_logged):
     """torchrun forwards Ctrl-C to each worker: all ranks stop at one step, rank 0 writes and
     prints the one line (torchrun adds its own report of the signal)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import nbp
@@ -165,14 +163,7 @@ def test_sigint_under_torchrun_checkpoints_once_from_rank_0(tokens, tmp_path, ca
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node", "2", "-m", "nbp.cli", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        log = out / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)                         # what a terminal's Ctrl-C does
-    _, err = proc.communicate(timeout=120)
+    _, err = interrupt_when_logged(proc, out / "log.jsonl")
     stops = [ln for ln in err.splitlines() if ln.startswith("stopped at step")]
     assert len(stops) == 1, err[-3000:]
     step = int(stops[0].split()[3].rstrip(","))

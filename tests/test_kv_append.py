@@ -20,6 +20,15 @@ def _rand(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
+def _check_triton_append(kc, vc, kn, vn, lens):
+    """The whole cache after the Triton append equals a clone with only the block replaced."""
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    want_k, want_v = kc.clone(), vc.clone()
+    reference.kv_append_(want_k, want_v, kn, vn, sl)
+    nbp_kernels.kv_append_(kc, vc, kn, vn, sl, backend="triton")
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B, H, L, M, D, lens", [
@@ -31,12 +40,7 @@ def _rand(*shape, dtype=torch.float32, seed=0):
 def test_matches_reference(B, H, L, M, D, lens, dtype):
     kc, vc = _rand(B, H, M, D, dtype=dtype, seed=1), _rand(B, H, M, D, dtype=dtype, seed=2)
     kn, vn = _rand(B, H, L, D, seed=3), _rand(B, H, L, D, seed=4)  # fp32 new block: cast on write
-    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    want_k, want_v = kc.clone(), vc.clone()
-    reference.kv_append_(want_k, want_v, kn, vn, sl)
-    nbp_kernels.kv_append_(kc, vc, kn, vn, sl, backend="triton")
-    # The whole cache equals a clone with only the block replaced.
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    _check_triton_append(kc, vc, kn, vn, lens)
 
 
 @needs_triton
@@ -44,11 +48,7 @@ def test_strided_new_block():
     """k_new as a transposed view of [B, L, H, D] activations."""
     kc, vc = torch.zeros(2, 2, 20, 96, device=DEVICE), torch.zeros(2, 2, 20, 96, device=DEVICE)
     kn, vn = (_rand(2, 5, 2, 96, seed=s).transpose(1, 2) for s in (5, 6))
-    sl = torch.tensor([3, 15], dtype=torch.int32, device=DEVICE)
-    want_k, want_v = kc.clone(), vc.clone()
-    reference.kv_append_(want_k, want_v, kn, vn, sl)
-    nbp_kernels.kv_append_(kc, vc, kn, vn, sl, backend="triton")
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    _check_triton_append(kc, vc, kn, vn, [3, 15])
 
 
 @needs_triton

@@ -13,10 +13,8 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -155,21 +153,14 @@ def records(out):
             for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
 
 
-def test_sigint_checkpoints_and_resume_continues_exactly(folder, tmp_path, capsys):
+def test_sigint_checkpoints_and_resume_continues_exactly(folder, tmp_path, capsys, interrupt_when_logged):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE_ROOT)}
     # decoding in a worker process; the signal goes to the whole process group, as a terminal's does
     proc = subprocess.Popen([sys.executable, "-m", "nbp.cli", *train_args(folder, out), "--workers", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        log = out / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = interrupt_when_logged(proc, out / "log.jsonl")
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     found = re.fullmatch(r"stopped at step (\d+), checkpoint at (.+), resume with the same command "
