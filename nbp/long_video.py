@@ -32,6 +32,16 @@ cache of at most ``t`` latent frames. Neither grows with the video: the cache
 holds one window, never the video, and the context kept between windows is
 the last ``W`` latent frames' codes.
 
+Context as the model saw it in training (``reencode=True``): a causal
+tokenizer encodes a video's first latent frame from one frame and every later
+one from ``f_t`` frames, so a window that starts mid-video begins with a kind
+of latent frame the model never saw first. ``reencode`` decodes the context's
+``W`` latent frames (``1 + f_t (W - 1)`` frames) and encodes them again, so the
+window starts like a training clip; it costs one decode and one encode of the
+window per window. Off by default (the window is then exactly the last ``W``
+latent frames); on the demo models it scores higher (``nbp eval --frames``,
+MODEL_CARD.md).
+
 Decoded frames come out through ``nbp.streaming.StreamingDecoder`` as their
 latent frames complete: 1 frame for the video's first latent frame, then
 ``f_t`` (the tokenizer's time factor) per latent frame, equal to decoding the
@@ -170,13 +180,15 @@ def _window_codes(gen, prompt: layout.Prompt, frames: int, mode: str,
 
 
 def stream_latents(gen, first: layout.Prompt, plan: LongVideoPlan, *, mode: str = "nbp",
-                   first_mode: str | None = None, **sampling) -> Iterator[torch.Tensor]:
+                   first_mode: str | None = None, reencode: bool = False,
+                   **sampling) -> Iterator[torch.Tensor]:
     """Yield the video's latent frames, raster codes int64 [B, k, h, w], as they complete.
 
     first: the first window's request (``FastGenerator.frame_prompt`` or
     ``layout.video_prompt``); its given latent frames come out first. Later
     windows are ``window_prompt`` requests generated in ``mode``; ``first_mode``
-    (default ``mode``) serves the first. ``sampling``: keyword arguments of
+    (default ``mode``) serves the first. reencode: re-encode each window's context
+    (module docstring). ``sampling``: keyword arguments of
     ``generate_tokens``, the same in every window (a ``generator`` keeps drawing
     from one stream). Yields ``plan.num_latent`` latent frames in all.
     """
@@ -199,8 +211,10 @@ def stream_latents(gen, first: layout.Prompt, plan: LongVideoPlan, *, mode: str 
             done += take
         if done >= plan.num_latent:
             return
-        context = torch.cat(kept, 1)[:, -plan.window:]
-        kept = [context]
+        context = kept[0] = torch.cat(kept, 1)[:, -plan.window:]
+        del kept[1:]
+        if reencode:
+            context = gen.tokenizer.encode(gen.tokenizer.decode(context))
         prompt, frames, window_mode = window_prompt(cfg, cond, context), plan.next_new(done), mode
 
 
@@ -222,7 +236,7 @@ def _decoded(tok, latents: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
 def stream_frames(gen, video: torch.Tensor | None = None, num_cond_frames: int = 5, *,
                   num_frames: int, window: int | None = None, class_ids=None, cond_ids=None,
                   batch_size: int | None = None, mode: str | None = None,
-                  **sampling) -> Iterator[torch.Tensor]:
+                  reencode: bool = False, **sampling) -> Iterator[torch.Tensor]:
     """An iterator of decoded frames, float32 [B, 3, n, H, W] in [0, 1], one latent frame at a
     time: n = 1 for the video's first latent frame, then the tokenizer's time factor f_t.
 
@@ -230,7 +244,8 @@ def stream_frames(gen, video: torch.Tensor | None = None, num_cond_frames: int =
     ``num_cond_frames`` frames (their reconstruction comes first), as
     ``FastGenerator.predict_frames``; without: a whole video from the condition, as
     ``FastGenerator.generate_video``. num_frames: length of the output video, 1 + f_t*k
-    (any k); window: latent frames of context (module docstring; None: the default).
+    (any k); window: latent frames of context (module docstring; None: the default);
+    reencode: re-encode each window's context (module docstring).
     mode: "nbp" (default; "hybrid" for the first window of hybrid models) or "ntp".
     ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``. Every
     argument is checked here, before the iterator starts.
@@ -238,6 +253,8 @@ def stream_frames(gen, video: torch.Tensor | None = None, num_cond_frames: int =
     tok, cfg = _tokenizer(gen), gen.config
     ft = tok.config.factors[0]
     plan_long_video(cfg, ft, num_frames, window)
+    if not isinstance(reencode, bool):
+        raise ValueError(f"reencode: expected True or False, got {reencode!r}")
     if video is None:
         cond = layout.condition_ids(cfg, class_ids, cond_ids, batch_size=batch_size)
         first = layout.video_prompt(cfg, cond.to(gen.device))
@@ -249,24 +266,25 @@ def stream_frames(gen, video: torch.Tensor | None = None, num_cond_frames: int =
     h, w = cfg.latent_shape[1:]
     plan = plan_long_video(cfg, ft, num_frames, window, first.given.shape[1] // (h * w))
     return _decoded(tok, stream_latents(gen, first, plan, mode=mode, first_mode=first_mode,
-                                        **sampling))
+                                        reencode=reencode, **sampling))
 
 
 def predict_frames(gen, video: torch.Tensor, num_cond_frames: int = 5, *, num_frames: int,
                    window: int | None = None, class_ids=None, cond_ids=None, mode: str = "nbp",
-                   **sampling) -> torch.Tensor:
+                   reencode: bool = False, **sampling) -> torch.Tensor:
     """Frame prediction to ``num_frames`` frames (``stream_frames``, concatenated): float32
     [B, 3, num_frames, H, W], the given frames' reconstruction then the predicted ones."""
     return torch.cat(list(stream_frames(gen, video, num_cond_frames, num_frames=num_frames,
                                         window=window, class_ids=class_ids, cond_ids=cond_ids,
-                                        mode=mode, **sampling)), dim=2)
+                                        mode=mode, reencode=reencode, **sampling)), dim=2)
 
 
 def generate_video(gen, class_ids=None, cond_ids=None, *, num_frames: int,
                    window: int | None = None, batch_size: int | None = None,
-                   mode: str | None = None, **sampling) -> torch.Tensor:
+                   mode: str | None = None, reencode: bool = False, **sampling) -> torch.Tensor:
     """A whole video of ``num_frames`` frames from the condition (``stream_frames``,
     concatenated): float32 [B, 3, num_frames, H, W] in [0, 1]."""
     return torch.cat(list(stream_frames(gen, None, num_frames=num_frames, window=window,
                                         class_ids=class_ids, cond_ids=cond_ids,
-                                        batch_size=batch_size, mode=mode, **sampling)), dim=2)
+                                        batch_size=batch_size, mode=mode, reencode=reencode,
+                                        **sampling)), dim=2)

@@ -60,14 +60,16 @@ def long_codes(gen, video, num_frames, window, **kw) -> tuple[torch.Tensor, layo
     return torch.cat(list(lv.stream_latents(gen, first, plan, **kw)), dim=1), first
 
 
-@pytest.mark.parametrize("window", [1, 2])
-@pytest.mark.parametrize("cfg_scale", [None, 3.0])
-def test_every_window_is_the_reference_continuation_of_its_context(tokenizer, window, cfg_scale):
+@pytest.mark.parametrize("window, cfg_scale, reencode",
+                         [(1, None, False), (2, None, False), (2, 3.0, False), (1, 3.0, False),
+                          (2, None, True)])
+def test_every_window_is_the_reference_continuation_of_its_context(tokenizer, window, cfg_scale,
+                                                                   reencode):
     model = sharp_model(**BOV_CLASS)
     cfg = model.config
     gen = FastGenerator(model, tokenizer)
     codes, first = long_codes(gen, clip(), 29, window, class_ids=[1, 3], do_sample=False,
-                              cfg_scale=cfg_scale)
+                              cfg_scale=cfg_scale, reencode=reencode)
     assert codes.shape == (2, 8, 4, 4)
     t, new = cfg.latent_shape[0], cfg.latent_shape[0] - window
     ref = reference_generate(model, first.ids, first.num_new_tokens, cond_len=1, do_sample=False,
@@ -76,7 +78,10 @@ def test_every_window_is_the_reference_continuation_of_its_context(tokenizer, wi
                                as_codes(cfg, ref))
     cond = first.ids[:, :1]
     for start in range(t, codes.shape[1], new):
-        prompt = lv.window_prompt(cfg, cond, codes[:, start - window:start])
+        context = codes[:, start - window:start]
+        if reencode:
+            context = tokenizer.encode(tokenizer.decode(context))
+        prompt = lv.window_prompt(cfg, cond, context)
         assert prompt.ids.shape == (2, 1 + 4 + window * 16)
         got = codes[:, start:start + new]
         ref = reference_generate(model, prompt.ids, got.shape[1] * 16, cond_len=1,
@@ -150,6 +155,8 @@ def test_bad_requests_are_refused_before_any_work(tokenizer):
         lv.stream_frames(gen, video, 5, num_frames=17, window=0, class_ids=[0, 1])
     with pytest.raises(ValueError, match="window: expected fewer latent frames than the trained"):
         lv.stream_frames(gen, video, 5, num_frames=17, window=3, class_ids=[0, 1])
+    with pytest.raises(ValueError, match="reencode: expected True or False"):
+        lv.stream_frames(gen, video, 5, num_frames=17, class_ids=[0, 1], reencode="yes")
     with pytest.raises(ValueError, match="window: expected None or an int"):
         lv.check_window(gen.config, 1.5)
     # The position table of exactly one trained sequence: 5 prefix ids + 3 latent frames - L.
