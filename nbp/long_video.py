@@ -168,15 +168,20 @@ def window_prompt(cfg: TransformerConfig, cond: torch.Tensor, context: torch.Ten
 def _window_codes(gen, prompt: layout.Prompt, frames: int, mode: str,
                   sampling: dict) -> Iterator[torch.Tensor]:
     """Generate ``frames`` latent frames after ``prompt``; yield raster codes int64
-    [B, bt, h, w] per block-row of latent frames."""
+    [B, bt, h, w] as soon as each block-row of latent frames is drawn
+    (``FastGenerator.stream_tokens``: no host synchronisation between steps)."""
     cfg = gen.config
     (_, h, w), bt = cfg.latent_shape, cfg.block_shape[0]
-    row = bt * h * w
-    new = gen.generate_tokens(prompt.ids, frames * h * w, cond_len=prompt.cond_len, mode=mode,
+    row = bt * h * w   # a multiple of every step's token count (L, or 1 in "ntp")
+    done = 0
+    steps = gen.stream_tokens(prompt.ids, frames * h * w, cond_len=prompt.cond_len, mode=mode,
                               **sampling)
-    codes = (new - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
-    for i in range(0, new.shape[1], row):
-        yield from_block_order(codes[:, i:i + row], (bt, h, w), cfg.block_shape)
+    for _, tokens in steps:
+        done += tokens.shape[1]
+        if done % row == 0:
+            ids = steps.out[:, done - row:done]
+            codes = (ids - cfg.video_offset).clamp_(0, cfg.codebook_size - 1)
+            yield from_block_order(codes, (bt, h, w), cfg.block_shape)
 
 
 def stream_latents(gen, first: layout.Prompt, plan: LongVideoPlan, *, mode: str = "nbp",
@@ -189,7 +194,7 @@ def stream_latents(gen, first: layout.Prompt, plan: LongVideoPlan, *, mode: str 
     windows are ``window_prompt`` requests generated in ``mode``; ``first_mode``
     (default ``mode``) serves the first. reencode: re-encode each window's context
     (module docstring). ``sampling``: keyword arguments of
-    ``generate_tokens``, the same in every window (a ``generator`` keeps drawing
+    ``FastGenerator.stream_tokens``, the same in every window (a ``generator`` keeps drawing
     from one stream). Yields ``plan.num_latent`` latent frames in all.
     """
     cfg = gen.config
@@ -247,8 +252,10 @@ def stream_frames(gen, video: torch.Tensor | None = None, num_cond_frames: int =
     (any k); window: latent frames of context (module docstring; None: the default);
     reencode: re-encode each window's context (module docstring).
     mode: "nbp" (default; "hybrid" for the first window of hybrid models) or "ntp".
-    ``sampling``: keyword arguments of ``FastGenerator.generate_tokens``. Every
-    argument is checked here, before the iterator starts.
+    ``sampling``: keyword arguments of ``FastGenerator.stream_tokens`` (do_sample,
+    temperature, top_k, top_p, cfg_scale, cfg_schedule, generator). Every argument
+    but those is checked here, before the iterator starts; the FastGenerator must
+    not serve other requests until the iterator is exhausted (they share its cache).
     """
     tok, cfg = _tokenizer(gen), gen.config
     ft = tok.config.factors[0]

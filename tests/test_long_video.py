@@ -104,6 +104,28 @@ def test_streamed_frames_are_the_whole_video_decoded(tokenizer):
     torch.testing.assert_close(whole, torch.cat(chunks, 2), rtol=0, atol=0)
 
 
+def test_frames_come_out_as_soon_as_their_latent_frame_is_drawn(tokenizer, monkeypatch):
+    gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
+    inner, drawn = gen.stream_tokens, [0]
+
+    def counting(*args, **kw):
+        steps = inner(*args, **kw)
+        source = steps._steps
+
+        def counted():
+            for item in source:
+                drawn[0] += 1
+                yield item
+        steps._steps = counted()
+        return steps
+    monkeypatch.setattr(gen, "stream_tokens", counting)
+    seen = [(chunk.shape[2], drawn[0]) for chunk in
+            lv.stream_frames(gen, num_frames=17, class_ids=[1, 2], do_sample=False)]
+    # 16 codes per latent frame, 4 per step: the first window's 3 latent frames come out
+    # after steps 4, 8 and 12 of its 12, not when the window ends; then one per window.
+    assert seen == [(1, 4), (4, 8), (4, 12), (4, 16), (4, 20)]
+
+
 def test_within_the_trained_length_it_is_ordinary_frame_prediction(tokenizer):
     gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
     video = clip()
@@ -127,12 +149,12 @@ def test_greedy_and_seeded_long_generation_are_deterministic(tokenizer):
 def test_the_cache_holds_one_window_whatever_the_length(tokenizer, monkeypatch):
     gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
     cfg, read = gen.config, []
-    inner = gen.generate_tokens
+    inner = gen.stream_tokens
 
     def spy(ids, n, **kw):
         read.append(ids.shape[1] + n)
         return inner(ids, n, **kw)
-    monkeypatch.setattr(gen, "generate_tokens", spy)
+    monkeypatch.setattr(gen, "stream_tokens", spy)
     lengths = {}
     for frames in (13, 65):
         read.clear()
