@@ -31,7 +31,7 @@ import torch
 
 from nbp_kernels import registry
 
-from . import devices, layout
+from . import devices, layout, long_video
 from .cache import StaticKVCache
 from .runner import DecodeStep, Kernels, ModelRunner
 from .model import NBPTransformer
@@ -401,7 +401,8 @@ class FastGenerator:
     @_serialized
     @torch.no_grad()
     def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
-                       cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
+                       cond_ids=None, mode: str = "nbp", num_frames: int | None = None,
+                       window: int | None = None, **sampling) -> torch.Tensor:
         """Frame prediction: continue the first ``num_cond_frames`` frames of ``video``.
 
         Serves frame-prediction models (no condition, no begin-of-video id: the
@@ -414,8 +415,14 @@ class FastGenerator:
         the latent grid (config.latent_shape) generated, and everything decoded.
         ``sampling``: keyword arguments of ``generate_tokens``. Returns float32
         [B, 3, T', H, W]: the tokenizer's reconstruction of the given frames,
-        then the predicted ones.
+        then the predicted ones. num_frames: T' = 1 + f_t k frames, any length,
+        past the trained one with a rolling window of ``window`` latent frames
+        (``nbp.long_video``; None: the trained length).
         """
+        if num_frames is not None:
+            return long_video.predict_frames(self, video, num_cond_frames, num_frames=num_frames,
+                                             window=window, class_ids=class_ids,
+                                             cond_ids=cond_ids, mode=mode, **sampling)
         prompt = self.frame_prompt(video, num_cond_frames, class_ids=class_ids, cond_ids=cond_ids)
         new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
@@ -457,12 +464,19 @@ class FastGenerator:
     @_serialized
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
-                       mode: str | None = None, **sampling) -> torch.Tensor:
+                       mode: str | None = None, num_frames: int | None = None,
+                       window: int | None = None, **sampling) -> torch.Tensor:
         """A whole video from a class id per sample (cond_len = 1), condition ids
         [B, cond_len] (e.g. text tokens), or nothing (unconditional models with a
         begin-of-video id; ``batch_size`` samples). mode: default "hybrid" for
         hybrid models, else "nbp". Returns float32 [B, 3, T, H, W] in [0, 1].
+        num_frames: T = 1 + f_t k frames, past the trained length with a rolling
+        window of ``window`` latent frames (``nbp.long_video``; None: the trained length).
         """
+        if num_frames is not None:
+            return long_video.generate_video(self, class_ids, cond_ids, num_frames=num_frames,
+                                             window=window, batch_size=batch_size, mode=mode,
+                                             **sampling)
         self._require_tokenizer()
         cond = layout.condition_ids(self.config, class_ids, cond_ids, batch_size=batch_size)
         prompt = layout.video_prompt(self.config, cond)
@@ -470,3 +484,17 @@ class FastGenerator:
         new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
         return self.decode_ids(prompt.video_ids(new))
+
+    def stream_frames(self, video: torch.Tensor | None = None, num_cond_frames: int = 5, *,
+                      num_frames: int, window: int | None = None, **kwargs):
+        """Decoded frames as their latent frames complete: an iterator of float32
+        [B, 3, n, H, W] in [0, 1], n = 1 for the first latent frame, then f_t.
+
+        With ``video``: frame prediction (as ``predict_frames``), else a whole video
+        (as ``generate_video``), ``num_frames`` long (1 + f_t k, any k). ``kwargs``:
+        class_ids, cond_ids, batch_size, mode, reencode and the sampling arguments
+        (``nbp.long_video.stream_frames``). This generator serves nothing else until
+        the iterator is exhausted.
+        """
+        return long_video.stream_frames(self, video, num_cond_frames, num_frames=num_frames,
+                                        window=window, **kwargs)

@@ -197,3 +197,21 @@ def test_bad_requests_are_refused_before_any_work(tokenizer):
         lv.generate_video(hybrid, cond_ids=[[1, 2, 3]], num_frames=13)
     with pytest.raises(ValueError, match="tokenizer"):
         lv.stream_frames(FastGenerator(sharp_model()), video, num_frames=13)
+
+
+def test_fast_generator_methods_delegate_to_the_rolling_window(tokenizer):
+    gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
+    video = clip()
+    got = gen.predict_frames(video, 5, class_ids=[0, 3], num_frames=21, window=1, do_sample=False)
+    want = lv.predict_frames(gen, video, 5, num_frames=21, window=1, class_ids=[0, 3],
+                             do_sample=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    streamed = torch.cat(list(gen.stream_frames(video, 5, num_frames=21, window=1,
+                                                class_ids=[0, 3], do_sample=False)), dim=2)
+    torch.testing.assert_close(streamed, want, rtol=0, atol=0)
+    whole = gen.generate_video([1, 4], num_frames=21, do_sample=False)
+    torch.testing.assert_close(whole, lv.generate_video(gen, [1, 4], num_frames=21,
+                                                        do_sample=False), rtol=0, atol=0)
+    assert whole.shape == (2, 3, 21, 32, 32)
+    with pytest.raises(ValueError, match="num_frames"):
+        gen.generate_video([1, 4], num_frames=20)
