@@ -49,8 +49,10 @@ whole video at once within float rounding.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator, TextIO
 
 import torch
 
@@ -61,7 +63,7 @@ from .streaming import StreamingDecoder
 
 __all__ = ["LongVideoPlan", "plan_long_video", "default_window", "check_window",
            "latent_frames", "window_prompt", "stream_latents", "stream_frames",
-           "predict_frames", "generate_video"]
+           "predict_frames", "generate_video", "write_mp4_stream"]
 
 
 def _is_int(value) -> bool:
@@ -295,3 +297,61 @@ def generate_video(gen, class_ids=None, cond_ids=None, *, num_frames: int,
                                         class_ids=class_ids, cond_ids=cond_ids,
                                         batch_size=batch_size, mode=mode, reencode=reencode,
                                         **sampling)), dim=2)
+
+
+def write_mp4_stream(frames: Iterable[torch.Tensor], path: str | Path, *, fps: float = 8.0,
+                     scale: int = 1, total: int | None = None,
+                     counter: TextIO | None = sys.stderr) -> int:
+    """Write frames to an MP4 as they come (``stream_frames``); returns the frame count.
+
+    frames: float [B, 3, n, H, W] (batches tiled side by side) or [3, n, H, W] in
+    [0, 1], each chunk muxed at once; scale: nearest-neighbour upscaling. The file
+    is a fragmented MP4 (``empty_moov``, a fragment per frame, flushed) encoded
+    without lookahead, so it plays
+    while it grows; for the same reason it is written in place, not atomically
+    (a failed run leaves the frames written so far). ``counter``: a stream for a
+    "frame i/total" line updated per chunk (None: silent).
+    """
+    import av
+    import numpy as np
+
+    from .io import video_to_uint8
+
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"path: a stream is written as MP4, expected a .mp4 file name, got "
+                         f"{str(path)!r}")
+    if not fps > 0:
+        raise ValueError(f"fps: expected a positive number, got {fps!r}")
+    if not _is_int(scale) or scale < 1:
+        raise ValueError(f"scale: expected a positive int, got {scale!r}")
+    written, container, stream = 0, None, None
+    try:
+        for chunk in frames:
+            if chunk.dim() == 5:
+                chunk = torch.cat(list(chunk), dim=-1)
+            chunk = chunk.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+            pixels = video_to_uint8(chunk)                       # [n, H, W, 3]
+            h, w = pixels.shape[1:3]
+            pixels = np.pad(pixels, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            if container is None:
+                # A fragment per frame, flushed to the file at once: the MP4 plays as it grows.
+                container = av.open(str(path), "w", options={
+                    "movflags": "frag_keyframe+empty_moov+default_base_moof",
+                    "frag_duration": "1", "flush_packets": "1"})
+                stream = container.add_stream("libx264", rate=round(fps),
+                                              options={"tune": "zerolatency"})
+                stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+            for frame in pixels:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            written += len(pixels)
+            if counter is not None:
+                counter.write(f"\rframe {written}/{total if total else '?'}")
+                counter.flush()
+    finally:
+        if container is not None:
+            container.mux(stream.encode())
+            container.close()
+        if counter is not None and written:
+            counter.write("\n")
+    return written

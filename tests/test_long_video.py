@@ -215,3 +215,25 @@ def test_fast_generator_methods_delegate_to_the_rolling_window(tokenizer):
     assert whole.shape == (2, 3, 21, 32, 32)
     with pytest.raises(ValueError, match="num_frames"):
         gen.generate_video([1, 4], num_frames=20)
+
+
+def test_an_mp4_stream_grows_as_frames_come(tokenizer, tmp_path):
+    import io
+
+    import imageio.v3 as iio
+
+    gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
+    path, sizes = tmp_path / "long.mp4", []
+
+    def watched():
+        for chunk in gen.stream_frames(clip(1), 5, num_frames=21, class_ids=[2], do_sample=False):
+            sizes.append(path.stat().st_size if path.exists() else 0)
+            yield chunk
+    log = io.StringIO()
+    assert lv.write_mp4_stream(watched(), path, fps=8, total=21, counter=log) == 21
+    assert sizes[0] == 0 and sizes[-1] > sizes[1] > 0     # written while the video is generated
+    assert log.getvalue().rstrip().endswith("frame 21/21")
+    frames = iio.imread(path, index=None, plugin="pyav")
+    assert frames.shape == (21, 32, 32, 3)
+    with pytest.raises(ValueError, match="path: a stream is written as MP4"):
+        lv.write_mp4_stream([], tmp_path / "x.gif")
