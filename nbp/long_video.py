@@ -307,9 +307,8 @@ def write_mp4_stream(frames: Iterable[torch.Tensor], path: str | Path, *, fps: f
     frames: float [B, 3, n, H, W] (batches tiled side by side) or [3, n, H, W] in
     [0, 1], each chunk muxed at once; scale: nearest-neighbour upscaling. The file
     is a fragmented MP4 (``empty_moov``, a fragment per frame, flushed) encoded
-    without lookahead, so it plays
-    while it grows; for the same reason it is written in place, not atomically
-    (a failed run leaves the frames written so far). ``counter``: a stream for a
+    without lookahead, so it plays while it grows; for the same reason it is
+    written in place, not atomically (a failed run leaves the frames written so far). ``counter``: a stream for a
     "frame i/total" line updated per chunk (None: silent).
     """
     import av
