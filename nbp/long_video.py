@@ -105,12 +105,13 @@ def check_window(cfg: TransformerConfig, window) -> int:
                          f"the block's time extent bt={bt} (block_shape {cfg.block_shape}), got "
                          f"{window}")
     # The last step's tokens are never fed back, so a window reads its prefix, W latent
-    # frames and bt more minus one block of L (as schedule.check_generation_inputs counts).
+    # frames and bt more minus one block of L (as check_generation_inputs counts).
     reads = _prefix_len(cfg) + (window + bt) * h * w - cfg.block_size
     if reads > cfg.max_seq_len:
+        fits = (cfg.max_seq_len - _prefix_len(cfg) + cfg.block_size) // (h * w) // bt * bt - bt
         raise ValueError(f"window: {window} latent frames of context and {bt} new ones read {reads} "
                          f"positions, more than the model's position table (max_seq_len "
-                         f"{cfg.max_seq_len}); expected at most {default_window(cfg)}")
+                         f"{cfg.max_seq_len}); expected at most {min(fits, t - bt)}")
     if window >= t:
         raise ValueError(f"window: expected fewer latent frames than the trained length t={t} "
                          f"(each window generates new frames at trained positions), got {window}")

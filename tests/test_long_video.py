@@ -184,8 +184,12 @@ def test_bad_requests_are_refused_before_any_work(tokenizer):
     # The position table of exactly one trained sequence: 5 prefix ids + 3 latent frames - L.
     table = TransformerConfig.from_preset("tiny", max_seq_len=1 + 4 + 48 - 4, **BOV_CLASS)
     assert lv.check_window(table, None) == 2
-    with pytest.raises(ValueError, match=r"window: .* more than the model's position table"):
+    with pytest.raises(ValueError, match=r"window: .* more than the model's position table .* "
+                                         r"expected at most 2"):
         lv.check_window(table, 3)
+    with pytest.raises(ValueError, match=r"position table .* expected at most 2"):
+        lv.stream_frames(FastGenerator(NBPTransformer(table), tokenizer), video, 5, num_frames=17,
+                         window=4, class_ids=[0, 1])
     rows = TransformerConfig.from_preset("tiny", latent_shape=(4, 4, 4), block_shape=(2, 1, 2))
     assert lv.check_window(rows, None) == 2
     for window in (1, 3):
