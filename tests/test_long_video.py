@@ -241,3 +241,32 @@ def test_an_mp4_stream_grows_as_frames_come(tokenizer, tmp_path):
     assert frames.shape == (21, 32, 32, 3)
     with pytest.raises(ValueError, match="path: a stream is written as MP4"):
         lv.write_mp4_stream([], tmp_path / "x.gif")
+
+
+def test_cli_long_generation_writes_a_growing_mp4_or_returns_the_video(tokenizer, tmp_path):
+    import argparse
+
+    from nbp.commands import long_generate
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    long_generate.add_arguments(p)
+    gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
+    out = tmp_path / "v.mp4"
+    args = p.parse_args(["--out", str(out), "--frames", "13", "--window", "1", "--stream"])
+    args.fps, args.scale = 8, 2
+    long_generate.check_args(args)
+    request = dict(class_ids=[1], sampling=dict(do_sample=False, callback=print))
+    assert long_generate.run(args, gen, video=clip(1), **request) is None
+    import imageio.v3 as iio
+    assert iio.imread(out, index=None, plugin="pyav").shape == (13, 64, 64, 3)
+    args.stream = False
+    video = long_generate.run(args, gen, video=clip(1), **request)
+    want = lv.predict_frames(gen, clip(1), 5, num_frames=13, window=1, class_ids=[1],
+                             do_sample=False)
+    torch.testing.assert_close(video, want, rtol=0, atol=0)
+    for argv, match in ((["--out", "v.mp4", "--stream"], "--stream: needs --frames"),
+                        (["--out", "v.mp4", "--window", "2"], "--window: needs --frames"),
+                        (["--out", "v.gif", "--frames", "9", "--stream"], "expected an .mp4")):
+        with pytest.raises(ValueError, match=match):
+            long_generate.check_args(p.parse_args(argv))
