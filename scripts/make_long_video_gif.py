@@ -1,6 +1,6 @@
 """Render docs/nbp-long-video.gif: 65-frame predictions of the shipped demo NBP model (README).
 
-Usage: python scripts/make_long_video_gif.py [OUT] [--frames 65] [--scale 4] [--no-reencode]
+Usage: python scripts/make_long_video_gif.py [OUT] [--frames 65] [--scale 3] [--no-reencode]
 
 Top row: four held-out clips (seed nbp.demo.EVAL_SEED) rendered at 65 frames, the ground
 truth. Bottom row: greedy NBP prediction from their first 5 frames to 65 frames, almost
@@ -26,7 +26,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default="docs/nbp-long-video.gif")
     p.add_argument("--frames", type=int, default=65)
-    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--scale", type=int, default=3)
     p.add_argument("--no-reencode", dest="reencode", action="store_false")
     args = p.parse_args()
     torch.set_num_threads(1)

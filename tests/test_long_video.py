@@ -250,14 +250,18 @@ def test_cli_long_generation_writes_a_growing_mp4_or_returns_the_video(tokenizer
 
     p = argparse.ArgumentParser()
     p.add_argument("--out")
+    p.add_argument("--side-by-side", action="store_true")
+    p.add_argument("--mark-given", action="store_true")
     long_generate.add_arguments(p)
     gen = FastGenerator(sharp_model(**BOV_CLASS), tokenizer)
     out = tmp_path / "v.mp4"
     args = p.parse_args(["--out", str(out), "--frames", "13", "--window", "1", "--stream"])
-    args.fps, args.scale = 8, 2
+    args.scale = 2
     long_generate.check_args(args)
     request = dict(class_ids=[1], sampling=dict(do_sample=False, callback=print))
-    assert long_generate.run(args, gen, video=clip(1), **request) is None
+    frames = long_generate.run(args, gen, video=clip(1), **request)
+    assert not out.exists()            # nothing generated before the file is written
+    assert long_generate.write_stream(args, frames, 8.0) == 13
     import imageio.v3 as iio
     assert iio.imread(out, index=None, plugin="pyav").shape == (13, 64, 64, 3)
     args.stream = False
@@ -267,6 +271,8 @@ def test_cli_long_generation_writes_a_growing_mp4_or_returns_the_video(tokenizer
     torch.testing.assert_close(video, want, rtol=0, atol=0)
     for argv, match in ((["--out", "v.mp4", "--stream"], "--stream: needs --frames"),
                         (["--out", "v.mp4", "--window", "2"], "--window: needs --frames"),
-                        (["--out", "v.gif", "--frames", "9", "--stream"], "expected an .mp4")):
+                        (["--out", "v.gif", "--frames", "9", "--stream"], "expected an .mp4"),
+                        (["--out", "v.mp4", "--frames", "9", "--stream", "--side-by-side"],
+                         "--side-by-side: composes the finished video")):
         with pytest.raises(ValueError, match=match):
             long_generate.check_args(p.parse_args(argv))

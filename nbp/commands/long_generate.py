@@ -9,10 +9,11 @@ frame counter on stderr (``nbp.long_video.write_mp4_stream``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-__all__ = ["add_arguments", "check_args", "run"]
+__all__ = ["add_arguments", "check_args", "run", "write_stream"]
 
 
 def add_arguments(p) -> None:
@@ -38,24 +39,31 @@ def check_args(args) -> None:
     if args.stream and Path(args.out).suffix.lower() != ".mp4":
         raise ValueError(f"--stream: writes an MP4 as it grows; expected an .mp4 --out, got "
                          f"{args.out!r}")
+    for flag, used in (("--side-by-side", args.side_by_side), ("--mark-given", args.mark_given)):
+        if used and args.stream:
+            raise ValueError(f"{flag}: composes the finished video; not with --stream")
 
 
 def run(args, gen, *, video: torch.Tensor | None = None, num_cond_frames: int = 5,
-        sampling: dict, **request) -> torch.Tensor | None:
+        sampling: dict, **request):
     """Generate ``args.frames`` frames with ``gen`` (a FastGenerator with a tokenizer).
 
     video: float [B, 3, T, H, W] in [0, 1] to continue from its first
     ``num_cond_frames`` frames, or None for a whole video. ``request``: class_ids,
     cond_ids, batch_size, mode (``FastGenerator.stream_frames``); ``sampling``: the
     sampling arguments (a ``callback`` is dropped: frames stream instead). Returns
-    float32 [B, 3, N, H, W], or None with ``--stream`` (the file is then written).
+    the video float32 [B, 3, N, H, W], or with ``--stream`` the iterator of its
+    frames for ``write_stream`` (nothing is generated until it is read).
     """
     sampling = {k: v for k, v in sampling.items() if k != "callback"}
     frames = gen.stream_frames(video, num_cond_frames, num_frames=args.frames,
                                window=args.window, **request, **sampling)
-    if args.stream:
-        from nbp.long_video import write_mp4_stream
+    return frames if args.stream else torch.cat(list(frames), dim=2)
 
-        write_mp4_stream(frames, args.out, fps=args.fps, scale=args.scale, total=args.frames)
-        return None
-    return torch.cat(list(frames), dim=2)
+
+def write_stream(args, frames: Iterable[torch.Tensor], fps: float) -> int:
+    """Write ``run``'s frames to ``args.out`` as they come (an MP4 that grows, a frame
+    counter on stderr), enlarged ``args.scale`` times; returns the frame count."""
+    from nbp.long_video import write_mp4_stream
+
+    return write_mp4_stream(frames, args.out, fps=fps, scale=args.scale, total=args.frames)
