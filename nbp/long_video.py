@@ -49,7 +49,6 @@ whole video at once within float rounding.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
@@ -302,7 +301,7 @@ def generate_video(gen, class_ids=None, cond_ids=None, *, num_frames: int,
 
 def write_mp4_stream(frames: Iterable[torch.Tensor], path: str | Path, *, fps: float = 8.0,
                      scale: int = 1, total: int | None = None,
-                     counter: TextIO | None = sys.stderr) -> int:
+                     counter: TextIO | None = None) -> int:
     """Write frames to an MP4 as they come (``stream_frames``); returns the frame count.
 
     frames: float [B, 3, n, H, W] (batches tiled side by side) or [3, n, H, W] in

@@ -276,3 +276,36 @@ def test_cli_long_generation_writes_a_growing_mp4_or_returns_the_video(tokenizer
                          "--side-by-side: composes the finished video")):
         with pytest.raises(ValueError, match=match):
             long_generate.check_args(p.parse_args(argv))
+
+
+def test_nbp_generate_streams_a_long_demo_prediction(tmp_path, capfd):
+    import imageio.v3 as iio
+
+    from nbp.cli import main
+
+    out = tmp_path / "long.mp4"
+    assert main(["generate", "--predict", "--greedy", "--frames", "21", "--stream", "--out",
+                 str(out), "--scale", "2"]) == 0
+    assert iio.imread(out, index=None, plugin="pyav").shape == (21, 32, 32, 3)
+    assert "frame 21/21" in capfd.readouterr().err
+    gif = tmp_path / "long.gif"
+    assert main(["generate", "--class-id", "3", "--frames", "21", "--window", "4", "--out",
+                 str(gif)]) == 0
+    assert iio.imread(gif, index=None).shape[0] == 21
+
+
+def test_nbp_eval_frames_reports_long_prediction_against_copy_last(capsys):
+    import json
+
+    from nbp.cli import main
+
+    assert main(["eval", "--frames", "21", "--num-clips", "2", "--window", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["long_frames"], res["long_predicted_frames"], res["window"]) == (21, 16, 6)
+    for name in ("nbp", "nbp_reencode"):
+        assert res[f"long_margin_{name}"] == pytest.approx(
+            res[f"long_psnr_{name}"] - res["long_psnr_copy_last"], abs=2e-4)
+        assert res[f"long_no_collapse_{name}"] == (res[f"long_last16_std_{name}"]
+                                                   >= 0.5 * res["long_last16_std_truth"])
+        assert res[f"long_last16_std_{name}"] > 0.02        # the demo does not collapse
+    assert main(["eval", "--frames", "20", "--num-clips", "1"]) == 2

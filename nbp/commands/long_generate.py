@@ -8,6 +8,7 @@ frame counter on stderr (``nbp.long_video.write_mp4_stream``).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -66,4 +67,5 @@ def write_stream(args, frames: Iterable[torch.Tensor], fps: float) -> int:
     counter on stderr), enlarged ``args.scale`` times; returns the frame count."""
     from nbp.long_video import write_mp4_stream
 
-    return write_mp4_stream(frames, args.out, fps=fps, scale=args.scale, total=args.frames)
+    return write_mp4_stream(frames, args.out, fps=fps, scale=args.scale, total=args.frames,
+                            counter=sys.stderr)
