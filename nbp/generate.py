@@ -264,7 +264,7 @@ class FastGenerator:
                       top_k: int | None = None, top_p: float | None = None,
                       cfg_scale: float | None = None, cfg_schedule: str = "constant",
                       generator: torch.Generator | None = None,
-                      progress: bool = False) -> "TokenSteps":
+                      progress: bool = False) -> TokenSteps:
         """``generate_tokens`` as an iterator of (step, tokens int64 [B, n]), one item per step,
         in the order they are drawn (``TokenSteps``). The arguments are checked here; the
         cache is claimed and the prefill run on the first ``next``. From then until the
@@ -304,7 +304,8 @@ class FastGenerator:
         length = min(self.cache.max_len, -(-need // _LENGTH_QUANTUM) * _LENGTH_QUANTUM)
         runner = self._runner(plan, cond_len, length)
         sampler = BatchedSampler(params, self.draw)
-        noise = sampler.noise(B * out.shape[1], generator, self.device) if sampler.needs_noise else None
+        noise = (sampler.noise(B * out.shape[1], generator, self.device) if sampler.needs_noise
+                 else None)
         ids = input_ids.to(self.device).long()
         rows, prefix = self._prefill_inputs(ids, cond_len, cfg)
         weight = torch.tensor(cfg_weight(params, 0), dtype=torch.float64) if cfg else None

@@ -49,9 +49,10 @@ whole video at once within float rounding.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import TextIO
 
 import torch
 
@@ -60,9 +61,19 @@ from .blocks import from_block_order
 from .config import TransformerConfig
 from .streaming import StreamingDecoder
 
-__all__ = ["LongVideoPlan", "plan_long_video", "default_window", "check_window",
-           "latent_frames", "window_prompt", "stream_latents", "stream_frames",
-           "predict_frames", "generate_video", "write_mp4_stream"]
+__all__ = [
+    "LongVideoPlan",
+    "check_window",
+    "default_window",
+    "generate_video",
+    "latent_frames",
+    "plan_long_video",
+    "predict_frames",
+    "stream_frames",
+    "stream_latents",
+    "window_prompt",
+    "write_mp4_stream",
+]
 
 
 def _is_int(value) -> bool:
@@ -108,8 +119,8 @@ def check_window(cfg: TransformerConfig, window) -> int:
     reads = _prefix_len(cfg) + (window + bt) * h * w - cfg.block_size
     if reads > cfg.max_seq_len:
         fits = (cfg.max_seq_len - _prefix_len(cfg) + cfg.block_size) // (h * w) // bt * bt - bt
-        raise ValueError(f"window: {window} latent frames of context and {bt} new ones read {reads} "
-                         f"positions, more than the model's position table (max_seq_len "
+        raise ValueError(f"window: {window} latent frames of context and {bt} new ones read "
+                         f"{reads} positions, more than the model's position table (max_seq_len "
                          f"{cfg.max_seq_len}); expected at most {min(fits, t - bt)}")
     if window >= t:
         raise ValueError(f"window: expected fewer latent frames than the trained length t={t} "
@@ -156,7 +167,8 @@ def plan_long_video(cfg: TransformerConfig, time_factor: int, num_frames, window
     return LongVideoPlan(num_latent, window, cfg.latent_shape[0], cfg.block_shape[0])
 
 
-def window_prompt(cfg: TransformerConfig, cond: torch.Tensor, context: torch.Tensor) -> layout.Prompt:
+def window_prompt(cfg: TransformerConfig, cond: torch.Tensor,
+                  context: torch.Tensor) -> layout.Prompt:
     """The request of a later window: ``[cond, bov, codes of the context]``.
 
     cond: condition model ids int64 [B, cond_len]; context: raster codes int64
@@ -308,8 +320,9 @@ def write_mp4_stream(frames: Iterable[torch.Tensor], path: str | Path, *, fps: f
     [0, 1], each chunk muxed at once; scale: nearest-neighbour upscaling. The file
     is a fragmented MP4 (``empty_moov``, a fragment per frame, flushed) encoded
     without lookahead, so it plays while it grows; for the same reason it is
-    written in place, not atomically (a failed run leaves the frames written so far). ``counter``: a stream for a
-    "frame i/total" line updated per chunk (None: silent).
+    written in place, not atomically (a failed run leaves the frames written so
+    far). ``counter``: a text stream (e.g. ``sys.stderr``) for a "frame i/total"
+    line updated per chunk (None: silent).
     """
     import av
     import numpy as np

@@ -88,7 +88,7 @@ def run_isolated(num_frames: int, threads: int, repeats: int, batch: int) -> dic
 def plot(rows: list[dict], title: str, path: Path, size=(960, 480)) -> None:
     """Left: seconds per frame of each latent frame as yielded, per video length; right: peak
     memory above the loaded models against the length."""
-    W, H = size
+    _, H = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((20, 10), title, fill="black")
@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, nargs="+", default=[17, 33, 65, 129])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up (best kept)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed runs after the warm-up (best kept)")
     p.add_argument("--batch", type=int, default=1, help="videos generated together")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

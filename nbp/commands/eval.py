@@ -122,7 +122,8 @@ LAST = 16   # frames of the no-collapse check
 
 
 def _spatial_std(video: torch.Tensor) -> float:
-    """Mean over samples, channels and frames of each frame's spatial std (float [B, C, T, H, W])."""
+    """Mean over samples, channels and frames of each frame's spatial std; video float
+    [B, C, T, H, W]."""
     return float(video.float().std(dim=(-2, -1)).mean())
 
 

@@ -9,8 +9,8 @@ frame counter on stderr (``nbp.long_video.write_mp4_stream``).
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
