@@ -31,7 +31,7 @@ import torch
 
 from nbp_kernels import registry
 
-from . import devices, layout
+from . import devices, layout, long_video
 from .cache import StaticKVCache
 from .runner import DecodeStep, Kernels, ModelRunner
 from .model import NBPTransformer
@@ -39,7 +39,7 @@ from .sampler import DRAWS, BatchedSampler, InvalidSteps
 from .sampling import SamplingParams, cfg_weight, check_generator
 from .step_plan import StepPlan, check_generation_inputs, plan_steps
 
-__all__ = ["FastGenerator"]
+__all__ = ["FastGenerator", "TokenSteps"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LENGTH_QUANTUM = 64   # cache views are rounded up so nearby request lengths share graphs
@@ -73,6 +73,20 @@ def _serialized(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return locked
+
+
+class TokenSteps:
+    """Iterator of a request's steps, (step, tokens int64 [B, n]) in the order they are drawn;
+    ``out``: int64 [B, num_new_tokens], every step's tokens in place once it is exhausted."""
+
+    def __init__(self, out: torch.Tensor, steps):
+        self.out, self._steps = out, steps
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, torch.Tensor]:
+        return next(self._steps)
 
 
 class FastGenerator:
@@ -236,6 +250,27 @@ class FastGenerator:
         [B, n]) is called after every step. Returns int64 [B, num_new_tokens] on
         the generator's device (hybrid fillers removed).
         """
+        steps = self.stream_tokens(input_ids, num_new_tokens, cond_len=cond_len, mode=mode,
+                                   do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                                   generator=generator, progress=progress)
+        for s, tokens in steps:
+            if callback is not None:
+                callback(s, tokens)
+        return steps.out
+
+    def stream_tokens(self, input_ids: torch.Tensor, num_new_tokens: int, *, cond_len: int = 0,
+                      mode: str = "nbp", do_sample: bool = True, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None,
+                      cfg_scale: float | None = None, cfg_schedule: str = "constant",
+                      generator: torch.Generator | None = None,
+                      progress: bool = False) -> TokenSteps:
+        """``generate_tokens`` as an iterator of (step, tokens int64 [B, n]), one item per step,
+        in the order they are drawn (``TokenSteps``). The arguments are checked here; the
+        cache is claimed and the prefill run on the first ``next``. From then until the
+        iterator is exhausted or closed, the iterating thread holds the generator's lock
+        (other threads' requests wait: they share the cache).
+        """
         params = SamplingParams(do_sample, temperature, top_k, top_p, cfg_scale, cfg_schedule)
         check_generator(generator, self.device if do_sample and self.draw == "multinomial" else None)
         plan = plan_steps(self.config, mode, num_new_tokens)
@@ -243,15 +278,35 @@ class FastGenerator:
         B, S = input_ids.shape
         if self.max_batch_size is not None and B > self.max_batch_size:
             raise ValueError(f"input_ids: batch {B} exceeds max_batch_size {self.max_batch_size}")
-        cfg = cfg_scale is not None
+        need = S + sum(plan.tokens[1:])
+        if self.max_seq_len is not None and need > self.max_seq_len:
+            raise ValueError(f"max_seq_len: the request needs {need} cached positions, the "
+                             f"generator's cache holds {self.max_seq_len}")
+        out = torch.empty(B, num_new_tokens, dtype=torch.long, device=self.device)
+        return TokenSteps(out, self._run_steps(input_ids, cond_len, params, plan, out, generator,
+                                               progress))
+
+    @torch.no_grad()
+    def _run_steps(self, input_ids: torch.Tensor, cond_len: int, params: SamplingParams,
+                   plan: StepPlan, out: torch.Tensor, generator, progress: bool):
+        """The prefill (step 0), then the decode loop; yields (step, out's slice of that step)."""
+        with self._lock:
+            yield from self._locked_steps(input_ids, cond_len, params, plan, out, generator,
+                                          progress)
+
+    def _locked_steps(self, input_ids: torch.Tensor, cond_len: int, params: SamplingParams,
+                      plan: StepPlan, out: torch.Tensor, generator, progress: bool):
+        """``_run_steps`` once the lock is held: claim the cache, prefill, decode."""
+        B, S = input_ids.shape
+        cfg = params.cfg_scale is not None
         need = S + sum(plan.tokens[1:])
         self._ensure_cache(2 * B if cfg else B, need)
         length = min(self.cache.max_len, -(-need // _LENGTH_QUANTUM) * _LENGTH_QUANTUM)
         runner = self._runner(plan, cond_len, length)
         sampler = BatchedSampler(params, self.draw)
-        noise = sampler.noise(B * num_new_tokens, generator, self.device) if sampler.needs_noise else None
+        noise = (sampler.noise(B * out.shape[1], generator, self.device) if sampler.needs_noise
+                 else None)
         ids = input_ids.to(self.device).long()
-        out = torch.empty(B, num_new_tokens, dtype=torch.long, device=self.device)
         rows, prefix = self._prefill_inputs(ids, cond_len, cfg)
         weight = torch.tensor(cfg_weight(params, 0), dtype=torch.float64) if cfg else None
         n0 = plan.tokens[0]
@@ -260,17 +315,16 @@ class FastGenerator:
         invalid_steps = InvalidSteps(len(plan.tokens), self.device)
         invalid_steps.record(0, invalid)
         out[:, :n0] = tokens
-        if callback is not None:
-            callback(0, out[:, :n0])
-        self._decode_loop(runner, sampler, plan, out, noise, generator, callback, progress, length, S,
-                          invalid_steps)
+        yield 0, out[:, :n0]
+        yield from self._decode_loop(runner, sampler, plan, out, noise, generator, progress,
+                                     length, S, invalid_steps)
         invalid_steps.check()
-        return out
 
     def _decode_loop(self, runner: ModelRunner, sampler: BatchedSampler, plan: StepPlan,
-                     out: torch.Tensor, noise, generator, callback, progress: bool,
-                     length: int, cached: int, invalid_steps: InvalidSteps) -> None:
-        """Steps 1.. of ``plan``: feed the previous step's tokens (+ fillers), draw the next.
+                     out: torch.Tensor, noise, generator, progress: bool,
+                     length: int, cached: int, invalid_steps: InvalidSteps):
+        """Steps 1.. of ``plan``: feed the previous step's tokens (+ fillers), draw the next;
+        yields (step, out's slice of that step).
 
         No host synchronisation: offsets and lengths are Python ints from the plan
         (``cached``: positions in the cache after the prefill).
@@ -299,8 +353,7 @@ class FastGenerator:
             out[:, offset:offset + n].copy_(step.run(generator, cached))
             invalid_steps.record(s, step.invalid)
             prev = out[:, offset:offset + n]
-            if callback is not None:
-                callback(s, prev)
+            yield s, prev
             offset += n
 
     # --- video-level tasks (the token layout lives in nbp.layout) --------------
@@ -349,7 +402,8 @@ class FastGenerator:
     @_serialized
     @torch.no_grad()
     def predict_frames(self, video: torch.Tensor, num_cond_frames: int = 5, *, class_ids=None,
-                       cond_ids=None, mode: str = "nbp", **sampling) -> torch.Tensor:
+                       cond_ids=None, mode: str = "nbp", num_frames: int | None = None,
+                       window: int | None = None, **sampling) -> torch.Tensor:
         """Frame prediction: continue the first ``num_cond_frames`` frames of ``video``.
 
         Serves frame-prediction models (no condition, no begin-of-video id: the
@@ -362,8 +416,14 @@ class FastGenerator:
         the latent grid (config.latent_shape) generated, and everything decoded.
         ``sampling``: keyword arguments of ``generate_tokens``. Returns float32
         [B, 3, T', H, W]: the tokenizer's reconstruction of the given frames,
-        then the predicted ones.
+        then the predicted ones. num_frames: T' = 1 + f_t k frames, any length,
+        past the trained one with a rolling window of ``window`` latent frames
+        (``nbp.long_video``; None: the trained length).
         """
+        if num_frames is not None:
+            return long_video.predict_frames(self, video, num_cond_frames, num_frames=num_frames,
+                                             window=window, class_ids=class_ids,
+                                             cond_ids=cond_ids, mode=mode, **sampling)
         prompt = self.frame_prompt(video, num_cond_frames, class_ids=class_ids, cond_ids=cond_ids)
         new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
@@ -405,12 +465,19 @@ class FastGenerator:
     @_serialized
     @torch.no_grad()
     def generate_video(self, class_ids=None, cond_ids=None, *, batch_size: int | None = None,
-                       mode: str | None = None, **sampling) -> torch.Tensor:
+                       mode: str | None = None, num_frames: int | None = None,
+                       window: int | None = None, **sampling) -> torch.Tensor:
         """A whole video from a class id per sample (cond_len = 1), condition ids
         [B, cond_len] (e.g. text tokens), or nothing (unconditional models with a
         begin-of-video id; ``batch_size`` samples). mode: default "hybrid" for
         hybrid models, else "nbp". Returns float32 [B, 3, T, H, W] in [0, 1].
+        num_frames: T = 1 + f_t k frames, past the trained length with a rolling
+        window of ``window`` latent frames (``nbp.long_video``; None: the trained length).
         """
+        if num_frames is not None:
+            return long_video.generate_video(self, class_ids, cond_ids, num_frames=num_frames,
+                                             window=window, batch_size=batch_size, mode=mode,
+                                             **sampling)
         self._require_tokenizer()
         cond = layout.condition_ids(self.config, class_ids, cond_ids, batch_size=batch_size)
         prompt = layout.video_prompt(self.config, cond)
@@ -418,3 +485,17 @@ class FastGenerator:
         new = self.generate_tokens(prompt.ids, prompt.num_new_tokens, cond_len=prompt.cond_len,
                                    mode=mode, **sampling)
         return self.decode_ids(prompt.video_ids(new))
+
+    def stream_frames(self, video: torch.Tensor | None = None, num_cond_frames: int = 5, *,
+                      num_frames: int, window: int | None = None, **kwargs):
+        """Decoded frames as their latent frames complete: an iterator of float32
+        [B, 3, n, H, W] in [0, 1], n = 1 for the first latent frame, then f_t.
+
+        With ``video``: frame prediction (as ``predict_frames``), else a whole video
+        (as ``generate_video``), ``num_frames`` long (1 + f_t k, any k). ``kwargs``:
+        class_ids, cond_ids, batch_size, mode, reencode and the sampling arguments
+        (``nbp.long_video.stream_frames``). This generator serves nothing else until
+        the iterator is exhausted.
+        """
+        return long_video.stream_frames(self, video, num_cond_frames, num_frames=num_frames,
+                                        window=window, **kwargs)

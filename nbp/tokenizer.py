@@ -197,13 +197,15 @@ class DepthToSpace3D(nn.Module):
         super().__init__()
         self.factors = tuple(factors)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first: bool = True) -> torch.Tensor:
+        """first: the chunk starts the video (False: a later chunk of a streamed
+        decode, whose latent frames each expand to all ``tb`` frames)."""
         b, c, t, h, w = x.shape
         tb, hb, wb = self.factors
         c_out = c // (tb * hb * wb)
         x = x.view(b, tb, hb, wb, c_out, t, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
         x = x.reshape(b, c_out, t * tb, h * hb, w * wb)
-        return x[:, :, tb - 1:] if tb > 1 else x
+        return x[:, :, tb - 1:] if tb > 1 and first else x
 
 
 def _encoder_layers(cfg: TokenizerConfig) -> list[nn.Module]:

@@ -18,6 +18,15 @@ never used in training) and reports:
   fewer steps count most;
 * with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``).
 
+``nbp eval --frames N`` (N = 1 + 2k beyond the trained 17) instead evaluates long videos
+(``nbp.long_video``): held-out clips rendered at N frames, NBP predicting N - 5 frames from
+5 with the rolling latent window (greedy; ``--window``, default the model's), as is and
+with each window's context re-encoded (``reencode``). It reports ``long_psnr_nbp`` /
+``long_psnr_nbp_reencode`` against ``long_psnr_copy_last``, their margins, the PSNR of the
+last 16 frames, and a no-collapse check on the last 16 frames: their mean per-frame
+spatial standard deviation (``long_last16_std_*``) against the true clips' (a video
+collapsed to a flat image has none; ``long_no_collapse_*`` asks for at least half).
+
 PSNR and SSIM follow ``nbp.metrics`` (per frame, then averaged).
 """
 from __future__ import annotations
@@ -109,11 +118,74 @@ def evaluate(models, num_clips: int = 64, seed: int | None = None, threads: int 
     return res
 
 
+LAST = 16   # frames of the no-collapse check
+
+
+def _spatial_std(video: torch.Tensor) -> float:
+    """Mean over samples, channels and frames of each frame's spatial std; video float
+    [B, C, T, H, W]."""
+    return float(video.float().std(dim=(-2, -1)).mean())
+
+
+def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None = None,
+                  threads: int | None = None, window: int | None = None) -> dict:
+    """Long-video metrics (module docstring) of ``models`` on ``num_clips`` held-out clips
+    rendered at ``num_frames`` frames."""
+    from nbp import metrics
+    from nbp.data.synthetic import render_clip
+    from nbp.demo import DATA_OPTIONS, EVAL_SEED, NUM_COND_FRAMES
+    from nbp.generate import FastGenerator
+    from nbp.long_video import check_window, latent_frames, predict_frames
+
+    if int(num_clips) < 1:
+        raise ValueError(f"--num-clips: expected a positive int, got {num_clips!r}")
+    gen = FastGenerator(models.nbp, models.tokenizer, device="cpu")
+    latent_frames(num_frames, models.tokenizer.config.factors[0])
+    window = check_window(gen.config, window)
+    if num_frames < NUM_COND_FRAMES + LAST:
+        raise ValueError(f"--frames: expected at least {NUM_COND_FRAMES + LAST} frames (5 given, "
+                         f"{LAST} checked for collapse), got {num_frames}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed = EVAL_SEED if seed is None else seed
+    clips = [render_clip(seed, i, **{**DATA_OPTIONS, "num_frames": num_frames})
+             for i in range(num_clips)]
+    video = torch.stack([torch.from_numpy(c[0]) for c in clips])
+    labels = torch.tensor([c[1] for c in clips])
+    truth = video[:, :, NUM_COND_FRAMES:]
+    copy_last = video[:, :, NUM_COND_FRAMES - 1:NUM_COND_FRAMES].expand_as(truth)
+    res = {"num_clips": num_clips, "seed": seed, "given_frames": NUM_COND_FRAMES,
+           "long_frames": num_frames, "long_predicted_frames": num_frames - NUM_COND_FRAMES,
+           "window": window, "long_psnr_copy_last": metrics.psnr(copy_last, truth),
+           "long_last16_psnr_copy_last": metrics.psnr(copy_last[:, :, -LAST:], truth[:, :, -LAST:]),
+           "long_last16_std_truth": _spatial_std(truth[:, :, -LAST:])}
+    for name, reencode in (("nbp", False), ("nbp_reencode", True)):
+        t0 = time.perf_counter()
+        pred = predict_frames(gen, video, NUM_COND_FRAMES, num_frames=num_frames, window=window,
+                              class_ids=labels, reencode=reencode, do_sample=False)
+        seconds = time.perf_counter() - t0
+        pred = pred[:, :, NUM_COND_FRAMES:]
+        res[f"long_psnr_{name}"] = metrics.psnr(pred, truth)
+        res[f"long_margin_{name}"] = res[f"long_psnr_{name}"] - res["long_psnr_copy_last"]
+        res[f"long_last16_psnr_{name}"] = metrics.psnr(pred[:, :, -LAST:], truth[:, :, -LAST:])
+        res[f"long_last16_std_{name}"] = _spatial_std(pred[:, :, -LAST:])
+        res[f"long_no_collapse_{name}"] = (res[f"long_last16_std_{name}"]
+                                           >= 0.5 * res["long_last16_std_truth"])
+        res[f"long_fps_{name}"] = num_clips * truth.shape[2] / seconds
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
 def run(args) -> int:
     from nbp.demo import load_demo
 
     models = load_demo(None if args.model == "demo" else args.model)
-    res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats, args.i3d)
+    if args.frames is not None and args.frames != 1 + models.tokenizer.config.factors[0] * (
+            models.nbp.config.latent_shape[0] - 1):
+        res = evaluate_long(models, args.frames, args.num_clips, args.seed, args.threads,
+                            args.window)
+    else:
+        res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats, args.i3d)
     res["model"] = str(models.path)
     if args.json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
@@ -136,6 +208,12 @@ def register(sub) -> None:
                         "thread hand-offs cost more than they save, badly so on a busy machine)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
     p.add_argument("--i3d", default=None, help="StyleGAN-V i3d_torchscript.pt: also report FVD")
+    p.add_argument("--frames", type=int, default=None,
+                   help="evaluate long videos instead: clips of this many frames (1 + 2k, e.g. "
+                        "65), predicted from 5 with the rolling latent window (nbp.long_video)")
+    p.add_argument("--window", type=int, default=None,
+                   help="with --frames: latent frames of context per window (default: the "
+                        "trained length minus one block-row)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="as in nbp generate: allow unpickling files that can run code. eval reads "

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from . import long_generate
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The demo clips have no real-time rate; 8 fps is the rate their GIFs have always played at,
 # and the rate at which --input footage is sampled for them.
@@ -194,7 +196,7 @@ def _read_input(args, gen, info, rate: float) -> torch.Tensor:
     if have < n:
         raise ValueError(f"--input: {args.input} holds {have} frames at {rate:g} fps from --start "
                          f"{args.start:g} s; the model needs --num-cond-frames {n} given frames")
-    count = min(have, frames) if args.side_by_side else n
+    count = min(have, args.frames or frames) if args.side_by_side else n
     clip = read_clip(args.input, start_seconds=args.start, num_frames=count, fps=rate, size=(H, W))
     return clip[None].expand(args.batch, -1, -1, -1, -1)
 
@@ -226,6 +228,9 @@ def _continue_clip(args, gen, clip: torch.Tensor, sampling: dict) -> torch.Tenso
         cond["class_ids"] = gen.most_likely_class(given, n)
         print(f"nbp generate: class {cond['class_ids'][0].item()} picked as the most likely for "
               "the given frames (--class-id N to choose)")
+    if args.frames is not None:
+        return long_generate.run(args, gen, video=given, num_cond_frames=n, mode=mode,
+                                 sampling=sampling, **cond)
     return gen.predict_frames(given, n, mode=mode, **cond, **sampling)
 
 
@@ -255,6 +260,9 @@ def _generate(args, gen, sampling: dict) -> torch.Tensor:
                          f"models: LLaMA-2 text token ids); pass --cond-ids a,b,... ({cfg.cond_len} ids)")
     elif cfg.cond_len == 1:
         class_ids = [args.class_id if args.class_id is not None else 0] * args.batch
+    if args.frames is not None:
+        return long_generate.run(args, gen, class_ids=class_ids, cond_ids=cond_ids,
+                                 batch_size=args.batch, mode=args.mode, sampling=sampling)
     return gen.generate_video(class_ids=class_ids, cond_ids=cond_ids, batch_size=args.batch,
                               mode=args.mode, **sampling)
 
@@ -277,6 +285,7 @@ def _check_args(args) -> None:
                        ("--start", args.start != 0)):
         if used and not given:
             raise ValueError(f"{flag}: applies to given frames; pass --input FILE (or --predict)")
+    long_generate.check_args(args)
 
 
 def _compose(args, video: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
@@ -323,20 +332,30 @@ def run(args) -> int:
 
         gen.check_batch_fits(args.batch, cfg=args.cfg_scale is not None)   # before rendering clips
         clip, labels = heldout_clips(args.batch)
-        video = predict_frames(gen, clip, labels, num_cond_frames=args.num_cond_frames,
-                               mode=args.mode or "nbp", **sampling)
+        if args.frames is not None:
+            video = long_generate.run(args, gen, video=clip, num_cond_frames=args.num_cond_frames,
+                                      class_ids=labels, mode=args.mode or "nbp", sampling=sampling)
+        else:
+            video = predict_frames(gen, clip, labels, num_cond_frames=args.num_cond_frames,
+                                   mode=args.mode or "nbp", **sampling)
     elif clip is not None:
         video = _continue_clip(args, gen, clip, sampling)
     else:
         video = _generate(args, gen, sampling)
+    if args.stream:   # the frames are generated as the file is written
+        long_generate.write_stream(args, video, rate)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    if args.stream:
+        print(f"nbp generate: {args.frames} frames streamed in {seconds:.2f} s -> {args.out}")
+        return 0
     path = save_video(_compose(args, video, clip), args.out, fps=rate)
     B, _, T, H, W = video.shape
+    how = (f"{len(steps)} steps, {cfg.video_len} tokens each" if args.frames is None else
+           f"windows of {cfg.latent_shape[0]} latent frames")
     print(f"nbp generate: {B} video(s) of {T} frames {H}x{W} at {rate:g} fps in {seconds:.2f} s "
-          f"({len(steps)} steps, {cfg.video_len} tokens each, L={cfg.block_size}, {device}) "
-          f"-> {path}")
+          f"({how}, L={cfg.block_size}, {device}) -> {path}")
     return 0
 
 
@@ -370,6 +389,7 @@ def register(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow checkpoints that need full unpickling (can run code from the file)")
     _add_input_options(p)
+    long_generate.add_arguments(p)
     p.add_argument("--scale", type=int, default=1, help="enlarge the saved frames by this factor")
     p.add_argument("--class-id", type=int, default=None,
                    help="class of class-conditional models (default 0; with --input: the most "
