@@ -330,6 +330,32 @@ class VideoTokenizer(Pretrained, nn.Module):
         """indices int [B, t, h, w] -> channel-first codes float32 [B, d, t, h, w]."""
         return self.quantizer.indices_to_codes(indices).movedim(-1, 1)
 
+    def flops(self, frames: int, height: int, width: int) -> dict[str, int]:
+        """Convolution FLOPs of one video ``[1, C, frames, height, width]``: ``{"encode": int, "decode": int}``.
+
+        Each Conv3d (the 1x1x1 ones too) counts ``2 * Cin/groups * prod(kernel) *
+        output elements``; norms, activations, padding and FSQ are not counted.
+        The layers run on the meta device (no memory, no arithmetic), so every
+        output shape is the one a real run has. Scales linearly with the batch.
+        """
+        t, h, w = self.config.latent_shape(frames, height, width)
+        with torch.device("meta"):
+            shadow = type(self)(self.config)
+        counts = {"encode": 0, "decode": 0}
+        phase = ["encode"]
+
+        def count(conv: nn.Conv3d, inputs, out: torch.Tensor) -> None:
+            counts[phase[0]] += 2 * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size) * out.numel()
+
+        for m in shadow.modules():
+            if isinstance(m, nn.Conv3d):
+                m.register_forward_hook(count)
+        with torch.no_grad():
+            shadow.encode_latents(torch.empty(1, self.config.in_channels, frames, height, width, device="meta"))
+            phase[0] = "decode"
+            shadow.decode_latents(torch.empty(1, self.config.latent_dim, t, h, w, device="meta"))
+        return counts
+
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: video [B, C, T, H, W] -> (reconstruction [B, C, T, H, W] unclamped, indices int64).
 
