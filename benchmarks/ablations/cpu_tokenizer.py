@@ -9,7 +9,10 @@ run for ``--mm-seconds``), so each row reports
 
     ratio = achieved conv FLOP/s of the call / fp32 matmul FLOP/s around it,
 
-which stays meaningful on a busy machine where absolute times do not. FLOPs
+which stays meaningful on a busy machine where absolute times do not, and the
+same ratio per CPU second of this process (``ratio_per_cpu_second``: time taken
+by other processes drops out; OpenMP threads spinning while a sibling waits for
+a core still count). FLOPs
 are ``VideoTokenizer.flops`` (every Conv3d, 2 per multiply-add). The peak
 resident memory of each call is read from ``VmHWM`` after resetting it
 (``/proc/self/clear_refs``).
@@ -88,17 +91,19 @@ def mib(kb: int | None) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
 
-def matmul_gflops(dtype: torch.dtype, n: int, seconds: float) -> float:
-    """Mean FLOP/s (in GFLOP/s) of back-to-back n x n ``torch.mm`` at ``dtype`` over about ``seconds``."""
+def matmul_gflops(dtype: torch.dtype, n: int, seconds: float) -> tuple[float, float]:
+    """Back-to-back n x n ``torch.mm`` at ``dtype`` for about ``seconds``: (GFLOP per wall second,
+    GFLOP per CPU second of this process, all threads summed)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
     torch.mm(a, b)
-    calls, t0 = 0, time.perf_counter()
+    calls, t0, c0 = 0, time.perf_counter(), time.process_time()
     while calls == 0 or time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         calls += 1
-    return 2 * n ** 3 * calls / (time.perf_counter() - t0) / 1e9
+    gflop = 2 * n ** 3 * calls / 1e9
+    return gflop / (time.perf_counter() - t0), gflop / max(time.process_time() - c0, 1e-9)
 
 
 def set_variant(model: VideoTokenizer, dtype: torch.dtype, layout: str) -> VideoTokenizer:
@@ -106,7 +111,7 @@ def set_variant(model: VideoTokenizer, dtype: torch.dtype, layout: str) -> Video
     return model.to(dtype=dtype).to(memory_format=LAYOUTS[layout])
 
 
-def timed_call(fn, args) -> dict:
+def timed_call(fn) -> dict:
     """Run ``fn()`` once: wall seconds, CPU seconds, peak and starting RSS (MiB), load average."""
     before = _status_kb("VmRSS")
     reset = reset_peak_rss()
@@ -122,17 +127,18 @@ def measure_op(fn, dtype: torch.dtype, args) -> dict:
     """One timed call with the matmul rates (fp32 and ``dtype``) measured right before and after it."""
     mm32 = [matmul_gflops(torch.float32, args.mm_size, args.mm_seconds)]
     mmdt = [matmul_gflops(dtype, args.mm_size, args.mm_seconds)] if dtype != torch.float32 else []
-    run = timed_call(fn, args)
+    run = timed_call(fn)
     mm32.append(matmul_gflops(torch.float32, args.mm_size, args.mm_seconds))
     if dtype != torch.float32:
         mmdt.append(matmul_gflops(dtype, args.mm_size, args.mm_seconds))
-    run["matmul_fp32_gflops"] = statistics.mean(mm32)
-    run["matmul_dtype_gflops"] = statistics.mean(mmdt) if mmdt else run["matmul_fp32_gflops"]
+    run["matmul_fp32_gflops"] = statistics.mean(m[0] for m in mm32)
+    run["matmul_fp32_gflop_per_cpu_s"] = statistics.mean(m[1] for m in mm32)
+    run["matmul_dtype_gflops"] = statistics.mean(m[0] for m in mmdt or mm32)
     return run
 
 
 def one_round(model: VideoTokenizer, video: torch.Tensor, variants, args) -> list[dict]:
-    """Encode then decode once for every variant: one sample per (variant, op)."""
+    """Encode then decode once for every (dtype, layout) variant: one sample per (variant, op)."""
     samples = []
     for dtype_name, layout in variants:
         dtype = DTYPES[dtype_name]
@@ -158,6 +164,8 @@ def summarize(samples: list[dict], flops: dict) -> list[dict]:
         mine = [s for s in samples if (s["dtype"], s["layout"], s["op"]) == (dtype, layout, op)]
         achieved = [flops[op] / s["seconds"] / 1e9 for s in mine]
         ratios = [a / s["matmul_fp32_gflops"] for a, s in zip(achieved, mine)]
+        # per CPU second of this process: what other processes take from it does not count
+        cpu_ratios = [flops[op] / s["cpu_seconds"] / 1e9 / s["matmul_fp32_gflop_per_cpu_s"] for s in mine]
         rows.append({
             "dtype": dtype, "layout": layout, "op": op, "tflop": flops[op] / 1e12,
             "seconds": [round(s["seconds"], 2) for s in mine],
@@ -168,6 +176,7 @@ def summarize(samples: list[dict], flops: dict) -> list[dict]:
             "ratio_to_fp32_matmul": [round(r, 3) for r in ratios],
             "ratio_median": round(statistics.median(ratios), 3),
             "ratio_best": round(max(ratios), 3),
+            "ratio_per_cpu_second": [round(r, 3) for r in cpu_ratios],
             "peak_rss_mib": max((s["peak_rss_mib"] or 0) for s in mine) or None,
             "rss_before_mib": min((s["rss_before_mib"] or 0) for s in mine) or None,
             "load_avg_1m": [round(s["load_avg_1m"], 2) for s in mine]})
@@ -224,6 +233,27 @@ def machine(flags: set[str]) -> dict:
                 native_bf16_matmul=native_bf16(flags))
 
 
+def header(args, info: dict, model: VideoTokenizer, flops: dict, use_bf16: bool) -> dict:
+    """The result file's fields that do not depend on the timed rows."""
+    return {
+        "preset": args.preset, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "clip": [args.frames, args.size, args.size], "tflop": {k: v / 1e12 for k, v in flops.items()},
+        "machine": info, "complete": False,
+        "bf16": ("measured" if use_bf16 else "skipped: no native bf16 matmul (amx_bf16 / avx512_bf16) on this CPU"),
+        "matmul_gflops_alone": {d: round(matmul_gflops(DTYPES[d], args.mm_size, args.mm_seconds)[0], 1)
+                                for d in DTYPES},
+        "reconstruction_psnr_demo": reconstruction_psnr(args.psnr_clips)}
+
+
+def report(result: dict, out: Path) -> None:
+    for row in result["rows"]:
+        print(f"{row['dtype']:>8} {row['layout']} {row['op']:>6}: {row['seconds']} s, {row['gflops']} GFLOP/s, "
+              f"ratio to fp32 matmul {row['ratio_to_fp32_matmul']}, peak RSS {row['peak_rss_mib']} MiB")
+    print(f"matmul alone (GFLOP/s): {result['matmul_gflops_alone']}; "
+          f"demo reconstruction PSNR: {result['reconstruction_psnr_demo']}")
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -238,19 +268,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = VideoTokenizer(cfg).eval()
     flops = model.flops(args.frames, args.size, args.size)
-    video = torch.rand(1, cfg.in_channels, args.frames, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    video = torch.rand(1, cfg.in_channels, args.frames, args.size, args.size,
+                       generator=torch.Generator().manual_seed(0))
     print(f"{info['cpu']}, {info['cpu_cores']} cores, {info['torch_threads']} threads, ISA {info['isa']}, "
-          f"load {info['load_avg_1m']:.1f}; {args.preset} {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-          f"params, clip {args.frames}x{args.size}x{args.size}: encode {flops['encode'] / 1e12:.2f} TFLOP, "
-          f"decode {flops['decode'] / 1e12:.2f} TFLOP", flush=True)
-    result = {
-        "preset": args.preset, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "clip": [args.frames, args.size, args.size], "tflop": {k: v / 1e12 for k, v in flops.items()},
-        "machine": info, "complete": False,
-        "bf16": ("measured" if use_bf16 else "skipped: no native bf16 matmul (amx_bf16 / avx512_bf16) on this CPU"),
-        "matmul_gflops_alone": {d: round(matmul_gflops(DTYPES[d], args.mm_size, args.mm_seconds), 1)
-                                for d in DTYPES},
-        "reconstruction_psnr_demo": reconstruction_psnr(args.psnr_clips)}
+          f"load {info['load_avg_1m']:.1f}; {args.preset}, clip {args.frames}x{args.size}x{args.size}: "
+          f"encode {flops['encode'] / 1e12:.2f} TFLOP, decode {flops['decode'] / 1e12:.2f} TFLOP", flush=True)
+    result = header(args, info, model, flops, use_bf16)
     samples = []
     for r in range(args.repeats):
         print(f"round {r + 1}/{args.repeats}", flush=True)
@@ -259,11 +282,7 @@ def main(argv=None) -> int:
             result.update(rows=summarize(samples, flops), load_avg_1m_after=os.getloadavg()[0],
                           complete=(r + 1 == args.repeats and variant == variants[-1]))
             atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    for row in result["rows"]:
-        print(f"{row['dtype']:>8} {row['layout']} {row['op']:>6}: {row['seconds']} s, {row['gflops']} GFLOP/s, "
-              f"ratio to fp32 matmul {row['ratio_to_fp32_matmul']}, peak RSS {row['peak_rss_mib']} MiB")
-    print(f"bf16/fp32 matmul alone: {result['matmul_gflops_alone']}; demo PSNR {result['reconstruction_psnr_demo']}")
-    print(f"wrote {out}")
+    report(result, out)
     return 0
 
 
