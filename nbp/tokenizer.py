@@ -246,6 +246,11 @@ class VideoTokenizer(Pretrained, nn.Module):
 
     config_class = TokenizerConfig
     model_type = "nbp-tokenizer"
+    # Layout of the activations on the CPU. In channels_last_3d oneDNN's conv3d reads and
+    # writes them without reordering and GroupNorm3D's per-frame view needs no copy; the
+    # weights stay as they are (benchmarks/ablations/cpu_tokenizer.py measures both layouts).
+    # torch.contiguous_format gives the plain layout. Other devices are left alone.
+    cpu_memory_format: torch.memory_format = torch.channels_last_3d
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
@@ -262,6 +267,12 @@ class VideoTokenizer(Pretrained, nn.Module):
         """Move an input onto the parameters' device and dtype."""
         p = next(iter(self.parameters()))
         return x.to(device=p.device, dtype=p.dtype)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A 5-D CPU activation in ``cpu_memory_format`` (no copy when it already is); others unchanged."""
+        if x.device.type != "cpu" or x.dim() != 5 or self.cpu_memory_format == torch.contiguous_format:
+            return x
+        return x.contiguous(memory_format=self.cpu_memory_format)
 
     def _check_video(self, video: torch.Tensor) -> None:
         c = self.config.in_channels
@@ -284,25 +295,25 @@ class VideoTokenizer(Pretrained, nn.Module):
 
     # --- continuous halves -----------------------------------------------------
     def encode_latents(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w], unquantized.
+        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w], unquantized, contiguous.
 
         The input is moved to the parameters' device and dtype; so is the output.
         """
         self._check_video(video)
-        x = self._to_params(video)
+        x = self._layout(self._to_params(video))
         for layer in self.encoder_layers:
-            x = layer(x)
-        return x
+            x = self._layout(layer(x))
+        return x.contiguous()
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
-        """Quantized codes [B, d, t, h, w] -> video [B, C, T, H, W] in the parameter dtype, not clamped."""
+        """Quantized codes [B, d, t, h, w] -> video [B, C, T, H, W] in the parameter dtype, contiguous, not clamped."""
         if codes.dim() != 5 or codes.shape[1] != self.config.latent_dim:
             raise ValueError(f"codes: expected [batch, {self.config.latent_dim}, t, h, w], "
                              f"got shape {tuple(codes.shape)}")
-        x = self._to_params(codes)
-        for layer in self.decoder_layers:
-            x = layer(x)
-        return x
+        x = self._layout(self._to_params(codes))
+        for layer in self.decoder_layers:   # DepthToSpace3D's reshape returns the plain layout
+            x = self._layout(layer(x))
+        return x.contiguous()
 
     # --- discrete interface ------------------------------------------------------
     @torch.no_grad()
