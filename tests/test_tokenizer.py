@@ -294,19 +294,19 @@ def test_flops_of_the_published_clip():
 
 
 def test_channels_last_3d_equals_default(tiny):
-    assert tiny.cpu_memory_format == torch.channels_last_3d      # the CPU default
-    plain = copy.deepcopy(tiny)
-    plain.cpu_memory_format = torch.contiguous_format
+    assert tiny.cpu_memory_format == torch.contiguous_format      # the CPU default
+    cl = copy.deepcopy(tiny)
+    cl.cpu_memory_format = torch.channels_last_3d
     video = torch.rand(2, 3, 9, 16, 24)
     with torch.no_grad():
-        z, z_plain = tiny.encode_latents(video), plain.encode_latents(video)
-    assert z.is_contiguous() and torch.allclose(z, z_plain, atol=1e-5)
-    codes = plain.encode(video)
-    out = tiny.decode(codes)
-    assert out.is_contiguous() and torch.allclose(out, plain.decode(codes), atol=1e-5)
-    # a layout switch between calls is fine, and channels_last weights are too
-    plain.to(memory_format=torch.channels_last_3d)
-    assert torch.allclose(plain.decode(codes), out, atol=1e-5)
+        z, z_cl = tiny.encode_latents(video), cl.encode_latents(video)
+    assert z_cl.is_contiguous() and torch.allclose(z_cl, z, atol=1e-5)
+    codes = tiny.encode(video)
+    out = cl.decode(codes)
+    assert out.is_contiguous() and torch.allclose(out, tiny.decode(codes), atol=1e-5)
+    # channels_last weights give the same numbers too
+    cl.to(memory_format=torch.channels_last_3d)
+    assert torch.allclose(cl.decode(codes), out, atol=1e-5)
 
 
 def test_bf16_reconstruction_within_half_a_db_of_fp32():
