@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -147,8 +148,8 @@ def one_round(model: VideoTokenizer, video: torch.Tensor, variants, args) -> lis
         set_variant(model, dtype, layout)
         x = video.to(dtype=dtype)
         with torch.no_grad():
-            enc = measure_op(lambda: model.encode(x), dtype, args)
-            dec = measure_op(lambda: model.decode(enc["out"]), dtype, args)
+            enc = measure_op(partial(model.encode, x), dtype, args)
+            dec = measure_op(partial(model.decode, enc["out"]), dtype, args)
         for op, run in (("encode", enc), ("decode", dec)):
             run.pop("out")
             samples.append({"dtype": dtype_name, "layout": layout, "op": op, **run})
