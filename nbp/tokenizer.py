@@ -248,6 +248,11 @@ class VideoTokenizer(Pretrained, nn.Module):
 
     config_class = TokenizerConfig
     model_type = "nbp-tokenizer"
+    # Layout of the activations on the CPU; the weights stay as they are and other devices
+    # are left alone. torch.channels_last_3d spares GroupNorm3D's per-frame copy, but
+    # benchmarks/ablations/cpu_tokenizer.py measured the same CPU seconds per clip for
+    # both layouts (magvit2, 2-core Xeon), so the plain layout stays the default.
+    cpu_memory_format: torch.memory_format = torch.contiguous_format
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()
@@ -264,6 +269,12 @@ class VideoTokenizer(Pretrained, nn.Module):
         """Move an input onto the parameters' device and dtype."""
         p = next(iter(self.parameters()))
         return x.to(device=p.device, dtype=p.dtype)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A 5-D CPU activation in ``cpu_memory_format`` (no copy when it already is); others unchanged."""
+        if x.device.type != "cpu" or x.dim() != 5 or self.cpu_memory_format == torch.contiguous_format:
+            return x
+        return x.contiguous(memory_format=self.cpu_memory_format)
 
     def _check_video(self, video: torch.Tensor) -> None:
         c = self.config.in_channels
@@ -286,25 +297,25 @@ class VideoTokenizer(Pretrained, nn.Module):
 
     # --- continuous halves -----------------------------------------------------
     def encode_latents(self, video: torch.Tensor) -> torch.Tensor:
-        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w], unquantized.
+        """video [B, C, T, H, W] float in [0, 1] -> latents [B, d, t, h, w], unquantized, contiguous.
 
         The input is moved to the parameters' device and dtype; so is the output.
         """
         self._check_video(video)
-        x = self._to_params(video)
+        x = self._layout(self._to_params(video))
         for layer in self.encoder_layers:
-            x = layer(x)
-        return x
+            x = self._layout(layer(x))
+        return x.contiguous()
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
-        """Quantized codes [B, d, t, h, w] -> video [B, C, T, H, W] in the parameter dtype, not clamped."""
+        """Quantized codes [B, d, t, h, w] -> video [B, C, T, H, W] in the parameter dtype, contiguous, not clamped."""
         if codes.dim() != 5 or codes.shape[1] != self.config.latent_dim:
             raise ValueError(f"codes: expected [batch, {self.config.latent_dim}, t, h, w], "
                              f"got shape {tuple(codes.shape)}")
-        x = self._to_params(codes)
-        for layer in self.decoder_layers:
-            x = layer(x)
-        return x
+        x = self._layout(self._to_params(codes))
+        for layer in self.decoder_layers:   # DepthToSpace3D's reshape returns the plain layout
+            x = self._layout(layer(x))
+        return x.contiguous()
 
     # --- discrete interface ------------------------------------------------------
     @torch.no_grad()
@@ -331,6 +342,32 @@ class VideoTokenizer(Pretrained, nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """indices int [B, t, h, w] -> channel-first codes float32 [B, d, t, h, w]."""
         return self.quantizer.indices_to_codes(indices).movedim(-1, 1)
+
+    def flops(self, frames: int, height: int, width: int) -> dict[str, int]:
+        """Convolution FLOPs of one video ``[1, C, frames, height, width]``: ``{"encode": int, "decode": int}``.
+
+        Each Conv3d (the 1x1x1 ones too) counts ``2 * Cin/groups * prod(kernel) *
+        output elements``; norms, activations, padding and FSQ are not counted.
+        The layers run on the meta device (no memory, no arithmetic), so every
+        output shape is the one a real run has. Scales linearly with the batch.
+        """
+        t, h, w = self.config.latent_shape(frames, height, width)
+        with torch.device("meta"):
+            shadow = type(self)(self.config)
+        counts = {"encode": 0, "decode": 0}
+        phase = ["encode"]
+
+        def count(conv: nn.Conv3d, inputs, out: torch.Tensor) -> None:
+            counts[phase[0]] += 2 * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size) * out.numel()
+
+        for m in shadow.modules():
+            if isinstance(m, nn.Conv3d):
+                m.register_forward_hook(count)
+        with torch.no_grad():
+            shadow.encode_latents(torch.empty(1, self.config.in_channels, frames, height, width, device="meta"))
+            phase[0] = "decode"
+            shadow.decode_latents(torch.empty(1, self.config.latent_dim, t, h, w, device="meta"))
+        return counts
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: video [B, C, T, H, W] -> (reconstruction [B, C, T, H, W] unclamped, indices int64).

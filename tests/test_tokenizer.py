@@ -238,3 +238,78 @@ def test_low_precision_weights(tiny):
     assert out.min() >= 0 and out.max() <= 1
     ref = tiny.decode(codes)
     assert (out - ref).abs().max() < 0.1           # same network, bf16 rounding only
+
+
+def _conv_flops_by_hand(cfg, T, H, W):
+    """Conv FLOPs from the config alone: 3x3x3 causal convs keep (or stride) the grid, 1x1x1 projections."""
+    k3 = cfg.kernel_size ** 3
+
+    def units(prev, width, n, vox):
+        total = 0
+        for _ in range(n):
+            total += 2 * k3 * vox * (prev * width + width * width) + (2 * prev * width * vox if prev != width else 0)
+            prev = width
+        return total
+
+    t, h, w = T, H, W
+    prev = cfg.encoder_channels[0]
+    enc = 2 * cfg.in_channels * prev * k3 * t * h * w
+    for i, (width, n) in enumerate(zip(cfg.encoder_channels, cfg.encoder_units)):
+        enc, prev = enc + units(prev, width, n, t * h * w), width
+        if i < len(cfg.strides):
+            st, sh, sw = cfg.strides[i]
+            t, h, w = (t - 1) // st + 1, (h - 1) // sh + 1, (w - 1) // sw + 1
+            enc += 2 * width * width * k3 * t * h * w
+    enc += 2 * prev * cfg.latent_dim * t * h * w
+    prev = cfg.decoder_channels[0]
+    dec = 2 * cfg.latent_dim * prev * k3 * t * h * w
+    for i, (width, n) in enumerate(zip(cfg.decoder_channels, cfg.decoder_units)):
+        dec, prev = dec + units(prev, width, n, t * h * w), width
+        if i < len(cfg.strides):
+            ft, fh, fw = cfg.strides[::-1][i]
+            dec += 2 * width * width * ft * fh * fw * k3 * t * h * w
+            t, h, w = t * ft - (ft - 1), h * fh, w * fw
+    return {"encode": enc, "decode": dec + 2 * prev * cfg.in_channels * k3 * t * h * w}
+
+
+@pytest.mark.parametrize("T,H,W", [(17, 32, 32), (5, 16, 24), (1, 8, 8)])
+def test_flops_count_every_conv(tiny, T, H, W):
+    assert tiny.flops(T, H, W) == _conv_flops_by_hand(tiny.config, T, H, W)
+    with pytest.raises(ValueError, match="T = 1 \\+ 4k"):
+        tiny.flops(T + 1, H, W)
+
+
+def test_flops_of_the_published_clip():
+    with torch.device("meta"):
+        tok = VideoTokenizer(TokenizerConfig.from_preset("magvit2"))
+    counts = tok.flops(17, 128, 128)
+    assert counts == _conv_flops_by_hand(tok.config, 17, 128, 128)
+    assert counts["encode"] == 4_470_771_023_872      # 4.47 TFLOP, the figure of issue 15
+    assert counts["decode"] == 6_190_875_017_216
+
+
+def test_channels_last_3d_equals_default(tiny):
+    assert tiny.cpu_memory_format == torch.contiguous_format      # the CPU default
+    cl = copy.deepcopy(tiny)
+    cl.cpu_memory_format = torch.channels_last_3d
+    video = torch.rand(2, 3, 9, 16, 24)
+    with torch.no_grad():
+        z, z_cl = tiny.encode_latents(video), cl.encode_latents(video)
+    assert z_cl.is_contiguous() and torch.allclose(z_cl, z, atol=1e-5)
+    codes = tiny.encode(video)
+    out = cl.decode(codes)
+    assert out.is_contiguous() and torch.allclose(out, tiny.decode(codes), atol=1e-5)
+    # channels_last weights give the same numbers too
+    cl.to(memory_format=torch.channels_last_3d)
+    assert torch.allclose(cl.decode(codes), out, atol=1e-5)
+
+
+def test_bf16_reconstruction_within_half_a_db_of_fp32():
+    from nbp.demo import heldout_clips, load_demo
+    from nbp.metrics import psnr
+
+    video, _ = heldout_clips(8)
+    tok = load_demo().tokenizer
+    fp32 = psnr(tok.decode(tok.encode(video)), video)
+    bf16 = psnr(tok.to(torch.bfloat16).decode(tok.encode(video)), video)
+    assert fp32 > 25 and abs(bf16 - fp32) < 0.5
