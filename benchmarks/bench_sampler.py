@@ -38,7 +38,7 @@ def _logits(rows: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("impl", ["batched_sampler", "batched_sampler_no_cpu_kernels", "per_token_loop"])
-def test_sampler(benchmark, floors, monkeypatch, request, impl, rows):
+def test_sampler(benchmark, floors, request, impl, rows):
     benchmark.group = f"sampler {rows}x{VOCAB} top-k {TOP_K} top-p {TOP_P} threads={torch.get_num_threads()}"
     logits = _logits(rows)
     if impl == "per_token_loop":
@@ -52,7 +52,8 @@ def test_sampler(benchmark, floors, monkeypatch, request, impl, rows):
             _torch_fallback(request)
         sampler = BatchedSampler(SamplingParams(top_k=TOP_K, top_p=TOP_P))
         u = sampler.noise(rows, torch.Generator(DEVICE).manual_seed(1), DEVICE)
-        fn = lambda: sampler(logits, u)  # noqa: E731
+        steps = logits[:, None]   # the sampler takes one step's raw logits [rows, n, V]
+        fn = lambda: sampler(steps, noise=u)  # noqa: E731
     run(benchmark, fn, 10 if impl == "per_token_loop" else 40)  # the loop takes ~1 s per call at 16 rows
     record(benchmark, floors, op="sampler", impl=impl, shape=f"{rows}x{VOCAB}", dtype=logits.dtype,
            nbytes=nbytes(logits), flops=0, rows=rows, top_k=TOP_K, top_p=TOP_P)
