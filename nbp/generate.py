@@ -124,8 +124,9 @@ class FastGenerator:
     the linears and the vocabulary head run from a packed copy of their
     weights at that dtype (fewer bytes read per decode step; also the
     prefill), computing what ``reference.dequantized_linear`` does;
-    activations, the KV cache and the sampler are unchanged. Needs the packed
-    CPU linear (a float32 generator on the CPU), else ValueError.
+    activations, the KV cache and the sampler are unchanged (``most_likely_class``
+    scores with the float32 model). Needs the packed CPU linear (a float32
+    generator on the CPU), else ValueError.
 
     Threads: one generator may be shared, but its calls run one at a time (its
     public methods hold one reentrant lock, as they share the static cache and

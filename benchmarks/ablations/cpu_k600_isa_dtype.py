@@ -114,8 +114,12 @@ def part_isa(model, ids, new, repeats: int) -> dict:
     fns["baseline-nbp"] = lambda: baseline_generate(model, ids, new, mode="nbp", **SAMPLING)
     times, loads = timed_rounds(fns, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
+    def paired(a, b):   # per round: both timed within seconds of each other
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
     ratios = {isa: {"baseline_over_nbp": med["baseline-nbp"] / med[f"nbp-{isa}"],
                     "ntp_over_nbp": med[f"ntp-{isa}"] / med[f"nbp-{isa}"],
+                    "paired_median_baseline_over_nbp": paired("baseline-nbp", f"nbp-{isa}"),
+                    "paired_median_ntp_over_nbp": paired(f"ntp-{isa}", f"nbp-{isa}"),
                     "targets_met": {"baseline_over_nbp>=5": med["baseline-nbp"] / med[f"nbp-{isa}"] >= 5,
                                     "ntp_over_nbp>=10": med[f"ntp-{isa}"] / med[f"nbp-{isa}"] >= 10}}
               for isa in isas}
@@ -167,6 +171,9 @@ def part_dtype(model, ids, new, repeats: int) -> dict:
                               "median_step_over_floor": statistics.median(ratios),
                               "within_1.3x": statistics.median(ratios) <= 1.3}
     med = out["median_s"]
+    t = out["times_s"]
+    out["paired_median_int8_speedup"] = statistics.median(
+        a / b for a, b in zip(t["nbp-float32"], t["nbp-int8"]))
     out["int8_speedup_over_float32"] = med["nbp-float32"] / med["nbp-int8"]
     out["bfloat16_speedup_over_float32"] = med["nbp-float32"] / med["nbp-bfloat16"]
     out["targets_met"] = {"int8>=2x": out["int8_speedup_over_float32"] >= 2}
@@ -179,6 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     configure_threads(args.threads)
     cfg = bench_config("k600-base", layers=6, width=384)
@@ -196,7 +204,8 @@ def main(argv=None) -> int:
               "given": given, "new": new, "sampling": SAMPLING, "machine": info, **body}
     print(json.dumps({k: v for k, v in result.items() if k not in ("config", "times_s")}, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"cpu_k600_{args.part}_{info['torch_threads']}t_{machine_tag(info)}.json"
+    out = args.out / (f"cpu_k600_{args.part}_{info['torch_threads']}t_{machine_tag(info)}"
+                      f"{args.tag}.json")
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
