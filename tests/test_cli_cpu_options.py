@@ -98,3 +98,32 @@ def test_importing_nbp_sets_a_passive_wait_policy_before_torch():
                                    capture_output=True, text=True).stdout.strip()
     assert run(env) == "PASSIVE"
     assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_eval_reports_each_weight_dtype(capsys):
+    assert main(["eval", "--model", "demo", "--num-clips", "2", "--repeats", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["pred_psnr_nbp_float32"] == res["pred_psnr_nbp"]   # the same greedy tokens
+    assert res["token_agreement_nbp_float32"] == 1.0 and res["pred_psnr_drop_nbp_float32"] == 0
+    for w in ("bfloat16", "int8") if is_available()[0] else ():
+        assert 0 <= res[f"token_agreement_nbp_{w}"] <= 1
+        assert res[f"pred_psnr_drop_nbp_{w}"] == pytest.approx(
+            res["pred_psnr_nbp_float32"] - res[f"pred_psnr_nbp_{w}"])
+
+
+def test_eval_weight_dtypes_without_the_kernel(monkeypatch):
+    """Where the packed linear cannot run, only float32 is reported, with the reason."""
+    from nbp.commands.eval import weight_dtype_rows
+    from nbp.demo import NUM_COND_FRAMES, heldout_clips, load_demo
+
+    from nbp_kernels import registry
+
+    monkeypatch.setenv("NBP_CPU_ISA", "off")
+    monkeypatch.setattr(registry, "_CACHE", {})   # resolved before, with the kernel usable
+    video, labels = heldout_clips(1)
+    truth = video[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + 12]
+    res = weight_dtype_rows(load_demo(), video, labels, truth)
+    assert set(res) == {"pred_psnr_nbp_float32", "token_agreement_nbp_float32",
+                        "pred_psnr_drop_nbp_float32", "weight_dtypes"}
+    assert "NBP_CPU_ISA=off" in res["weight_dtypes"]
