@@ -116,7 +116,6 @@ def test_eval_weight_dtypes_without_the_kernel(monkeypatch):
     """Where the packed linear cannot run, only float32 is reported, with the reason."""
     from nbp.commands.eval import weight_dtype_rows
     from nbp.demo import NUM_COND_FRAMES, heldout_clips, load_demo
-
     from nbp_kernels import registry
 
     monkeypatch.setenv("NBP_CPU_ISA", "off")

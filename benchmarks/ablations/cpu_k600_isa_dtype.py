@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (nbp is imported before torch on purpose)
 """K600 generation on the CPU per kernel ISA and weight dtype (issue 15's acceptance runs).
 
 K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
@@ -42,7 +43,7 @@ from nbp_kernels.cpu_build import configure_threads, cpu_isa, supported_isas
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "int8": torch.int8}
-SAMPLING = dict(top_k=16000, top_p=0.9)
+SAMPLING = {"top_k": 16000, "top_p": 0.9}
 
 
 def with_isa(isa: str | None, fn):

@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (nbp is imported before torch on purpose)
 """A/B of ``nbp_kernels/cpu/packed_linear.c``: a git revision against the working tree.
 
 Both sources are compiled with ``cpu_build``'s flags for the ISA in force

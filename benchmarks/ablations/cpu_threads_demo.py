@@ -25,7 +25,7 @@ def child(policy: str, repeats: int) -> dict:
     """Timings in this process (its policy fixed by what was imported first)."""
     if policy == "default":
         os.environ.pop("OMP_WAIT_POLICY", None)
-        import torch  # noqa: F401  (loads libgomp with its default spin policy)
+        import torch
     at_load = os.environ.get("OMP_WAIT_POLICY")   # what libgomp reads (nbp sets it later)
     import nbp  # noqa: F401
     at_load = os.environ.get("OMP_WAIT_POLICY") if policy == "passive" else at_load
