@@ -1,4 +1,4 @@
-"""The demo model's greedy NBP token generation: 1 vs 2 threads, OpenMP wait policy
+"""NBP token generation (the demo model, or ``--model k600``): 1 vs 2 threads, OpenMP wait policy
 PASSIVE (nbp's default since it sets ``OMP_WAIT_POLICY``) vs libgomp's default (spin).
 
 libgomp reads the policy once, when torch loads it, so each policy runs in its own
@@ -21,7 +21,30 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def child(policy: str, repeats: int) -> dict:
+def _k600_jobs() -> dict:
+    """NBP generation at the K600 shape (6 x 384, vocabulary 64000, 512 + 768 tokens,
+    top-k 16000, top-p 0.9, random weights) at 1 and 2 threads."""
+    import torch
+
+    from nbp.commands.bench import bench_config, frame_prediction_shape, random_model
+    from nbp.generate import FastGenerator
+
+    cfg = bench_config("k600-base", layers=6, width=384)
+    gen = FastGenerator(random_model(cfg))
+    given, new = frame_prediction_shape(cfg)
+    ids = torch.randint(cfg.video_offset, cfg.vocab_size, (1, given),
+                        generator=torch.Generator().manual_seed(0))
+
+    def job(threads):
+        def run():
+            torch.set_num_threads(threads)
+            gen.generate_tokens(ids, new, top_k=16000, top_p=0.9,
+                                generator=torch.Generator().manual_seed(0))
+        return run
+    return {f"{t}t-k600": job(t) for t in (1, 2)}
+
+
+def child(policy: str, repeats: int, model: str = "demo") -> dict:
     """Timings in this process (its policy fixed by what was imported first)."""
     if policy == "default":
         os.environ.pop("OMP_WAIT_POLICY", None)
@@ -37,20 +60,23 @@ def child(policy: str, repeats: int) -> dict:
     from nbp.demo import heldout_clips, load_demo, prediction_prompt
     from nbp.generate import FastGenerator
 
-    models = load_demo()
-    gen = FastGenerator(models.model("nbp"), models.tokenizer, device="cpu")
-    video, labels = heldout_clips(16)
-    prompts = {n: prediction_prompt(gen, video[:n], labels[:n]) for n in (1, 16)}
+    if model == "k600":
+        fns = _k600_jobs()
+    else:
+        models = load_demo()
+        gen = FastGenerator(models.model("nbp"), models.tokenizer, device="cpu")
+        video, labels = heldout_clips(16)
+        prompts = {n: prediction_prompt(gen, video[:n], labels[:n]) for n in (1, 16)}
 
-    def job(threads, n):
-        prompt, prefix = prompts[n]
+        def job(threads, n):
+            prompt, prefix = prompts[n]
 
-        def run():
-            torch.set_num_threads(threads)
-            gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
-                                cond_len=gen.config.cond_len, mode="nbp", do_sample=False)
-        return run
-    fns = {f"{t}t-{n}clip": job(t, n) for t in (1, 2) for n in (1, 16)}
+            def run():
+                torch.set_num_threads(threads)
+                gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
+                                    cond_len=gen.config.cond_len, mode="nbp", do_sample=False)
+            return run
+        fns = {f"{t}t-{n}clip": job(t, n) for t in (1, 2) for n in (1, 16)}
     load = os.getloadavg()[0]
     times = time_interleaved(fns, repeats)
     return {"policy": policy, "omp_wait_policy_when_torch_loaded": at_load,
@@ -64,10 +90,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--child", choices=["default", "passive"], help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=["demo", "k600"], default="demo",
+                   help="the demo model, or NBP generation at the K600 shape (random weights)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.repeats)))
+        print(json.dumps(child(args.child, args.repeats, args.model)))
         return 0
     runs = []
     for policy in ("passive", "default", "passive", "default"):   # alternated: load drifts
@@ -75,7 +103,7 @@ def main(argv=None) -> int:
         if policy == "default":
             env.pop("OMP_WAIT_POLICY", None)
         out = subprocess.run([sys.executable, __file__, "--child", policy, "--repeats",
-                              str(args.repeats)], env=env, check=True, capture_output=True,
+                              str(args.repeats), "--model", args.model], env=env, check=True, capture_output=True,
                              text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "rows"}),
@@ -86,9 +114,11 @@ def main(argv=None) -> int:
     from nbp_kernels.cpu_build import cpu_isa
 
     info = dict(machine_info("cpu"), isa=cpu_isa()[0])
-    result = {"what": __doc__.split("\n\n")[0], "machine": info, "runs": runs}
+    result = {"what": __doc__.split("\n\n")[0], "model": args.model, "machine": info,
+              "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu_threads_demo_{machine_tag(info)}.json"
+    name = "demo" if args.model == "demo" else "k600"
+    path = args.out / f"cpu_threads_{name}_{machine_tag(info)}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
