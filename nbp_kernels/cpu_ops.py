@@ -1,7 +1,8 @@
 """The ``cpu`` backend: the C kernels of ``packed_linear`` and ``sample_cpu`` as registry ops.
 
-* ``linear``: ``PackedLinears(model)``, the model's ``nn.Linear`` weights
-  packed once for ``packed_linear`` (float32 CPU only);
+* ``linear``: ``PackedLinears(model, weight_dtype=None)``, the model's
+  ``nn.Linear`` weights packed once for ``packed_linear`` (float32 CPU models;
+  stored as float32, bfloat16 or int8);
 * ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows).
 
 Each is usable where its C file compiles (``is_available()`` of its module);
