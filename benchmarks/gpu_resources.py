@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures
 import json
 import math
-import os
 import re
 import shutil
 import subprocess

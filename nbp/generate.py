@@ -30,6 +30,7 @@ import threading
 import torch
 
 from nbp_kernels import registry
+from nbp_kernels.packed_linear import is_available as packed_linear_available
 
 from . import devices, layout, long_video
 from .cache import StaticKVCache
@@ -63,6 +64,32 @@ def _linear_backend(packed_linear, device: torch.device, dtype: torch.dtype) -> 
     except ValueError as e:
         raise ValueError(f"packed_linear: True, but the kernel is not usable: {e}") from None
     return "cpu"
+
+
+_WEIGHT_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
+
+
+def _checked_weight_dtype(weight_dtype, packed_linear, device: torch.device,
+                          dtype: torch.dtype):
+    """``weight_dtype`` as the packed linears take it (None for float32 weights), or a
+    ValueError naming it: narrower weights exist only in the ``cpu`` backend's packed
+    linear, so they need a float32 generator on a CPU where that kernel runs."""
+    if weight_dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: expected None, torch.float32, torch.bfloat16 or "
+                         f"torch.int8, got {weight_dtype!r}")
+    if weight_dtype in (None, torch.float32):
+        return None
+    if packed_linear is False:
+        raise ValueError(f"weight_dtype: {weight_dtype} weights run through the packed CPU "
+                         f"linear, but packed_linear=False")
+    ok, why = (device.type == "cpu" and dtype == torch.float32,
+               f"this generator is {dtype} on {device}")
+    if ok:
+        ok, why = packed_linear_available()   # not the registry's answer: it is memoised
+    if not ok:
+        raise ValueError(f"weight_dtype: {weight_dtype} weights need the packed CPU linear "
+                         f"(a float32 generator on the CPU where the kernel runs): {why}")
+    return weight_dtype
 
 
 def _serialized(method):
@@ -106,6 +133,14 @@ class FastGenerator:
     copy of them): "auto" (when usable), True (raise if unusable) or False
     (``torch``). The sampler's ops follow ``auto``; force them with
     ``nbp_kernels.registry.forced(keep_threshold=..., draw_kept=...)``.
+    weight_dtype: None (the model's float32 weights), torch.bfloat16 or
+    torch.int8 (per-output-channel scales, ``nbp_kernels.reference.quantize_weight``):
+    the linears and the vocabulary head run from a packed copy of their
+    weights at that dtype (fewer bytes read per decode step; also the
+    prefill), computing what ``reference.dequantized_linear`` does;
+    activations, the KV cache and the sampler are unchanged (``most_likely_class``
+    scores with the float32 model). Needs the packed CPU linear (a float32
+    generator on the CPU), else ValueError.
 
     Threads: one generator may be shared, but its calls run one at a time (its
     public methods hold one reentrant lock, as they share the static cache and
@@ -122,7 +157,7 @@ class FastGenerator:
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
                  backend: str = "auto", max_batch_size: int | None = None,
                  max_seq_len: int | None = None, cuda_graphs="auto", compile: bool = False,
-                 draw: str = "fast", packed_linear="auto"):
+                 draw: str = "fast", packed_linear="auto", weight_dtype=None):
         if not isinstance(model, NBPTransformer):
             raise ValueError(f"model: expected an NBPTransformer, got {type(model).__name__}")
         device = (devices.checked_device(device) if device is not None
@@ -142,6 +177,9 @@ class FastGenerator:
         _positive_or_none("max_batch_size", max_batch_size)
         _positive_or_none("max_seq_len", max_seq_len)
         linear_backend = _linear_backend(packed_linear, device, dtype)
+        weight_dtype = _checked_weight_dtype(weight_dtype, packed_linear, device, dtype)
+        if weight_dtype is not None:
+            linear_backend = "cpu"
         if backend != "auto":   # an unusable backend fails here, before the model is moved
             Kernels.resolve(backend, device=device, dtype=dtype, head_dim=model.config.head_dim,
                             block_size=model.config.block_size, step_lens=(model.config.block_size,))
@@ -156,7 +194,10 @@ class FastGenerator:
         self.use_graphs = device.type == "cuda" and cuda_graphs in ("auto", True)
         self.compile = compile
         # packing copies the weights: done once per generator, not per request
-        self.linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)(self.model)
+        self.weight_dtype = weight_dtype
+        make_linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)
+        self.linear = (make_linear(self.model) if weight_dtype is None
+                       else make_linear(self.model, weight_dtype=weight_dtype))
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
         self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens

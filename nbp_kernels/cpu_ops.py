@@ -1,7 +1,8 @@
 """The ``cpu`` backend: the C kernels of ``packed_linear`` and ``sample_cpu`` as registry ops.
 
-* ``linear``: ``PackedLinears(model)``, the model's ``nn.Linear`` weights
-  packed once for ``packed_linear`` (float32 CPU only);
+* ``linear``: ``PackedLinears(model, weight_dtype=None)``, the model's
+  ``nn.Linear`` weights packed once for ``packed_linear`` (float32 CPU models;
+  stored as float32, bfloat16 or int8);
 * ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows).
 
 Each is usable where its C file compiles (``is_available()`` of its module);
@@ -21,14 +22,18 @@ class PackedLinears:
     """A linear function that runs every ``nn.Linear`` of ``model`` through
     ``packed_linear`` (float32 CPU models; weights packed once, here).
 
+    weight_dtype: None or torch.float32 (the float32 weights), torch.bfloat16
+    or torch.int8 (``reference.quantize_weight``): the packed copies' dtype.
     ``__call__(module, x)``: x float32 [..., in_features] -> [..., out_features].
-    Products of more than ``packed_linear.MAX_ROWS`` rows (the prefill) use the
-    module's own forward. The packed copies are not updated if the model's
-    weights change later: build a new generator then.
+    With float32 weights, products of more than ``packed_linear.MAX_ROWS`` rows
+    (the prefill) use the module's own forward; narrower weights are used at
+    every row count (``PackedLinear``). The packed copies are not updated if
+    the model's weights change later: build a new generator then.
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.packed = {m: packed_linear.PackedLinear(m) for m in model.modules()
+    def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None):
+        self.weight_dtype = weight_dtype
+        self.packed = {m: packed_linear.PackedLinear(m, weight_dtype) for m in model.modules()
                        if isinstance(m, torch.nn.Linear)}
 
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .cpu_options import add_threads, add_weight_dtype, apply_threads, weight_dtype
+
 # CPU default: the preset's layout at 6 layers x 384 wide, so NTP finishes in about a minute.
 CPU_LAYERS, CPU_WIDTH = 6, 384
 
@@ -109,15 +111,16 @@ def median(xs: list[float]) -> float:
 
 def ntp_vs_nbp(model, *, batch: int = 1, repeats: int = 3, top_k: int | None = 16000,
                top_p: float | None = 0.9, device="cpu", seed: int = 0, extra: dict | None = None,
-               graphs="auto") -> list[dict]:
+               graphs="auto", weight_dtype=None) -> list[dict]:
     """Median time of K600-style generation in modes "nbp" and "ntp" (plus ``extra``
-    callables taking (input_ids, num_new, mode)); one row per method."""
+    callables taking (input_ids, num_new, mode)); one row per method. weight_dtype:
+    ``FastGenerator``'s (None: the model's float32 weights)."""
     from nbp.generate import FastGenerator
 
     device = torch.device(device)
     cfg = model.config
     given, new = frame_prediction_shape(cfg)
-    gen = FastGenerator(model, device=device, cuda_graphs=graphs)
+    gen = FastGenerator(model, device=device, cuda_graphs=graphs, weight_dtype=weight_dtype)
     ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (batch, given),
                         generator=torch.Generator().manual_seed(seed))
 
@@ -159,6 +162,7 @@ def format_table(rows: list[dict], ref: str = "nbp") -> str:
 
 
 def run(args) -> int:
+    apply_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -173,10 +177,11 @@ def run(args) -> int:
         raise ValueError(f"--top-k: expected 0 (no top-k) or a positive int, got {args.top_k}")
     top_k = None if args.top_k == 0 else args.top_k
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, top_k=top_k, top_p=args.top_p,
-                      device=device, seed=args.seed)
+                      device=device, seed=args.seed, weight_dtype=weight_dtype(args.weight_dtype))
     info = machine_info(device)
     print(f"{args.preset}: {cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
-          f"L={cfg.block_size}, batch {args.batch}, {dtype}, random weights")
+          f"L={cfg.block_size}, batch {args.batch}, {dtype}, random weights stored "
+          f"{args.weight_dtype}")
     print(f"device: {info.get('gpu') or info['cpu']} ({info['cpu_cores']} cores, "
           f"{info['torch_threads']} torch threads, load {info['load_avg_1m']})")
     print(format_table(rows))
@@ -195,4 +200,6 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
+    add_weight_dtype(p)
+    add_threads(p)
     p.set_defaults(func=run)

@@ -16,7 +16,11 @@ never used in training) and reports:
 * ``fps1_*`` / ``token_fps1_*`` and ``speedup1_*``: the same for one video at a time
   (the first clip): the latency a user waits for, where a step is small and NBP's
   fewer steps count most;
-* with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``).
+* with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``);
+* ``pred_psnr_nbp_<w>`` / ``token_agreement_nbp_<w>`` for each weight dtype w (float32,
+  bfloat16, int8; ``FastGenerator(weight_dtype=...)``): greedy NBP frame prediction with
+  the linears' weights stored at w, and the fraction of its predicted tokens equal to
+  float32's (``weight_dtype_rows``); ``pred_psnr_drop_nbp_<w>``: float32's PSNR minus w's.
 
 ``nbp eval --frames N`` (N = 1 + 2k beyond the trained 17) instead evaluates long videos
 (``nbp.long_video``): held-out clips rendered at N frames, NBP predicting N - 5 frames from
@@ -35,6 +39,8 @@ import json
 import time
 
 import torch
+
+from .cpu_options import WEIGHT_DTYPES, add_threads, apply_threads, weight_dtype
 
 NUM_PRED_FRAMES = 12
 
@@ -81,8 +87,7 @@ def evaluate(models, num_clips: int = 64, seed: int | None = None, threads: int 
 
     if int(num_clips) < 1:
         raise ValueError(f"--num-clips: expected a positive int, got {num_clips!r}")
-    if threads:
-        torch.set_num_threads(int(threads))
+    apply_threads(threads)
     detector = metrics.load_i3d(i3d) if i3d else None
     seed = EVAL_SEED if seed is None else seed
     video, labels = heldout_clips(num_clips, seed)
@@ -114,6 +119,7 @@ def evaluate(models, num_clips: int = 64, seed: int | None = None, threads: int 
     res["token_speedup_nbp_over_ntp"] = res["token_fps_nbp"] / res["token_fps_ntp"]
     res["speedup1_nbp_over_ntp"] = res["fps1_nbp"] / res["fps1_ntp"]
     res["token_speedup1_nbp_over_ntp"] = res["token_fps1_nbp"] / res["token_fps1_ntp"]
+    res.update(weight_dtype_rows(models, video, labels, truth))
     res["threads"] = torch.get_num_threads()
     return res
 
@@ -145,8 +151,7 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
     if num_frames < NUM_COND_FRAMES + LAST:
         raise ValueError(f"--frames: expected at least {NUM_COND_FRAMES + LAST} frames (5 given, "
                          f"{LAST} checked for collapse), got {num_frames}")
-    if threads:
-        torch.set_num_threads(int(threads))
+    apply_threads(threads)
     seed = EVAL_SEED if seed is None else seed
     clips = [render_clip(seed, i, **{**DATA_OPTIONS, "num_frames": num_frames})
              for i in range(num_clips)]
@@ -173,6 +178,37 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
                                            >= 0.5 * res["long_last16_std_truth"])
         res[f"long_fps_{name}"] = num_clips * truth.shape[2] / seconds
     res["threads"] = torch.get_num_threads()
+    return res
+
+
+@torch.no_grad()
+def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
+                      truth: torch.Tensor) -> dict:
+    """Greedy NBP frame prediction per weight dtype (``WEIGHT_DTYPES``): PSNR against
+    ``truth`` (float32 [B, 3, 12, H, W]) and the fraction of predicted tokens equal to those
+    of float32 weights. video float32 [B, 3, T, H, W], labels int [B]. Narrow weights need
+    the packed CPU linear; without it only float32 is reported, with the reason."""
+    from nbp import metrics
+    from nbp.demo import NUM_COND_FRAMES, decode_tokens, prediction_prompt
+    from nbp.generate import FastGenerator
+    from nbp_kernels.packed_linear import is_available
+
+    ok, why = is_available()
+    res, ref = {}, None
+    for name in WEIGHT_DTYPES if ok else WEIGHT_DTYPES[:1]:
+        gen = FastGenerator(models.model("nbp"), models.tokenizer, device="cpu",
+                            weight_dtype=weight_dtype(name))
+        prompt, prefix = prediction_prompt(gen, video, labels)
+        new = gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
+                                  cond_len=gen.config.cond_len, mode="nbp", do_sample=False)
+        ref = new if ref is None else ref
+        pred = decode_tokens(gen, torch.cat([prefix, new], dim=1))
+        pred = pred[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + NUM_PRED_FRAMES]
+        res[f"pred_psnr_nbp_{name}"] = metrics.psnr(pred, truth)
+        res[f"token_agreement_nbp_{name}"] = (new == ref).double().mean().item()
+        res[f"pred_psnr_drop_nbp_{name}"] = res["pred_psnr_nbp_float32"] - res[f"pred_psnr_nbp_{name}"]
+    if not ok:
+        res["weight_dtypes"] = f"float32 only: the packed CPU linear is not usable ({why})"
     return res
 
 
@@ -203,9 +239,8 @@ def register(sub) -> None:
                    help="held-out clips (default 64: the per-clip PSNR margin over copy-last "
                         "varies by ~2 dB, so 16 clips leave +-0.5 dB of noise)")
     p.add_argument("--seed", type=int, default=None, help="held-out clip seed (default nbp.demo.EVAL_SEED)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the demo's decode steps are so small that "
-                        "thread hand-offs cost more than they save, badly so on a busy machine)")
+    add_threads(p, default=1, why=": the demo's decode steps are so small that thread "
+                                 "hand-offs cost more than they save, badly so on a busy machine")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
     p.add_argument("--i3d", default=None, help="StyleGAN-V i3d_torchscript.pt: also report FVD")
     p.add_argument("--frames", type=int, default=None,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import long_generate
+from .cpu_options import add_threads, add_weight_dtype, apply_threads, weight_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The demo clips have no real-time rate; 8 fps is the rate their GIFs have always played at,
@@ -309,13 +310,15 @@ def run(args) -> int:
     from nbp.io import save_video
 
     _check_args(args)
+    apply_threads(args.threads)
     info = None
     if args.input is not None:
         from nbp.video import probe
         info = probe(args.input)     # an unreadable file is refused before the model loads
     device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok, kind = _load(args)
-    gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend)
+    gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend,
+                        weight_dtype=weight_dtype(args.weight_dtype))
     cfg = gen.config
     rate = _rate(args, _model_fps(args, kind), info.fps if info else None)
     steps = []
@@ -411,6 +414,8 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--backend", default="auto", help="kernel backend (auto, torch, triton, cuda)")
+    add_weight_dtype(p)
+    add_threads(p)
     p.add_argument("--fps", default="model",
                    help="frame rate of the given frames and the output: 'model' (default: the "
                         f"model's training rate; demo {DEMO_FPS:g}), 'input' (the input's own) or "

@@ -1,8 +1,10 @@
-"""``nbp info``: versions, devices, and the kernel registry's table per device:
-every op x backend, usable or why not (``nbp_kernels.registry.status_table``)."""
+"""``nbp info``: versions, devices, the CPU kernels' instruction set and threads, and the
+kernel registry's table per device: every op x backend, usable or why not
+(``nbp_kernels.registry.status_table``)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 
@@ -35,8 +37,13 @@ def collect() -> dict:
     except ImportError:
         info["triton"] = None
     from nbp_kernels import packed_linear, sample_cpu
+    from nbp_kernels.cpu_build import cpu_isa
     from nbp_kernels.cuda_ops import build_info
     info["cuda_extension"] = build_info()
+    isa, why = cpu_isa()
+    info["cpu_isa"] = {"isa": isa, "why": why}
+    info["cpu_threads"] = {"threads": torch.get_num_threads(),
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu)):
         ok, why = mod.is_available()
         info[name] = True if ok else f"no ({why})"
@@ -50,7 +57,11 @@ def run(args) -> int:
         return 0
     for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
         print(f"{key:>14}: {info[key]}")
-    for key, use in (("packed_linear", "float32 CPU decode linears"),
+    isa, threads = info["cpu_isa"], info["cpu_threads"]
+    print(f"{'cpu_isa':>14}: {isa['isa']} ({isa['why']})")
+    print(f"{'cpu_threads':>14}: {threads['threads']} (OMP_WAIT_POLICY="
+          f"{threads['omp_wait_policy'] or 'unset: threads spin-wait'}; --threads sets them)")
+    for key, use in (("packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
                      ("sample_cpu", "float32 CPU sampler")):
         print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")
     for dev, name in info["devices"].items():

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..data.synthetic import BACKGROUNDS
+from .cpu_options import add_threads, apply_threads
 
 __all__ = ["register", "build_dataset", "transformer_config"]
 
@@ -90,7 +91,7 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
     g.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    g.add_argument("--threads", type=int, help="CPU threads (1 is fastest on a busy shared CPU)")
+    add_threads(g)
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -155,8 +156,7 @@ def _run_tokens(args) -> int:
     from ..published import load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     tok = load_tokenizer(args.tokenizer, device=device)
     path = extract_tokens(tok, build_dataset(args), args.out, batch_size=args.batch, device=device,
                           progress=not args.no_progress)
@@ -248,7 +248,7 @@ def register(sub) -> None:
     k.add_argument("--out", required=True, help="cache file to write (.safetensors)")
     k.add_argument("--batch", type=int, default=8)
     k.add_argument("--device")
-    k.add_argument("--threads", type=int, help="CPU threads")
+    add_threads(k)
     k.add_argument("--no-progress", action="store_true")
     _add_data_args(k)
     k.set_defaults(func=_run_tokens)

@@ -36,6 +36,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from nbp_kernels.cpu_build import configure_threads
+
 from .checkpoint import load_checkpoint, read_checkpoint, check_identity, save_checkpoint
 from .distributed import DistEnv, local_batch_indices
 from .optim import OptimConfig, build_optimizer, build_scheduler, clip_grad_norm
@@ -66,7 +68,7 @@ class LoopConfig:
     checkpoint), "auto" (continue ``out_dir/checkpoint.pt`` if there is one, else start),
     "out_dir" (continue ``out_dir/checkpoint.pt``, which must exist: ``--resume``) or a
     checkpoint path (which must exist); global_batch: clips per step over all processes; threads: CPU
-    threads for torch (None: torch's default). On a shared CPU, 1 thread per process can be
+    threads for torch and the kernels (``configure_threads``; None: its default). On a shared CPU, 1 thread per process can be
     many times faster than oversubscribed OpenMP threads."""
 
     steps: int = 1000
@@ -283,8 +285,7 @@ def run_loop(module: nn.Module, step_fn: StepFn, cfg: LoopConfig, env: DistEnv, 
     if cfg.global_batch % env.world_size:
         raise ValueError(f"global_batch: {cfg.global_batch} is not divisible by the number of "
                          f"processes ({env.world_size})")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads)
     identity = {**identity, "loop": cfg.identity()}
     optimizer, scheduler, step = _prepare(module, cfg, env, out_dir, identity)
     _start_files(out_dir, env, step, train_config)

@@ -152,7 +152,9 @@ static inline __attribute__((always_inline)) void tile(
         }
         for (int m = 0; m < TILE_ROWS; m++) {
             if (m < rows) {
-                vf xv = (vf){0} + x[m * K + k];
+                /* x - 0 is x for every x (0 + x is not, for -0), so this compiles to a
+                 * broadcast load: 0 + x cost an add and a shuffle on the FMA ports */
+                vf xv = x[m * K + k] - (vf){0};
                 for (int j = 0; j < GROUP * SUB; j++)
                     if (j < n_panels * SUB)
                         acc[m][j] += xv * w[j];

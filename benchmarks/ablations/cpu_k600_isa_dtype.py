@@ -1,0 +1,216 @@
+# ruff: noqa: I001  (nbp is imported before torch on purpose)
+"""K600 generation on the CPU per kernel ISA and weight dtype (issue 15's acceptance runs).
+
+K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
+new tokens, L = 16, top-k 16000, top-p 0.9, random weights), one process,
+variants timed round-robin (``time_interleaved``; medians), the load average
+recorded before and after each round.
+
+``--part isa``: float32 weights; nbp NBP and nbp NTP with the kernels forced to
+each ISA this CPU runs (``NBP_CPU_ISA``, switched per call), and the published
+sampler (benchmarks/ablations/baseline.py, torch only: no ISA). Ratios per
+ISA: baseline / NBP (target >= 5) and NTP / NBP (target >= 10).
+
+``--part dtype``: nbp NBP with float32, bfloat16 and int8 weights on the native
+ISA (target: int8 >= 2x faster than float32), each decode step timed (from the
+step callback) against its memory floor: the bytes it must read (every linear's
+weights at their dtype, plus the K and V cache up to the step's length) over
+the read bandwidth of a threaded sum over 1 GiB, measured in the same rounds
+(target: within 1.3x).
+
+    python benchmarks/ablations/cpu_k600_isa_dtype.py --part dtype --threads 2 --repeats 5
+    python benchmarks/ablations/cpu_k600_isa_dtype.py --part isa --threads 2 --repeats 3
+"""
+from __future__ import annotations
+
+import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgomp)
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from baseline import generate_tokens as baseline_generate
+from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, machine_tag,
+                                random_model, time_interleaved)
+from nbp.generate import FastGenerator
+from nbp.io import atomic_write_text
+from nbp_kernels.cpu_build import configure_threads, cpu_isa, supported_isas
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "int8": torch.int8}
+SAMPLING = {"top_k": 16000, "top_p": 0.9}
+
+
+def with_isa(isa: str | None, fn):
+    """fn run with ``NBP_CPU_ISA`` set to ``isa`` (None: unset, the native choice)."""
+    def run():
+        saved = os.environ.get("NBP_CPU_ISA")
+        if isa is None:
+            os.environ.pop("NBP_CPU_ISA", None)
+        else:
+            os.environ["NBP_CPU_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop("NBP_CPU_ISA", None)
+            else:
+                os.environ["NBP_CPU_ISA"] = saved
+    return run
+
+
+def read_bandwidth() -> float:
+    """Bytes per second a threaded sum reads from a 1 GiB buffer (one pass)."""
+    if not hasattr(read_bandwidth, "buf"):
+        read_bandwidth.buf = torch.ones(256 << 20)
+    buf = read_bandwidth.buf
+    t0 = time.perf_counter()
+    buf.sum()
+    return buf.numel() * 4 / (time.perf_counter() - t0)
+
+
+def weight_bytes(model, weight_dtype) -> int:
+    """Bytes of every linear's weights (and int8 scales) at ``weight_dtype``, plus biases."""
+    item = {None: 4, torch.bfloat16: 2, torch.int8: 1}[weight_dtype]
+    total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * item + (m.out_features * 4 if weight_dtype == torch.int8 else 0)
+            total += 0 if m.bias is None else m.bias.numel() * 4
+    return total
+
+
+def cache_bytes(cfg, positions: int) -> int:
+    """K and V of every layer for ``positions`` positions (float32, batch 1)."""
+    return 2 * cfg.n_layer * positions * cfg.n_embd * 4
+
+
+def generation(gen, ids, new, mode, step_times=None):
+    """A generation call; with ``step_times``, appends each step's (index, seconds)."""
+    def run():
+        last = [time.perf_counter()]
+
+        def callback(s, _):
+            now = time.perf_counter()
+            if step_times is not None and s > 0:
+                step_times.append((s, now - last[0]))
+            last[0] = now
+        return gen.generate_tokens(ids, new, mode=mode, generator=torch.Generator().manual_seed(0),
+                                   callback=callback, **SAMPLING)
+    return run
+
+
+def part_isa(model, ids, new, repeats: int) -> dict:
+    isas = supported_isas()
+    fns = {}
+    for isa in isas:
+        gen = FastGenerator(model)
+        for mode in ("nbp", "ntp"):
+            fns[f"{mode}-{isa}"] = with_isa(isa, generation(gen, ids, new, mode))
+    fns["baseline-nbp"] = lambda: baseline_generate(model, ids, new, mode="nbp", **SAMPLING)
+    times, loads = timed_rounds(fns, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    def paired(a, b):   # per round: both timed within seconds of each other
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    ratios = {isa: {"baseline_over_nbp": med["baseline-nbp"] / med[f"nbp-{isa}"],
+                    "ntp_over_nbp": med[f"ntp-{isa}"] / med[f"nbp-{isa}"],
+                    "paired_median_baseline_over_nbp": paired("baseline-nbp", f"nbp-{isa}"),
+                    "paired_median_ntp_over_nbp": paired(f"ntp-{isa}", f"nbp-{isa}"),
+                    "targets_met": {"baseline_over_nbp>=5": med["baseline-nbp"] / med[f"nbp-{isa}"] >= 5,
+                                    "ntp_over_nbp>=10": med[f"ntp-{isa}"] / med[f"nbp-{isa}"] >= 10}}
+              for isa in isas}
+    return {"isas": list(isas), "times_s": times, "median_s": med, "load_avg_1m_per_round": loads,
+            "ratios": ratios}
+
+
+def timed_rounds(fns: dict, repeats: int) -> tuple[dict, list]:
+    """Round-robin timing (one warm-up call each), the load average before each round."""
+    times = {k: [] for k in fns}
+    loads = []
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        loads.append(os.getloadavg()[0])
+        for k, v in time_interleaved(fns, 1, warmup=0).items():
+            times[k] += v
+    return times, loads
+
+
+def part_dtype(model, ids, new, repeats: int) -> dict:
+    cfg, given = model.config, ids.shape[1]
+    steps = {name: [] for name in DTYPES}
+    fns = {}
+    for name, wd in DTYPES.items():
+        gen = FastGenerator(model, weight_dtype=wd)
+        fns[f"nbp-{name}"] = generation(gen, ids, new, "nbp", steps[name])
+    bandwidths = []
+    fns["read-bandwidth"] = lambda: bandwidths.append(read_bandwidth())
+    times, loads = timed_rounds(fns, repeats)
+    for v in steps.values():
+        del v[:len(v) // (repeats + 1)]   # the warm-up call's steps
+    bw = statistics.median(bandwidths[1:])
+    out = {"times_s": {k: v for k, v in times.items() if k != "read-bandwidth"},
+           "median_s": {k: statistics.median(v) for k, v in times.items() if k != "read-bandwidth"},
+           "read_bandwidth_GBps": {"median": bw / 1e9, "best": max(bandwidths[1:]) / 1e9,
+                                   "all": [b / 1e9 for b in bandwidths[1:]]},
+           "load_avg_1m_per_round": loads, "steps": {}}
+    for name, wd in DTYPES.items():
+        ratios, step_s, floor_s = [], [], []
+        for s, sec in steps[name]:
+            nbytes = weight_bytes(model, wd) + cache_bytes(cfg, given + s * cfg.block_size)
+            ratios.append(sec / (nbytes / bw))
+            step_s.append(sec)
+            floor_s.append(nbytes / bw)
+        out["steps"][name] = {"weight_bytes": weight_bytes(model, wd),
+                              "median_step_ms": statistics.median(step_s) * 1e3,
+                              "median_floor_ms": statistics.median(floor_s) * 1e3,
+                              "median_step_over_floor": statistics.median(ratios),
+                              "within_1.3x": statistics.median(ratios) <= 1.3}
+    med = out["median_s"]
+    t = out["times_s"]
+    out["paired_median_int8_speedup"] = statistics.median(
+        a / b for a, b in zip(t["nbp-float32"], t["nbp-int8"]))
+    out["int8_speedup_over_float32"] = med["nbp-float32"] / med["nbp-int8"]
+    out["bfloat16_speedup_over_float32"] = med["nbp-float32"] / med["nbp-bfloat16"]
+    out["targets_met"] = {"int8>=2x": out["int8_speedup_over_float32"] >= 2}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["isa", "dtype"], required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
+    args = p.parse_args(argv)
+    configure_threads(args.threads)
+    cfg = bench_config("k600-base", layers=6, width=384)
+    model = random_model(cfg)
+    given, new = frame_prediction_shape(cfg)
+    ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, given),
+                        generator=torch.Generator().manual_seed(0))
+    isa, why = cpu_isa()
+    info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(supported_isas()),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    body = part_isa(model, ids, new, args.repeats) if args.part == "isa" else \
+        part_dtype(model, ids, new, args.repeats)
+    info["load_avg_1m_after"] = os.getloadavg()[0]
+    result = {"what": __doc__.split("\n\n")[0], "part": args.part, "config": cfg.to_dict(),
+              "given": given, "new": new, "sampling": SAMPLING, "machine": info, **body}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("config", "times_s")}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / (f"cpu_k600_{args.part}_{info['torch_threads']}t_{machine_tag(info)}"
+                      f"{args.tag}.json")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""The CPU flags shared by the commands that compute: ``--threads`` and ``--weight-dtype``."""
+from __future__ import annotations
+
+# --weight-dtype values; float32 is FastGenerator's default (weight_dtype=None)
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def add_threads(p, default: int | None = None, why: str = "") -> None:
+    """``--threads N``: CPU threads for torch and the C kernels (``configure_threads``)."""
+    base = ("CPU threads for torch and the kernels (default: torch's count; 1 on a busy "
+            "machine when OpenMP threads spin-wait)") if default is None else \
+        f"CPU threads for torch and the kernels (default {default}{why})"
+    p.add_argument("--threads", type=int, default=default, help=base)
+
+
+def add_weight_dtype(p) -> None:
+    """``--weight-dtype``: the decode linears' stored weights (``FastGenerator(weight_dtype=...)``)."""
+    p.add_argument("--weight-dtype", default="float32", choices=list(WEIGHT_DTYPES),
+                   help="weights of the decode linears and vocabulary head on the CPU: bfloat16 "
+                        "or int8 (per-output-channel scales) read fewer bytes per step; needs "
+                        "--dtype float32 on the CPU")
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set the threads (``nbp_kernels.cpu_build.configure_threads``); returns the count set.
+    Raises ValueError naming --threads for a count below 1."""
+    from nbp_kernels.cpu_build import configure_threads
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads: expected a positive int, got {threads}")
+    return configure_threads(threads)
+
+
+def weight_dtype(name: str):
+    """The ``FastGenerator`` weight_dtype of a ``--weight-dtype`` value (None for float32)."""
+    import torch
+
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"--weight-dtype: expected one of {list(WEIGHT_DTYPES)}, got {name!r}")
+    return None if name == "float32" else getattr(torch, name)

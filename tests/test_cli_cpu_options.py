@@ -1,0 +1,128 @@
+"""The CPU flags of the commands: --threads (configure_threads), --weight-dtype, and the ISA
+and threads lines of nbp info."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbp.cli import build_parser, main
+from nbp_kernels.packed_linear import is_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_info_names_the_isa_and_threads(capsys, monkeypatch):
+    monkeypatch.setenv("NBP_CPU_ISA", "off")
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu_isa"] == {"isa": "off", "why": "NBP_CPU_ISA=off"}
+    assert info["cpu_threads"]["threads"] == torch.get_num_threads()
+    monkeypatch.delenv("NBP_CPU_ISA")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu_isa: " in out and "cpu_threads: " in out
+
+
+def test_every_computing_command_takes_threads():
+    parser = build_parser()
+    argv = {"generate": [], "bench": [], "eval": [],
+            "train tokenizer": ["--out", "x"], "train tokens": ["--tokenizer", "t", "--out", "x"],
+            "train transformer": ["--tokens", "t", "--out", "x"]}
+    for cmd, extra in argv.items():
+        args = parser.parse_args([*cmd.split(), *extra, "--threads", "3"])
+        assert args.threads == 3, cmd
+    assert parser.parse_args(["eval"]).threads == 1   # the demo's small steps: 1 thread
+    for cmd in ("generate", "bench"):
+        assert parser.parse_args([cmd, "--weight-dtype", "int8"]).weight_dtype == "int8"
+        assert parser.parse_args([cmd]).weight_dtype == "float32"
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_bench_threads_and_int8_weights(capsys):
+    assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10",
+                 "--device", "cpu", "--threads", "1", "--weight-dtype", "int8"]) == (
+        0 if is_available()[0] else 2)
+    assert torch.get_num_threads() == 1
+    captured = capsys.readouterr()
+    if is_available()[0]:
+        assert "stored int8" in captured.out and "nbp" in captured.out
+    else:
+        assert "weight_dtype" in captured.err
+
+
+@pytest.mark.usefixtures("keep_threads")
+@pytest.mark.parametrize("argv, match", [
+    (["bench", "--preset", "tiny", "--threads", "0"], "--threads: expected a positive int, got 0"),
+    (["generate", "--random", "--threads", "-2"], "--threads: expected a positive int, got -2"),
+    (["generate", "--random", "--dtype", "bfloat16", "--weight-dtype", "int8"],
+     "weight_dtype: torch.int8 weights need the packed CPU linear"),
+])
+def test_bad_cpu_flags_are_one_line_errors(argv, match, capsys, tmp_path):
+    out = tmp_path / "x.gif"
+    assert main([*argv, "--out", str(out)] if argv[0] == "generate" else argv) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_weight_dtype_flag_rejects_unknown_values(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--weight-dtype", "float16"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not is_available()[0], reason="needs the packed CPU linear")
+@pytest.mark.usefixtures("keep_threads")
+def test_generate_with_int8_weights_writes_a_video(tmp_path, capsys):
+    out = tmp_path / "int8.gif"
+    assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
+                 "--weight-dtype", "int8", "--threads", "1"]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_importing_nbp_sets_a_passive_wait_policy_before_torch():
+    """nbp sets OMP_WAIT_POLICY=PASSIVE (unless set) when imported first; an explicit value wins."""
+    code = "import nbp, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout.strip()
+    assert run(env) == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_eval_reports_each_weight_dtype(capsys):
+    assert main(["eval", "--model", "demo", "--num-clips", "2", "--repeats", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["pred_psnr_nbp_float32"] == res["pred_psnr_nbp"]   # the same greedy tokens
+    assert res["token_agreement_nbp_float32"] == 1.0 and res["pred_psnr_drop_nbp_float32"] == 0
+    for w in ("bfloat16", "int8") if is_available()[0] else ():
+        assert 0 <= res[f"token_agreement_nbp_{w}"] <= 1
+        assert res[f"pred_psnr_drop_nbp_{w}"] == pytest.approx(
+            res["pred_psnr_nbp_float32"] - res[f"pred_psnr_nbp_{w}"])
+
+
+def test_eval_weight_dtypes_without_the_kernel(monkeypatch):
+    """Where the packed linear cannot run, only float32 is reported, with the reason."""
+    from nbp.commands.eval import weight_dtype_rows
+    from nbp.demo import NUM_COND_FRAMES, heldout_clips, load_demo
+    from nbp_kernels import registry
+
+    monkeypatch.setenv("NBP_CPU_ISA", "off")
+    monkeypatch.setattr(registry, "_CACHE", {})   # resolved before, with the kernel usable
+    video, labels = heldout_clips(1)
+    truth = video[:, :, NUM_COND_FRAMES:NUM_COND_FRAMES + 12]
+    res = weight_dtype_rows(load_demo(), video, labels, truth)
+    assert set(res) == {"pred_psnr_nbp_float32", "token_agreement_nbp_float32",
+                        "pred_psnr_drop_nbp_float32", "weight_dtypes"}
+    assert "NBP_CPU_ISA=off" in res["weight_dtypes"]
