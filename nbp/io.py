@@ -91,3 +91,10 @@ def save_video(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
                 frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
             iio.imwrite(tmp, frames, extension=".mp4", plugin="pyav", codec="libx264", fps=fps)
     return path
+
+
+def video_grid(rows: list[torch.Tensor], scale: int = 1) -> torch.Tensor:
+    """Videos tiled for one picture: rows of float [B, 3, T, H, W] (equal shapes) ->
+    [3, T, len(rows) * H * scale, B * W * scale], each row's videos side by side."""
+    grid = torch.cat([torch.cat(list(v), dim=-1) for v in rows], dim=-2)
+    return grid.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)

@@ -175,16 +175,25 @@ def _load(name: str, isa: str) -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def load(name: str) -> tuple[ctypes.CDLL | None, str, str]:
+def load(name: str, bind=None) -> tuple[ctypes.CDLL | None, str, str]:
     """(library or None, isa, reason): ``cpu/<name>.c`` for ``cpu_isa()``.
 
     reason says why the ISA was chosen, or why the library cannot be used.
+    bind(lib) -> lib: declares the library's signatures (memoised by the caller).
     """
     isa, why = cpu_isa()
     if isa == "off":
         return None, isa, why
     lib, err = _load(name, isa)
-    return lib, isa, (err if lib is None else why)
+    if lib is None:
+        return None, isa, err
+    return (lib if bind is None else bind(lib)), isa, why
+
+
+def usable(name: str) -> tuple[bool, str]:
+    """(usable, reason naming the ISA) of ``cpu/<name>.c``; compiles it on the first call."""
+    lib, isa, why = load(name)
+    return lib is not None, (f"{isa}: {why}" if lib is not None else why)
 
 
 def _spin_waits() -> bool:

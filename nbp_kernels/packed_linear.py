@@ -25,7 +25,7 @@ import functools
 import torch
 
 from . import reference
-from .cpu_build import load
+from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "PANEL", "MAX_ROWS",
            "WEIGHT_DTYPES"]
@@ -49,14 +49,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def _load() -> tuple[ctypes.CDLL | None, str, str]:
     """(library or None, isa, reason) for the ISA in force now."""
-    lib, isa, why = load("packed_linear")
-    return (None if lib is None else _bind(lib)), isa, why
+    return load("packed_linear", _bind)
 
 
 def is_available() -> tuple[bool, str]:
     """(usable, reason naming the ISA): compiles the kernel on the first call."""
-    lib, isa, why = _load()
-    return lib is not None, (f"{isa}: {why}" if lib is not None else why)
+    return usable("packed_linear")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from .cpu_build import load
+from .cpu_build import load, usable
 
 __all__ = ["keep_threshold", "draw_kept", "work_shape", "is_available"]
 
@@ -39,14 +39,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def _load() -> tuple[ctypes.CDLL | None, str, str]:
     """(library or None, isa, reason) for the ISA in force now."""
-    lib, isa, why = load("sample_cpu")
-    return (None if lib is None else _bind(lib)), isa, why
+    return load("sample_cpu", _bind)
 
 
 def is_available() -> tuple[bool, str]:
     """(usable, reason naming the ISA): compiles the kernels on the first call."""
-    lib, isa, why = _load()
-    return lib is not None, (f"{isa}: {why}" if lib is not None else why)
+    return usable("sample_cpu")
 
 
 def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple[int, ...]):

@@ -17,7 +17,7 @@ import torch
 
 from nbp.demo import generate_class, heldout_clips, load_demo, predict_frames
 from nbp.generate import FastGenerator
-from nbp.io import save_video
+from nbp.io import save_video, video_grid
 
 
 def main() -> int:
@@ -34,9 +34,7 @@ def main() -> int:
     pred = predict_frames(gen, video, labels)
     sample = generate_class(gen, labels, generator=torch.Generator().manual_seed(args.seed))
     seconds = time.perf_counter() - t0
-    rows = [torch.cat(list(v), dim=-1) for v in (video, pred, sample)]    # [3, T, H, 4W] each
-    grid = torch.cat(rows, dim=-2)                                         # [3, T, 3H, 4W]
-    grid = grid.repeat_interleave(args.scale, dim=-1).repeat_interleave(args.scale, dim=-2)
+    grid = video_grid([video, pred, sample], args.scale)
     save_video(grid, args.out, fps=6)
     print(f"wrote {args.out} ({tuple(grid.shape)}; generation {seconds:.2f} s on CPU)")
     return 0

@@ -18,7 +18,7 @@ import torch
 from nbp.data.synthetic import render_clip
 from nbp.demo import DATA_OPTIONS, EVAL_SEED, NUM_COND_FRAMES, load_demo
 from nbp.generate import FastGenerator
-from nbp.io import save_video
+from nbp.io import save_video, video_grid
 from nbp.long_video import predict_frames
 
 
@@ -40,9 +40,7 @@ def main() -> int:
     pred = predict_frames(gen, video, NUM_COND_FRAMES, num_frames=args.frames, class_ids=labels,
                           reencode=args.reencode, do_sample=False)
     seconds = time.perf_counter() - t0
-    rows = [torch.cat(list(v), dim=-1) for v in (video, pred)]      # [3, T, H, 4W] each
-    grid = torch.cat(rows, dim=-2)                                  # [3, T, 2H, 4W]
-    grid = grid.repeat_interleave(args.scale, dim=-1).repeat_interleave(args.scale, dim=-2)
+    grid = video_grid([video, pred], args.scale)
     save_video(grid, args.out, fps=8)
     print(f"wrote {args.out} ({tuple(grid.shape)}; generation {seconds:.2f} s on CPU)")
     return 0

@@ -75,3 +75,13 @@ def test_save_video_rejects_bad_fps(tmp_path, fps):
     with pytest.raises(ValueError, match="fps"):
         save_video(torch.rand(3, 2, 8, 8), tmp_path / "v.gif", fps=fps)
     assert not any(tmp_path.iterdir())
+
+
+def test_video_grid_tiles_rows_of_videos():
+    from nbp.io import video_grid
+
+    a, b = torch.rand(2, 3, 4, 5, 6), torch.rand(2, 3, 4, 5, 6)
+    g = video_grid([a, b], scale=2)
+    assert g.shape == (3, 4, 2 * 5 * 2, 2 * 6 * 2)
+    assert torch.equal(g[:, :, 10:12, 12:14], b[1, :, :, :1, :1].expand(-1, -1, 2, 2))
+    assert torch.equal(g[:, :, ::2, ::2][:, :, :5, :6], a[0])

@@ -16,7 +16,7 @@ from nbp.config import TransformerConfig
 from nbp.generate import FastGenerator
 from nbp.model import NBPTransformer
 from nbp.reference import generate_tokens as reference_generate
-from nbp.tokenizer import TokenizerConfig, VideoTokenizer
+from test_layout import sharp_model, tokenizer  # noqa: F401  (the tiny models and tokenizer fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,21 +26,6 @@ BOV_CLASS = dict(bov=True, cond_len=1, cond_vocab_size=5, vocab_size=1 + 5 + 64)
 K600 = dict()
 
 
-def sharp_model(seed: int = 0, **over) -> NBPTransformer:
-    """A tiny random model with large weights, so greedy choices are not near-ties."""
-    torch.manual_seed(seed)
-    model = NBPTransformer(TransformerConfig.from_preset("tiny", **over)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(20)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    torch.manual_seed(0)
-    return VideoTokenizer(TokenizerConfig.from_preset("tiny")).eval()
 
 
 def clip(batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""The command-line flags shared by the scripts in ``benchmarks/ablations``."""
+"""The command-line flags and the result writer shared by the scripts in ``benchmarks/ablations``."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+from nbp.io import atomic_write_text
 
 
 def add_ablation_args(p) -> None:
@@ -17,3 +22,11 @@ def add_ablation_args(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def write_result(path: Path, result: dict) -> Path:
+    """Write an ablation's result JSON atomically (creating its folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path

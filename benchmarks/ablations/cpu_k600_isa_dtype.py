@@ -38,8 +38,8 @@ from baseline import generate_tokens as baseline_generate
 from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, machine_tag,
                                 random_model, time_interleaved)
 from nbp.generate import FastGenerator
-from nbp.io import atomic_write_text
 from nbp_kernels.cpu_build import configure_threads, cpu_isa, supported_isas
+from ablation_args import write_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -204,11 +204,8 @@ def main(argv=None) -> int:
     result = {"what": __doc__.split("\n\n")[0], "part": args.part, "config": cfg.to_dict(),
               "given": given, "new": new, "sampling": SAMPLING, "machine": info, **body}
     print(json.dumps({k: v for k, v in result.items() if k not in ("config", "times_s")}, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / (f"cpu_k600_{args.part}_{info['torch_threads']}t_{machine_tag(info)}"
-                      f"{args.tag}.json")
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out / (f"cpu_k600_{args.part}_{info['torch_threads']}t_{machine_tag(info)}"
+                             f"{args.tag}.json"), result)
     return 0
 
 

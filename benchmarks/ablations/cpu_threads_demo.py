@@ -109,18 +109,15 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "rows"}),
               *(f"{r['method']}: median {r['median_ms']:.1f} ms, best {r['best_ms']:.1f} ms"
                 for r in runs[-1]["rows"]), sep="\n  ")
+    from ablation_args import write_result
     from nbp.commands.bench import machine_info, machine_tag
-    from nbp.io import atomic_write_text
     from nbp_kernels.cpu_build import cpu_isa
 
     info = dict(machine_info("cpu"), isa=cpu_isa()[0])
     result = {"what": __doc__.split("\n\n")[0], "model": args.model, "machine": info,
               "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "demo" if args.model == "demo" else "k600"
-    path = args.out / f"cpu_threads_{name}_{machine_tag(info)}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out / f"cpu_threads_{name}_{machine_tag(info)}.json", result)
     return 0
 
 

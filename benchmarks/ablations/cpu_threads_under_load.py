@@ -83,8 +83,8 @@ def with_busy_loops(n: int, fn):
 
 
 def main(argv=None) -> int:
+    from ablation_args import write_result
     from nbp.commands.bench import machine_info, machine_tag
-    from nbp.io import atomic_write_text
     from nbp_kernels.cpu_build import cpu_isa
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
               f"  best {r['best_ms']:8.2f}  p90 {r['p90_ms']:9.2f}  (load {load:.1f})", flush=True)
     result = {"what": __doc__.split("\n\n")[0], "machine": info, "policies": POLICIES,
               "shapes": SHAPES, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"cpu_threads_under_load_{machine_tag(info)}.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out / f"cpu_threads_under_load_{machine_tag(info)}.json", result)
     return 0
 
 

@@ -23,7 +23,6 @@ benchmarks/results/cpu_weight_dtype_<isa>_<threads>t_<machine>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from pathlib import Path
@@ -31,10 +30,10 @@ from pathlib import Path
 import torch
 
 from nbp.commands.bench import machine_info, machine_tag, median, time_interleaved
-from nbp.io import atomic_write_text
 from nbp_kernels import reference
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
 from nbp_kernels.packed_linear import PackedLinear, is_available
+from ablation_args import write_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 WIDTH, VOCAB, LAYERS = 384, 64000, 6
@@ -151,10 +150,8 @@ def main(argv=None) -> int:
     for r in result["rows"]:
         print(f"rows={r['rows']:>2} {r['method']:<52} {r['median_ms']:8.2f} ms (best "
               f"{r['best_ms']:7.2f})  floor {r['floor_ms']:6.2f} ms  x{r['median_over_floor']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"cpu_weight_dtype_{isa}_{info['torch_threads']}t_{machine_tag(info)}.json"
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out / f"cpu_weight_dtype_{isa}_{info['torch_threads']}t_{machine_tag(info)}.json",
+                 result)
     return 0
 
 

@@ -22,16 +22,14 @@ CPU acceptance run (issue 4):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from baseline import generate_tokens as baseline_generate
-from ablation_args import add_ablation_args
+from ablation_args import add_ablation_args, write_result
 from nbp.commands.bench import (bench_config, format_table, machine_info, machine_tag, median, ntp_vs_nbp,
                                 random_model, time_interleaved)
-from nbp.io import atomic_write_text
 from nbp_kernels import packed_linear, sample_cpu
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -141,8 +139,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / (
         f"ntp_vs_nbp_{args.preset}_{cfg.n_layer}x{cfg.n_embd}_{args.dtype}_"
         f"{info['torch_threads']}t_{machine_tag(info)}.json")
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(out, result)
     return 0
 
 
