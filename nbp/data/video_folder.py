@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = ["VideoFolder", "VIDEO_EXTENSIONS", "VideoInfo", "probe_video", "decode_clip",
-           "clip_times", "decode_frames", "class_text"]
+           "clip_times", "class_text"]
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 
@@ -39,24 +39,6 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 def class_text(class_name: str) -> str:
     """'ApplyEyeMakeup' -> 'apply eye makeup' (the published UCF prompt rule)."""
     return re.sub("([a-z])([A-Z])", r"\1 \2", class_name).replace("_", " ").lower()
-
-
-def decode_frames(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """All frames of the first video stream: (uint8 [N, H, W, 3], float64 times [N] in seconds).
-
-    The whole file at full size: for a clip, ``decode_clip`` reads only what it needs.
-    """
-    frames, times = [], []
-    container, stream = _open(path)
-    with container:
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        for i, frame in enumerate(container.decode(stream)):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            t = frame.time
-            times.append(float(t) if t is not None else i / rate)
-    if not frames:
-        raise ValueError(f"video: {str(path)!r} decoded to zero frames")
-    return np.stack(frames), np.asarray(times, dtype=np.float64)
 
 
 @dataclass(frozen=True)
