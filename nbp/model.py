@@ -26,13 +26,22 @@ from nbp_kernels.torch_ops import call_module  # the default LinearFn: the modul
 from .config import TransformerConfig
 from .pretrained import Pretrained
 
-__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module"]
+__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many"]
 
 # attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # linear(module, x) -> module(x), or the same product computed another way
 # (FastGenerator's packed CPU linears for decode steps)
 LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...],
+                x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``linear(m, x)`` for every m of ``modules`` (same input x [..., C]). A LinearFn
+    with a ``many`` method computes them as one product (``PackedLinears``: one
+    kernel launch instead of three per layer, the launch cost of a decode step)."""
+    many = getattr(linear, "many", None)
+    return many(modules, x) if many is not None else tuple(linear(m, x) for m in modules)
 
 
 class SelfAttention(nn.Module):
@@ -46,6 +55,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(C, C)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
+    @property
+    def qkv(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The three input projections, in the order ``forward`` unpacks them."""
+        return self.query, self.key, self.value
+
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         B, S, C = t.shape
         return t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
@@ -53,7 +67,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
                 linear: LinearFn = call_module) -> torch.Tensor:
         """x: [B, S, C] -> [B, S, C]."""
-        q, k, v = (self.split_heads(linear(m, x)) for m in (self.query, self.key, self.value))
+        q, k, v = (self.split_heads(y) for y in linear_many(linear, self.qkv, x))
         y = attend(q, k, v, layer_idx)                      # [B, H, S, D]
         y = y.transpose(1, 2).reshape(x.shape)
         return self.resid_drop(linear(self.proj, y))

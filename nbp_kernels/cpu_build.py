@@ -87,7 +87,14 @@ def cpu_isa() -> tuple[str, str]:
     forced ISA this CPU lacks gives ``"off"`` (running it would be SIGILL).
     Raises ValueError for any other value of ``NBP_CPU_ISA``.
     """
-    forced = os.environ.get(ENV, "").strip().lower()
+    # Every kernel launch asks (the variable may change between calls): the
+    # answer is memoised per value, building it cost ~25 us, a millisecond a step.
+    return _cpu_isa(os.environ.get(ENV, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_isa(env: str) -> tuple[str, str]:
+    forced = env.strip().lower()
     if forced and forced not in ("off", *ISA_FLAGS):
         raise ValueError(f"{ENV}: expected one of avx512, avx2, neon, off; got {forced!r}")
     have = supported_isas()

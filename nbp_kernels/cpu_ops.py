@@ -35,9 +35,28 @@ class PackedLinears:
         self.weight_dtype = weight_dtype
         self.packed = {m: packed_linear.PackedLinear(m, weight_dtype) for m in model.modules()
                        if isinstance(m, torch.nn.Linear)}
+        self._fused: dict[tuple, packed_linear.PackedLinear] = {}
 
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return self.packed[module](x)
+
+    def many(self, modules: tuple[torch.nn.Linear, ...],
+             x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``self(m, x)`` for each m, as one kernel launch over their stacked weights.
+
+        Each output column is computed exactly as alone (same weights, scales and
+        summation order), so the results are bit-identical to separate calls;
+        where a part would take its module's BLAS call (float32 prefills and
+        small one-row products) every part is called alone. The stacked copy is
+        packed at the first call.
+        """
+        parts = [self.packed[m] for m in modules]
+        if any(p.takes_module(x.numel() // max(x.shape[-1], 1)) for p in parts):
+            return tuple(p(x) for p in parts)
+        fused = self._fused.get(modules)
+        if fused is None:
+            fused = self._fused[modules] = packed_linear.PackedLinear.stacked(parts)
+        return fused(x).split([m.out_features for m in modules], dim=-1)
 
 
 def _float32_cpu(key) -> tuple[bool, str]:

@@ -170,10 +170,32 @@ class PackedLinear:
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
         self.out_features = module.out_features
 
+    @classmethod
+    def stacked(cls, parts: list["PackedLinear"]) -> "PackedLinear":
+        """One PackedLinear whose outputs are those of ``parts`` (same in_features, same
+        weight dtype) side by side: quantized per output channel, so each column is
+        stored, and computed, as in its part. It always runs the kernel (no module)."""
+        if not parts or len({(p.weight_dtype, p.packed.shape[1]) for p in parts}) != 1:
+            raise ValueError("parts: expected PackedLinears of one weight dtype and in_features")
+        weight = torch.cat([p.module.weight.detach() for p in parts])
+        has_bias = any(p.bias is not None for p in parts)
+        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if has_bias:   # a zero bias adds exactly nothing to a part that has none
+            module.bias = torch.nn.Parameter(torch.cat(
+                [p.bias if p.bias is not None else weight.new_zeros(p.out_features)
+                 for p in parts]), requires_grad=False)
+        out = cls(module, parts[0].weight_dtype)
+        out.module = None   # no float32 copy kept: the parts serve the GEMM cases
+        return out
+
+    def takes_module(self, rows: int) -> bool:
+        """Whether ``rows`` rows go through the module's BLAS call instead of the kernel."""
+        return self.module is not None and self.weight_dtype == torch.float32 and (
+            rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if self.weight_dtype == torch.float32 and (
-                rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS)):
+        if self.takes_module(x.numel() // max(x.shape[-1], 1)):
             return self.module(x)
         if torch.compiler.is_compiling():
             return packed_linear(x, self.packed, self.bias, self.out_features, self.scale)

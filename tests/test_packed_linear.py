@@ -123,6 +123,33 @@ def test_packed_module_routes_by_rows(dtype):
             torch.testing.assert_close(pl(x), want, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
+def test_many_is_each_linear_alone_bit_for_bit(dtype):
+    """PackedLinears.many (q, k and v of a layer in one launch) returns exactly what each
+    linear returns alone, at every row count and for widths not a multiple of the panel."""
+    from nbp_kernels.cpu_ops import PackedLinears
+
+    mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
+                               torch.nn.Linear(96, 33, bias=False))
+    linears = PackedLinears(mods, weight_dtype=dtype)
+    with torch.no_grad():
+        for rows in (1, 5, 16, MAX_ROWS, MAX_ROWS + 1):
+            x = _rand(2, rows, 96, seed=rows)
+            got = linears.many(tuple(mods), x)
+            assert [tuple(g.shape) for g in got] == [(2, rows, n) for n in (96, 40, 33)]
+            for g, m in zip(got, mods):
+                assert torch.equal(g, linears(m, x))
+
+
+def test_stacked_errors():
+    parts = [PackedLinear(torch.nn.Linear(8, 4)), PackedLinear(torch.nn.Linear(6, 4))]
+    with pytest.raises(ValueError, match="parts: expected PackedLinears of one weight dtype"):
+        PackedLinear.stacked(parts)
+    with pytest.raises(ValueError, match="parts: expected"):
+        PackedLinear.stacked([])
+
+
 def test_packed_module_errors():
     with pytest.raises(ValueError, match="weight_dtype: expected None, torch.float32"):
         PackedLinear(torch.nn.Linear(4, 4), weight_dtype=torch.float16)
