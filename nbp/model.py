@@ -108,7 +108,10 @@ class NBPTransformer(Pretrained, nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = nn.Parameter(torch.zeros(1, config.max_seq_len, C))
         self.drop = nn.Dropout(config.dropout)
-        self.register_buffer("uncond_embedding", torch.randn(config.cond_len, C) / C ** 0.5)
+        uncond = torch.randn(config.cond_len, C)
+        # Not scaled on the meta device (a loader's skeleton): arithmetic on meta
+        # tensors imports torch's compiler stack, a second on every CLI command.
+        self.register_buffer("uncond_embedding", uncond if uncond.is_meta else uncond / C ** 0.5)
         self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)

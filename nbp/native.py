@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
+from torch.overrides import TorchFunctionMode
 
 from .config import ConfigError
 from .io import atomic_path, atomic_write_text
@@ -116,6 +117,35 @@ def _parameter_budget(n_tensors: int, what: str):
         handle.remove()
 
 
+# In-place initialisers (torch.nn.init's and the Tensor methods they call).
+_INITIALISERS = frozenset({"normal_", "uniform_", "zero_", "zeros_", "ones_", "fill_", "constant_",
+                           "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                           "xavier_normal_", "orthogonal_"})
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips the initialisers of meta tensors while a skeleton is built.
+
+    A meta tensor has no data to fill (nor a random factory's result), but torch
+    runs its initialisers through
+    the reference decompositions, whose first use imports the compiler stack
+    (torch._dynamo: about a second on every ``nbp`` command that loads a model).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor")   # torch.nn.init passes tensor=
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        elif func in (torch.randn, torch.rand) and torch.get_default_device().type == "meta" \
+                and kwargs.get("device") is None:
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def _float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     dtypes = {v.dtype for v in tensors.values()}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -129,7 +159,7 @@ def build_checked(cls, config, tensors: dict[str, torch.Tensor], what: str, devi
     ``tensors`` before anything is allocated. ``dtype`` defaults to the
     file's (float32 when it mixes dtypes), ``device`` to the CPU.
     """
-    with torch.device("meta"), _parameter_budget(len(tensors), what):
+    with torch.device("meta"), _NoInitOnMeta(), _parameter_budget(len(tensors), what):
         model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_tensors(expected, tensors, what)

@@ -347,3 +347,16 @@ def test_tokenizer_inside_generator_ckpt(tmp_path, tiny_tokenizer):
     assert all(torch.equal(v, sd[k].to(torch.bfloat16)) for k, v in loaded.state_dict().items())
     assert loaded.encode(torch.rand(1, 3, 5, 8, 8)).dtype == torch.int64
     _assert_same(model, load_transformer(path))  # and the generator ignores the tokenizer keys
+
+
+def test_loading_a_model_and_the_cli_stay_light():
+    """Building a skeleton on the meta device runs no initialiser (those import torch's
+    compiler stack, about a second), and building the CLI parser imports no training loop."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nbp.cli import build_parser; build_parser(); "
+            "from nbp.demo import load_demo; load_demo(); "
+            "heavy = [m for m in ('torch._dynamo', 'nbp.train.loop') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -109,10 +109,13 @@ def _loop(args):
 
 def _stop_cleanly(run):
     """Ctrl-C ends a command with one line and exit code 130, never a traceback."""
-    from ..train.loop import Interrupted
 
     @functools.wraps(run)
     def wrapped(args) -> int:
+        # Imported when a training command runs, not when the CLI's parser is built:
+        # the loop pulls in torch.distributed.checkpoint (~0.7 s on every command).
+        from ..train.loop import Interrupted
+
         try:
             return run(args)
         except Interrupted as e:
