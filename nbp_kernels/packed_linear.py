@@ -171,7 +171,7 @@ class PackedLinear:
         self.out_features = module.out_features
 
     @classmethod
-    def stacked(cls, parts: list["PackedLinear"]) -> "PackedLinear":
+    def stacked(cls, parts: list[PackedLinear]) -> PackedLinear:
         """One PackedLinear whose outputs are those of ``parts`` (same in_features, same
         weight dtype) side by side: quantized per output channel, so each column is
         stored, and computed, as in its part. It always runs the kernel (no module)."""
