@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pickle
 import re
 import warnings
@@ -37,7 +38,7 @@ from .native import CONFIG_FILE, LoadError, build_checked, listing, normalize_ke
 from .tokenizer import TokenizerConfig, VideoTokenizer
 
 __all__ = ["SAFE_GLOBALS", "load_transformer", "load_tokenizer", "transformer_config_from_published",
-           "read_torch_file"]
+           "read_torch_file", "training_fps"]
 
 # Exactly what the published files pickle beyond torch's weights-only set
 # (tensors, dict/OrderedDict/list/tuple/set, str/bytes/int/float/bool/None).
@@ -348,7 +349,9 @@ def load_transformer(path, preset: str | None = None, device=None, dtype=None, *
     ``preset`` names a TransformerConfig preset for files without training
     flags (and, when given, must agree with the file). ``device``/``dtype``
     default to the CPU and the file's dtype. Returns the model in eval mode.
-    Raises LoadError for anything that does not match. ``trust_remote_code``:
+    Raises LoadError for anything that does not match. A ``.ckpt``'s training
+    flags (a dict, None without any) are kept as ``model.training_flags``
+    (``training_fps`` reads them). ``trust_remote_code``:
     read a ``.ckpt`` that pickles objects beyond the allow-list
     (:data:`SAFE_GLOBALS`) with a full unpickle, which runs code from the file.
     """
@@ -364,4 +367,15 @@ def load_transformer(path, preset: str | None = None, device=None, dtype=None, *
         return model
     tensors, flags = _split_lightning(read_torch_file(path, trust_remote_code=trust_remote_code), path)
     cfg = transformer_config_from_published(tensors, flags, preset, str(path))
-    return build_checked(NBPTransformer, cfg, tensors, f"{path} (transformer.*)", device, dtype)
+    model = build_checked(NBPTransformer, cfg, tensors, f"{path} (transformer.*)", device, dtype)
+    model.training_flags = flags
+    return model
+
+
+def training_fps(model) -> float | None:
+    """The frame rate a published generator was trained at (its flags' ``fps``), or None:
+    a native model, or a file whose flags name no positive rate (the published loader
+    then kept each video's own rate)."""
+    fps = (getattr(model, "training_flags", None) or {}).get("fps")
+    ok = isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < math.inf
+    return float(fps) if ok else None

@@ -85,6 +85,24 @@ def test_unconditional_lightning_ckpt(tmp_path, prefix):
     _assert_same(model, loaded, cfg)
 
 
+@pytest.mark.parametrize("fps, want", [(8, 8.0), (12.5, 12.5), (None, None), (0, None),
+                                       (True, None), ("8", None)])
+def test_training_flags_kept_and_fps_read(tmp_path, fps, want):
+    """The flags of a .ckpt stay on the model (read once); training_fps accepts only a positive
+    number; a native or flag-less model has none."""
+    from nbp.published import training_fps
+
+    args = _published_args()
+    if fps is None:
+        vars(args).pop("fps", None)
+    else:
+        args.fps = fps
+    loaded = load_transformer(_write_ckpt(_random_model(_cfg()), tmp_path / "a.ckpt", args))
+    assert loaded.training_flags["n_layer"] == args.n_layer
+    assert training_fps(loaded) == want
+    assert training_fps(_random_model(_cfg())) is None
+
+
 def test_hybrid_text_ckpt(tmp_path):
     # T = V - 64000 - L text ids (10 here), as in the UCF layout.
     cfg = _cfg(vocab_size=64000 + 10 + 4, hybrid=True, bov=True, cond_len=8, cond_vocab_size=10)

@@ -26,7 +26,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "spincount-10k": {"GOMP_SPINCOUNT": "10000"}}
+            **{f"spincount-{n}": {"GOMP_SPINCOUNT": str(n)} for n in (300, 1000, 3000, 10000)}}
 SHAPES = {"k600": (6, 384, 64000), "small": (2, 128, 1024)}
 
 CHILD = r"""
@@ -90,20 +90,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="busy loops to run (each)")
+    p.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     info = dict(machine_info("cpu"), isa=cpu_isa()[0])
     rows = []
-    for busy, shape, policy, threads in itertools.product(args.busy, SHAPES, POLICIES, (1, 2)):
+    for busy, shape, policy, threads in itertools.product(args.busy, SHAPES, args.policies,
+                                                       (1, 2)):
         load = os.getloadavg()[0]
         r = with_busy_loops(busy, lambda: measure(policy, threads, shape, args.repeats))
         rows.append({"busy_loops": busy, "shape": shape, "policy": policy, "threads": threads,
                      "load_avg_1m_before": load, **r})
         print(f"busy={busy} {shape:<6} {policy:<14} threads={threads}  median {r['median_ms']:9.2f} ms"
               f"  best {r['best_ms']:8.2f}  p90 {r['p90_ms']:9.2f}  (load {load:.1f})", flush=True)
-    result = {"what": __doc__.split("\n\n")[0], "machine": info, "policies": POLICIES,
+    result = {"what": __doc__.split("\n\n")[0], "machine": info,
+              "policies": {k: POLICIES[k] for k in args.policies},
               "shapes": SHAPES, "rows": rows}
-    write_result(args.out / f"cpu_threads_under_load_{machine_tag(info)}.json", result)
+    write_result(args.out / f"cpu_threads_under_load_{machine_tag(info)}{args.tag}.json", result)
     return 0
 
 

@@ -24,7 +24,6 @@ output plays at it, so motion keeps its real speed.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -84,34 +83,10 @@ def _load(args):
     return model, load_tokenizer(args.tokenizer, trust_remote_code=trust), "file"
 
 
-def published_fps(path, trust: bool = False) -> float | None:
-    """The frame rate a published ``.ckpt`` was trained at (``hyper_parameters.args.fps``).
+def _model_fps(model, kind: str) -> float | None:
+    from nbp.published import training_fps
 
-    None when the file has no such flag (the published loader then kept each
-    video's own rate), is a native directory, or cannot be read. The file is
-    read as ``load_transformer`` reads it (memory-mapped, no code run from it
-    unless ``trust``).
-    """
-    from nbp.native import LoadError
-    from nbp.published import read_torch_file
-
-    p = Path(path)
-    if not p.is_file():
-        return None
-    try:
-        raw = read_torch_file(p, trust_remote_code=trust)
-    except LoadError:
-        return None
-    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    flags = hp.get("args", hp) if isinstance(hp, dict) else None
-    flags = vars(flags) if isinstance(flags, argparse.Namespace) else flags
-    fps = flags.get("fps") if isinstance(flags, dict) else None
-    ok = isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < math.inf
-    return float(fps) if ok else None
-
-
-def _model_fps(args, kind: str) -> float | None:
-    return published_fps(args.model, args.trust_remote_code) if kind == "file" else DEMO_FPS
+    return training_fps(model) if kind == "file" else DEMO_FPS
 
 
 def _fps_value(value: str) -> str | float:
@@ -320,7 +295,7 @@ def run(args) -> int:
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend,
                         weight_dtype=weight_dtype(args.weight_dtype))
     cfg = gen.config
-    rate = _rate(args, _model_fps(args, kind), info.fps if info else None)
+    rate = _rate(args, _model_fps(model, kind), info.fps if info else None)
     steps = []
     sampling = dict(_sampling(args), callback=lambda s, t: steps.append(s))
     if kind == "demo" and args.top_k is None:
