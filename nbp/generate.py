@@ -30,7 +30,6 @@ import threading
 import torch
 
 from nbp_kernels import registry
-from nbp_kernels.packed_linear import is_available as packed_linear_available
 
 from . import devices, layout, long_video
 from .cache import StaticKVCache
@@ -82,13 +81,11 @@ def _checked_weight_dtype(weight_dtype, packed_linear, device: torch.device,
     if packed_linear is False:
         raise ValueError(f"weight_dtype: {weight_dtype} weights run through the packed CPU "
                          f"linear, but packed_linear=False")
-    ok, why = (device.type == "cpu" and dtype == torch.float32,
-               f"this generator is {dtype} on {device}")
-    if ok:
-        ok, why = packed_linear_available()   # not the registry's answer: it is memoised
-    if not ok:
+    try:
+        registry.resolve("linear", "cpu", device=device, dtype=dtype)
+    except ValueError as e:
         raise ValueError(f"weight_dtype: {weight_dtype} weights need the packed CPU linear "
-                         f"(a float32 generator on the CPU where the kernel runs): {why}")
+                         f"(a float32 generator on the CPU where the kernel runs): {e}") from None
     return weight_dtype
 
 

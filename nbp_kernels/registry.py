@@ -39,6 +39,7 @@ import contextlib
 import functools
 import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -165,18 +166,24 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def _status(op: str, backend: str, key: _Key) -> Status:
-    """(usable, why not) of ``backend``'s implementation of ``op`` for ``key``."""
-    ok, why = backend_status(backend, key.device)
+    """(usable, why not) of ``backend``'s implementation of ``op`` for ``key``: its own
+    runtime check (one op of a backend can be usable while another is not, e.g. one C
+    file that does not compile), then its limits."""
+    _load(backend)
     if backend in _IMPORT_ERRORS:
-        return False, why
+        return False, _IMPORT_ERRORS[backend]
     entry = _REGISTRY[op].get(backend)
     if entry is None:
         return False, f"{backend} does not implement {op}"
+    if entry.available is not None:
+        ok, why = entry.available(key.device)
+        if not ok:
+            return False, why
     if entry.supports is not None:
         fits, limit = entry.supports(key)
         if not fits:
             return False, limit
-    return ok, why
+    return True, ""
 
 
 @functools.lru_cache(maxsize=1)
@@ -239,7 +246,9 @@ def resolve(op: str, backend: str = "auto", *, device="cpu", dtype=None,
     cannot run here (the reason included).
     """
     # A plain dict lookup on a hit, so a compiled step traces it without a graph break.
-    key = (op, backend, device, dtype, head_dim, block_size)
+    # NBP_CPU_ISA is part of the key: it decides whether the cpu kernels run, and it
+    # may change between calls (tests and the ISA ablations switch it).
+    key = (op, backend, device, dtype, head_dim, block_size, os.environ.get("NBP_CPU_ISA"))
     fn = _CACHE.get(key)
     if fn is None:
         fn = _CACHE[key] = _resolve(op, backend, device, dtype, head_dim, block_size)

@@ -158,3 +158,20 @@ def test_generator_rejects_an_unusable_backend_before_touching_the_model():
     with pytest.raises(ValueError, match="backend: 'cuda' cannot run"):
         FastGenerator(model, dtype=torch.bfloat16, backend="cuda")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_an_op_is_usable_by_its_own_check_not_its_backends(monkeypatch):
+    """A backend with one usable op and one unusable op: resolve serves the first and refuses
+    the second with that op's own reason (not 'usable because a sibling op is')."""
+    ops = {op: dict(impls) for op, impls in registry._REGISTRY.items()}
+    monkeypatch.setattr(registry, "_REGISTRY", ops)
+    monkeypatch.setattr(registry, "_CACHE", {})
+    ops["linear"]["cpu"] = registry._Impl(ops["linear"]["cpu"].impl,
+                                          lambda device: (False, "linear kernel did not compile"),
+                                          None)
+    ops["keep_threshold"]["cpu"] = registry._Impl(ops["keep_threshold"]["cpu"].impl,
+                                                  lambda device: (True, ""), None)
+    assert registry.resolve("keep_threshold", "cpu", device="cpu") is not None
+    with pytest.raises(ValueError, match="cannot run linear on cpu: linear kernel did not compile$"):
+        registry.resolve("linear", "cpu", device="cpu")
+    assert registry.resolved_backend("linear", device="cpu") == "torch"
