@@ -9,9 +9,9 @@ the stream's first frame) the decoded frame nearest to it: it seeks to the
 key frame at or before the first time (decoding from the start instead when
 the seek lands past it or leaves frames without timestamps), decodes only up
 to the last frame it needs and scales every kept frame while converting it to
-RGB (swscale, area filter: the short side to the target, the centre cropped),
-so memory holds the kept frames at the target size plus the decoder's few
-working frames, whatever the file's length or resolution. Times past the
+RGB (swscale: the short side to the target, area filter when shrinking; the
+centre cropped), so memory holds the kept frames at the target size plus the
+decoder's few working frames, whatever the file's length or resolution. Times past the
 video's end are an error (``past_end="error"``) or take its last frame
 (``"repeat"``, as the training datasets want).
 
@@ -139,16 +139,20 @@ def _target_size(size) -> tuple[int, int]:
 
 
 class _Scaler:
-    """VideoFrame -> uint8 [H, W, 3]: short side scaled to the target, centre cropped."""
+    """VideoFrame -> uint8 [H, W, 3]: short side scaled to the target, centre cropped.
+
+    Shrinking averages areas (no aliasing); enlarging interpolates bilinearly."""
 
     def __init__(self, width: int, height: int, out_h: int, out_w: int):
         s = max(out_h / height, out_w / width)
         self.sw, self.sh = max(out_w, round(width * s)), max(out_h, round(height * s))
         self.top, self.left = (self.sh - out_h) // 2, (self.sw - out_w) // 2
         self.out_h, self.out_w = out_h, out_w
+        self.filter = "AREA" if self.sw * self.sh < width * height else "BILINEAR"
 
     def __call__(self, frame) -> np.ndarray:
-        rgb = frame.to_ndarray(format="rgb24", width=self.sw, height=self.sh, interpolation="AREA")
+        rgb = frame.to_ndarray(format="rgb24", width=self.sw, height=self.sh,
+                               interpolation=self.filter)
         return rgb[self.top:self.top + self.out_h, self.left:self.left + self.out_w]
 
 
