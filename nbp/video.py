@@ -203,7 +203,8 @@ def read_frames(path: str | Path, times, size, *, info: VideoInfo | None = None,
     times = np.asarray(times, dtype=np.float64)
     if times.ndim != 1 or not times.size or not np.isfinite(times).all() or times[0] < 0 \
             or (np.diff(times) < 0).any():
-        raise ValueError(f"times: expected non-decreasing seconds >= 0 [N], got {times!r}")
+        raise ValueError(f"times: expected non-decreasing seconds >= 0 [N], got shape "
+                         f"{times.shape} starting {times.ravel()[:6].tolist()}")
     out_h, out_w = _target_size(size)
     if past_end not in ("error", "repeat") or ties not in ("later", "earlier"):
         raise ValueError(f"past_end, ties: expected 'error' or 'repeat', 'later' or 'earlier', "
@@ -251,7 +252,8 @@ def _pick_frames(frames, times: np.ndarray, *, scale: _Scaler, period: float, se
     A frame kept for several times is scaled once; at most two decoded frames
     are held (the one before a time and the one after). Returns None after a
     seek that overshot (the first frame more than half a period past the first
-    time) or left a frame without a timestamp: the caller decodes from the start.
+    time) or left no frame or one without a timestamp: the caller then decodes
+    from the start.
     Times past the last frame get it for one period, or all of them when ``repeat``.
     """
     kept: list[np.ndarray] = []
@@ -273,8 +275,10 @@ def _pick_frames(frames, times: np.ndarray, *, scale: _Scaler, period: float, se
         if k == n:
             return kept
         prev, prev_t, prev_rgb = frame, t, rgb
-    end = math.inf if repeat or prev is None else prev_t + period - _EPS
-    while prev is not None and k < n and times[k] < end:
+    if prev is None:  # nothing decoded: after a seek past the end, decode from the start
+        return None if seeked else kept
+    end = math.inf if repeat else prev_t + period - _EPS
+    while k < n and times[k] < end:
         prev_rgb = scale(prev) if prev_rgb is None else prev_rgb
         kept.append(prev_rgb)
         k += 1

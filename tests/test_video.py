@@ -123,9 +123,9 @@ def test_read_frames_past_the_end_and_ties(tmp_path):
     halves = np.array([0.5, 2.5, 5.5]) / 8
     assert _grey_index(read_frames(path, halves, 16, info=info)) == [1, 3, 6]
     assert _grey_index(read_frames(path, halves, 16, info=info, ties="earlier")) == [0, 2, 5]
-    for kwargs, name in [(dict(times=[0.5, 0.25]), "times"), (dict(times=[]), "times"),
-                         (dict(times=[-0.1]), "times"), (dict(past_end="loop"), "past_end"),
-                         (dict(ties="nearest"), "ties"), (dict(size=(8,)), "size")]:
+    for kwargs, name in [({"times": [0.5, 0.25]}, "times"), ({"times": []}, "times"),
+                         ({"times": [-0.1]}, "times"), ({"past_end": "loop"}, "past_end"),
+                         ({"ties": "nearest"}, "ties"), ({"size": (8,)}, "size")]:
         with pytest.raises(ValueError, match=name):
             read_frames(path, **{"times": [0.0], "size": 8, **kwargs})
 
