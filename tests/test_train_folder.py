@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 import nbp
+from nbp import video
 from nbp.cli import main
 from nbp.data import VideoFolder
-from nbp.data import video_folder as vf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,24 +94,24 @@ def test_clips_per_video_cut_each_video_evenly(folder):
 
 def test_a_clip_decodes_only_its_frames_scaled_down(folder, monkeypatch):
     path = folder / "Walk" / "qcif.mp4"
-    info = vf.probe_video(path)
-    assert (info.num_frames, info.rate, info.height, info.width) == (24, 12.0, 144, 176)
+    info = video.probe(path)
+    assert (info.frames, info.fps, info.height, info.width) == (24, 12.0, 144, 176)
     seen = []
-    real = vf._pick_nearest
+    real = video._pick_frames
 
-    def counting(frames, times, convert, tolerance):
+    def counting(frames, times, **kwargs):
         def walk():
             for t, f in frames:
                 seen.append((t, f.width))
                 yield t, f
-        return real(walk(), times, convert, tolerance)
+        return real(walk(), times, **kwargs)
 
-    monkeypatch.setattr(vf, "_pick_nearest", counting)
-    times = info.start + np.array([14, 15, 16, 17]) / info.rate
-    clip = vf.decode_clip(path, times, size=(16, 19), info=info)
-    assert clip.shape == (4, 16, 19, 3) and clip.dtype == np.uint8   # scaled in the decoder
-    assert list(np.round((clip[..., 1].mean(axis=(1, 2)) - 20) / 7).astype(int)) == [14, 15, 16, 17]
-    decoded = [round((t - info.start) * info.rate) for t, _ in seen]
+    monkeypatch.setattr(video, "_pick_frames", counting)
+    times = np.array([14, 15, 16, 17]) / info.fps
+    clip = video.read_frames(path, times, (16, 19), info=info, past_end="repeat", ties="earlier")
+    assert clip.shape == (3, 4, 16, 19)                           # scaled in the decoder
+    assert list(frame_index(clip)) == [14, 15, 16, 17]
+    decoded = [round(t * info.fps) for t, _ in seen]
     assert decoded == list(range(12, 18))                         # keyframe 12 to the clip's end
     assert all(w == 176 for _, w in seen)
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from nbp.video import (VideoError, frames_available, mark_given, probe, read_clip, side_by_side)
+from nbp.video import (VideoError, frames_available, mark_given, probe, read_clip, read_frames,
+                       side_by_side)
 
 REPO = Path(__file__).resolve().parents[1]
 # (width, height, fps): the sizes and rates of ordinary footage; 2 s each
@@ -96,6 +97,57 @@ def test_read_clip_scales_the_short_side_and_crops_the_centre(tmp_path):
     assert video[2].min() > 0.8 and video[:2].max() < 0.2
     tall = read_clip(path, num_frames=3, fps=8, size=(32, 8))  # short side is now the width
     assert tall.shape == (3, 3, 32, 8) and tall[2].min() > 0.8
+
+
+def _flat_grey(i, n, h, w):
+    return np.full((h, w, 3), 8 * i, np.uint8)
+
+
+def _grey_index(video):
+    return (video.mean((0, 2, 3)) * 255 / 8).round().long().tolist()
+
+
+def test_read_frames_past_the_end_and_ties(tmp_path):
+    """8 frames at 8 fps (exact timestamps): past the end, the last frame for one period and
+    then an error, or the last frame for ever; a time halfway between two frames, either."""
+    path = make_video(tmp_path / "grey.mp4", 64, 48, 8, seconds=1.0, frame=_flat_grey,
+                      bit_rate=2_000_000)
+    info = probe(path)
+    within = np.array([6, 7, 7.9]) / 8                  # 7/8 s is shown until 1 s
+    assert _grey_index(read_frames(path, within, 16, info=info)) == [6, 7, 7]
+    past = np.array([6, 7, 8, 20]) / 8
+    with pytest.raises(VideoError, match="ends before 1.00 s.*truncated"):
+        read_frames(path, past, 16, info=info)
+    repeated = read_frames(path, past, (8, 16), info=info, past_end="repeat")
+    assert repeated.shape == (3, 4, 8, 16) and _grey_index(repeated) == [6, 7, 7, 7]
+    halves = np.array([0.5, 2.5, 5.5]) / 8
+    assert _grey_index(read_frames(path, halves, 16, info=info)) == [1, 3, 6]
+    assert _grey_index(read_frames(path, halves, 16, info=info, ties="earlier")) == [0, 2, 5]
+    for kwargs, name in [({"times": [0.5, 0.25]}, "times"), ({"times": []}, "times"),
+                         ({"times": [-0.1]}, "times"), ({"past_end": "loop"}, "past_end"),
+                         ({"ties": "nearest"}, "ties"), ({"size": (8,)}, "size")]:
+        with pytest.raises(ValueError, match=name):
+            read_frames(path, **{"times": [0.0], "size": 8, **kwargs})
+
+
+def test_a_seek_that_overshoots_decodes_from_the_start(tmp_path):
+    """MPEG-TS seeks by byte position and may land after the wanted time: read_clip then
+    decodes from the first frame rather than keep a later one."""
+    path = tmp_path / "grey.ts"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"g": "8", "bf": "2"}
+        for i in range(30):
+            for packet in s.encode(av.VideoFrame.from_ndarray(_flat_grey(i, 30, 48, 64), "rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    with av.open(str(path)) as c:                       # the seek read_frames makes first
+        s = c.streams.video[0]
+        c.seek(int(0.52 / s.time_base) + s.start_time, stream=s)
+        assert next(c.decode(s)).time - s.start_time * s.time_base > 0.52 + 0.5 / 25
+    clip = read_clip(path, start_seconds=0.52, num_frames=4, fps=25, size=16)
+    assert _grey_index(clip) == [13, 14, 15, 16]
 
 
 def _peak_rss_script(path: Path) -> str:

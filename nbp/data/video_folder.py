@@ -1,4 +1,4 @@
-"""Video files in the published UCF-101 / Kinetics-600 layouts, decoded with PyAV.
+"""Video files in the published UCF-101 / Kinetics-600 layouts, read with ``nbp.video``.
 
 Layouts (as in the authors' annotation lists, ``annotations/*.txt``):
 
@@ -14,24 +14,23 @@ text prompt is that name with CamelCase split (``ApplyEyeMakeup`` ->
 ``apply eye makeup``). Each item holds ``num_frames`` frames sampled at
 ``fps`` (or every ``frame_stride``-th decoded frame), the short side resized
 to ``resolution`` and the centre cropped to a square; a video gives
-``clips_per_video`` items. Reading an item probes the file, seeks to the
-keyframe before the clip and decodes only up to its last frame, scaling the
-kept frames down in PyAV's converter, so its cost follows the clip, not the file.
+``clips_per_video`` items. Reading an item probes the file and reads the
+clip's frames with ``nbp.video.read_frames`` (seek, decode only up to the last
+frame, scale while converting; times past the end repeat the last frame), so
+its cost follows the clip, not the file.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["VideoFolder", "VIDEO_EXTENSIONS", "VideoInfo", "probe_video", "decode_clip",
-           "clip_times", "class_text"]
+from nbp.video import VideoInfo, probe, read_frames
+
+__all__ = ["VIDEO_EXTENSIONS", "VideoFolder", "class_text", "clip_times"]
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 
@@ -39,115 +38,6 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 def class_text(class_name: str) -> str:
     """'ApplyEyeMakeup' -> 'apply eye makeup' (the published UCF prompt rule)."""
     return re.sub("([a-z])([A-Z])", r"\1 \2", class_name).replace("_", " ").lower()
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a clip's first video stream says about itself, read without decoding it.
-
-    rate: frames per second; start: time of the first frame (s); num_frames: frames
-    in the stream (from the duration when the container does not count them).
-    """
-
-    rate: float
-    start: float
-    num_frames: int
-    height: int
-    width: int
-
-
-def _open(path: str | Path):
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise ValueError(f"video: cannot read {str(path)!r} ({e})") from None
-    if not container.streams.video:
-        container.close()
-        raise ValueError(f"video: {str(path)!r} has no video stream")
-    return container, container.streams.video[0]
-
-
-def probe_video(path: str | Path) -> VideoInfo:
-    """The frame rate, start time, frame count and size of ``path``'s first video stream."""
-    container, stream = _open(path)
-    with container:
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        tb = stream.time_base
-        start = float(stream.start_time * tb) if stream.start_time is not None and tb else 0.0
-        n = int(stream.frames or 0)
-        if n <= 0:
-            seconds = (float(stream.duration * tb) if stream.duration and tb
-                       else (container.duration or 0) / 1e6)
-            n = max(1, round(seconds * rate))
-        return VideoInfo(rate, start, n, stream.codec_context.height, stream.codec_context.width)
-
-
-def _pick_nearest(frames, times: np.ndarray, convert, tolerance: float) -> list | None:
-    """Walk decoded ``(time, frame)`` pairs; for each target time take the nearest frame.
-
-    Returns the converted frames ([len(times)]; targets past the end take the
-    last frame), or None when a frame has no time or the first frame comes more
-    than ``tolerance`` seconds after the first target (a seek that overshot).
-    """
-    out, prev, i = [], None, 0
-    for t, frame in frames:
-        if t is None or (prev is None and t > times[0] + tolerance):
-            return None
-        while i < len(times) and t >= times[i]:
-            near_prev = prev is not None and abs(prev[0] - times[i]) <= abs(t - times[i])
-            out.append(convert(prev if near_prev else (t, frame)))
-            i += 1
-        if i == len(times):
-            return out
-        prev = (t, frame)
-    if prev is None:
-        return None
-    return out + [convert(prev)] * (len(times) - i)
-
-
-def decode_clip(path: str | Path, times: np.ndarray, size: tuple[int, int] | None = None,
-                info: VideoInfo | None = None) -> np.ndarray:
-    """The frames nearest to ``times`` (seconds, increasing): uint8 [len(times), H, W, 3].
-
-    Seeks to the keyframe before the first time and decodes only up to the last,
-    scaling each kept frame to ``size`` = (H, W) while converting it to RGB, so a
-    clip costs its own frames, not the whole file at full resolution.
-    """
-    info = info or probe_video(path)
-    times = np.asarray(times, dtype=np.float64)
-    h, w = size or (info.height, info.width)
-    interpolation = "AREA" if h * w < info.height * info.width else "BILINEAR"
-    last: list = [None, None]  # (frame, array): a frame nearest to several times converts once
-
-    def convert(item) -> np.ndarray:
-        if last[0] is not item[1]:
-            last[:] = item[1], item[1].to_ndarray(width=w, height=h, format="rgb24",
-                                                  interpolation=interpolation)
-        return last[1]
-
-    import av
-
-    for seek in (times[0] > info.start, False):
-        container, stream = _open(path)
-        with container:
-            stream.thread_type = "AUTO"
-            try:
-                if seek:  # to the keyframe at or before the first time
-                    container.seek(int((times[0] - info.start) / stream.time_base) +
-                                   (stream.start_time or 0), stream=stream)
-                decoded = enumerate(container.decode(stream))
-                pairs = ((f.time if seek or f.time is not None else info.start + k / info.rate, f)
-                         for k, f in decoded)
-                picked = _pick_nearest(pairs, times, convert, 0.5 / info.rate if seek else np.inf)
-            except av.FFmpegError as e:
-                raise ValueError(f"video: cannot decode {str(path)!r} ({e})") from None
-        if picked is not None:
-            return np.stack(picked)
-        if not seek:
-            break
-    raise ValueError(f"video: {str(path)!r} decoded to zero frames")
 
 
 def _window_start(slack: float, sampling: str, rng: np.random.Generator, whole: bool,
@@ -166,38 +56,20 @@ def _window_start(slack: float, sampling: str, rng: np.random.Generator, whole: 
 
 def clip_times(info: VideoInfo, num_frames: int, fps: float | None, stride: int, sampling: str,
                rng: np.random.Generator, clip: int = 0, clips: int = 1) -> np.ndarray:
-    """Times (float64 [num_frames], seconds) of clip ``clip`` of ``clips`` of a video.
+    """Times (float64 [num_frames], seconds from the first frame) of clip ``clip`` of ``clips``.
 
     With ``fps`` the frames are ``1 / fps`` apart (the video's own frame rate
     does not matter), else every ``stride``-th frame; times past the end take
     the last frame (short videos repeat it).
     """
-    n = info.num_frames
+    n = info.frames
     if fps is None:
         offsets = np.arange(num_frames) * stride
         first = _window_start(n - 1 - offsets[-1], sampling, rng, True, clip, clips)
-        return info.start + np.minimum(first + offsets, n - 1) / info.rate
+        return np.minimum(first + offsets, n - 1) / info.fps
     offsets = np.arange(num_frames) / fps
-    last = (n - 1) / info.rate
-    return info.start + _window_start(last - offsets[-1], sampling, rng, False, clip, clips) + offsets
-
-
-def scaled_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """(H, W) with the short side at ``resolution`` (the size ``resize_center_crop`` crops)."""
-    scale = resolution / min(height, width)
-    return max(resolution, round(height * scale)), max(resolution, round(width * scale))
-
-
-def resize_center_crop(frames: torch.Tensor, resolution: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, r, r] in [0, 1]: short side to r, then centre crop."""
-    x = frames.permute(0, 3, 1, 2).float() / 255.0                   # [T, 3, H, W]
-    h, w = x.shape[-2:]
-    size = scaled_size(h, w, resolution)
-    if size != (h, w):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    x = x[:, :, top:top + resolution, left:left + resolution]
-    return x.clamp(0, 1).permute(1, 0, 2, 3).contiguous()
+    last = (n - 1) / info.fps
+    return _window_start(last - offsets[-1], sampling, rng, False, clip, clips) + offsets
 
 
 class VideoFolder(Dataset):
@@ -284,11 +156,10 @@ class VideoFolder(Dataset):
             raise IndexError(f"index: {index} is outside [0, {len(self)})")
         file, clip = divmod(int(index), self.clips_per_video)
         path = self.files[file]
-        info = probe_video(path)
+        info = probe(path)
         rng = np.random.default_rng([self.seed, int(index), self.epoch])
         times = clip_times(info, self.num_frames, self.fps, self.frame_stride, self.sampling, rng,
                            clip, self.clips_per_video)
-        frames = decode_clip(path, times, scaled_size(info.height, info.width, self.resolution), info)
-        video = resize_center_crop(torch.from_numpy(frames), self.resolution)
+        video = read_frames(path, times, self.resolution, info=info, past_end="repeat", ties="earlier")
         return {"video": video, "label": self.labels[file], "text": class_text(path.parent.name),
                 "path": str(path)}
