@@ -59,10 +59,18 @@
 
 #define PANEL 16
 #define PREFETCH 4096       /* bytes ahead in each weight stream */
-#define GROUP 3             /* panels per thread work item */
-#define VNNI_ROWS 8         /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
-#define VNNI_PANELS 3
-#define PORT_ROWS 4         /* 4 rows x 2 ymm per panel = 8 of the 16 ymm as accumulators */
+#ifndef GROUP
+#  define GROUP 3           /* panels per thread work item */
+#endif
+/* 16 rows x 1 panel: 16 of the 32 zmm as accumulators; at 16 rows faster than
+ * 8 x 3 or 4 x 6 (benchmarks/bench_packed_linear.py), and 24 rows spilled */
+#ifndef VNNI_ROWS
+#  define VNNI_ROWS 16
+#  define VNNI_PANELS 1
+#endif
+#ifndef PORT_ROWS
+#  define PORT_ROWS 4       /* 4 rows x 2 ymm per panel = 8 of the 16 ymm as accumulators */
+#endif
 
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
