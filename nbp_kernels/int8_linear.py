@@ -8,7 +8,7 @@ at every call (``reference.quantize_rows``) and multiplied with the int8
 weight in exact int32 dot products, then scaled. At 16 rows the weight-only
 int8 kernel (``packed_linear``) is bound by its float32 multiply-adds; integer
 dot-product instructions do four times as many per instruction
-(``benchmarks/bench_packed_linear.py``). Opt-in:
+(``benchmarks/ablations/cpu_weight_dtype.py``). Opt-in:
 ``PackedLinear(..., weight_dtype=torch.int8, act_dtype=torch.int8)``.
 
 ``cpu/int8_linear.c`` is compiled for the ISA ``cpu_build.cpu_isa()`` picks.
