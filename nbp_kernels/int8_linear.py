@@ -28,15 +28,22 @@ import torch
 
 from .cpu_build import load
 
-__all__ = ["int8_linear", "pack_weight", "is_available", "kernel_path", "PANEL",
-           "MAX_IN_FEATURES", "VNNI_ENV"]
+__all__ = [
+    "MAX_IN_FEATURES",
+    "PANEL",
+    "VNNI_ENV",
+    "int8_linear",
+    "is_available",
+    "kernel_path",
+    "pack_weight",
+]
 
 PANEL = 16                   # output columns per packed panel
 MAX_IN_FEATURES = 131072     # 127 * 127 * K stays below 2**31: the int32 sums are exact
 VNNI_ENV = "NBP_CPU_VNNI"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_int8_linear.restype = ctypes.c_int
     lib.nbp_int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
