@@ -99,6 +99,21 @@ def test_matches_reference_bit_for_bit(path, bias):
                 assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
 
 
+def test_long_rows_stay_exact(path):
+    """K = 70000 at full scale: the true sums fit int32, the VNNI path's shifted u8 sums
+    (255 x 127 x K) wrap, and the correction still gives the exact value."""
+    K = 70000
+    x = torch.ones(2, K)
+    x[1, ::2] = -1
+    wq = torch.full((20, K), 127, dtype=torch.int8)
+    wq[3] = -127
+    ws = torch.full((20,), 0.5)
+    packed, corr = i8.pack_weight(wq)
+    got = i8.int8_linear(x, packed, corr, ws, None, 20)
+    assert torch.equal(got, reference.int8_linear(x, wq, ws))
+    assert got[0, 0] == torch.tensor(127.0 * 127 * K).float() * (torch.tensor(1.0) / 127 * 0.5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_and_leading_dims(path, threads):
     before = torch.get_num_threads()

@@ -75,6 +75,7 @@
 
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VLEN * 4), aligned(4)));
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
@@ -125,8 +126,8 @@ static inline void finish(const int32_t *acc, const int32_t *corr, float sx, con
         if (c >= n_out)
             break;
         vi a = *(const vi *)(acc + v * VLEN);
-        if (corr)
-            a -= *(const vi *)(corr + c);   /* padded to whole panels */
+        if (corr)   /* padded to whole panels; unsigned: vpdpbusd's sum may have wrapped */
+            a = (vi)((vu)a - *(const vu *)(corr + c));
         vf r = __builtin_convertvector(a, vf) * (sx * load_cols(scale, n_out, c));
         if (bias)
             r = r + load_cols(bias, n_out, c);
