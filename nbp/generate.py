@@ -30,6 +30,8 @@ import threading
 import torch
 
 from nbp_kernels import registry
+from nbp_kernels.int8_linear import is_available as int8_linear_available
+from nbp_kernels.packed_linear import checked_act_dtype
 
 from . import devices, layout, long_video
 from .cache import StaticKVCache
@@ -89,6 +91,17 @@ def _checked_weight_dtype(weight_dtype, packed_linear, device: torch.device,
     return weight_dtype
 
 
+def _checked_act_dtype(act_dtype, weight_dtype):
+    """``act_dtype`` as the packed linears take it (None for float32 activations), or a
+    ValueError naming it: int8 activations need int8 weights, and the int8 kernel."""
+    if checked_act_dtype(act_dtype, weight_dtype) == torch.float32:
+        return None
+    ok, why = int8_linear_available()
+    if not ok:
+        raise ValueError(f"act_dtype: torch.int8 activations need the int8 CPU linear: {why}")
+    return torch.int8
+
+
 def _serialized(method):
     """Run ``method`` holding the generator's (reentrant) lock: the static cache and the
     captured decode steps are shared by every call on one generator."""
@@ -137,7 +150,11 @@ class FastGenerator:
     prefill), computing what ``reference.dequantized_linear`` does;
     activations, the KV cache and the sampler are unchanged (``most_likely_class``
     scores with the float32 model). Needs the packed CPU linear (a float32
-    generator on the CPU), else ValueError.
+    generator on the CPU), else ValueError. act_dtype: None (float32
+    activations) or torch.int8, with weight_dtype=torch.int8 only: the same
+    linears also quantize their input rows to int8 at each call and multiply
+    in int32 (``nbp_kernels.reference.int8_linear``; faster on CPUs with
+    integer dot products such as AVX512-VNNI, a little less exact).
 
     Threads: one generator may be shared, but its calls run one at a time (its
     public methods hold one reentrant lock, as they share the static cache and
@@ -154,7 +171,7 @@ class FastGenerator:
     def __init__(self, model: NBPTransformer, tokenizer=None, *, device=None, dtype=None,
                  backend: str = "auto", max_batch_size: int | None = None,
                  max_seq_len: int | None = None, cuda_graphs="auto", compile: bool = False,
-                 draw: str = "fast", packed_linear="auto", weight_dtype=None):
+                 draw: str = "fast", packed_linear="auto", weight_dtype=None, act_dtype=None):
         if not isinstance(model, NBPTransformer):
             raise ValueError(f"model: expected an NBPTransformer, got {type(model).__name__}")
         device = (devices.checked_device(device) if device is not None
@@ -175,6 +192,7 @@ class FastGenerator:
         _positive_or_none("max_seq_len", max_seq_len)
         linear_backend = _linear_backend(packed_linear, device, dtype)
         weight_dtype = _checked_weight_dtype(weight_dtype, packed_linear, device, dtype)
+        act_dtype = _checked_act_dtype(act_dtype, weight_dtype)
         if weight_dtype is not None:
             linear_backend = "cpu"
         if backend != "auto":   # an unusable backend fails here, before the model is moved
@@ -191,10 +209,11 @@ class FastGenerator:
         self.use_graphs = device.type == "cuda" and cuda_graphs in ("auto", True)
         self.compile = compile
         # packing copies the weights: done once per generator, not per request
-        self.weight_dtype = weight_dtype
+        self.weight_dtype, self.act_dtype = weight_dtype, act_dtype
         make_linear = registry.resolve("linear", linear_backend, device=device, dtype=dtype)
-        self.linear = (make_linear(self.model) if weight_dtype is None
-                       else make_linear(self.model, weight_dtype=weight_dtype))
+        narrow = {k: v for k, v in (("weight_dtype", weight_dtype), ("act_dtype", act_dtype))
+                  if v is not None}
+        self.linear = make_linear(self.model, **narrow)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
         self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens

@@ -50,6 +50,8 @@ CPU_FLAGS = {
 }
 ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
 LIBS = {"sample_cpu": ["-lmvec", "-lm"]}
+# int8_linear's float epilogue must round each operation as the reference does
+KERNEL_FLAGS = {"int8_linear": ["-ffp-contract=off"]}
 ENV = "NBP_CPU_ISA"
 
 
@@ -141,7 +143,7 @@ def _verified(lib: Path) -> bool:
 def _compile(name: str, isa: str, cc: str) -> Path:
     """Path of the shared library for ``cpu/<name>.c`` on ``isa``, compiled now unless cached."""
     src = SOURCES / f"{name}.c"
-    cmd = [*FLAGS, *ISA_FLAGS[isa], f"-DNBP_ISA_{isa.upper()}=1"]
+    cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
     libs = LIBS.get(name, [])
     tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{isa}-{tag}.so"

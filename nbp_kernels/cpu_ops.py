@@ -1,8 +1,9 @@
 """The ``cpu`` backend: the C kernels of ``packed_linear`` and ``sample_cpu`` as registry ops.
 
-* ``linear``: ``PackedLinears(model, weight_dtype=None)``, the model's
-  ``nn.Linear`` weights packed once for ``packed_linear`` (float32 CPU models;
-  stored as float32, bfloat16 or int8);
+* ``linear``: ``PackedLinears(model, weight_dtype=None, act_dtype=None)``, the
+  model's ``nn.Linear`` weights packed once for ``packed_linear`` (float32 CPU
+  models; stored as float32, bfloat16 or int8), or for ``int8_linear`` (int8
+  weights and int8 activations);
 * ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows).
 
 Each is usable where its C file compiles (``is_available()`` of its module);
@@ -24,6 +25,8 @@ class PackedLinears:
 
     weight_dtype: None or torch.float32 (the float32 weights), torch.bfloat16
     or torch.int8 (``reference.quantize_weight``): the packed copies' dtype.
+    act_dtype: None (float32 activations) or torch.int8 with int8 weights: each
+    row quantized per call, int32 dot products (``reference.int8_linear``).
     ``__call__(module, x)``: x float32 [..., in_features] -> [..., out_features].
     With float32 weights, products of more than ``packed_linear.MAX_ROWS`` rows
     (the prefill) use the module's own forward; narrower weights are used at
@@ -31,10 +34,11 @@ class PackedLinears:
     the model's weights change later: build a new generator then.
     """
 
-    def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None):
-        self.weight_dtype = weight_dtype
-        self.packed = {m: packed_linear.PackedLinear(m, weight_dtype) for m in model.modules()
-                       if isinstance(m, torch.nn.Linear)}
+    def __init__(self, model: torch.nn.Module, weight_dtype: torch.dtype | None = None,
+                 act_dtype: torch.dtype | None = None):
+        self.weight_dtype, self.act_dtype = weight_dtype, act_dtype
+        self.packed = {m: packed_linear.PackedLinear(m, weight_dtype, act_dtype)
+                       for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self._fused: dict[tuple, packed_linear.PackedLinear] = {}
 
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +49,8 @@ class PackedLinears:
         """``self(m, x)`` for each m, as one kernel launch over their stacked weights.
 
         Each output column is computed exactly as alone (same weights, scales and
-        summation order), so the results are bit-identical to separate calls;
+        summation order; int8 activations: the same quantized rows), so the results
+        are bit-identical to separate calls;
         where a part would take its module's BLAS call (float32 prefills and
         small one-row products) every part is called alone. The stacked copy is
         packed at the first call.

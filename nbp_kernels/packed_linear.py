@@ -24,11 +24,11 @@ import functools
 
 import torch
 
-from . import reference
+from . import int8_linear, reference
 from .cpu_build import load, usable
 
-__all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "PANEL", "MAX_ROWS",
-           "WEIGHT_DTYPES"]
+__all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
+           "PANEL", "MAX_ROWS", "WEIGHT_DTYPES", "ACT_DTYPES"]
 
 PANEL = 16          # output columns per packed panel
 MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS GEMM
@@ -36,6 +36,7 @@ MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS 
 # GEMV, which was faster there (benchmarks/bench_packed_linear.py).
 GEMV_MIN_WEIGHTS = 1 << 20
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}   # the C kernel's codes
+ACT_DTYPES = (torch.float32, torch.int8)   # int8: int8_linear (int8 weights only)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,6 +149,9 @@ class PackedLinear:
 
     weight_dtype: None or torch.float32 (the module's float32 weight as is),
     torch.bfloat16 or torch.int8 (stored as ``reference.quantize_weight`` says).
+    act_dtype: None or torch.float32 (float32 activations), or torch.int8 (with
+    int8 weights only): each call quantizes x per row and runs
+    ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products).
     ``__call__(x)``: x float32 [..., in_features] -> [..., out_features]. With
     float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through the
     module's BLAS GEMM, and so does one row against fewer than
@@ -155,28 +159,33 @@ class PackedLinear:
     the kernel at every row count: no float32 copy is kept.
     """
 
-    def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None):
+    def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None,
+                 act_dtype: torch.dtype | None = None):
         dtype = torch.float32 if weight_dtype is None else weight_dtype
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype: expected None, torch.float32, torch.bfloat16 or "
                              f"torch.int8, got {weight_dtype!r}")
+        act = checked_act_dtype(act_dtype, dtype)
         weight = module.weight.detach()
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"module: expected a float32 CPU weight, got {weight.dtype} on "
                              f"{weight.device}")
-        self.module, self.weight_dtype = module, dtype
+        self.module, self.weight_dtype, self.act_dtype = module, dtype, act
         stored, self.scale = reference.quantize_weight(weight, dtype)
-        self.packed = pack_weight(stored)
+        self.packed, self.corr = (int8_linear.pack_weight(stored) if act == torch.int8
+                                  else (pack_weight(stored), None))
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
-        self.out_features = module.out_features
+        self.in_features, self.out_features = module.in_features, module.out_features
 
     @classmethod
     def stacked(cls, parts: list[PackedLinear]) -> PackedLinear:
         """One PackedLinear whose outputs are those of ``parts`` (same in_features, same
-        weight dtype) side by side: quantized per output channel, so each column is
-        stored, and computed, as in its part. It always runs the kernel (no module)."""
-        if not parts or len({(p.weight_dtype, p.packed.shape[1]) for p in parts}) != 1:
-            raise ValueError("parts: expected PackedLinears of one weight dtype and in_features")
+        weight and activation dtypes) side by side: quantized per output channel, so each
+        column is stored, and computed, as in its part (int8 activations: each row is
+        quantized once, as for every part). It always runs the kernel (no module)."""
+        if not parts or len({(p.weight_dtype, p.act_dtype, p.in_features) for p in parts}) != 1:
+            raise ValueError("parts: expected PackedLinears of one weight dtype, activation "
+                             "dtype and in_features")
         weight = torch.cat([p.module.weight.detach() for p in parts])
         has_bias = any(p.bias is not None for p in parts)
         module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
@@ -185,7 +194,7 @@ class PackedLinear:
             module.bias = torch.nn.Parameter(torch.cat(
                 [p.bias if p.bias is not None else weight.new_zeros(p.out_features)
                  for p in parts]), requires_grad=False)
-        out = cls(module, parts[0].weight_dtype)
+        out = cls(module, parts[0].weight_dtype, parts[0].act_dtype)
         out.module = None   # no float32 copy kept: the parts serve the GEMM cases
         return out
 
@@ -197,12 +206,35 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
             return self.module(x)
+        int8 = self.act_dtype == torch.int8
         if torch.compiler.is_compiling():
+            if int8:
+                return int8_linear.int8_linear(x, self.packed, self.corr, self.scale, self.bias,
+                                               self.out_features)
             return packed_linear(x, self.packed, self.bias, self.out_features, self.scale)
         # Eager decode steps call this ~40 times each: the weights were checked
         # when packed, so only x is, and the kernel is called without the
         # custom-op dispatch (tens of microseconds per call on a 2-core CPU).
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.packed.shape[1] \
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
                 or x.requires_grad:
-            _check(x, self.packed, self.bias, self.out_features, self.scale)
+            if not int8:
+                _check(x, self.packed, self.bias, self.out_features, self.scale)   # raises
+            int8_linear._check(x, self.packed, self.corr, self.scale, self.bias, self.out_features)
+            raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
+                             f"{tuple(x.shape)}")
+        if int8:
+            return int8_linear._launch(x, self.packed, self.corr, self.scale, self.bias,
+                                       self.out_features)
         return _launch(x, self.packed, self.bias, self.out_features, self.scale)
+
+
+def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """``act_dtype`` (None: float32) as a dtype, or a ValueError naming it: torch.int8
+    activations need torch.int8 weights (the integer dot products multiply both)."""
+    act = torch.float32 if act_dtype is None else act_dtype
+    if act not in ACT_DTYPES:
+        raise ValueError(f"act_dtype: expected None, torch.float32 or torch.int8, got {act_dtype!r}")
+    if act == torch.int8 and weight_dtype != torch.int8:
+        raise ValueError(f"act_dtype: torch.int8 activations need weight_dtype=torch.int8, got "
+                         f"weight_dtype={weight_dtype!r}")
+    return act

@@ -35,6 +35,8 @@ __all__ = [
     "linear",
     "quantize_weight",
     "dequantized_linear",
+    "quantize_rows",
+    "int8_linear",
     "keep_threshold",
     "draw_kept",
 ]
@@ -169,6 +171,39 @@ def dequantized_linear(x: torch.Tensor, stored: torch.Tensor, scale: torch.Tenso
     (float64 computes the exact value in float64)."""
     w = stored.to(x.dtype)
     return linear(x, w if scale is None else w * scale.to(x.dtype)[:, None], bias)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x float32 [M, K] to int8, symmetric: (xq int8 [M, K], sx float32 [M]).
+
+    In float32: amax = max |x[m]|, inv = 127 / amax, xq = x * inv rounded half to
+    even (already in [-127, 127]; clamped all the same), sx = amax / 127, so
+    x ~ xq * sx[:, None]. An all-zero row gives inv = 0, xq = 0, sx = 0. x must be
+    finite. What ``int8_linear`` does to its activations.
+    """
+    amax = x.float().abs().amax(dim=-1)
+    # a true division (127 / tensor would be 127 * reciprocal(tensor): two roundings)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))
+    xq = torch.round(x.float() * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    return xq, amax / 127
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic int8 activations times int8 weights: x float32 [M, K] -> float32 [M, N].
+
+    wq int8 [N, K] and w_scale float32 [N] are ``quantize_weight(w, torch.int8)``;
+    bias float32 [N] or None. With (xq, sx) = ``quantize_rows(x)``:
+    acc = xq @ wq^T summed exactly (an int32 sum for K < 2^31 / 127^2; computed
+    here in float64, where every partial sum of such integers is exact), then in
+    float32, one rounding per step and in this order: s = sx[m] * w_scale[n],
+    y = float32(acc) * s, y = y + bias[n]. What ``nbp_kernels.int8_linear``
+    computes, bit for bit.
+    """
+    xq, sx = quantize_rows(x)
+    acc = (xq.double() @ wq.double().t()).float()
+    y = acc * (sx[:, None] * w_scale.float()[None, :])
+    return y if bias is None else y + bias
 
 
 def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

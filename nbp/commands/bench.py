@@ -14,7 +14,14 @@ import time
 
 import torch
 
-from .cpu_options import add_threads, add_weight_dtype, apply_threads, weight_dtype
+from .cpu_options import (
+    act_dtype,
+    add_act_dtype,
+    add_threads,
+    add_weight_dtype,
+    apply_threads,
+    weight_dtype,
+)
 
 # CPU default: the preset's layout at 6 layers x 384 wide, so NTP finishes in about a minute.
 CPU_LAYERS, CPU_WIDTH = 6, 384
@@ -111,16 +118,18 @@ def median(xs: list[float]) -> float:
 
 def ntp_vs_nbp(model, *, batch: int = 1, repeats: int = 3, top_k: int | None = 16000,
                top_p: float | None = 0.9, device="cpu", seed: int = 0, extra: dict | None = None,
-               graphs="auto", weight_dtype=None) -> list[dict]:
+               graphs="auto", weight_dtype=None, act_dtype=None) -> list[dict]:
     """Median time of K600-style generation in modes "nbp" and "ntp" (plus ``extra``
-    callables taking (input_ids, num_new, mode)); one row per method. weight_dtype:
-    ``FastGenerator``'s (None: the model's float32 weights)."""
+    callables taking (input_ids, num_new, mode)); one row per method. weight_dtype,
+    act_dtype: ``FastGenerator``'s (None: the model's float32 weights, float32
+    activations)."""
     from nbp.generate import FastGenerator
 
     device = torch.device(device)
     cfg = model.config
     given, new = frame_prediction_shape(cfg)
-    gen = FastGenerator(model, device=device, cuda_graphs=graphs, weight_dtype=weight_dtype)
+    gen = FastGenerator(model, device=device, cuda_graphs=graphs, weight_dtype=weight_dtype,
+                        act_dtype=act_dtype)
     ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (batch, given),
                         generator=torch.Generator().manual_seed(seed))
 
@@ -177,11 +186,12 @@ def run(args) -> int:
         raise ValueError(f"--top-k: expected 0 (no top-k) or a positive int, got {args.top_k}")
     top_k = None if args.top_k == 0 else args.top_k
     rows = ntp_vs_nbp(model, batch=args.batch, repeats=args.repeats, top_k=top_k, top_p=args.top_p,
-                      device=device, seed=args.seed, weight_dtype=weight_dtype(args.weight_dtype))
+                      device=device, seed=args.seed, weight_dtype=weight_dtype(args.weight_dtype),
+                      act_dtype=act_dtype(args.act_dtype))
     info = machine_info(device)
     print(f"{args.preset}: {cfg.n_layer} layers, width {cfg.n_embd}, vocab {cfg.vocab_size}, "
           f"L={cfg.block_size}, batch {args.batch}, {dtype}, random weights stored "
-          f"{args.weight_dtype}")
+          f"{args.weight_dtype}, activations {args.act_dtype}")
     print(f"device: {info.get('gpu') or info['cpu']} ({info['cpu_cores']} cores, "
           f"{info['torch_threads']} torch threads, load {info['load_avg_1m']})")
     print(format_table(rows))
@@ -201,5 +211,6 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     add_weight_dtype(p)
+    add_act_dtype(p)
     add_threads(p)
     p.set_defaults(func=run)

@@ -18,7 +18,8 @@ never used in training) and reports:
   fewer steps count most;
 * with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``);
 * ``pred_psnr_nbp_<w>`` / ``token_agreement_nbp_<w>`` for each weight dtype w (float32,
-  bfloat16, int8; ``FastGenerator(weight_dtype=...)``): greedy NBP frame prediction with
+  bfloat16, int8; ``FastGenerator(weight_dtype=...)``), and for ``int8_a8``, int8 weights
+  with int8 activations (``act_dtype=torch.int8``): greedy NBP frame prediction with
   the linears' weights stored at w, and the fraction of its predicted tokens equal to
   float32's (``weight_dtype_rows``); ``pred_psnr_drop_nbp_<w>``: float32's PSNR minus w's.
 
@@ -40,9 +41,17 @@ import time
 
 import torch
 
-from .cpu_options import WEIGHT_DTYPES, add_threads, apply_threads, weight_dtype
+from .cpu_options import (
+    WEIGHT_DTYPES,
+    act_dtype,
+    add_threads,
+    apply_threads,
+    weight_dtype,
+)
 
 NUM_PRED_FRAMES = 12
+# weight_dtype_rows: (row name, --weight-dtype, --act-dtype)
+WEIGHT_ROWS = tuple((w, w, "float32") for w in WEIGHT_DTYPES) + (("int8_a8", "int8", "int8"),)
 
 
 def _timed_prediction(gen, video, labels, mode: str, repeats: int) -> tuple[torch.Tensor, float, float]:
@@ -184,20 +193,24 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
 @torch.no_grad()
 def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
                       truth: torch.Tensor) -> dict:
-    """Greedy NBP frame prediction per weight dtype (``WEIGHT_DTYPES``): PSNR against
-    ``truth`` (float32 [B, 3, 12, H, W]) and the fraction of predicted tokens equal to those
-    of float32 weights. video float32 [B, 3, T, H, W], labels int [B]. Narrow weights need
-    the packed CPU linear; without it only float32 is reported, with the reason."""
+    """Greedy NBP frame prediction per weight dtype (``WEIGHT_ROWS``: each of
+    ``WEIGHT_DTYPES``, and int8 weights with int8 activations): PSNR against ``truth``
+    (float32 [B, 3, 12, H, W]) and the fraction of predicted tokens equal to those of
+    float32 weights. video float32 [B, 3, T, H, W], labels int [B]. Narrow weights need the
+    packed CPU linear (int8 activations the int8 one); rows that cannot run are left out,
+    with the reason in ``weight_dtypes``."""
     from nbp import metrics
     from nbp.demo import NUM_COND_FRAMES, decode_tokens, prediction_prompt
     from nbp.generate import FastGenerator
-    from nbp_kernels.packed_linear import is_available
+    from nbp_kernels import int8_linear, packed_linear
 
-    ok, why = is_available()
+    ok, why = packed_linear.is_available()
+    ok8, why8 = int8_linear.is_available()
+    rows = [r for r in WEIGHT_ROWS if r[1] == "float32" or (ok and (r[2] == "float32" or ok8))]
     res, ref = {}, None
-    for name in WEIGHT_DTYPES if ok else WEIGHT_DTYPES[:1]:
+    for name, w, a in rows:
         gen = FastGenerator(models.model("nbp"), models.tokenizer, device="cpu",
-                            weight_dtype=weight_dtype(name))
+                            weight_dtype=weight_dtype(w), act_dtype=act_dtype(a))
         prompt, prefix = prediction_prompt(gen, video, labels)
         new = gen.generate_tokens(prompt, gen.config.video_len - prefix.shape[1],
                                   cond_len=gen.config.cond_len, mode="nbp", do_sample=False)
@@ -209,6 +222,8 @@ def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
         res[f"pred_psnr_drop_nbp_{name}"] = res["pred_psnr_nbp_float32"] - res[f"pred_psnr_nbp_{name}"]
     if not ok:
         res["weight_dtypes"] = f"float32 only: the packed CPU linear is not usable ({why})"
+    elif not ok8:
+        res["weight_dtypes"] = f"no int8_a8: the int8 CPU linear is not usable ({why8})"
     return res
 
 

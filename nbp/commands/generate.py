@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 from . import long_generate
-from .cpu_options import add_threads, add_weight_dtype, apply_threads, weight_dtype
+from .cpu_options import (
+    act_dtype,
+    add_act_dtype,
+    add_threads,
+    add_weight_dtype,
+    apply_threads,
+    weight_dtype,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The demo clips have no real-time rate; 8 fps is the rate their GIFs have always played at,
@@ -293,7 +300,8 @@ def run(args) -> int:
     device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tok, kind = _load(args)
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend,
-                        weight_dtype=weight_dtype(args.weight_dtype))
+                        weight_dtype=weight_dtype(args.weight_dtype),
+                        act_dtype=act_dtype(args.act_dtype))
     cfg = gen.config
     rate = _rate(args, _model_fps(model, kind), info.fps if info else None)
     steps = []
@@ -390,6 +398,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--backend", default="auto", help="kernel backend (auto, torch, triton, cuda)")
     add_weight_dtype(p)
+    add_act_dtype(p)
     add_threads(p)
     p.add_argument("--fps", default="model",
                    help="frame rate of the given frames and the output: 'model' (default: the "

@@ -36,7 +36,7 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    from nbp_kernels import packed_linear, sample_cpu
+    from nbp_kernels import int8_linear, packed_linear, sample_cpu
     from nbp_kernels.cpu_build import cpu_isa
     from nbp_kernels.cuda_ops import build_info
     info["cuda_extension"] = build_info()
@@ -47,6 +47,8 @@ def collect() -> dict:
     for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu)):
         ok, why = mod.is_available()
         info[name] = True if ok else f"no ({why})"
+    path, why = int8_linear.kernel_path()
+    info["int8_linear"] = {"path": path, "why": why}
     return info
 
 
@@ -64,6 +66,9 @@ def run(args) -> int:
     for key, use in (("packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
                      ("sample_cpu", "float32 CPU sampler")):
         print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")
+    i8 = info["int8_linear"]
+    print(f"{'int8_linear':>14}: " + (f"{i8['path']} (int8 activations: {i8['why']})"
+                                       if i8["path"] else f"no ({i8['why']})"))
     for dev, name in info["devices"].items():
         print(f"{'device':>14}: {dev} ({name})")
         _print_table(info["ops"][dev])

@@ -1,0 +1,308 @@
+/* int8_linear: y = x @ W^T for few rows of x, both in int8 (CPU): the activations
+ * are quantized per row here, at each call, and multiplied with int8 weights
+ * (one fp32 scale per output column) in exact int32 dot products.
+ *
+ * With weight-only int8 (packed_linear.c) a 16-row decode step is bound by its
+ * fp32 FMAs, not by reading the weights; an integer dot-product instruction
+ * does 4x the multiply-adds of an fp32 FMA. Weights are packed so that 4
+ * consecutive k of 16 output columns are one 64-byte vector,
+ * wp[panel][k / 4][16][4] (K zero-padded to Kp, a multiple of 4), streamed
+ * once per call against register tiles of several rows (further row tiles
+ * find the panels in L1/L2).
+ *
+ * Paths, all computing the same int32 sums (so the same floats):
+ * - AVX512-VNNI (vpdpbusd: u8 x s8, 64 multiply-adds an instruction), in the
+ *   avx512 build, used where the CPU has it (nbp_int8_vnni()) and the caller
+ *   asks: x is shifted to u8 (xq + 128) and 128 x the column sums of the
+ *   weight, precomputed at pack time, subtracted (exact in int32). Only the
+ *   VNNI functions are compiled for VNNI (target attribute), so the rest of
+ *   the library runs on AVX-512 CPUs without it.
+ * - x86 without VNNI (the avx2 build, and the avx512 build on CPUs without
+ *   VNNI): AVX2 vpmaddubsw with the sign trick (|xq| as u8 times the weight
+ *   with xq's sign; a pair sums to at most 2 x 127 x 127, so it never
+ *   saturates), then vpmaddwd by ones to int32.
+ * - NEON: plain C loops for the compiler to vectorise.
+ *
+ * Rounding: the sums are exact; the epilogue is float32 mul, mul, add in the
+ * order reference.int8_linear gives, and cpu_build compiles this file with
+ * -ffp-contract=off so no FMA fuses them: the results equal the reference's
+ * bit for bit.
+ *
+ * Threads: OpenMP over panel groups in torch's libgomp, as packed_linear.c.
+ * nbp_kernels/int8_linear.py has the Python contract, nbp_kernels/reference.py
+ * the semantics (quantize_rows, int8_linear).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#  include <immintrin.h>
+#endif
+
+#if defined(NBP_ISA_AVX512)
+#  define ISA_NAME "avx512"
+#  define VLEN 16
+#  define X86 1
+#elif defined(NBP_ISA_AVX2)
+#  define ISA_NAME "avx2"
+#  define VLEN 8
+#  define X86 1
+#elif defined(NBP_ISA_NEON)
+#  if !defined(__aarch64__)
+#    error "NBP_ISA_NEON needs AArch64"
+#  endif
+#  define ISA_NAME "neon"
+#  define VLEN 4
+#else
+#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
+#endif
+
+#define PANEL 16
+#define PREFETCH 4096       /* bytes ahead in each weight stream */
+#ifndef GROUP
+#  define GROUP 3           /* panels per thread work item */
+#endif
+/* 16 rows x 1 panel: 16 of the 32 zmm as accumulators. For the 64000 x 384 head
+ * at 16 rows on an AVX-512 Xeon, 1 thread: 1.6 ms, against 2.0 ms for 8 x 3 and
+ * 4 x 6 (the overrides below compile the variants); 24 rows spilled. */
+#ifndef VNNI_ROWS
+#  define VNNI_ROWS 16
+#  define VNNI_PANELS 1
+#endif
+#ifndef PORT_ROWS
+#  define PORT_ROWS 4       /* 4 rows x 2 ymm per panel = 8 of the 16 ymm as accumulators */
+#endif
+
+typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VLEN * 4), aligned(4)));
+
+const char *nbp_cpu_isa(void) { return ISA_NAME; }
+
+/* Whether this library runs the VNNI path on this CPU. */
+int nbp_int8_vnni(void) {
+#if defined(NBP_ISA_AVX512)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* reference.quantize_rows for one row: x[K] -> q[Kp] (zero-padded; + shift, so
+ * 128 gives the u8 of the VNNI path), returns sx */
+static float quantize_row(const float *x, int64_t K, int64_t Kp, uint8_t *q, int shift) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float a = x[k] < 0 ? -x[k] : x[k];
+        amax = a > amax ? a : amax;
+    }
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float v = __builtin_rintf(x[k] * inv);   /* the default rounding: half to even */
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[k] = (uint8_t)((int)v + shift);
+    }
+    for (int64_t k = K; k < Kp; k++)
+        q[k] = (uint8_t)shift;   /* the weight there is 0: any value adds nothing */
+    return amax / 127.0f;
+}
+
+/* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
+static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
+    if (n_out - c >= VLEN)
+        return *(const vf *)(src + c);
+    float buf[VLEN] = {0};
+    if (n_out > c)
+        memcpy(buf, src + c, (size_t)(n_out - c) * sizeof(float));
+    return *(const vf *)buf;
+}
+
+/* y[c0 : c0 + 16] of one row = float(acc - corr) * (sx * scale) + bias */
+static inline void finish(const int32_t *acc, const int32_t *corr, float sx, const float *scale,
+                          const float *bias, float *y, int64_t n_out, int64_t c0) {
+    for (int v = 0; v < PANEL / VLEN; v++) {
+        int64_t c = c0 + v * VLEN;
+        if (c >= n_out)
+            break;
+        vi a = *(const vi *)(acc + v * VLEN);
+        if (corr)   /* padded to whole panels; unsigned: vpdpbusd's sum may have wrapped */
+            a = (vi)((vu)a - *(const vu *)(corr + c));
+        vf r = __builtin_convertvector(a, vf) * (sx * load_cols(scale, n_out, c));
+        if (bias)
+            r = r + load_cols(bias, n_out, c);
+        if (n_out - c >= VLEN)
+            memcpy(y + c, &r, sizeof r);
+        else
+            memcpy(y + c, &r, (size_t)(n_out - c) * sizeof(float));
+    }
+}
+
+typedef struct {
+    const uint8_t *xq;      /* [M][Kp], + 128 on the VNNI path */
+    const float *sx;        /* [M] */
+    int64_t M, Kp, n_out;
+    const int8_t *wp;       /* [n_panels][Kp / 4][16][4] */
+    const int32_t *corr;    /* [n_panels * 16]: 128 x column sums (VNNI path) */
+    const float *scale, *bias;
+    float *y;
+} job_t;
+
+static inline void finish_tile(const job_t *j, const int32_t *acc, int rows, int np, int64_t m0,
+                               int64_t col0, int stride, int vnni) {
+    for (int m = 0; m < rows; m++)
+        for (int p = 0; p < np; p++)
+            finish(acc + (m * stride + p) * PANEL, vnni ? j->corr : NULL, j->sx[m0 + m],
+                   j->scale, j->bias, j->y + (m0 + m) * j->n_out, j->n_out, col0 + p * PANEL);
+}
+
+#if defined(NBP_ISA_AVX512)
+/* rows x np panels of int32 sums on VNNI; inlined with constant trip counts */
+static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnni(
+        const job_t *j, const int8_t *panels, int64_t m0, int64_t col0, const int rows,
+        const int np) {
+    const int64_t Kp = j->Kp, panel_bytes = Kp * PANEL;
+    const uint8_t *x = j->xq + m0 * Kp;
+    __m512i acc[VNNI_ROWS][VNNI_PANELS];
+    for (int m = 0; m < VNNI_ROWS; m++)
+        for (int p = 0; p < VNNI_PANELS; p++)
+            acc[m][p] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 4) {
+        __m512i w[VNNI_PANELS] = {0};   /* only the first np are used */
+        for (int p = 0; p < VNNI_PANELS; p++) {
+            if (p < np) {
+                const int8_t *q = panels + p * panel_bytes + k * PANEL;
+                __builtin_prefetch(q + PREFETCH);
+                w[p] = _mm512_loadu_si512(q);
+            }
+        }
+        for (int m = 0; m < VNNI_ROWS; m++) {
+            if (m < rows) {
+                int32_t x4;
+                memcpy(&x4, x + m * Kp + k, 4);
+                const __m512i xb = _mm512_set1_epi32(x4);
+                for (int p = 0; p < VNNI_PANELS; p++)
+                    if (p < np)
+                        acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], xb, w[p]);
+            }
+        }
+    }
+    int32_t out[VNNI_ROWS * VNNI_PANELS * PANEL] __attribute__((aligned(64)));
+    for (int m = 0; m < rows; m++)
+        for (int p = 0; p < np; p++)
+            _mm512_store_si512(out + (m * VNNI_PANELS + p) * PANEL, acc[m][p]);
+    finish_tile(j, out, rows, np, m0, col0, VNNI_PANELS, 1);
+}
+
+static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
+        const job_t *j, const int8_t *panels, int64_t col0, int n) {
+    for (int p0 = 0; p0 < n; p0 += VNNI_PANELS) {
+        int np = n - p0 < VNNI_PANELS ? n - p0 : VNNI_PANELS;
+        const int8_t *p = panels + p0 * j->Kp * PANEL;
+        for (int64_t m0 = 0; m0 < j->M; m0 += VNNI_ROWS) {
+            int rows = j->M - m0 < VNNI_ROWS ? (int)(j->M - m0) : VNNI_ROWS;
+            if (rows == VNNI_ROWS && np == VNNI_PANELS)
+                tile_vnni(j, p, m0, col0 + p0 * PANEL, VNNI_ROWS, VNNI_PANELS);
+            else
+                tile_vnni(j, p, m0, col0 + p0 * PANEL, rows, np);
+        }
+    }
+}
+#endif
+
+#if defined(X86)
+/* rows x 1 panel of int32 sums with AVX2 (the sign trick) */
+static inline __attribute__((always_inline)) void tile_port(
+        const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
+    const int64_t Kp = j->Kp;
+    const uint8_t *x = j->xq + m0 * Kp;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[PORT_ROWS][2];
+    for (int m = 0; m < PORT_ROWS; m++)
+        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const int8_t *q = panel + k * PANEL;
+        __builtin_prefetch(q + PREFETCH);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 32));
+        for (int m = 0; m < PORT_ROWS; m++) {
+            if (m < rows) {
+                int32_t x4;
+                memcpy(&x4, x + m * Kp + k, 4);
+                const __m256i xb = _mm256_set1_epi32(x4), ax = _mm256_abs_epi8(xb);
+                acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+                acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+            }
+        }
+    }
+    int32_t out[PORT_ROWS * PANEL] __attribute__((aligned(32)));
+    for (int m = 0; m < rows; m++) {
+        _mm256_store_si256((__m256i *)(out + m * PANEL), acc[m][0]);
+        _mm256_store_si256((__m256i *)(out + m * PANEL + 8), acc[m][1]);
+    }
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+#else
+/* rows x 1 panel of int32 sums in plain C */
+static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
+                             const int rows) {
+    const int64_t Kp = j->Kp;
+    int32_t out[PORT_ROWS * PANEL] = {0};
+    for (int m = 0; m < rows; m++) {
+        const int8_t *x = (const int8_t *)j->xq + (m0 + m) * Kp;
+        int32_t *a = out + m * PANEL;
+        for (int64_t k = 0; k < Kp; k += 4)
+            for (int c = 0; c < PANEL; c++)
+                for (int t = 0; t < 4; t++)
+                    a[c] += (int32_t)x[k + t] * (int32_t)panel[k * PANEL + c * 4 + t];
+    }
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+#endif
+
+static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n) {
+    for (int p = 0; p < n; p++)
+        for (int64_t m0 = 0; m0 < j->M; m0 += PORT_ROWS) {
+            int rows = j->M - m0 < PORT_ROWS ? (int)(j->M - m0) : PORT_ROWS;
+            if (rows == PORT_ROWS)
+                tile_port(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, PORT_ROWS);
+            else
+                tile_port(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
+        }
+}
+
+/* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][Kp / 4][16][4] int8, Kp = K
+ * rounded up to a multiple of 4; corr: [ceil(n_out / 16) * 16] int32, 128 x
+ * the column sums of the weight; scale: [n_out] fp32; bias: [n_out] or NULL;
+ * y: [M][n_out] fp32. vnni: 1 for the VNNI path, 0 for the portable one.
+ * Returns 0; -1 if VNNI is asked for where it does not run, -2 if out of
+ * memory (nothing written either way). */
+int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const int32_t *corr,
+                    const float *scale, const float *bias, float *y, int64_t n_out, int vnni) {
+    if (vnni && !nbp_int8_vnni())
+        return -1;
+    const int64_t Kp = (K + 3) / 4 * 4;
+    uint8_t *xq = malloc((size_t)(M * Kp) + (size_t)M * sizeof(float));
+    if (!xq)
+        return -2;
+    float *sx = (float *)(xq + M * Kp);   /* M * Kp is a multiple of 4 */
+    for (int64_t m = 0; m < M; m++)
+        sx[m] = quantize_row(x + m * K, K, Kp, xq + m * Kp, vnni ? 128 : 0);
+    const job_t j = {xq, sx, M, Kp, n_out, wp, corr, scale, bias, y};
+    const int64_t n_panels = (n_out + PANEL - 1) / PANEL;
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < n_panels; p += GROUP) {
+        int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;
+#if defined(NBP_ISA_AVX512)
+        if (vnni) {
+            group_vnni(&j, wp + p * Kp * PANEL, p * PANEL, n);
+            continue;
+        }
+#endif
+        group_port(&j, wp + p * Kp * PANEL, p * PANEL, n);
+    }
+    free(xq);
+    return 0;
+}

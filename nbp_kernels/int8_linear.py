@@ -1,0 +1,182 @@
+"""``int8_linear``: int8 activations times int8 weights, for the rows of a decode step (CPU).
+
+``int8_linear(x, packed, corr, scale, bias, out_features)`` equals
+``reference.int8_linear(x, stored, scale, bias)`` bit for bit, with
+``(packed, corr) = pack_weight(stored)`` and ``stored, scale =
+reference.quantize_weight(w, torch.int8)``: each row of x is quantized to int8
+at every call (``reference.quantize_rows``) and multiplied with the int8
+weight in exact int32 dot products, then scaled. At 16 rows the weight-only
+int8 kernel (``packed_linear``) is bound by its float32 multiply-adds; integer
+dot-product instructions do four times as many per instruction
+(``benchmarks/ablations/cpu_weight_dtype.py``). Opt-in:
+``PackedLinear(..., weight_dtype=torch.int8, act_dtype=torch.int8)``.
+
+``cpu/int8_linear.c`` is compiled for the ISA ``cpu_build.cpu_isa()`` picks.
+``kernel_path()`` says which code runs: ``avx512-vnni`` (AVX512-VNNI
+``vpdpbusd``, on an avx512 build where the CPU has it), ``avx512`` / ``avx2``
+(AVX2 ``vpmaddubsw`` with the sign trick) or ``neon`` (plain C). Every path
+computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps an
+AVX-512 CPU off the VNNI path (so both are tested on one machine).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from .cpu_build import load
+
+__all__ = [
+    "MAX_IN_FEATURES",
+    "PANEL",
+    "VNNI_ENV",
+    "int8_linear",
+    "is_available",
+    "kernel_path",
+    "pack_weight",
+]
+
+PANEL = 16                   # output columns per packed panel
+MAX_IN_FEATURES = 131072     # 127 * 127 * K stays below 2**31: the int32 sums are exact
+VNNI_ENV = "NBP_CPU_VNNI"
+
+
+@functools.cache
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.nbp_int8_linear.restype = ctypes.c_int
+    lib.nbp_int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.nbp_int8_vnni.restype = ctypes.c_int
+    lib.nbp_int8_vnni.argtypes = []
+    return lib
+
+
+@functools.lru_cache(maxsize=16)
+def _path(lib: ctypes.CDLL, isa: str, why: str, vnni_env: str) -> tuple[str, str]:
+    if isa != "avx512":
+        return isa, f"{why}; AVX512-VNNI is used only by the avx512 build"
+    if vnni_env.strip().lower() in ("off", "0"):
+        return "avx512", f"{why}; {VNNI_ENV}={vnni_env.strip()}"
+    if lib.nbp_int8_vnni():
+        return "avx512-vnni", f"{why}; the CPU has AVX512-VNNI ({VNNI_ENV}=off disables it)"
+    return "avx512", f"{why}; the CPU lacks AVX512-VNNI"
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None, str]:
+    """(library or None, path or None, reason) for the ISA in force now."""
+    lib, isa, why = load("int8_linear", _bind)
+    if lib is None:
+        return None, None, why
+    return (lib, *_path(lib, isa, why, os.environ.get(VNNI_ENV, "")))
+
+
+def kernel_path() -> tuple[str | None, str]:
+    """(path, reason): ``avx512-vnni``, ``avx512``, ``avx2`` or ``neon``, or None and why
+    the kernel cannot run here. Compiles the kernel on the first call."""
+    return _load()[1:]
+
+
+def is_available() -> tuple[bool, str]:
+    """(usable, reason naming the code path)."""
+    _, path, why = _load()
+    return path is not None, (f"{path}: {why}" if path is not None else why)
+
+
+def pack_weight(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """stored int8 [N, K] (CPU) -> (packed int8 [ceil(N / 16), ceil(K / 4), 16, 4], corr int32
+    [16 ceil(N / 16)]): packed[p, k, j, t] = stored[16 p + j, 4 k + t] (zero-padded), corr =
+    128 x the column sums of stored (the VNNI path's offset)."""
+    if not isinstance(stored, torch.Tensor) or stored.dim() != 2:
+        raise ValueError(f"stored: expected a 2-d tensor [out_features, in_features], got "
+                         f"{getattr(stored, 'shape', type(stored))}")
+    if stored.dtype != torch.int8 or stored.device.type != "cpu":
+        raise ValueError(f"stored: expected int8 on the CPU, got {stored.dtype} on {stored.device}")
+    N, K = stored.shape
+    if K > MAX_IN_FEATURES:
+        raise ValueError(f"stored: expected at most {MAX_IN_FEATURES} in_features (exact int32 "
+                         f"sums), got {K}")
+    P, K4 = -(-N // PANEL), -(-K // 4)
+    padded = stored.new_zeros(P * PANEL, K4 * 4)
+    padded[:N, :K] = stored.detach()
+    packed = padded.view(P, PANEL, K4, 4).permute(0, 2, 1, 3).contiguous()
+    corr = (padded.sum(dim=1, dtype=torch.int64) * 128).to(torch.int32)
+    return packed, corr
+
+
+def _check(x, packed, corr, scale, bias, out_features) -> None:
+    if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
+        raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
+    P = -(-out_features // PANEL)
+    for name, t, dtype, shape in (("packed", packed, torch.int8, None),
+                                  ("corr", corr, torch.int32, (P * PANEL,)),
+                                  ("scale", scale, torch.float32, (out_features,)),
+                                  ("x", x, torch.float32, None),
+                                  ("bias", bias, torch.float32, (out_features,))):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu":
+            raise ValueError(f"{name}: expected {dtype} on the CPU, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '-')}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if packed.dim() != 4 or packed.shape[0] != P or tuple(packed.shape[2:]) != (PANEL, 4):
+        raise ValueError(f"packed: expected pack_weight's layout [{P}, ceil(K / 4), {PANEL}, 4] "
+                         f"for {out_features} outputs, got {tuple(packed.shape)}")
+    if x.dim() < 1 or -(-x.shape[-1] // 4) != packed.shape[1] or x.shape[-1] > MAX_IN_FEATURES:
+        raise ValueError(f"x: expected [..., K] with ceil(K / 4) = {packed.shape[1]} (the packed "
+                         f"weight's in_features), got {tuple(x.shape)}")
+    if any(t is not None and t.requires_grad for t in (x, packed, corr, scale, bias)):
+        raise ValueError("int8_linear: inference only; pass tensors that do not require grad")
+
+
+def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
+            bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """The kernel call on checked arguments (packed, corr, scale and bias contiguous)."""
+    lib, path, why = _load()
+    if lib is None:
+        raise RuntimeError(f"int8_linear is not usable here: {why}")
+    M, K = x.shape[:-1].numel(), x.shape[-1]
+    x2 = x.reshape(M, K).contiguous()
+    y = torch.empty(M, out_features, dtype=torch.float32)
+    if M and K:
+        rc = lib.nbp_int8_linear(x2.data_ptr(), M, K, packed.data_ptr(), corr.data_ptr(),
+                                 scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 y.data_ptr(), out_features, int(path == "avx512-vnni"))
+        if rc != 0:
+            raise RuntimeError(f"int8_linear ({path}) failed with code {rc}"
+                               + (": out of memory" if rc == -2 else ""))
+    elif M:
+        y.copy_(bias.expand(M, -1) if bias is not None else torch.zeros_like(y))
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("nbp::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
+                    scale: torch.Tensor, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+    return _launch(x, packed.contiguous(), corr.contiguous(), scale.contiguous(),
+                   _contiguous(bias), out_features)
+
+
+@_int8_linear_op.register_fake
+def _(x, packed, corr, scale, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value.
+
+    (packed, corr): ``pack_weight(stored)`` for the int8 weight stored [out_features, K];
+    scale: its float32 [out_features] scales; bias: float32 [out_features] or None.
+    x must be finite (a NaN or inf has no int8 value).
+    """
+    _check(x, packed, corr, scale, bias, out_features)
+    return _int8_linear_op(x, packed, corr, scale, bias, out_features)

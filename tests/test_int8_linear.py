@@ -1,0 +1,289 @@
+"""Dynamic int8 activations (nbp_kernels.int8_linear, act_dtype=torch.int8) against
+nbp_kernels.reference.quantize_rows / int8_linear, on every code path this machine runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_weight_dtype import sharp_model, video_ids  # the sharp tiny model, shared
+
+from nbp.cli import main
+from nbp.generate import FastGenerator
+from nbp_kernels import int8_linear as i8
+from nbp_kernels import reference
+from nbp_kernels.cpu_build import _cpu_flags, cpu_isa, supported_isas
+from nbp_kernels.cpu_ops import PackedLinears
+from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
+
+# (NBP_CPU_ISA, NBP_CPU_VNNI, the path that must run): an AVX-512 machine with VNNI
+# tests the VNNI path, the AVX-512 build without it, and the AVX2 build.
+_PATHS = [(isa, None, "avx512-vnni" if isa == "avx512" and "avx512_vnni" in _cpu_flags()
+           else isa) for isa in supported_isas()]
+_PATHS += [("avx512", "off", "avx512") for *_, path in _PATHS if path == "avx512-vnni"]
+_PARAMS = [pytest.param(p, id=p[2] if p[1] is None else f"{p[2]}-novnni") for p in _PATHS] or [
+    pytest.param(None, marks=pytest.mark.skip(reason=cpu_isa()[1]))]
+
+
+@pytest.fixture(params=_PARAMS)
+def path(request, monkeypatch):
+    isa, vnni, want = request.param
+    monkeypatch.setenv("NBP_CPU_ISA", isa)
+    if vnni is None:
+        monkeypatch.delenv(i8.VNNI_ENV, raising=False)
+    else:
+        monkeypatch.setenv(i8.VNNI_ENV, vnni)
+    ok, why = i8.is_available()
+    assert ok, why   # a path this CPU runs whose kernel does not build is a failure
+    assert i8.kernel_path()[0] == want and why.startswith(f"{want}:")
+    return want
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _case(M, K, N, seed=0):
+    """x [M, K] with an all-zero row (when M > 2), an int8 weight [N, K], its scales, a bias."""
+    x, w, b = _rand(M, K, seed=seed), _rand(N, K, seed=seed + 1) * 0.1, _rand(N, seed=seed + 2)
+    if M > 2:
+        x[1] = 0
+    wq, ws = reference.quantize_weight(w, torch.int8)
+    return x, wq, ws, b
+
+
+def test_quantize_rows_reference():
+    """Per-row symmetric int8, rounding half to even; a zero row gives zeros and scale 0."""
+    x = torch.tensor([[127.0, 2.5, 3.5, -2.5, 0.0], [0.0] * 5, [-0.5, 0.25, 0.0, 0.0, 0.1]])
+    xq, sx = reference.quantize_rows(x)
+    assert xq.dtype == torch.int8 and sx.dtype == torch.float32 and sx.shape == (3,)
+    assert xq[0].tolist() == [127, 2, 4, -2, 0]     # inv = 1: 2.5 -> 2, 3.5 -> 4
+    assert not xq[1].any() and sx[1] == 0
+    assert xq[2].tolist() == [-127, 64, 0, 0, 25] and sx[2] == torch.tensor(0.5) / 127
+    x = _rand(40, 300, seed=3)
+    xq, sx = reference.quantize_rows(x)
+    assert bool((xq.abs().amax(dim=1) == 127).all())
+    err = (xq.float() * sx[:, None] - x).abs()
+    assert bool((err <= sx[:, None] * 0.5 * (1 + 1e-5)).all())
+
+
+def test_int8_linear_reference_is_the_integer_sum():
+    """reference.int8_linear: the exact integer products (int64 here), then sx * w_scale."""
+    x, wq, ws, b = _case(9, 1000, 33)
+    xq, sx = reference.quantize_rows(x)
+    acc = (xq.long() @ wq.long().t()).float()
+    assert torch.equal(reference.int8_linear(x, wq, ws, b), acc * (sx[:, None] * ws[None, :]) + b)
+    assert torch.equal(reference.int8_linear(x, wq, ws)[1], torch.zeros(33))   # the zero row
+
+
+def test_pack_layout():
+    """packed[p, k, j, t] = stored[16 p + j, 4 k + t], zero-padded; corr = 128 x row sums."""
+    wq = torch.randint(-127, 128, (37, 7), dtype=torch.int8)
+    packed, corr = i8.pack_weight(wq)
+    assert packed.shape == (3, 2, 16, 4) and packed.dtype == torch.int8 and packed.is_contiguous()
+    assert packed[1, 1, 4, 2] == wq[20, 6] and not packed[:, 1, :, 3].any()
+    assert not packed[2, :, 5:].any()
+    assert corr.dtype == torch.int32 and corr.shape == (48,)
+    assert torch.equal(corr[:37], wq.long().sum(1).int() * 128) and not corr[37:].any()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_reference_bit_for_bit(path, bias):
+    """Awkward sizes (K not a multiple of 4 or 16, partial panels and row tiles, a prefill):
+    every path computes the same int32 sums and float32 epilogue, so equal floats."""
+    for M in (1, 3, 16, 33, 512):
+        for K in (7, 96, 384, 1000):
+            for N in (1, 17, 100, 1536):
+                x, wq, ws, b = _case(M, K, N, seed=M + K + N)
+                packed, corr = i8.pack_weight(wq)
+                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N)
+                want = reference.int8_linear(x, wq, ws, b if bias else None)
+                assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
+
+
+def test_long_rows_stay_exact(path):
+    """K = 70000 at full scale: the true sums fit int32, the VNNI path's shifted u8 sums
+    (255 x 127 x K) wrap, and the correction still gives the exact value."""
+    K = 70000
+    x = torch.ones(2, K)
+    x[1, ::2] = -1
+    wq = torch.full((20, K), 127, dtype=torch.int8)
+    wq[3] = -127
+    ws = torch.full((20,), 0.5)
+    packed, corr = i8.pack_weight(wq)
+    got = i8.int8_linear(x, packed, corr, ws, None, 20)
+    assert torch.equal(got, reference.int8_linear(x, wq, ws))
+    assert got[0, 0] == torch.tensor(127.0 * 127 * K).float() * (torch.tensor(1.0) / 127 * 0.5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_and_leading_dims(path, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, wq, ws, b = _case(2 * 17, 96, 100, seed=5)
+        packed, corr = i8.pack_weight(wq)
+        x3 = x.view(2, 17, 96).transpose(0, 1)           # [17, 2, 96], not contiguous
+        got = i8.int8_linear(x3, packed, corr, ws, b, 100)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (17, 2, 100)
+    assert torch.equal(got, reference.int8_linear(x3.reshape(-1, 96), wq, ws, b).view(17, 2, 100))
+
+
+@pytest.mark.usefixtures("path")
+def test_zero_rows_and_empty_inputs():
+    """A zero row (sx = 0) gives exactly the bias; no rows, or no inputs, give the bias too."""
+    _, wq, ws, b = _case(1, 40, 20)
+    packed, corr = i8.pack_weight(wq)
+    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, b, 20), b.expand(3, -1))
+    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, None, 20),
+                       torch.zeros(3, 20))
+    assert i8.int8_linear(torch.empty(0, 40), packed, corr, ws, b, 20).shape == (0, 20)
+    p0, c0 = i8.pack_weight(torch.empty(20, 0, dtype=torch.int8))
+    assert torch.equal(i8.int8_linear(torch.empty(2, 0), p0, c0, ws, b, 20), b.expand(2, -1))
+
+
+def test_paths_agree_where_no_kernel(monkeypatch):
+    monkeypatch.setenv("NBP_CPU_ISA", "off")
+    assert i8.kernel_path() == (None, "NBP_CPU_ISA=off")
+    assert i8.is_available() == (False, "NBP_CPU_ISA=off")
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda x, p, c, s, b: (x.double(), p, c, s, b, 40), "x: expected torch.float32"),
+    (lambda x, p, c, s, b: (x[:, :20], p, c, s, b, 40), r"x: expected \[..., K\] with ceil"),
+    (lambda x, p, c, s, b: (x, p[:2], c, s, b, 40), "packed: expected pack_weight's layout"),
+    (lambda x, p, c, s, b: (x, p.float(), c, s, b, 40), "packed: expected torch.int8"),
+    (lambda x, p, c, s, b: (x, p, c[:40], s, b, 40), r"corr: expected shape \(48,\)"),
+    (lambda x, p, c, s, b: (x, p, c.long(), s, b, 40), "corr: expected torch.int32"),
+    (lambda x, p, c, s, b: (x, p, c, None, b, 40), "scale: expected torch.float32"),
+    (lambda x, p, c, s, b: (x, p, c, s[:39], b, 40), r"scale: expected shape \(40,\)"),
+    (lambda x, p, c, s, b: (x, p, c, s, b.double(), 40), "bias: expected torch.float32"),
+    (lambda x, p, c, s, b: (x, p, c, s, b, 0), "out_features: expected a positive int"),
+    (lambda x, p, c, s, b: (x.requires_grad_(), p, c, s, b, 40), "inference only"),
+])
+def test_errors(args, match):
+    x, wq, ws, b = _case(3, 24, 40)
+    packed, corr = i8.pack_weight(wq)
+    with pytest.raises(ValueError, match=match):
+        i8.int8_linear(*args(x, packed, corr, ws, b))
+
+
+def test_pack_errors():
+    with pytest.raises(ValueError, match="stored: expected int8 on the CPU"):
+        i8.pack_weight(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="stored: expected a 2-d tensor"):
+        i8.pack_weight(torch.zeros(4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="stored: expected at most 131072 in_features"):
+        i8.pack_weight(torch.zeros(1, i8.MAX_IN_FEATURES + 1, dtype=torch.int8))
+
+
+@pytest.mark.usefixtures("path")
+def test_custom_op_and_compile():
+    x, wq, ws, b = _case(4, 32, 50)
+    packed, corr = i8.pack_weight(wq)
+    torch.library.opcheck(torch.ops.nbp.int8_linear.default, (x, packed, corr, ws, b, 50))
+    f = torch.compile(lambda x: i8.int8_linear(x, packed, corr, ws, b, 50) * 2, fullgraph=True,
+                      backend="aot_eager")
+    assert torch.equal(f(x), reference.int8_linear(x, wq, ws, b) * 2)
+
+
+@pytest.mark.usefixtures("path")
+def test_packed_linear_act_int8_at_every_row_count():
+    """PackedLinear(act_dtype=torch.int8): every row count (decode and prefill) through the
+    kernel, equal to the reference; a wrong width is refused."""
+    lin = torch.nn.Linear(70, 50)
+    pl = PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.int8)
+    wq, ws = reference.quantize_weight(lin.weight.detach(), torch.int8)
+    with torch.no_grad():
+        for rows in (1, 2, 16, MAX_ROWS + 1, 300):
+            x = _rand(rows, 70, seed=rows)
+            assert torch.equal(pl(x), reference.int8_linear(x, wq, ws, lin.bias.detach()))
+        with pytest.raises(ValueError, match=r"x: expected \[..., 70\]"):
+            pl(_rand(2, 69))
+        with pytest.raises(ValueError, match="x: expected torch.float32"):
+            pl(_rand(2, 70).double())
+
+
+@pytest.mark.usefixtures("path")
+def test_many_is_each_linear_alone_bit_for_bit():
+    mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
+                               torch.nn.Linear(96, 33, bias=False))
+    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=torch.int8)
+    with torch.no_grad():
+        for rows in (1, 5, 16, MAX_ROWS + 1):
+            x = _rand(2, rows, 96, seed=rows)
+            got = linears.many(tuple(mods), x)
+            for g, m in zip(got, mods):
+                assert torch.equal(g, linears(m, x))
+
+
+def test_act_dtype_errors():
+    lin = torch.nn.Linear(8, 4)
+    for wd in (None, torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
+            PackedLinear(lin, weight_dtype=wd, act_dtype=torch.int8)
+    with pytest.raises(ValueError, match="act_dtype: expected None, torch.float32 or torch.int8"):
+        PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
+        PackedLinears(torch.nn.Sequential(lin), act_dtype=torch.int8)
+    model = sharp_model()
+    with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
+        FastGenerator(model, act_dtype=torch.int8)
+    with pytest.raises(ValueError, match="act_dtype: expected None"):
+        FastGenerator(model, weight_dtype=torch.int8, act_dtype="int8")
+    parts = [PackedLinear(lin, torch.int8), PackedLinear(lin, torch.int8, torch.int8)]
+    with pytest.raises(ValueError, match="parts: expected PackedLinears of one weight dtype, "
+                                         "activation dtype"):
+        PackedLinear.stacked(parts)
+
+
+def test_generator_with_int8_activations(path):
+    """FastGenerator(act_dtype=torch.int8): every linear is the reference int8_linear; greedy
+    generation is deterministic and, the arithmetic being the same, equal on every path."""
+    model = sharp_model()
+    gen = FastGenerator(model, weight_dtype=torch.int8, act_dtype=torch.int8)
+    assert gen.act_dtype == torch.int8 and gen.linear.act_dtype == torch.int8
+    for m in (model.head, *[m for m in model.modules() if isinstance(m, torch.nn.Linear)][:2]):
+        wq, ws = reference.quantize_weight(m.weight.detach(), torch.int8)
+        x = _rand(16, m.in_features, seed=1)
+        bias = None if m.bias is None else m.bias.detach()
+        assert torch.equal(gen.linear(m, x), reference.int8_linear(x, wq, ws, bias))
+    ids = video_ids(model.config)
+    out = {mode: gen.generate_tokens(ids, 32, mode=mode, do_sample=False) for mode in ("nbp", "ntp")}
+    for mode, tokens in out.items():
+        assert tokens.shape == (2, 32)
+        assert bool(((tokens >= model.config.video_offset) & (tokens < model.config.vocab_size)).all())
+        again = FastGenerator(model, weight_dtype=torch.int8, act_dtype=torch.int8)
+        assert torch.equal(again.generate_tokens(ids, 32, mode=mode, do_sample=False), tokens)
+    first = _GREEDY.setdefault("nbp", out["nbp"])
+    assert torch.equal(out["nbp"], first), f"{path} differs from the first path run"
+
+
+_GREEDY: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.usefixtures("path")
+def test_cli_flags(capsys, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
+                     "cpu", "--threads", "1", "--act-dtype", "int8"]) == 2
+        assert "act_dtype: torch.int8 activations need weight_dtype" in capsys.readouterr().err
+        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
+                     "cpu", "--threads", "1", "--weight-dtype", "int8", "--act-dtype", "int8"]) == 0
+        assert "stored int8, activations int8" in capsys.readouterr().out
+        out = tmp_path / "a8.gif"
+        assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
+                     "--weight-dtype", "int8", "--act-dtype", "int8", "--threads", "1"]) == 0
+        assert out.stat().st_size > 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_info_names_the_int8_path(capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("NBP_CPU_ISA", "off")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["int8_linear"] == {"path": None,
+                                                                  "why": "NBP_CPU_ISA=off"}
