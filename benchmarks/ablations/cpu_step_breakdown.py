@@ -1,0 +1,165 @@
+# ruff: noqa: I001  (nbp is imported before torch on purpose)
+"""Where the time of a K600 decode step on the CPU goes, against its memory and compute floors.
+
+K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
+new tokens, top-k 16000, top-p 0.9, random weights). One generation per
+variant (NBP, 16 rows a step, at float32 / int8 / int8+int8-activation weights;
+NTP, one row a step, float32) with the pieces of each step timed by wrapping
+them: the packed linears of the layers, the vocabulary head, the decode
+attention (SDPA), LayerNorm, GELU, the sampler; "other" is the rest (Python,
+embeddings, residual adds, cache bookkeeping). Floors, per step:
+
+* memory: bytes the step must read (weights at their dtype + the KV cache at
+  the step's median length) over the read bandwidth of a threaded sum (same run);
+* compute: the linears' multiply-adds at the float32 matmul rate of an
+  n x n ``torch.mm`` (same run); the int8-activation variant's integer
+  dot products are not bound by it (VNNI does 4 int8 multiply-adds per fp32 FMA).
+
+Writes benchmarks/results/cpu_step_breakdown_<threads>t_<machine>.json.
+
+    python benchmarks/ablations/cpu_step_breakdown.py --threads 2
+"""
+from __future__ import annotations
+
+import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgomp)
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nbp.sampler as sampler_module
+import nbp_kernels.packed_linear as packed_module
+from ablation_args import write_result
+from cpu_k600_isa_dtype import cache_bytes, read_bandwidth, weight_bytes
+from nbp.commands.bench import bench_config, frame_prediction_shape, machine_info, machine_tag, random_model
+from nbp.generate import FastGenerator
+from nbp_kernels.cpu_build import configure_threads, cpu_isa
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+VARIANTS = {"nbp-float32": ("nbp", None, None), "nbp-int8": ("nbp", torch.int8, None),
+            "nbp-int8_a8": ("nbp", torch.int8, torch.int8), "ntp-float32": ("ntp", None, None)}
+
+
+class Timers:
+    """Seconds and calls per piece, collected by wrapping the pieces' entry points."""
+
+    def __init__(self):
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self._saved = []
+
+    def wrap(self, owner, name: str, piece):
+        """Time ``owner.name``; piece: a name, or a function of the call's args giving one."""
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            key = piece(args) if callable(piece) else piece
+            self.seconds[key] += time.perf_counter() - t0
+            self.calls[key] += 1
+            return out
+        self._saved.append((owner, name, fn))
+        setattr(owner, name, timed)
+
+    def restore(self):
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+
+
+def instrument(vocab: int) -> Timers:
+    t = Timers()
+    t.wrap(packed_module.PackedLinear, "__call__",
+           lambda a: "head" if a[0].out_features == vocab else "linears")
+    t.wrap(sampler_module.BatchedSampler, "__call__", "sampler")
+    t.wrap(F, "scaled_dot_product_attention", "attention")
+    t.wrap(F, "layer_norm", "layer_norm")
+    t.wrap(F, "gelu", "gelu")
+    return t
+
+
+def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def breakdown(model, ids, new: int, mode: str, wd, ad) -> dict:
+    """Per-step milliseconds of each piece over the decode steps of one generation (after a
+    warm-up one); the prefill and the first step are left out."""
+    gen = FastGenerator(model, weight_dtype=wd, act_dtype=ad)
+    new = new if mode == "nbp" else 64        # NTP steps are all alike: 64 of them suffice
+    timers, start = None, []
+
+    def first_step_done(step, _):   # the prefill and the first step are not decode steps
+        if step == 0 and timers is not None:
+            timers.seconds.clear()
+            timers.calls.clear()
+            start.append(time.perf_counter())
+
+    run = lambda: gen.generate_tokens(ids, new, mode=mode, generator=torch.Generator().manual_seed(0),
+                                      top_k=16000, top_p=0.9, callback=first_step_done)
+    run()
+    timers = instrument(model.config.vocab_size)
+    try:
+        run()
+        total = time.perf_counter() - start[0]
+    finally:
+        timers.restore()
+    steps = new // (model.config.block_size if mode == "nbp" else 1) - 1
+    ms = {k: v / steps * 1e3 for k, v in timers.seconds.items()}
+    ms["other"] = total / steps * 1e3 - sum(ms.values())
+    return {"decode_steps": steps, "decode_s": total, "step_ms": total / steps * 1e3,
+            "ms_per_step": ms, "calls_per_step": {k: v / steps for k, v in timers.calls.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    configure_threads(args.threads)
+    cfg = bench_config("k600-base", layers=6, width=384)
+    model = random_model(cfg)
+    given, new = frame_prediction_shape(cfg)
+    ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, given),
+                        generator=torch.Generator().manual_seed(0))
+    bws, rates, rows = [], [], {}
+    for name, (mode, wd, ad) in VARIANTS.items():
+        bws.append(read_bandwidth())
+        rates.append(matmul_gflops())
+        rows[name] = breakdown(model, ids, new, mode, wd, ad)
+        print(f"{name:<12} {rows[name]['step_ms']:7.2f} ms/step  " + "  ".join(
+            f"{k} {v:.2f}" for k, v in rows[name]["ms_per_step"].items()), flush=True)
+    bw, rate = statistics.median(bws[1:] or bws), statistics.median(rates)
+    macs = sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
+    for name, row in rows.items():
+        mode, wd, ad = VARIANTS[name]
+        rows_per_step = cfg.block_size if mode == "nbp" else 1
+        nbytes = weight_bytes(model, wd) + cache_bytes(cfg, given + new // 2)
+        row["memory_floor_ms"] = nbytes / bw * 1e3
+        row["fp32_compute_floor_ms"] = 2 * macs * rows_per_step / (rate * 1e9) * 1e3
+        row["step_over_memory_floor"] = row["step_ms"] / row["memory_floor_ms"]
+    info = dict(machine_info("cpu"), isa=cpu_isa()[0])
+    result = {"what": __doc__.split("\n\n")[0], "config": cfg.to_dict(), "given": given, "new": new,
+              "read_bandwidth_GBps": bw / 1e9, "matmul_fp32_gflops": rate,
+              "linear_macs_per_row": macs, "machine": info, "variants": rows}
+    print(json.dumps({k: (round(v["step_ms"], 2), round(v["memory_floor_ms"], 2),
+                          round(v["fp32_compute_floor_ms"], 2)) for k, v in rows.items()}))
+    write_result(args.out / f"cpu_step_breakdown_{info['torch_threads']}t_{machine_tag(info)}.json",
+                 result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
