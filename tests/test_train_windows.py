@@ -16,9 +16,9 @@ T_LONG, T, H, W, CODES = 7, 3, 2, 2, 16
 
 
 def _cfg(t: int = T, **over) -> TransformerConfig:
-    d = dict(latent_shape=(t, H, W), block_shape=(1, 1, 2), n_layer=1, n_embd=32, n_head=2,
-             bov=True, cond_len=1, cond_vocab_size=4, codebook_size=CODES,
-             vocab_size=1 + 4 + CODES)
+    d = {"latent_shape": (t, H, W), "block_shape": (1, 1, 2), "n_layer": 1, "n_embd": 32,
+         "n_head": 2, "bov": True, "cond_len": 1, "cond_vocab_size": 4, "codebook_size": CODES,
+         "vocab_size": 1 + 4 + CODES}
     return TransformerConfig.from_preset("tiny", **{**d, **over})
 
 
@@ -45,7 +45,7 @@ def test_window_starts_draw_clip_starts_and_mid_clip_windows():
     starts = window_starts(5, 4000, 33, 9, start_prob=0.25, seed=0)
     assert starts.shape == (4000,) and starts.dtype == torch.int64
     assert int(starts.min()) == 0 and int(starts.max()) == 33 - 9
-    assert set(starts.tolist()) == set(range(0, 33 - 9 + 1))      # every start that fits
+    assert set(starts.tolist()) == set(range(33 - 9 + 1))            # every start that fits
     share = float((starts == 0).double().mean())
     # 0.25 at the start plus 0.75 / 24 of the mid-clip draws that never pick 0
     assert 0.21 < share < 0.29, share
@@ -61,9 +61,9 @@ def test_window_starts_are_a_function_of_seed_and_step():
     assert not torch.equal(a, window_starts(7, 64, 33, 9, start_prob=0.25, seed=4))
 
 
-@pytest.mark.parametrize("kw, match", [(dict(window=10), "window"), (dict(window=0), "window"),
-                                       (dict(start_prob=1.5), "start_prob"),
-                                       (dict(start_prob=-0.1), "start_prob")])
+@pytest.mark.parametrize("kw, match", [({"window": 10}, "window"), ({"window": 0}, "window"),
+                                       ({"start_prob": 1.5}, "start_prob"),
+                                       ({"start_prob": -0.1}, "start_prob")])
 def test_window_starts_bad_arguments(kw, match):
     args = {"window": 9, "start_prob": 0.25, **kw}
     with pytest.raises(ValueError, match=match):
@@ -122,8 +122,7 @@ def test_training_on_windows_is_deterministic(long_cache, tmp_path, monkeypatch)
 
 def test_crop_windows_match_window_starts_in_training(long_cache, tmp_path, monkeypatch):
     import nbp.train.transformer as tr
-
-    import nbp.data.tokens as tokens
+    from nbp.data import tokens
 
     assert "crop_windows" not in vars(tr)   # looked up in nbp.data.tokens when training starts
     captured = {}
