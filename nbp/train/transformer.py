@@ -14,7 +14,10 @@ Sequences follow the published training (nbp/lm_transformer.py forward):
 ``z`` are the codes in block-major order (``nbp.blocks.to_block_order`` with
 ``config.block_shape``) shifted by ``config.video_offset``; the condition
 (class label) is shifted by ``config.cond_offset``. NTP is block shape (1, 1, 1).
-``nbp.layout`` holds this layout, shared with generation.
+``nbp.layout`` holds this layout, shared with generation. A token cache of longer
+clips than the model trains on windows of the model's latent length
+(``crop_frames``: ``nbp.data.window_starts``, drawn per (seed, step)); ``init`` starts
+from a native model dir's weights (fine-tuning).
 
 Condition dropout for classifier-free guidance replaces a sample's condition
 embeddings by ``model.uncond_embedding``, per sample with probability
