@@ -16,6 +16,11 @@ L = 8 for NBP and 1 for NTP, codes in raster order (row blocks). Two tasks:
   ``[class, bov x L, codes of the 5 given frames]`` (3 latent frames: the
   tokenizer halves time after the first frame) and generate the remaining 6.
 
+Videos longer than 17 frames (``nbp.long_video``'s rolling window) use a third
+generator when the dir has it, ``nbp_long``: the NBP model fine-tuned on 9-latent-frame
+windows of 65-frame clips, most of them starting mid-clip as every window after the
+first does (``DemoModels.long_model``). ``nbp`` and ``ntp`` stay the equal-budget pair.
+
 Both run through ``FastGenerator`` (``generate_video``, ``predict_frames``); the
 helpers below only fix the demo's defaults. A clip without a label can take the
 class ``FastGenerator.most_likely_class`` finds for it; for footage unlike these
@@ -53,24 +58,35 @@ SAMPLING = dict(top_k=5)
 
 @dataclass
 class DemoModels:
-    """tokenizer: VideoTokenizer; nbp / ntp: NBPTransformer (block (1,1,8) / (1,1,1)); path: the dir."""
+    """tokenizer: VideoTokenizer; nbp / ntp: NBPTransformer (block (1,1,8) / (1,1,1)); path: the dir;
+    nbp_long: the NBP model fine-tuned for long videos (same config as nbp), None when the dir
+    lacks ``nbp_long/``."""
 
     tokenizer: VideoTokenizer
     nbp: NBPTransformer
     ntp: NBPTransformer
     path: Path
+    nbp_long: NBPTransformer | None = None
 
     def model(self, which: str) -> NBPTransformer:
-        if which not in ("nbp", "ntp"):
-            raise ValueError(f"which: expected 'nbp' or 'ntp', got {which!r}")
-        return self.nbp if which == "nbp" else self.ntp
+        """The generator named ``which``: "nbp", "ntp" or "nbp_long" (when loaded)."""
+        if which not in ("nbp", "ntp", "nbp_long"):
+            raise ValueError(f"which: expected 'nbp', 'ntp' or 'nbp_long', got {which!r}")
+        if which == "nbp_long" and self.nbp_long is None:
+            raise ValueError(f"which: 'nbp_long' is not in {str(self.path)!r} (no nbp_long/ dir)")
+        return getattr(self, which)
+
+    def long_model(self) -> tuple[str, NBPTransformer]:
+        """(name, model) of the NBP generator for videos past 17 frames: nbp_long, else nbp."""
+        return ("nbp_long", self.nbp_long) if self.nbp_long is not None else ("nbp", self.nbp)
 
 
 def load_demo(path: str | Path | None = None, device="cpu", dtype=torch.float32) -> DemoModels:
     """Load the demo models (eval mode) from ``path`` (default: the shipped ``DEMO_DIR``).
 
-    ``path`` holds native dirs ``tokenizer/``, ``nbp/`` and ``ntp/``. The weights are
-    stored in float16 and cast to ``dtype`` (float32 by default) on load.
+    ``path`` holds native dirs ``tokenizer/``, ``nbp/``, ``ntp/`` and optionally
+    ``nbp_long/`` (its config must equal ``nbp/``'s). The weights are stored in float16
+    and cast to ``dtype`` (float32 by default) on load.
     """
     root = Path(path) if path is not None else DEMO_DIR
     missing = [d for d in ("tokenizer", "nbp", "ntp") if not (root / d / "model.safetensors").is_file()]
@@ -80,12 +96,18 @@ def load_demo(path: str | Path | None = None, device="cpu", dtype=torch.float32)
     tok = VideoTokenizer.from_pretrained(root / "tokenizer", device=device, dtype=dtype)
     nbp = NBPTransformer.from_pretrained(root / "nbp", device=device, dtype=dtype)
     ntp = NBPTransformer.from_pretrained(root / "ntp", device=device, dtype=dtype)
+    nbp_long = None
+    if (root / "nbp_long" / "model.safetensors").is_file():
+        nbp_long = NBPTransformer.from_pretrained(root / "nbp_long", device=device, dtype=dtype)
+        if nbp_long.config != nbp.config:
+            raise ValueError("demo models: nbp_long/ must have nbp/'s config (it is nbp fine-tuned "
+                             "on windows of long clips)")
     for name, m in (("nbp", nbp), ("ntp", ntp)):
         c = m.config
         if c.cond_len != 1 or not c.bov or c.hybrid or c.codebook_size != tok.codebook_size:
             raise ValueError(f"demo models: {name}/ is not a class-conditional bov model over the "
                              f"tokenizer's {tok.codebook_size} codes")
-    return DemoModels(tok, nbp, ntp, root)
+    return DemoModels(tok, nbp, ntp, root, nbp_long)
 
 
 def heldout_clips(num_clips: int, seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:

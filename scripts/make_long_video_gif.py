@@ -1,12 +1,13 @@
-"""Render docs/nbp-long-video.gif: 65-frame predictions of the shipped demo NBP model (README).
+"""Render docs/nbp-long-video.gif: 65-frame predictions of the shipped demo models (README).
 
 Usage: python scripts/make_long_video_gif.py [OUT] [--frames 65] [--scale 3] [--no-reencode]
 
 Top row: four held-out clips (seed nbp.demo.EVAL_SEED) rendered at 65 frames, the ground
 truth. Bottom row: greedy NBP prediction from their first 5 frames to 65 frames, almost
-four times the 17 frames the model was trained on (``nbp.long_video``, default window,
-each window's context re-encoded unless --no-reencode). Frames are upscaled with
-nearest-neighbour so the 16x16 clips are visible.
+four times the 17 frames of a window (``nbp.long_video``, default window, each window's
+context re-encoded unless --no-reencode), by ``nbp_long`` (the NBP model fine-tuned on
+windows of 65-frame clips; ``DemoModels.long_model``, ``nbp`` where it is missing).
+Frames are upscaled with nearest-neighbour so the 16x16 clips are visible.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     demo = load_demo()
-    gen = FastGenerator(demo.nbp, demo.tokenizer, device="cpu")
+    name, model = demo.long_model()
+    gen = FastGenerator(model, demo.tokenizer, device="cpu")
     clips = [render_clip(EVAL_SEED, i, **{**DATA_OPTIONS, "num_frames": args.frames})
              for i in range(4)]
     video = torch.stack([torch.from_numpy(c[0]) for c in clips])
@@ -42,7 +44,7 @@ def main() -> int:
     seconds = time.perf_counter() - t0
     grid = video_grid([video, pred], args.scale)
     save_video(grid, args.out, fps=8)
-    print(f"wrote {args.out} ({tuple(grid.shape)}; generation {seconds:.2f} s on CPU)")
+    print(f"wrote {args.out} ({tuple(grid.shape)}; {name}, generation {seconds:.2f} s on CPU)")
     return 0
 
 

@@ -47,3 +47,19 @@ done
 # 4. Ship float16 copies into nbp/assets/demo, then measure on held-out clips.
 python "$HERE/export_demo.py" "$RUNS"
 nbp eval --model demo --json
+
+# 5. nbp_long, the NBP generator for videos past 17 frames: the shipped NBP model fine-tuned
+#    on windows of 9 latent frames cut from 65-frame clips of the same training data (33
+#    latent frames each; a quarter of the windows start at the clip's start, the rest
+#    mid-clip, as every window of nbp.long_video after the first), encoded by the shipped
+#    tokenizer. Then ship it beside the others and measure long videos (nbp eval --frames 65).
+DEMO=$(python -c "from nbp.demo import DEMO_DIR; print(DEMO_DIR)")
+[ -f "$RUNS/tokens65.safetensors" ] || nbp train tokens --tokenizer "$DEMO/tokenizer" \
+    --out "$RUNS/tokens65.safetensors" "${DATA[@]}" --num-frames 65 --batch 32 --device cpu --no-progress
+nbp train transformer $(resume "$RUNS/nbp_long") --tokens "$RUNS/tokens65.safetensors" \
+    --crop-frames 9 --crop-start-prob 0.25 --init "$DEMO/nbp" --out "$RUNS/nbp_long" \
+    --preset tiny --n-layer 4 --n-head 4 --n-embd 128 --block-shape 1 1 8 --classes 12 \
+    --steps 2500 --batch 16 --lr 1e-3 --warmup 50 --schedule cosine --min-lr-ratio 0.05 \
+    --weight-decay 0.01 --seed 0 --log-every 20 --ckpt-every 100 --no-progress --device cpu
+python "$HERE/export_demo.py" "$RUNS"
+nbp eval --model demo --frames 65 --json

@@ -40,6 +40,34 @@ def test_demo_models_load_with_the_documented_layout(demo):
     assert demo.tokenizer.codebook_size == demo.nbp.config.codebook_size == 1000
 
 
+def test_load_demo_exposes_the_long_video_fine_tune(demo):
+    assert demo.nbp_long is not None and demo.nbp_long.config == demo.nbp.config
+    assert demo.model("nbp_long") is demo.nbp_long
+    assert demo.long_model() == ("nbp_long", demo.nbp_long)
+    assert next(demo.nbp_long.parameters()).dtype == torch.float32
+    assert not torch.equal(demo.nbp_long.tok_emb.weight, demo.nbp.tok_emb.weight)  # fine-tuned
+
+
+def _demo_copy(root, **dirs):
+    """A demo dir at ``root`` linking the shipped models: name -> shipped dir to link."""
+    root.mkdir()
+    for name, src in dirs.items():
+        (root / name).symlink_to(DEMO_DIR / src, target_is_directory=True)
+    return root
+
+
+def test_a_demo_dir_without_nbp_long_falls_back_to_nbp(tmp_path):
+    demo = load_demo(_demo_copy(tmp_path / "d", tokenizer="tokenizer", nbp="nbp", ntp="ntp"))
+    assert demo.nbp_long is None and demo.long_model() == ("nbp", demo.nbp)
+    with pytest.raises(ValueError, match="'nbp_long' is not in"):
+        demo.model("nbp_long")
+    with pytest.raises(ValueError, match="which: expected"):
+        demo.model("long")
+    bad = _demo_copy(tmp_path / "bad", tokenizer="tokenizer", nbp="nbp", ntp="ntp", nbp_long="ntp")
+    with pytest.raises(ValueError, match="nbp_long/ must have nbp/'s config"):
+        load_demo(bad)
+
+
 def test_tokenizer_reconstructs_heldout_clips(demo, clips):
     video, _ = clips
     recon = demo.tokenizer.decode(demo.tokenizer.encode(video))

@@ -272,7 +272,8 @@ def test_nbp_generate_streams_a_long_demo_prediction(tmp_path, capfd):
     assert main(["generate", "--predict", "--greedy", "--frames", "21", "--stream", "--out",
                  str(out), "--scale", "2"]) == 0
     assert iio.imread(out, index=None, plugin="pyav").shape == (21, 32, 32, 3)
-    assert "frame 21/21" in capfd.readouterr().err
+    said = capfd.readouterr()
+    assert "frame 21/21" in said.err and "NBP_LONG demo model" in said.out
     gif = tmp_path / "long.gif"
     assert main(["generate", "--class-id", "3", "--frames", "21", "--window", "4", "--out",
                  str(gif)]) == 0
@@ -293,4 +294,29 @@ def test_nbp_eval_frames_reports_long_prediction_against_copy_last(capsys):
         assert res[f"long_no_collapse_{name}"] == (res[f"long_last16_std_{name}"]
                                                    >= 0.5 * res["long_last16_std_truth"])
         assert res[f"long_last16_std_{name}"] > 0.02        # the demo does not collapse
+    assert res["long_model"] == "nbp_long"        # the shipped fine-tune for long videos
     assert main(["eval", "--frames", "20", "--num-clips", "1"]) == 2
+
+
+def test_nbp_eval_frames_says_which_generator_it_ran(tmp_path, capsys):
+    import json
+
+    from nbp.cli import main
+    from nbp.demo import DEMO_DIR
+
+    base = tmp_path / "no_long"
+    base.mkdir()
+    for name in ("tokenizer", "nbp", "ntp"):
+        (base / name).symlink_to(DEMO_DIR / name, target_is_directory=True)
+    runs = {}
+    for argv in (["--model", str(base)], ["--long-model", "nbp"], ["--long-model", "nbp_long"]):
+        assert main(["eval", "--frames", "21", "--num-clips", "1", "--json", *argv]) == 0
+        runs[argv[-1]] = json.loads(capsys.readouterr().out)
+    assert runs[str(base)]["long_model"] == runs["nbp"]["long_model"] == "nbp"  # no nbp_long/: nbp
+    assert runs[str(base)]["long_psnr_nbp"] == runs["nbp"]["long_psnr_nbp"]
+    assert runs["nbp_long"]["long_model"] == "nbp_long"
+    assert main(["eval", "--frames", "21", "--num-clips", "1", "--model", str(base),
+                 "--long-model", "nbp_long"]) == 2
+    assert "'nbp_long' is not in" in capsys.readouterr().err
+    assert main(["eval", "--num-clips", "1", "--long-model", "nbp"]) == 2
+    assert "--long-model: applies to long videos" in capsys.readouterr().err

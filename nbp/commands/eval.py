@@ -24,9 +24,11 @@ never used in training) and reports:
   float32's (``weight_dtype_rows``); ``pred_psnr_drop_nbp_<w>``: float32's PSNR minus w's.
 
 ``nbp eval --frames N`` (N = 1 + 2k beyond the trained 17) instead evaluates long videos
-(``nbp.long_video``): held-out clips rendered at N frames, NBP predicting N - 5 frames from
-5 with the rolling latent window (greedy; ``--window``, default the model's), as is and
-with each window's context re-encoded (``reencode``). It reports ``long_psnr_nbp`` /
+(``nbp.long_video``) with ``nbp_long`` when the model dir has it, else ``nbp``
+(``--long-model``; the JSON's ``long_model`` says which): held-out clips rendered at N
+frames, NBP predicting N - 5 frames from 5 with the rolling latent window (greedy;
+``--window``, default the model's), as is and with each window's context re-encoded
+(``reencode``). It reports ``long_psnr_nbp`` /
 ``long_psnr_nbp_reencode`` against ``long_psnr_copy_last``, their margins, the PSNR of the
 last 16 frames, and a no-collapse check on the last 16 frames: their mean per-frame
 spatial standard deviation (``long_last16_std_*``) against the true clips' (a video
@@ -143,9 +145,11 @@ def _spatial_std(video: torch.Tensor) -> float:
 
 
 def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None = None,
-                  threads: int | None = None, window: int | None = None) -> dict:
+                  threads: int | None = None, window: int | None = None,
+                  which: str | None = None) -> dict:
     """Long-video metrics (module docstring) of ``models`` on ``num_clips`` held-out clips
-    rendered at ``num_frames`` frames."""
+    rendered at ``num_frames`` frames; which: the generator ("nbp" or "nbp_long"; default
+    ``models.long_model()``: nbp_long when there is one), reported as ``long_model``."""
     from nbp import metrics
     from nbp.data.synthetic import render_clip
     from nbp.demo import DATA_OPTIONS, EVAL_SEED, NUM_COND_FRAMES
@@ -154,7 +158,11 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
 
     if int(num_clips) < 1:
         raise ValueError(f"--num-clips: expected a positive int, got {num_clips!r}")
-    gen = FastGenerator(models.nbp, models.tokenizer, device="cpu")
+    if which is None:
+        which = models.long_model()[0]
+    if which not in ("nbp", "nbp_long"):
+        raise ValueError(f"--long-model: expected 'nbp' or 'nbp_long', got {which!r}")
+    gen = FastGenerator(models.model(which), models.tokenizer, device="cpu")
     latent_frames(num_frames, models.tokenizer.config.factors[0])
     window = check_window(gen.config, window)
     if num_frames < NUM_COND_FRAMES + LAST:
@@ -170,7 +178,7 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
     copy_last = video[:, :, NUM_COND_FRAMES - 1:NUM_COND_FRAMES].expand_as(truth)
     res = {"num_clips": num_clips, "seed": seed, "given_frames": NUM_COND_FRAMES,
            "long_frames": num_frames, "long_predicted_frames": num_frames - NUM_COND_FRAMES,
-           "window": window, "long_psnr_copy_last": metrics.psnr(copy_last, truth),
+           "window": window, "long_model": which, "long_psnr_copy_last": metrics.psnr(copy_last, truth),
            "long_last16_psnr_copy_last": metrics.psnr(copy_last[:, :, -LAST:], truth[:, :, -LAST:]),
            "long_last16_std_truth": _spatial_std(truth[:, :, -LAST:])}
     for name, reencode in (("nbp", False), ("nbp_reencode", True)):
@@ -230,11 +238,13 @@ def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
 def run(args) -> int:
     from nbp.demo import load_demo
 
+    if args.long_model is not None and args.frames is None:
+        raise ValueError("--long-model: applies to long videos; pass --frames N too")
     models = load_demo(None if args.model == "demo" else args.model)
     if args.frames is not None and args.frames != 1 + models.tokenizer.config.factors[0] * (
             models.nbp.config.latent_shape[0] - 1):
         res = evaluate_long(models, args.frames, args.num_clips, args.seed, args.threads,
-                            args.window)
+                            args.window, args.long_model)
     else:
         res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats, args.i3d)
     res["model"] = str(models.path)
@@ -264,6 +274,9 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="with --frames: latent frames of context per window (default: the "
                         "trained length minus one block-row)")
+    p.add_argument("--long-model", choices=("nbp", "nbp_long"), default=None,
+                   help="with --frames: the generator (default: nbp_long, the NBP model "
+                        "fine-tuned on windows of long clips, when the model dir has it; else nbp)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="as in nbp generate: allow unpickling files that can run code. eval reads "

@@ -1,7 +1,8 @@
 """``nbp generate``: a video from a model with FastGenerator, written as GIF or MP4.
 
 Without ``--model`` it runs the small NBP demo model shipped with the package
-(``nbp.demo``; with ``--mode ntp`` its NTP twin); ``--random`` (or a package
+(``nbp.demo``; with ``--mode ntp`` its NTP twin; with ``--frames`` past 17 its
+``nbp_long`` fine-tune when shipped); ``--random`` (or a package
 without the demo assets) runs a seeded, randomly initialised tiny
 class-conditional model instead.
 
@@ -73,6 +74,9 @@ def _load(args):
                 print(f"nbp generate: the shipped demo model is unavailable ({e})")
             else:
                 which = "ntp" if args.mode == "ntp" else "nbp"
+                trained = demo.tokenizer.config.video_shape(*demo.nbp.config.latent_shape)[0]
+                if which == "nbp" and args.frames is not None and args.frames > trained:
+                    which = demo.long_model()[0]   # fine-tuned on windows of long clips
                 print(f"nbp generate: no --model given: using the {which.upper()} demo model shipped "
                       "with nbp (trained on synthetic 16x16 sprite clips, nbp/assets/demo)")
                 return demo.model(which), demo.tokenizer, "demo"

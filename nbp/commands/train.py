@@ -160,7 +160,9 @@ def _run_tokens(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     apply_threads(args.threads)
-    tok = load_tokenizer(args.tokenizer, device=device)
+    # float32 like every consumer of the codes (nbp.demo.load_demo casts its float16 demo
+    # weights up): a float16 encoder can round a code differently
+    tok = load_tokenizer(args.tokenizer, device=device, dtype=torch.float32)
     path = extract_tokens(tok, build_dataset(args), args.out, batch_size=args.batch, device=device,
                           progress=not args.no_progress)
     print(f"wrote {path}")
@@ -214,9 +216,17 @@ def _run_transformer(args) -> int:
 
     tokens = TokenDataset(args.tokens)
     codebook = args.codebook_size or tokens.meta.get("codebook_size") or int(tokens.codes.max()) + 1
-    mcfg = transformer_config(args, tokens.latent_shape, codebook)
+    latent = tokens.latent_shape
+    if args.crop_frames is not None:
+        if not 0 < args.crop_frames <= latent[0]:
+            raise ValueError(f"--crop-frames: expected 1..{latent[0]} (the cache's latent "
+                             f"frames), got {args.crop_frames}")
+        latent = (args.crop_frames, *latent[1:])
+    mcfg = transformer_config(args, latent, codebook)
     cfg = TransformerTrainConfig(model=mcfg, out_dir=args.out, tokens=args.tokens,
-                                 p_drop_cond=args.p_drop_cond, backend=args.backend, loop=_loop(args))
+                                 p_drop_cond=args.p_drop_cond, backend=args.backend, loop=_loop(args),
+                                 crop_frames=args.crop_frames, crop_start_prob=args.crop_start_prob,
+                                 init=args.init)
     train_transformer(cfg, tokens)
     return 0
 
@@ -273,5 +283,14 @@ def register(sub) -> None:
     m.add_argument("--max-seq-len", type=int)
     m.add_argument("--codebook-size", type=int, help="default: from the token cache")
     m.add_argument("--backend", default="auto", help="attention backend (auto, torch, triton, ...)")
+    m.add_argument("--crop-frames", type=int, metavar="T",
+                   help="train on windows of T latent frames (the model's latent length) cut "
+                        "from a cache of longer clips, e.g. 9 of 33 (65-frame clips)")
+    m.add_argument("--crop-start-prob", type=float, default=0.25, metavar="P",
+                   help="with --crop-frames: share of windows that start at the clip's start "
+                        "(the others start mid-clip, uniformly)")
+    m.add_argument("--init", metavar="DIR",
+                   help="start from the weights of this native model dir (e.g. "
+                        "nbp/assets/demo/nbp); its config must equal the one the flags give")
     _add_loop_args(m, lr=3e-4)
     m.set_defaults(func=_run_transformer)

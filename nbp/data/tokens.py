@@ -3,7 +3,9 @@
 The cache is one safetensors file holding ``codes`` (int32 [N, t, h, w], the
 tokenizer's raster-order codes) and ``labels`` (int64 [N]); its metadata holds
 a JSON description of the data and the tokenizer (``nbp_tokens``), so the
-transformer trainer can check that its latent grid and codebook match.
+transformer trainer can check that its latent grid and codebook match. A cache of
+longer clips than the model's latent length trains on windows of them
+(``window_starts`` / ``crop_windows``; ``TransformerTrainConfig.crop_frames``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..io import atomic_path
 
-__all__ = ["extract_tokens", "TokenDataset"]
+__all__ = ["extract_tokens", "TokenDataset", "window_starts", "crop_windows"]
 
 
 def _describe(dataset) -> dict:
@@ -99,3 +101,39 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"codes": self.codes[index], "label": int(self.labels[index])}
+
+
+def window_starts(step: int, batch: int, num_latent: int, window: int, *, start_prob: float,
+                  seed: int) -> torch.Tensor:
+    """First latent frame of each clip's training window at ``step``: int64 [batch].
+
+    With probability ``start_prob`` a window starts at 0 (a clip's start, as the first
+    window of ``nbp.long_video`` does), otherwise uniformly in ``1 .. num_latent - window``
+    (a window mid-clip, as every later one). A function of (seed, step) only, so a resumed
+    run and every rank of a distributed one draw the same starts (the caller takes its
+    rank's slice of the global batch).
+    """
+    if not 0 < window <= num_latent:
+        raise ValueError(f"window: expected 1..{num_latent} latent frames (the cache's), "
+                         f"got {window!r}")
+    if not 0.0 <= start_prob <= 1.0:
+        raise ValueError(f"start_prob: expected a probability in [0, 1], got {start_prob!r}")
+    g = torch.Generator().manual_seed(seed * 104729 + step + 1)
+    at_start = torch.rand(batch, generator=g) < start_prob
+    last = num_latent - window   # the last start that fits
+    mid = torch.randint(1, max(last, 1) + 1, (batch,), generator=g)
+    return torch.where(at_start | (last == 0), torch.zeros_like(mid), mid)
+
+
+def crop_windows(codes: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tensor:
+    """codes int [B, T, h, w], starts int64 [B] -> the windows codes[b, s_b:s_b + window],
+    int [B, window, h, w]."""
+    if codes.dim() != 4 or starts.shape != codes.shape[:1]:
+        raise ValueError(f"codes, starts: expected [B, T, h, w] and [B], got "
+                         f"{tuple(codes.shape)} and {tuple(starts.shape)}")
+    if len(starts) and (int(starts.min()) < 0 or int(starts.max()) + window > codes.shape[1]):
+        raise ValueError(f"starts: windows of {window} latent frames must lie in the "
+                         f"{codes.shape[1]} of the clips, got starts in "
+                         f"[{int(starts.min())}, {int(starts.max())}]")
+    frames = starts[:, None] + torch.arange(window)                     # [B, window]
+    return codes[torch.arange(len(codes))[:, None], frames]
