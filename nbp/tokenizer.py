@@ -249,10 +249,12 @@ class VideoTokenizer(Pretrained, nn.Module):
     config_class = TokenizerConfig
     model_type = "nbp-tokenizer"
     # Layout of the activations on the CPU; the weights stay as they are and other devices
-    # are left alone. torch.channels_last_3d spares GroupNorm3D's per-frame copy, but
-    # benchmarks/ablations/cpu_tokenizer.py measured the same CPU seconds per clip for
-    # both layouts (magvit2, 2-core Xeon), so the plain layout stays the default.
-    cpu_memory_format: torch.memory_format = torch.contiguous_format
+    # are left alone. torch.channels_last_3d spares GroupNorm3D's per-frame copy: on a
+    # quiet 2-core Xeon it encoded a magvit2 clip in 18.0 s against 21.1 s (74% of the
+    # fp32 matmul rate against 64%), decoded it in 25.4 s against 26.4 s, with less peak
+    # memory (benchmarks/results/cpu_tokenizer_magvit2_*_quiet.json); the demo tokenizer
+    # gives the same codes either way. Set torch.contiguous_format for the plain layout.
+    cpu_memory_format: torch.memory_format = torch.channels_last_3d
 
     def __init__(self, config: TokenizerConfig | None = None):
         super().__init__()

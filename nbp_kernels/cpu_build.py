@@ -220,9 +220,11 @@ def configure_threads(threads: int | None = None) -> int:
     busy 2-core machine 2 threads were hundreds of times slower than 1, and
     with ``OMP_WAIT_POLICY=PASSIVE`` (sleeping waits) 2 threads were as fast
     as 1 or faster (benchmarks/ablations/cpu_threads_under_load.py). libgomp
-    reads the policy once, when torch loads it, so it is set here only if
-    torch is not imported yet; entry points set it before importing torch.
-    An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+    reads the policy once, when torch loads it: ``import nbp`` chooses it
+    (``nbp/_wait_policy.py``: a short spin when the cores are idle, sleeping
+    waits when they are busy); here it is set to PASSIVE only if torch is not
+    imported yet and nothing chose one. An explicit ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT`` is kept.
 
     threads: a positive int, or None: torch's default count with sleeping
     waits, and 1 thread when threads spin and the machine is busy (1-minute

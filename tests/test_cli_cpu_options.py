@@ -92,14 +92,47 @@ def test_generate_with_int8_weights_writes_a_video(tmp_path, capsys):
     assert out.stat().st_size > 0
 
 
-def test_importing_nbp_sets_a_passive_wait_policy_before_torch():
-    """nbp sets OMP_WAIT_POLICY=PASSIVE (unless set) when imported first; an explicit value wins."""
-    code = "import nbp, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT, check=True,
-                                   capture_output=True, text=True).stdout.strip()
-    assert run(env) == "PASSIVE"
-    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+def test_importing_nbp_sets_a_wait_policy_before_torch():
+    """nbp sets a short spin on an idle machine and sleeping waits on a busy one (unless
+    either variable is set) when imported first; an explicit value wins."""
+    from nbp._wait_policy import wait_policy_for
+
+    code = ("import os, json, nbp, torch; from nbp._wait_policy import CHOICE; "
+            "print(json.dumps([CHOICE and CHOICE[:2], {k: os.environ.get(k) for k in "
+            "('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = lambda e: json.loads(subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT,
+                                              check=True, capture_output=True,
+                                              text=True).stdout.strip())
+    (busy, cores), got = run(env)
+    assert {k: v for k, v in got.items() if v is not None} == wait_policy_for(busy, cores)
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"})[1] == {"OMP_WAIT_POLICY": "ACTIVE",
+                                                           "GOMP_SPINCOUNT": None}
+    assert run({**env, "GOMP_SPINCOUNT": "7"})[1] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "7"}
+
+
+def test_wait_policy_rule():
+    from nbp._wait_policy import SPIN_COUNT, wait_policy_for
+
+    assert wait_policy_for(0, 2) == {"GOMP_SPINCOUNT": SPIN_COUNT}
+    assert wait_policy_for(1, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}    # one core already busy
+    assert wait_policy_for(20, 64) == {"GOMP_SPINCOUNT": SPIN_COUNT}
+    assert wait_policy_for(None, 8) == {"OMP_WAIT_POLICY": "PASSIVE"}   # unknown: the safe one
+
+
+def test_other_runnable_counts_a_busy_process():
+    from nbp._wait_policy import other_runnable
+
+    if not Path("/proc/loadavg").exists():
+        pytest.skip("needs Linux's /proc/loadavg")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.5)
+        assert max(other_runnable() for _ in range(20)) >= 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 @pytest.mark.usefixtures("keep_threads")

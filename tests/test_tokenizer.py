@@ -289,9 +289,9 @@ def test_flops_of_the_published_clip():
 
 
 def test_channels_last_3d_equals_default(tiny):
-    assert tiny.cpu_memory_format == torch.contiguous_format      # the CPU default
-    cl = copy.deepcopy(tiny)
-    cl.cpu_memory_format = torch.channels_last_3d
+    assert tiny.cpu_memory_format == torch.channels_last_3d      # the CPU default
+    cl, tiny = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    tiny.cpu_memory_format = torch.contiguous_format
     video = torch.rand(2, 3, 9, 16, 24)
     with torch.no_grad():
         z, z_cl = tiny.encode_latents(video), cl.encode_latents(video)

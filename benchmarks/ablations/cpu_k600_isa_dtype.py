@@ -205,7 +205,8 @@ def main(argv=None) -> int:
                         generator=torch.Generator().manual_seed(0))
     isa, why = cpu_isa()
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(supported_isas()),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
     body = part_isa(model, ids, new, args.repeats) if args.part == "isa" else \
         part_dtype(model, ids, new, args.repeats)
     info["load_avg_1m_after"] = os.getloadavg()[0]

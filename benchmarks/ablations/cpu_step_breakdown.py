@@ -25,6 +25,7 @@ import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgom
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
         row["memory_floor_ms"] = nbytes / bw * 1e3
         row["fp32_compute_floor_ms"] = 2 * macs * rows_per_step / (rate * 1e9) * 1e3
         row["step_over_memory_floor"] = row["step_ms"] / row["memory_floor_ms"]
-    info = dict(machine_info("cpu"), isa=cpu_isa()[0])
+    info = dict(machine_info("cpu"), isa=cpu_isa()[0],
+                wait_policy={k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
     result = {"what": __doc__.split("\n\n")[0], "config": cfg.to_dict(), "given": given, "new": new,
               "read_bandwidth_GBps": bw / 1e9, "matmul_fp32_gflops": rate,
               "linear_macs_per_row": macs, "machine": info, "variants": rows}

@@ -19,7 +19,7 @@ resident memory of each call is read from ``VmHWM`` after resetting it
 
 Layouts (``VideoTokenizer.cpu_memory_format``, the layout of the activations;
 the weights stay as loaded): ``cf`` (channels first, ``torch.contiguous_format``)
-(``nbp``'s default) and ``cl`` (``torch.channels_last_3d``). bf16 runs where the CPU has
+and ``cl`` (``torch.channels_last_3d``, ``nbp``'s default). bf16 runs where the CPU has
 native bf16 matmul (``amx_bf16`` or ``avx512_bf16``; ``--bf16 auto``); elsewhere
 only its matmul rate is recorded, since emulated bf16 is several times slower
 than fp32. Reconstruction of each variant is checked on the shipped demo

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"packed_linear unusable here: {why}")
     isa, isa_why = cpu_isa()
     info = dict(machine_info("cpu"), isa=isa, isa_reason=isa_why,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
     result = {"what": __doc__.split("\n\n")[0], "shape": {"width": WIDTH, "vocab": VOCAB,
                                                          "layers": LAYERS},
               "machine": info, **run(args)}

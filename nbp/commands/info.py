@@ -43,7 +43,8 @@ def collect() -> dict:
     isa, why = cpu_isa()
     info["cpu_isa"] = {"isa": isa, "why": why}
     info["cpu_threads"] = {"threads": torch.get_num_threads(),
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                           "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
     for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu)):
         ok, why = mod.is_available()
         info[name] = True if ok else f"no ({why})"
@@ -61,8 +62,9 @@ def run(args) -> int:
         print(f"{key:>14}: {info[key]}")
     isa, threads = info["cpu_isa"], info["cpu_threads"]
     print(f"{'cpu_isa':>14}: {isa['isa']} ({isa['why']})")
-    print(f"{'cpu_threads':>14}: {threads['threads']} (OMP_WAIT_POLICY="
-          f"{threads['omp_wait_policy'] or 'unset: threads spin-wait'}; --threads sets them)")
+    waits = ", ".join(f"{k.upper()}={threads[k]}" for k in ("omp_wait_policy", "gomp_spincount")
+                      if threads[k] is not None) or "libgomp's default: long spin-waits"
+    print(f"{'cpu_threads':>14}: {threads['threads']} ({waits}; --threads sets them)")
     for key, use in (("packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
                      ("sample_cpu", "float32 CPU sampler")):
         print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")

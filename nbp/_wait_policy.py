@@ -1,0 +1,55 @@
+"""How idle OpenMP threads wait, chosen before torch loads libgomp (torch-free on purpose).
+
+libgomp reads its wait policy once, when torch loads it. Its default (threads
+spin for a long while after each parallel region) takes a shared core from the
+thread that still has work: on a busy 2-core machine 2 threads were hundreds of
+times slower than 1. Sleeping waits (``OMP_WAIT_POLICY=PASSIVE``) survive a
+busy machine, but on a quiet one every parallel region then pays a thread
+wake-up, and a decode step runs ~50 small ones: a K600 CPU step at 2 threads
+took 12.3 ms with sleeping waits and 8.6 ms with a short spin
+(``GOMP_SPINCOUNT=3000``, about 0.1 ms), the NTP step 12.3 and 8.6 ms
+(benchmarks/results/cpu_threads_under_load*.json, cpu_step_breakdown*.json).
+So: a short spin where the cores are idle when nbp is imported (fewer other
+runnable tasks than half the cores), sleeping waits where they are not. An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+"""
+from __future__ import annotations
+
+import os
+
+SPIN_COUNT = "3000"
+
+
+def wait_policy_for(busy: float | None, cores: int) -> dict[str, str]:
+    """The environment to set for a machine where ``busy`` other tasks run (None: unknown)
+    on ``cores`` cores: a short spin when they take under half the cores."""
+    if busy is not None and busy < cores / 2:
+        return {"GOMP_SPINCOUNT": SPIN_COUNT}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def other_runnable() -> float | None:
+    """Tasks other than this one that are runnable now (Linux: /proc/loadavg's running
+    count minus this process), else the 1-minute load average, else None. The count is
+    taken now, not averaged: a 1-minute average still holds the user's previous command."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+# (other runnable tasks, cores, what was set) of the choice made at import; None when the
+# user set one.
+CHOICE: tuple[float | None, int, dict[str, str]] | None = None
+
+
+def choose_wait_policy() -> dict[str, str]:
+    """Set the wait policy in ``os.environ`` unless the user set one; returns what was set."""
+    global CHOICE
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    busy, cores = other_runnable(), os.cpu_count() or 1
+    chosen = wait_policy_for(busy, cores)
+    os.environ.update(chosen)
+    CHOICE = (busy, cores, chosen)
+    return chosen
