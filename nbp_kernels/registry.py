@@ -166,23 +166,21 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def _status(op: str, backend: str, key: _Key) -> Status:
-    """(usable, why not) of ``backend``'s implementation of ``op`` for ``key``: its own
-    runtime check (one op of a backend can be usable while another is not, e.g. one C
-    file that does not compile), then its limits."""
+    """(usable, why not) of ``backend``'s implementation of ``op`` for ``key``: its limits,
+    then its own runtime check (one op of a backend can be usable while another is not,
+    e.g. one C file that does not compile)."""
     _load(backend)
     if backend in _IMPORT_ERRORS:
         return False, _IMPORT_ERRORS[backend]
     entry = _REGISTRY[op].get(backend)
     if entry is None:
         return False, f"{backend} does not implement {op}"
-    if entry.available is not None:
-        ok, why = entry.available(key.device)
-        if not ok:
-            return False, why
     if entry.supports is not None:
         fits, limit = entry.supports(key)
         if not fits:
             return False, limit
+    if entry.available is not None:
+        return entry.available(key.device)
     return True, ""
 
 
