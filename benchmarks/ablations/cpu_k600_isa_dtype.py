@@ -50,6 +50,16 @@ DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None), "int8": (
 SAMPLING = {"top_k": 16000, "top_p": 0.9}
 
 
+def k600_problem():
+    """(config, random model, given ids int64 [1, 512], new tokens) of the K600 frame-prediction
+    shape every CPU ablation times."""
+    cfg = bench_config("k600-base", layers=6, width=384)
+    given, new = frame_prediction_shape(cfg)
+    ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, given),
+                        generator=torch.Generator().manual_seed(0))
+    return cfg, random_model(cfg), ids, new
+
+
 def with_isa(isa: str | None, fn):
     """fn run with ``NBP_CPU_ISA`` set to ``isa`` (None: unset, the native choice)."""
     def run():
@@ -198,11 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     configure_threads(args.threads)
-    cfg = bench_config("k600-base", layers=6, width=384)
-    model = random_model(cfg)
-    given, new = frame_prediction_shape(cfg)
-    ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, given),
-                        generator=torch.Generator().manual_seed(0))
+    cfg, model, ids, new = k600_problem()
+    given = ids.shape[1]
     isa, why = cpu_isa()
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(supported_isas()),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),

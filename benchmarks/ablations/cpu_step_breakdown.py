@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import nbp.sampler as sampler_module
 import nbp_kernels.packed_linear as packed_module
 from ablation_args import write_result
-from cpu_k600_isa_dtype import cache_bytes, read_bandwidth, weight_bytes
-from nbp.commands.bench import bench_config, frame_prediction_shape, machine_info, machine_tag, random_model
+from cpu_k600_isa_dtype import cache_bytes, k600_problem, read_bandwidth, weight_bytes
+from nbp.commands.bench import machine_info, machine_tag
 from nbp.generate import FastGenerator
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
 
@@ -129,11 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     configure_threads(args.threads)
-    cfg = bench_config("k600-base", layers=6, width=384)
-    model = random_model(cfg)
-    given, new = frame_prediction_shape(cfg)
-    ids = torch.randint(cfg.video_offset, cfg.video_offset + cfg.codebook_size, (1, given),
-                        generator=torch.Generator().manual_seed(0))
+    cfg, model, ids, new = k600_problem()
+    given = ids.shape[1]
     bws, rates, rows = [], [], {}
     for name, (mode, wd, ad) in VARIANTS.items():
         bws.append(read_bandwidth())
