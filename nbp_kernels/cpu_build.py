@@ -145,7 +145,9 @@ def _compile(name: str, isa: str, cc: str) -> Path:
     src = SOURCES / f"{name}.c"
     cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
     libs = LIBS.get(name, [])
-    tag = hashlib.sha256(src.read_bytes() + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]
+    # The headers the sources include are part of what is compiled, hence of the key.
+    code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
+    tag = hashlib.sha256(code + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{isa}-{tag}.so"
     if out.exists() and _verified(out):
         return out

@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from ._cpu_launch import contiguous_or_none, run_rows
 from .cpu_build import load
 
 __all__ = [
@@ -138,23 +139,15 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: to
     lib, path, why = _load()
     if lib is None:
         raise RuntimeError(f"int8_linear is not usable here: {why}")
-    M, K = x.shape[:-1].numel(), x.shape[-1]
-    x2 = x.reshape(M, K).contiguous()
-    y = torch.empty(M, out_features, dtype=torch.float32)
-    if M and K:
+
+    def kernel(x2, M, K, y):
         rc = lib.nbp_int8_linear(x2.data_ptr(), M, K, packed.data_ptr(), corr.data_ptr(),
                                  scale.data_ptr(), None if bias is None else bias.data_ptr(),
                                  y.data_ptr(), out_features, int(path == "avx512-vnni"))
         if rc != 0:
             raise RuntimeError(f"int8_linear ({path}) failed with code {rc}"
                                + (": out of memory" if rc == -2 else ""))
-    elif M:
-        y.copy_(bias.expand(M, -1) if bias is not None else torch.zeros_like(y))
-    return y.view(*x.shape[:-1], out_features)
-
-
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+    return run_rows(x, out_features, bias, kernel)
 
 
 @torch.library.custom_op("nbp::int8_linear", mutates_args=())
@@ -162,7 +155,7 @@ def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                     scale: torch.Tensor, bias: torch.Tensor | None,
                     out_features: int) -> torch.Tensor:
     return _launch(x, packed.contiguous(), corr.contiguous(), scale.contiguous(),
-                   _contiguous(bias), out_features)
+                   contiguous_or_none(bias), out_features)
 
 
 @_int8_linear_op.register_fake

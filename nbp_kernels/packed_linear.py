@@ -25,6 +25,7 @@ import functools
 import torch
 
 from . import int8_linear, reference
+from ._cpu_launch import contiguous_or_none, run_rows
 from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
@@ -102,29 +103,22 @@ def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
             out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel call on checked arguments (packed, bias and scale contiguous)."""
-    lib, isa, why = _load()
+    lib, _, why = _load()
     if lib is None:
         raise RuntimeError(f"packed_linear is not usable here: {why}")
-    M, K = x.shape[:-1].numel(), x.shape[-1]
-    x2 = x.reshape(M, K).contiguous()
-    y = torch.empty(M, out_features, dtype=torch.float32)
-    if M and K:
+
+    def kernel(x2, M, K, y):
         lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(), WEIGHT_DTYPES[packed.dtype],
                               None if scale is None else scale.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), out_features)
-    elif M:
-        y.copy_(bias.expand(M, -1) if bias is not None else torch.zeros_like(y))
-    return y.view(*x.shape[:-1], out_features)
-
-
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
+    return run_rows(x, out_features, bias, kernel)
 
 
 @torch.library.custom_op("nbp::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                       out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch(x, packed.contiguous(), _contiguous(bias), out_features, _contiguous(scale))
+    return _launch(x, packed.contiguous(), contiguous_or_none(bias), out_features,
+                   contiguous_or_none(scale))
 
 
 @_packed_linear_op.register_fake
@@ -217,9 +211,11 @@ class PackedLinear:
         # custom-op dispatch (tens of microseconds per call on a 2-core CPU).
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
                 or x.requires_grad:
-            if not int8:
-                _check(x, self.packed, self.bias, self.out_features, self.scale)   # raises
-            int8_linear._check(x, self.packed, self.corr, self.scale, self.bias, self.out_features)
+            if int8:
+                int8_linear._check(x, self.packed, self.corr, self.scale, self.bias,
+                                   self.out_features)
+            else:
+                _check(x, self.packed, self.bias, self.out_features, self.scale)
             raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
                              f"{tuple(x.shape)}")
         if int8:

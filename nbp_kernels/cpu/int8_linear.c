@@ -108,15 +108,7 @@ static float quantize_row(const float *x, int64_t K, int64_t Kp, uint8_t *q, int
     return amax / 127.0f;
 }
 
-/* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
-static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
-    if (n_out - c >= VLEN)
-        return *(const vf *)(src + c);
-    float buf[VLEN] = {0};
-    if (n_out > c)
-        memcpy(buf, src + c, (size_t)(n_out - c) * sizeof(float));
-    return *(const vf *)buf;
-}
+#include "panel_cols.h"
 
 /* y[c0 : c0 + 16] of one row = float(acc - corr) * (sx * scale) + bias */
 static inline void finish(const int32_t *acc, const int32_t *corr, float sx, const float *scale,
@@ -131,10 +123,7 @@ static inline void finish(const int32_t *acc, const int32_t *corr, float sx, con
         vf r = __builtin_convertvector(a, vf) * (sx * load_cols(scale, n_out, c));
         if (bias)
             r = r + load_cols(bias, n_out, c);
-        if (n_out - c >= VLEN)
-            memcpy(y + c, &r, sizeof r);
-        else
-            memcpy(y + c, &r, (size_t)(n_out - c) * sizeof(float));
+        store_cols(y, n_out, c, r);
     }
 }
 

@@ -103,25 +103,7 @@ static inline __attribute__((always_inline)) vf load_w(const char *p, const int 
     return __builtin_convertvector(widen_i8(p), vf);
 }
 
-/* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
-static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
-    if (n_out - c >= VLEN)
-        return *(const vf *)(src + c);
-    float buf[VLEN] = {0};
-    if (n_out > c)
-        memcpy(buf, src + c, (size_t)(n_out - c) * sizeof(float));
-    return *(const vf *)buf;
-}
-
-static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
-    if (n_out - c >= VLEN) {
-        *(vf *)(dst + c) = v;
-    } else if (n_out > c) {
-        float buf[VLEN];
-        *(vf *)buf = v;
-        memcpy(dst + c, buf, (size_t)(n_out - c) * sizeof(float));
-    }
-}
+#include "panel_cols.h"
 
 /* rows (<= TILE_ROWS) rows of x [rows][K] times n_panels (<= GROUP) consecutive
  * panels [K][16] -> y[rows][col0 : col0 + 16 n_panels] = acc * scale + bias.
