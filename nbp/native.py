@@ -126,23 +126,17 @@ _INITIALISERS = frozenset({"normal_", "uniform_", "zero_", "zeros_", "ones_", "f
 class _NoInitOnMeta(TorchFunctionMode):
     """Skips the initialisers of meta tensors while a skeleton is built.
 
-    A meta tensor has no data to fill (nor a random factory's result), but torch
-    runs its initialisers through
-    the reference decompositions, whose first use imports the compiler stack
+    A meta tensor has no data to fill, but torch runs its initialisers through the
+    reference decompositions, whose first use imports the compiler stack
     (torch._dynamo: about a second on every ``nbp`` command that loads a model).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", None)
-        if name in _INITIALISERS:
+        if getattr(func, "__name__", None) in _INITIALISERS:
             target = args[0] if args else kwargs.get("tensor")   # torch.nn.init passes tensor=
             if isinstance(target, torch.Tensor) and target.is_meta:
                 return target
-        elif func in (torch.randn, torch.rand) and torch.get_default_device().type == "meta" \
-                and kwargs.get("device") is None:
-            kwargs.pop("generator", None)
-            return torch.empty(*args, **kwargs)
         return func(*args, **kwargs)
 
 
