@@ -26,7 +26,7 @@ from nbp_kernels.torch_ops import call_module  # the default LinearFn: the modul
 from .config import TransformerConfig
 from .pretrained import Pretrained
 
-__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many"]
+__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_act"]
 
 # attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -42,6 +42,17 @@ def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...],
     kernel launch instead of three per layer, the launch cost of a decode step)."""
     many = getattr(linear, "many", None)
     return many(modules, x) if many is not None else tuple(linear(m, x) for m in modules)
+
+
+def linear_act(linear: LinearFn, module: nn.Linear, act: nn.Module,
+               x: torch.Tensor) -> torch.Tensor:
+    """``act(linear(module, x))``. A LinearFn with a ``gelu`` method computes an exact GELU
+    (``nn.GELU()``, approximate="none") with the product (``PackedLinears``: in the kernel's
+    epilogue, while the outputs are in cache); any other activation, or LinearFn, runs as is."""
+    gelu = getattr(linear, "gelu", None)
+    if gelu is not None and type(act) is nn.GELU and act.approximate == "none":
+        return gelu(module, x)
+    return act(linear(module, x))
 
 
 class SelfAttention(nn.Module):
@@ -88,7 +99,7 @@ class Block(nn.Module):
                 linear: LinearFn = call_module) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), attend, layer_idx, linear)
         fc1, act, fc2, drop = self.mlp
-        return x + drop(linear(fc2, act(linear(fc1, self.ln2(x)))))
+        return x + drop(linear(fc2, linear_act(linear, fc1, act, self.ln2(x))))
 
 
 class NBPTransformer(Pretrained, nn.Module):

@@ -44,6 +44,12 @@ class PackedLinears:
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return self.packed[module](x)
 
+    def gelu(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``F.gelu(self(module, x))`` (exact GELU), applied in the kernel's epilogue (a
+        decode step's fc1: no separate pass over a cold output); where the module's own
+        forward computes the product (float32 prefills), ``F.gelu`` follows it."""
+        return self.packed[module](x, act="gelu")
+
     def many(self, modules: tuple[torch.nn.Linear, ...],
              x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``self(m, x)`` for each m, as one kernel launch over their stacked weights.

@@ -17,6 +17,9 @@ dot-product instructions do four times as many per instruction
 (AVX2 ``vpmaddubsw`` with the sign trick) or ``neon`` (plain C). Every path
 computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps an
 AVX-512 CPU off the VNNI path (so both are tested on one machine).
+
+``act="gelu"`` applies the exact GELU to each output in the kernel, after the
+scaling (``reference.gelu`` of the reference's value, up to erf's last bits).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import os
 
 import torch
 
-from ._cpu_launch import contiguous_or_none, run_rows
+from ._cpu_launch import checked_act, contiguous_or_none, run_rows
 from .cpu_build import load
 
 __all__ = [
@@ -49,7 +52,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_int8_linear.restype = ctypes.c_int
     lib.nbp_int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                    ctypes.c_int]
     lib.nbp_int8_vnni.restype = ctypes.c_int
     lib.nbp_int8_vnni.argtypes = []
     return lib
@@ -107,7 +111,8 @@ def pack_weight(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, corr
 
 
-def _check(x, packed, corr, scale, bias, out_features) -> None:
+def _check(x, packed, corr, scale, bias, out_features, act=None) -> None:
+    checked_act(act)
     if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
     P = -(-out_features // PANEL)
@@ -134,42 +139,45 @@ def _check(x, packed, corr, scale, bias, out_features) -> None:
 
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
-            bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+            bias: torch.Tensor | None, out_features: int, act: str | None = None) -> torch.Tensor:
     """The kernel call on checked arguments (packed, corr, scale and bias contiguous)."""
     lib, path, why = _load()
     if lib is None:
         raise RuntimeError(f"int8_linear is not usable here: {why}")
+    code = checked_act(act)
 
     def kernel(x2, M, K, y):
         rc = lib.nbp_int8_linear(x2.data_ptr(), M, K, packed.data_ptr(), corr.data_ptr(),
                                  scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                 y.data_ptr(), out_features, int(path == "avx512-vnni"))
+                                 y.data_ptr(), out_features, int(path == "avx512-vnni"), code)
         if rc != 0:
             raise RuntimeError(f"int8_linear ({path}) failed with code {rc}"
                                + (": out of memory" if rc == -2 else ""))
-    return run_rows(x, out_features, bias, kernel)
+    return run_rows(x, out_features, bias, kernel, act)
 
 
 @torch.library.custom_op("nbp::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                     scale: torch.Tensor, bias: torch.Tensor | None,
-                    out_features: int) -> torch.Tensor:
+                    out_features: int, act: str | None = None) -> torch.Tensor:
     return _launch(x, packed.contiguous(), corr.contiguous(), scale.contiguous(),
-                   contiguous_or_none(bias), out_features)
+                   contiguous_or_none(bias), out_features, act)
 
 
 @_int8_linear_op.register_fake
-def _(x, packed, corr, scale, bias, out_features):
+def _(x, packed, corr, scale, bias, out_features, act=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value.
+                bias: torch.Tensor | None, out_features: int,
+                act: str | None = None) -> torch.Tensor:
+    """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value
+    (bit for bit), or with act="gelu" the exact GELU of it (up to erf's last bits).
 
     (packed, corr): ``pack_weight(stored)`` for the int8 weight stored [out_features, K];
     scale: its float32 [out_features] scales; bias: float32 [out_features] or None.
     x must be finite (a NaN or inf has no int8 value).
     """
-    _check(x, packed, corr, scale, bias, out_features)
-    return _int8_linear_op(x, packed, corr, scale, bias, out_features)
+    _check(x, packed, corr, scale, bias, out_features, act)
+    return _int8_linear_op(x, packed, corr, scale, bias, out_features, act)

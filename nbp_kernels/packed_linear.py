@@ -16,6 +16,10 @@ The C file is compiled at first use for the ISA ``cpu_build.cpu_isa()`` picks
 (AVX-512, AVX2 or NEON; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
 which, or why none; callers (``FastGenerator``) then use
 ``torch.nn.functional.linear``. Inference only: there is no backward.
+
+``act="gelu"`` applies the exact GELU (``torch.nn.GELU()``) to each output in
+the kernel, after bias and scale (``reference.gelu_linear``): a decode step's
+fc1 then needs no separate pass over its output.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import functools
 import torch
 
 from . import int8_linear, reference
-from ._cpu_launch import contiguous_or_none, run_rows
+from ._cpu_launch import apply_act, checked_act, contiguous_or_none, run_rows
 from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
@@ -45,7 +49,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_packed_linear.restype = ctypes.c_int
     lib.nbp_packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int]
     return lib
 
 
@@ -75,7 +80,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-           scale: torch.Tensor | None):
+           scale: torch.Tensor | None, act: str | None = None):
+    checked_act(act)
     for name, t in (("x", x), ("bias", bias), ("scale", scale)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
             raise ValueError(f"{name}: expected float32 on the CPU, got {t.dtype} on {t.device}")
@@ -101,41 +107,48 @@ def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
 
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-            out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+            out_features: int, scale: torch.Tensor | None = None,
+            act: str | None = None) -> torch.Tensor:
     """The kernel call on checked arguments (packed, bias and scale contiguous)."""
     lib, _, why = _load()
     if lib is None:
         raise RuntimeError(f"packed_linear is not usable here: {why}")
+    code = checked_act(act)
 
     def kernel(x2, M, K, y):
         lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(), WEIGHT_DTYPES[packed.dtype],
                               None if scale is None else scale.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), out_features)
-    return run_rows(x, out_features, bias, kernel)
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+                              code)
+    return run_rows(x, out_features, bias, kernel, act)
 
 
 @torch.library.custom_op("nbp::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                      out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+                      out_features: int, scale: torch.Tensor | None = None,
+                      act: str | None = None) -> torch.Tensor:
     return _launch(x, packed.contiguous(), contiguous_or_none(bias), out_features,
-                   contiguous_or_none(scale))
+                   contiguous_or_none(scale), act)
 
 
 @_packed_linear_op.register_fake
-def _(x, packed, bias, out_features, scale=None):
+def _(x, packed, bias, out_features, scale=None, act=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                  out_features: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x float32 [..., K] -> float32 [..., out_features] (= x @ W.T + bias).
+                  out_features: int, scale: torch.Tensor | None = None,
+                  act: str | None = None) -> torch.Tensor:
+    """x float32 [..., K] -> float32 [..., out_features] (= act(x @ W.T + bias)).
 
     packed: ``pack_weight(stored)`` [ceil(out_features / 16), K, 16] (float32,
     bfloat16 or int8); scale: float32 [out_features] for int8 weights (W = stored
-    * scale[:, None]), else None; bias: float32 [out_features] or None.
+    * scale[:, None]), else None; bias: float32 [out_features] or None; act:
+    None or "gelu" (exact GELU, ``torch.nn.GELU()``; its erf may differ from
+    torch's in the last bits).
     """
-    _check(x, packed, bias, out_features, scale)
-    return _packed_linear_op(x, packed, bias, out_features, scale)
+    _check(x, packed, bias, out_features, scale, act)
+    return _packed_linear_op(x, packed, bias, out_features, scale, act)
 
 
 class PackedLinear:
@@ -146,11 +159,13 @@ class PackedLinear:
     act_dtype: None or torch.float32 (float32 activations), or torch.int8 (with
     int8 weights only): each call quantizes x per row and runs
     ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products).
-    ``__call__(x)``: x float32 [..., in_features] -> [..., out_features]. With
+    ``__call__(x, act=None)``: x float32 [..., in_features] -> [..., out_features],
+    act(x @ W.T + bias) with act None or "gelu" (in the kernel's epilogue). With
     float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through the
     module's BLAS GEMM, and so does one row against fewer than
     ``GEMV_MIN_WEIGHTS`` weights (faster there). Narrower weights go through
-    the kernel at every row count: no float32 copy is kept.
+    the kernel at every row count: no float32 copy is kept. Where the module
+    computes the product, ``torch.nn.functional.gelu`` follows it.
     """
 
     def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None,
@@ -197,15 +212,16 @@ class PackedLinear:
         return self.module is not None and self.weight_dtype == torch.float32 and (
             rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        checked_act(act)
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
-            return self.module(x)
+            return apply_act(self.module(x), act)
         int8 = self.act_dtype == torch.int8
         if torch.compiler.is_compiling():
             if int8:
                 return int8_linear.int8_linear(x, self.packed, self.corr, self.scale, self.bias,
-                                               self.out_features)
-            return packed_linear(x, self.packed, self.bias, self.out_features, self.scale)
+                                               self.out_features, act)
+            return packed_linear(x, self.packed, self.bias, self.out_features, self.scale, act)
         # Eager decode steps call this ~40 times each: the weights were checked
         # when packed, so only x is, and the kernel is called without the
         # custom-op dispatch (tens of microseconds per call on a 2-core CPU).
@@ -220,8 +236,8 @@ class PackedLinear:
                              f"{tuple(x.shape)}")
         if int8:
             return int8_linear._launch(x, self.packed, self.corr, self.scale, self.bias,
-                                       self.out_features)
-        return _launch(x, self.packed, self.bias, self.out_features, self.scale)
+                                       self.out_features, act)
+        return _launch(x, self.packed, self.bias, self.out_features, self.scale, act)
 
 
 def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:

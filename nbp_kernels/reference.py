@@ -148,6 +148,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+def gelu(y: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, y * Phi(y) (``torch.nn.GELU()``, approximate='none'), any shape:
+    what the CPU linears' ``act="gelu"`` applies to their outputs."""
+    return torch.nn.functional.gelu(y)
+
+
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu(linear(x, weight, bias))`` [..., N]: what ``packed_linear(..., act="gelu")``
+    computes (an MLP's first layer and its activation)."""
+    return gelu(linear(x, weight, bias))
+
+
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A float32 weight [N, K] stored at ``dtype``: (stored [N, K], scale float32 [N] or None).
 

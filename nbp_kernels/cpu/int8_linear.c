@@ -28,6 +28,9 @@
  * -ffp-contract=off so no FMA fuses them: the results equal the reference's
  * bit for bit.
  *
+ * Optional exact GELU on the outputs after the epilogue, as in packed_linear.c
+ * (not bit-exact against torch: the erf differs in the last ulps).
+ *
  * Threads: OpenMP over panel groups in torch's libgomp, as packed_linear.c.
  * nbp_kernels/int8_linear.py has the Python contract, nbp_kernels/reference.py
  * the semantics (quantize_rows, int8_linear).
@@ -265,11 +268,14 @@ static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][Kp / 4][16][4] int8, Kp = K
  * rounded up to a multiple of 4; corr: [ceil(n_out / 16) * 16] int32, 128 x
  * the column sums of the weight; scale: [n_out] fp32; bias: [n_out] or NULL;
- * y: [M][n_out] fp32. vnni: 1 for the VNNI path, 0 for the portable one.
- * Returns 0; -1 if VNNI is asked for where it does not run, -2 if out of
- * memory (nothing written either way). */
+ * y: [M][n_out] fp32. vnni: 1 for the VNNI path, 0 for the portable one;
+ * act: 0 none, 1 exact GELU on y. Returns 0; -1 if VNNI is asked for where it
+ * does not run, -2 if out of memory, -3 for an unknown act (nothing written). */
 int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const int32_t *corr,
-                    const float *scale, const float *bias, float *y, int64_t n_out, int vnni) {
+                    const float *scale, const float *bias, float *y, int64_t n_out, int vnni,
+                    int act) {
+    if (act != ACT_NONE && act != ACT_GELU)
+        return -3;
     if (vnni && !nbp_int8_vnni())
         return -1;
     const int64_t Kp = (K + 3) / 4 * 4;
@@ -285,12 +291,13 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
     for (int64_t p = 0; p < n_panels; p += GROUP) {
         int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;
 #if defined(NBP_ISA_AVX512)
-        if (vnni) {
+        if (vnni)
             group_vnni(&j, wp + p * Kp * PANEL, p * PANEL, n);
-            continue;
-        }
+        else
 #endif
-        group_port(&j, wp + p * Kp * PANEL, p * PANEL, n);
+            group_port(&j, wp + p * Kp * PANEL, p * PANEL, n);
+        if (act == ACT_GELU)   /* on the group's outputs while they are in L1 */
+            gelu_cols(y, M, n_out, p * PANEL, n * PANEL);
     }
     free(xq);
     return 0;

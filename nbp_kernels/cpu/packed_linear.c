@@ -17,6 +17,9 @@
  * differ (accumulators + weights fit the register file), and the int8 widening
  * uses the ISA's one-instruction sign extension where there is one.
  *
+ * Optional exact GELU on the outputs (the MLP's fc1), so it costs no separate
+ * pass over a cold tensor and no second wake-up of the OpenMP workers.
+ *
  * Threads: OpenMP over panel groups, in torch's libgomp (already loaded when
  * this library is opened), so torch.set_num_threads applies and no second
  * thread pool competes for cores.
@@ -184,16 +187,20 @@ static inline __attribute__((always_inline)) void group(
 
 /* One function per dtype, each with its own parallel loop: OpenMP outlines the
  * loop body before inlining, so only a literal dtype there removes the dtype
- * branches from the inner loop. */
+ * branches from the inner loop. The activation runs on each group's outputs
+ * after its stores (still in L1), outside the tiles, so without one the tiles
+ * compute and store exactly as before it existed. */
 #define DEFINE_LINEAR(NAME, DTYPE)                                                           \
     static void NAME(const float *x, int64_t M, int64_t K, const char *wp, const float *scale, \
-                     const float *bias, float *y, int64_t n_out) {                            \
+                     const float *bias, float *y, int64_t n_out, int act) {                   \
         const int64_t n_panels = (n_out + PANEL - 1) / PANEL;                                 \
         const int64_t panel_bytes = K * PANEL * elem_bytes(DTYPE);                            \
         _Pragma("omp parallel for schedule(static)")                                          \
         for (int64_t p = 0; p < n_panels; p += GROUP) {                                       \
             int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;                       \
             group(x, M, K, wp + p * panel_bytes, DTYPE, scale, bias, y, n_out, p * PANEL, n); \
+            if (act == ACT_GELU)                                                              \
+                gelu_cols(y, M, n_out, p * PANEL, n * PANEL);                                 \
         }                                                                                     \
     }
 DEFINE_LINEAR(linear_f32, W_F32)
@@ -202,14 +209,17 @@ DEFINE_LINEAR(linear_i8, W_I8)
 
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][K][16] of the weight dtype
  * (0 fp32, 1 bf16, 2 int8); scale: [n_out] fp32 for int8, else ignored;
- * bias: [n_out] or NULL; y: [M][n_out] row-major fp32. Returns 0, or -1 for an
- * unknown dtype (nothing written). */
+ * bias: [n_out] or NULL; y: [M][n_out] row-major fp32 = act(x @ W^T + bias);
+ * act: 0 none, 1 exact GELU. Returns 0, or -1 for an unknown dtype or act
+ * (nothing written). */
 int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int dtype,
-                      const float *scale, const float *bias, float *y, int64_t n_out) {
+                      const float *scale, const float *bias, float *y, int64_t n_out, int act) {
+    if (act != ACT_NONE && act != ACT_GELU)
+        return -1;
     switch (dtype) {
-    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out); return 0;
-    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out); return 0;
-    case W_I8: linear_i8(x, M, K, wp, scale, bias, y, n_out); return 0;
+    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out, act); return 0;
+    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out, act); return 0;
+    case W_I8: linear_i8(x, M, K, wp, scale, bias, y, n_out, act); return 0;
     default: return -1;
     }
 }

@@ -1,13 +1,16 @@
-/* panel_cols.h: the columns of one output panel that exist, loaded and stored.
+/* panel_cols.h: the columns of one output panel that exist, loaded and stored,
+ * and the optional activation applied to them after the product.
  *
  * A panel holds 16 output columns; the last panel of a layer whose width is not
  * a multiple of 16 is partial. Shared by packed_linear.c and int8_linear.c,
- * which define VLEN (floats per vector register) and the vector type vf before
- * including it. cpu_build.py hashes this file into every library's cache key.
+ * which define VLEN (floats per vector register), the vector type vf and one
+ * NBP_ISA_<isa> before including it. cpu_build.py hashes this file into every
+ * library's cache key, and links both libraries with libmvec (vector erff).
  */
 #ifndef NBP_PANEL_COLS_H
 #define NBP_PANEL_COLS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -30,6 +33,40 @@ static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
         *(vf *)buf = v;
         memcpy(dst + c, buf, (size_t)(n_out - c) * sizeof(float));
     }
+}
+
+/* Activation codes of the entry points' act argument (_cpu_launch.ACTS). */
+enum { ACT_NONE = 0, ACT_GELU = 1 };
+
+/* erff lane by lane: glibc's vector erff (libmvec) on x86, erff per lane on NEON */
+typedef float vf_native __attribute__((vector_size(VLEN * 4)));
+#if defined(NBP_ISA_AVX512)
+vf_native _ZGVeN16v_erff(vf_native x);
+static inline vf verf(vf x) { return (vf)_ZGVeN16v_erff((vf_native)x); }
+#elif defined(NBP_ISA_AVX2)
+vf_native _ZGVdN8v_erff(vf_native x);
+static inline vf verf(vf x) { return (vf)_ZGVdN8v_erff((vf_native)x); }
+#else
+static inline vf verf(vf x) {
+    for (int i = 0; i < VLEN; i++)
+        x[i] = erff(x[i]);
+    return x;
+}
+#endif
+
+/* Exact GELU (torch.nn.GELU(approximate='none')) in torch's operation order:
+ * x * 0.5 * (1 + erf(x * sqrt(1/2))) */
+static inline vf gelu(vf x) {
+    return x * 0.5f * (1.0f + verf(x * 0.70710678118654752440f));
+}
+
+/* y[m][c0 : min(c0 + width, n_out)] = gelu(itself) for m < rows: applied to a
+ * group of panels right after its stores, while they are in L1 */
+static void gelu_cols(float *y, int64_t rows, int64_t n_out, int64_t c0, int64_t width) {
+    const int64_t end = c0 + width < n_out ? c0 + width : n_out;
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t c = c0; c < end; c += VLEN)
+            store_cols(y + m * n_out, end, c, gelu(load_cols(y + m * n_out, end, c)));
 }
 
 #endif
