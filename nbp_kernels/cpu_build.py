@@ -37,7 +37,7 @@ __all__ = ["load", "cpu_isa", "ISAS", "supported_isas", "configure_threads"]
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Per ISA: compiler flags, the /proc/cpuinfo flags it needs, and glibc's
-# vector expf / erff (libmvec) for the sampler and the linears' GELU.
+# vector expf / erfcf (libmvec) for the sampler and the linears' GELU.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "avx2": ["-mavx2", "-mfma"],

@@ -19,7 +19,7 @@ computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps an
 AVX-512 CPU off the VNNI path (so both are tested on one machine).
 
 ``act="gelu"`` applies the exact GELU to each output in the kernel, after the
-scaling (``reference.gelu`` of the reference's value, up to erf's last bits).
+scaling (``reference.gelu`` of the reference's value, to a few ulp).
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale
                 bias: torch.Tensor | None, out_features: int,
                 act: str | None = None) -> torch.Tensor:
     """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value
-    (bit for bit), or with act="gelu" the exact GELU of it (up to erf's last bits).
+    (bit for bit), or with act="gelu" the exact GELU of it (to a few ulp).
 
     (packed, corr): ``pack_weight(stored)`` for the int8 weight stored [out_features, K];
     scale: its float32 [out_features] scales; bias: float32 [out_features] or None.

@@ -144,8 +144,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     packed: ``pack_weight(stored)`` [ceil(out_features / 16), K, 16] (float32,
     bfloat16 or int8); scale: float32 [out_features] for int8 weights (W = stored
     * scale[:, None]), else None; bias: float32 [out_features] or None; act:
-    None or "gelu" (exact GELU, ``torch.nn.GELU()``; its erf may differ from
-    torch's in the last bits).
+    None or "gelu" (exact GELU, ``torch.nn.GELU()``, to a few ulp: not torch's
+    float32 GELU bit for bit, which is less accurate for negative inputs).
     """
     _check(x, packed, bias, out_features, scale, act)
     return _packed_linear_op(x, packed, bias, out_features, scale, act)

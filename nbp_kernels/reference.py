@@ -149,9 +149,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def gelu(y: torch.Tensor) -> torch.Tensor:
-    """The exact GELU, y * Phi(y) (``torch.nn.GELU()``, approximate='none'), any shape:
-    what the CPU linears' ``act="gelu"`` applies to their outputs."""
-    return torch.nn.functional.gelu(y)
+    """The exact GELU, y Phi(y) = y / 2 erfc(-y / sqrt 2) (``torch.nn.GELU()``,
+    approximate='none'), any shape: what the CPU linears' ``act="gelu"`` applies to their
+    outputs. Written with erfc, which keeps its relative accuracy for y < 0, where
+    ``F.gelu``'s y / 2 (1 + erf(y / sqrt 2)) cancels (in float64 too, below y = -7)."""
+    return y * 0.5 * torch.special.erfc(y * -math.sqrt(0.5))
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,10 @@
-"""The packed CPU linear (nbp_kernels.packed_linear) against nbp_kernels.reference.linear."""
+"""The packed CPU linear (nbp_kernels.packed_linear) against nbp_kernels.reference.linear
+(and, with act="gelu", reference.gelu_linear)."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nbp_kernels import reference
 from nbp_kernels.cpu_build import cpu_isa, supported_isas
@@ -11,6 +15,10 @@ from nbp_kernels.packed_linear import (MAX_ROWS, PANEL, PackedLinear, is_availab
 # machine tests the AVX2 path too.
 _ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+# The kernels' GELU against reference.gelu in float64: erfc keeps a few ulp of relative
+# accuracy where GELU is tiny (large negative inputs; rounding x / sqrt 2 costs ~2 x^2
+# ulp there); below ~1e-30 float32 may flush it towards zero.
+GELU_TOL = {"rtol": 2e-5, "atol": 1e-30}
 
 
 @pytest.fixture(params=_ISAS)
@@ -52,21 +60,42 @@ def test_pack_layout():
 ])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(M, K, N, bias, threads, dtype):
+@pytest.mark.parametrize("act", [None, "gelu"], ids=["noact", "gelu"])
+def test_matches_reference(M, K, N, bias, threads, dtype, act):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, w = _rand(M, K, seed=1), _rand(N, K, seed=2)
         b = _rand(N, seed=3) if bias else None
         stored, scale = reference.quantize_weight(w, dtype)
-        got = packed_linear(x, pack_weight(stored), b, N, scale)
+        packed = pack_weight(stored)
+        got = packed_linear(x, packed, b, N, scale, act=act)
+        plain = packed_linear(x, packed, b, N, scale) if act else got
     finally:
         torch.set_num_threads(before)
     want = reference.dequantized_linear(x.double(), stored, scale,
                                         None if b is None else b.double())
+    if act:   # GELU's slope is at most 1.13: the product's rounding passes through it
+        want = reference.gelu(want)
+        # the epilogue is the GELU of the plain kernel's output, to a few float32 ulp
+        torch.testing.assert_close(got.double(), reference.gelu(plain.double()), **GELU_TOL)
     # fp32 dot products of length K: rounding grows like sqrt(K) * eps * |x||w|
     # (|w| <= 1.0x the fp32 weight's for bf16, 1 + 1/254 of it for int8)
-    torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5 * 4, rtol=1e-5)
+    torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5 * 4 * 1.2, rtol=1e-5)
+
+
+def test_gelu_reference():
+    """reference.gelu is torch's exact GELU where that is accurate, and keeps its relative
+    accuracy where torch's 1 + erf cancels (float64 below -7, float32 below -3)."""
+    y = torch.linspace(-6, 8, 2001, dtype=torch.float64)
+    torch.testing.assert_close(reference.gelu(y), F.gelu(y), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(reference.gelu(y.float()), F.gelu(y.float()), rtol=1e-5, atol=1e-6)
+    far = torch.tensor([-9.0, -20.0], dtype=torch.float64)
+    assert bool((reference.gelu(far) < 0).all()) and not F.gelu(far).any()
+    # the asymptotic series y Phi(y) ~ -phi(y) (1 - 1 / y^2 + 3 / y^4) at y = -20, to 15 / y^6
+    phi = torch.exp(-far[1] ** 2 / 2) / math.sqrt(2 * math.pi)
+    torch.testing.assert_close(reference.gelu(far[1]), -phi * (1 - 1 / 20 ** 2 + 3 / 20 ** 4),
+                               rtol=1e-6, atol=0)
 
 
 def test_quantize_weight_reference():
@@ -106,13 +135,21 @@ def test_leading_dims_strides_and_empty():
     assert packed_linear(torch.empty(0, 24), p, b, 40).shape == (0, 40)
     torch.testing.assert_close(packed_linear(torch.empty(3, 0), pack_weight(torch.empty(40, 0)), b, 40),
                                b.expand(3, -1))
+    # no inputs: each row is the activation of the bias (or of zeros)
+    assert torch.equal(packed_linear(torch.empty(3, 0), pack_weight(torch.empty(40, 0)), b, 40,
+                                     act="gelu"), F.gelu(b).expand(3, -1))
+    assert torch.equal(packed_linear(torch.empty(3, 0), pack_weight(torch.empty(40, 0)), None, 40,
+                                     act="gelu"), torch.zeros(3, 40))
+    got = packed_linear(x, p, b, 40, act="gelu")
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, reference.gelu_linear(x, w, b))
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
 def test_packed_module_routes_by_rows(dtype):
     """Few rows use the kernel; a float32 prefill-sized input uses the module (BLAS); every
-    row count computes the same function of the stored weight."""
+    row count computes the same function of the stored weight, with or without the GELU."""
     lin = torch.nn.Linear(64, 50)
     pl = PackedLinear(lin, weight_dtype=dtype)
     stored, scale = reference.quantize_weight(lin.weight.detach(), dtype or torch.float32)
@@ -121,6 +158,13 @@ def test_packed_module_routes_by_rows(dtype):
             x = _rand(1, rows, 64, seed=rows)
             want = reference.dequantized_linear(x, stored, scale, lin.bias)
             torch.testing.assert_close(pl(x), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pl(x, act="gelu"), reference.gelu(want), atol=1e-5,
+                                       rtol=1e-5)
+        if dtype in (None, torch.float32):   # the module's own forward, then torch's GELU
+            x = _rand(MAX_ROWS + 1, 64, seed=1)
+            assert torch.equal(pl(x, act="gelu"), F.gelu(lin(x)))
+        with pytest.raises(ValueError, match="act: expected None or 'gelu', got 'relu'"):
+            pl(_rand(2, 64), act="relu")
 
 
 @needs_kernel
@@ -166,6 +210,10 @@ def test_custom_op_and_compile():
     torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, pack_weight(q), b, 50, scale))
     f = torch.compile(lambda x: packed_linear(x, p, b, 50) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(x), reference.linear(x, w, b) * 2)
+    torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, p, b, 50, None, "gelu"))
+    g = torch.compile(lambda x: packed_linear(x, p, b, 50, act="gelu"), fullgraph=True,
+                      backend="aot_eager")
+    torch.testing.assert_close(g(x), reference.gelu_linear(x, w, b))
 
 
 @pytest.mark.parametrize("args, match", [
@@ -182,6 +230,8 @@ def test_custom_op_and_compile():
     (lambda x, p, b: (x, p.to(torch.int8), b, 40), "scale: expected float32 \\[40\\] with int8"),
     (lambda x, p, b: (x, p.to(torch.int8), b, 40, torch.ones(39)), r"scale: expected shape \(40,\)"),
     (lambda x, p, b: (x, p.to(torch.int8), b, 40, torch.ones(40).double()), "scale: expected float32"),
+    (lambda x, p, b: (x, p, b, 40, None, "relu"), "act: expected None or 'gelu', got 'relu'"),
+    (lambda x, p, b: (x, p, b, 40, None, 1), "act: expected None or 'gelu', got 1"),
 ])
 def test_errors(args, match):
     x, p, b = _rand(3, 24), pack_weight(_rand(40, 24)), _rand(40)

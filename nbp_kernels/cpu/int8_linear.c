@@ -29,7 +29,7 @@
  * bit for bit.
  *
  * Optional exact GELU on the outputs after the epilogue, as in packed_linear.c
- * (not bit-exact against torch: the erf differs in the last ulps).
+ * (a few ulp from the exact GELU; not torch's float32 GELU bit for bit).
  *
  * Threads: OpenMP over panel groups in torch's libgomp, as packed_linear.c.
  * nbp_kernels/int8_linear.py has the Python contract, nbp_kernels/reference.py

@@ -5,7 +5,7 @@
  * a multiple of 16 is partial. Shared by packed_linear.c and int8_linear.c,
  * which define VLEN (floats per vector register), the vector type vf and one
  * NBP_ISA_<isa> before including it. cpu_build.py hashes this file into every
- * library's cache key, and links both libraries with libmvec (vector erff).
+ * library's cache key, and links both libraries with libmvec (vector erfcf).
  */
 #ifndef NBP_PANEL_COLS_H
 #define NBP_PANEL_COLS_H
@@ -38,26 +38,28 @@ static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
 /* Activation codes of the entry points' act argument (_cpu_launch.ACTS). */
 enum { ACT_NONE = 0, ACT_GELU = 1 };
 
-/* erff lane by lane: glibc's vector erff (libmvec) on x86, erff per lane on NEON */
+/* erfcf lane by lane: glibc's vector erfcf (libmvec) on x86, erfcf per lane on NEON */
 typedef float vf_native __attribute__((vector_size(VLEN * 4)));
 #if defined(NBP_ISA_AVX512)
-vf_native _ZGVeN16v_erff(vf_native x);
-static inline vf verf(vf x) { return (vf)_ZGVeN16v_erff((vf_native)x); }
+vf_native _ZGVeN16v_erfcf(vf_native x);
+static inline vf verfc(vf x) { return (vf)_ZGVeN16v_erfcf((vf_native)x); }
 #elif defined(NBP_ISA_AVX2)
-vf_native _ZGVdN8v_erff(vf_native x);
-static inline vf verf(vf x) { return (vf)_ZGVdN8v_erff((vf_native)x); }
+vf_native _ZGVdN8v_erfcf(vf_native x);
+static inline vf verfc(vf x) { return (vf)_ZGVdN8v_erfcf((vf_native)x); }
 #else
-static inline vf verf(vf x) {
+static inline vf verfc(vf x) {
     for (int i = 0; i < VLEN; i++)
-        x[i] = erff(x[i]);
+        x[i] = erfcf(x[i]);
     return x;
 }
 #endif
 
-/* Exact GELU (torch.nn.GELU(approximate='none')) in torch's operation order:
- * x * 0.5 * (1 + erf(x * sqrt(1/2))) */
+/* Exact GELU (torch.nn.GELU(approximate='none')), x Phi(x) = x/2 erfc(-x / sqrt 2):
+ * erfc keeps its relative accuracy where 1 + erf(x / sqrt 2) would cancel (x < 0;
+ * torch's float32 GELU loses most of its bits there), so within a few ulp of the
+ * exact value (tens of ulp below x = -5, from rounding x / sqrt 2). */
 static inline vf gelu(vf x) {
-    return x * 0.5f * (1.0f + verf(x * 0.70710678118654752440f));
+    return x * 0.5f * verfc(x * -0.70710678118654752440f);
 }
 
 /* y[m][c0 : min(c0 + width, n_out)] = gelu(itself) for m < rows: applied to a
