@@ -99,6 +99,27 @@ def test_matches_reference_bit_for_bit(path, bias):
                 assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
 
 
+# reference.gelu in float64 against the kernel's float32 GELU: a few ulp (tens where GELU
+# is tiny), and float32 may flush values below ~1e-30 (tests/test_packed_linear.py)
+GELU_TOL = {"rtol": 2e-5, "atol": 1e-30}
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gelu_matches_reference(path, bias):
+    """act="gelu": the exact GELU of the (bit-exact) int8 product, over the same awkward
+    sizes; the product itself unchanged by it."""
+    for M in (1, 3, 16, 33, 512):
+        for K in (7, 96, 384, 1000):
+            for N in (1, 17, 100, 1536):
+                x, wq, ws, b = _case(M, K, N, seed=M + K + N)
+                x = x * 4   # outputs down to about -10: GELU's tail
+                packed, corr = i8.pack_weight(wq)
+                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N, act="gelu")
+                want = reference.int8_linear(x, wq, ws, b if bias else None)
+                torch.testing.assert_close(got.double(), reference.gelu(want.double()),
+                                           **GELU_TOL)
+
+
 def test_long_rows_stay_exact(path):
     """K = 70000 at full scale: the true sums fit int32, the VNNI path's shifted u8 sums
     (255 x 127 x K) wrap, and the correction still gives the exact value."""
@@ -140,6 +161,10 @@ def test_zero_rows_and_empty_inputs():
     assert i8.int8_linear(torch.empty(0, 40), packed, corr, ws, b, 20).shape == (0, 20)
     p0, c0 = i8.pack_weight(torch.empty(20, 0, dtype=torch.int8))
     assert torch.equal(i8.int8_linear(torch.empty(2, 0), p0, c0, ws, b, 20), b.expand(2, -1))
+    assert torch.equal(i8.int8_linear(torch.empty(2, 0), p0, c0, ws, b, 20, act="gelu"),
+                       torch.nn.functional.gelu(b).expand(2, -1))
+    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, None, 20, act="gelu"),
+                       torch.zeros(3, 20))
 
 
 def test_paths_agree_where_no_kernel(monkeypatch):
@@ -160,6 +185,7 @@ def test_paths_agree_where_no_kernel(monkeypatch):
     (lambda x, p, c, s, b: (x, p, c, s, b.double(), 40), "bias: expected torch.float32"),
     (lambda x, p, c, s, b: (x, p, c, s, b, 0), "out_features: expected a positive int"),
     (lambda x, p, c, s, b: (x.requires_grad_(), p, c, s, b, 40), "inference only"),
+    (lambda x, p, c, s, b: (x, p, c, s, b, 40, "tanh"), "act: expected None or 'gelu', got 'tanh'"),
 ])
 def test_errors(args, match):
     x, wq, ws, b = _case(3, 24, 40)
@@ -185,6 +211,11 @@ def test_custom_op_and_compile():
     f = torch.compile(lambda x: i8.int8_linear(x, packed, corr, ws, b, 50) * 2, fullgraph=True,
                       backend="aot_eager")
     assert torch.equal(f(x), reference.int8_linear(x, wq, ws, b) * 2)
+    torch.library.opcheck(torch.ops.nbp.int8_linear.default, (x, packed, corr, ws, b, 50, "gelu"))
+    g = torch.compile(lambda x: i8.int8_linear(x, packed, corr, ws, b, 50, act="gelu"),
+                      fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(g(x).double(), reference.gelu(reference.int8_linear(x, wq, ws, b)
+                                                             .double()), **GELU_TOL)
 
 
 @pytest.mark.usefixtures("path")
@@ -197,7 +228,10 @@ def test_packed_linear_act_int8_at_every_row_count():
     with torch.no_grad():
         for rows in (1, 2, 16, MAX_ROWS + 1, 300):
             x = _rand(rows, 70, seed=rows)
-            assert torch.equal(pl(x), reference.int8_linear(x, wq, ws, lin.bias.detach()))
+            want = reference.int8_linear(x, wq, ws, lin.bias.detach())
+            assert torch.equal(pl(x), want)
+            torch.testing.assert_close(pl(x, act="gelu").double(),
+                                       reference.gelu(want.double()), **GELU_TOL)
         with pytest.raises(ValueError, match=r"x: expected \[..., 70\]"):
             pl(_rand(2, 69))
         with pytest.raises(ValueError, match="x: expected torch.float32"):
