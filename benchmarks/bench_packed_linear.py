@@ -8,9 +8,14 @@ the 36 layer linears of a step in turn. Before each (untimed) round a 64 MiB
 buffer is touched so the weights come from memory, as in a decode step (the
 layers, attention and sampler evict them). Bytes: the weights read once;
 FLOPs: 2 x rows x in x out. CPU only (on a GPU the linears are cuBLAS's).
+
+``test_fc1_gelu``: the MLP's first linear and its GELU at an NBP step (16 rows,
+width -> 4 width), the GELU fused into the kernel (``act="gelu"``) against the
+kernel then ``F.gelu``, with float32 and with int8 weights and activations.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nbp_kernels.packed_linear import PackedLinear, is_available
 from suite import CUDA, record, run, smoke
@@ -63,3 +68,24 @@ def test_packed_linear(benchmark, floors, which, impl, rows):
     record(benchmark, floors, op="packed_linear", impl=impl, shape=f"{which} rows={rows} width={WIDTH}",
            dtype=torch.float32, nbytes=4 * weights,
            flops=sum(2 * rows * m.in_features * m.out_features for m in mods), rows=rows)
+
+
+@pytest.mark.parametrize("impl", ["fused", "separate"])
+@pytest.mark.parametrize("act_dtype", ["fp32", "int8_a8"])
+def test_fc1_gelu(benchmark, floors, act_dtype, impl):
+    fc1 = _linears([(4 * WIDTH, WIDTH, True)])[0]
+    rows = 16
+    benchmark.group = f"fc1 + gelu {WIDTH} -> {4 * WIDTH} rows={rows} {act_dtype} " \
+                      f"threads={torch.get_num_threads()}"
+    if not OK:
+        pytest.skip(f"packed_linear unusable here: {WHY}")
+    int8 = torch.int8 if act_dtype == "int8_a8" else None
+    pl = PackedLinear(fc1, weight_dtype=int8, act_dtype=int8)
+    x = torch.randn(1, rows, WIDTH)
+    fn = (lambda: pl(x, act="gelu")) if impl == "fused" else (lambda: F.gelu(pl(x)))
+    with torch.no_grad():
+        run(benchmark, fn, 200, setup=_evict)
+    record(benchmark, floors, op="packed_linear", impl=f"{impl} gelu",
+           shape=f"fc1 rows={rows} {WIDTH}->{4 * WIDTH} {act_dtype}", dtype=torch.float32,
+           nbytes=pl.packed.numel() * pl.packed.element_size(),
+           flops=2 * rows * WIDTH * 4 * WIDTH, rows=rows)

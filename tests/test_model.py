@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from nbp import ConfigError, NBPTransformer, TransformerConfig
+from nbp.model import call_module, linear_act
+from nbp_kernels import packed_linear
 from nbp_kernels.reference import nbp_mask
 
 
@@ -57,6 +59,51 @@ def test_forward_equals_published_formulation(tiny, hybrid, cond_len, backend):
     mask = nbp_mask(19, block_size=4, cond_len=cond_len, hybrid=hybrid)
     got = tiny(ids, cond_len, hybrid=hybrid, backend=backend)
     torch.testing.assert_close(got, _published_forward(tiny, ids, mask), rtol=1e-4, atol=1e-4)
+
+
+class _FusingLinear:
+    """A LinearFn with a fused GELU that records which path each call took."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, module, x):
+        self.calls.append("linear")
+        return module(x)
+
+    def gelu(self, module, x):
+        self.calls.append("gelu")
+        return F.gelu(module(x))
+
+
+def test_linear_act_fuses_only_the_exact_gelu():
+    lin, x = torch.nn.Linear(8, 6), torch.randn(3, 8)
+    for act, path in ((torch.nn.GELU(), "gelu"), (torch.nn.GELU(approximate="tanh"), "linear"),
+                      (torch.nn.ReLU(), "linear")):
+        fn = _FusingLinear()
+        torch.testing.assert_close(linear_act(fn, lin, act, x), act(lin(x)))
+        assert fn.calls == [path], act
+    assert torch.equal(linear_act(call_module, lin, torch.nn.GELU(), x), F.gelu(lin(x)))
+
+
+@pytest.mark.skipif(not packed_linear.is_available()[0], reason=packed_linear.is_available()[1])
+@pytest.mark.parametrize("rows", [16, 40])   # a decode step (fused kernel), a prefill (BLAS + F.gelu)
+def test_block_with_packed_linears_fuses_fc1_and_gelu(tiny, rows):
+    """Block.forward with PackedLinears runs fc1 + GELU as one kernel call (no separate
+    GELU) and computes what the module path computes."""
+    from nbp_kernels.cpu_ops import PackedLinears
+
+    blk = tiny.blocks[0]
+    linears = PackedLinears(blk)
+    fused = []
+    gelu = linears.gelu
+    linears.gelu = lambda m, x: fused.append(m) or gelu(m, x)
+    x = torch.randn(1, rows, tiny.config.n_embd)
+    attend = tiny.block_causal_attend(backend="reference")
+    with torch.no_grad():
+        got, want = blk(x, attend, 0, linears), blk(x, attend, 0)
+    assert fused == [blk.mlp[0]]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_block_mask_visibility(tiny):
