@@ -120,6 +120,19 @@ def test_gelu_matches_reference(path, bias):
                                            **GELU_TOL)
 
 
+def test_row_scale_from_the_largest_magnitude_anywhere(path):
+    """Each row's scale is its largest |x|, wherever it lies (any lane of the kernel's vector
+    max, or the scalar tail past the last whole 64 floats) and whatever its sign."""
+    K = 3 * 64 + 9
+    _, wq, ws, b = _case(1, K, 20, seed=4)
+    packed, corr = i8.pack_weight(wq)
+    positions = (0, 5, 17, 63, 64 + 15, 127, 191, 192, K - 1)
+    x = _rand(2 * len(positions), K, seed=6)
+    for i, pos in enumerate(positions):
+        x[2 * i, pos], x[2 * i + 1, pos] = 40.0, -40.0
+    assert torch.equal(i8.int8_linear(x, packed, corr, ws, b, 20), reference.int8_linear(x, wq, ws, b))
+
+
 def test_long_rows_stay_exact(path):
     """K = 70000 at full scale: the true sums fit int32, the VNNI path's shifted u8 sums
     (255 x 127 x K) wrap, and the correction still gives the exact value."""
