@@ -37,8 +37,10 @@ SRC = "nbp_kernels/cpu/packed_linear.c"
 def build(source: str, isa: str, out: Path) -> ctypes.CDLL:
     src = out.with_suffix(".c")
     src.write_text(source)
+    # the headers are the working tree's (both revisions include cpu/panel_cols.h)
     subprocess.run([os.environ.get("CC", "cc"), *cpu_build.FLAGS, *cpu_build.ISA_FLAGS[isa],
-                    f"-DNBP_ISA_{isa.upper()}=1", str(src), "-o", str(out)], check=True)
+                    f"-DNBP_ISA_{isa.upper()}=1", f"-I{cpu_build.SOURCES}", str(src), "-o", str(out),
+                    *cpu_build.LIBS.get("packed_linear", [])], check=True)
     return _bind(ctypes.CDLL(str(out)))
 
 
@@ -66,7 +68,8 @@ def call(lib, mods, dtype, rows):
             lib.nbp_packed_linear(x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(),
                                   WEIGHT_DTYPES[packed.dtype],
                                   None if scale is None else scale.data_ptr(),
-                                  None if bias is None else bias.data_ptr(), y.data_ptr(), n)
+                                  None if bias is None else bias.data_ptr(), y.data_ptr(), n,
+                                  0)   # act: none (revisions before it ignore the argument)
         return args[-1][4]
     return run
 
