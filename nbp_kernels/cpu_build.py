@@ -50,6 +50,9 @@ CPU_FLAGS = {
 }
 ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
 LIBS = {name: ["-lmvec", "-lm"] for name in ("sample_cpu", "packed_linear", "int8_linear")}
+# libmvec is linked on x86 only: the NEON code calls libm's scalar functions lane by
+# lane, and AArch64 glibc ships libmvec only from 2.38 (older ones fail to link it).
+MVEC_ISAS = ("avx512", "avx2")
 # int8_linear's float epilogue must round each operation as the reference does
 KERNEL_FLAGS = {"int8_linear": ["-ffp-contract=off"]}
 ENV = "NBP_CPU_ISA"
@@ -144,7 +147,7 @@ def _compile(name: str, isa: str, cc: str) -> Path:
     """Path of the shared library for ``cpu/<name>.c`` on ``isa``, compiled now unless cached."""
     src = SOURCES / f"{name}.c"
     cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
-    libs = LIBS.get(name, [])
+    libs = [f for f in LIBS.get(name, []) if f != "-lmvec" or isa in MVEC_ISAS]
     # The headers the sources include are part of what is compiled, hence of the key.
     code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
     tag = hashlib.sha256(code + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]

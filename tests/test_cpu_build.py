@@ -102,6 +102,21 @@ def test_cache_files_take_the_umask_modes(tmp_path):
     assert stat.S_IMODE(lib.stat().st_mode) & 0o027 == 0
 
 
+CROSS_CC = "aarch64-linux-gnu-gcc"
+
+
+@pytest.mark.skipif(subprocess.run(["sh", "-c", f"command -v {CROSS_CC}"],
+                                   capture_output=True).returncode != 0,
+                    reason=f"no {CROSS_CC} cross compiler here")
+@pytest.mark.parametrize("name", ["packed_linear", "int8_linear", "sample_cpu"])
+def test_neon_builds_compile_and_link(tmp_path, monkeypatch, name):
+    """Every kernel compiles and links for AArch64 with the flags and libraries cpu_build
+    uses there (not libmvec, which AArch64 glibc lacks before 2.38)."""
+    monkeypatch.setenv("NBP_CACHE_DIR", str(tmp_path))
+    lib = cpu_build._compile(name, "neon", CROSS_CC)
+    assert lib.read_bytes()[:4] == b"\x7fELF" and cpu_build._verified(lib)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_configure_threads_rejects_bad_counts(bad):
     with pytest.raises(ValueError, match="threads: expected a positive int or None"):
