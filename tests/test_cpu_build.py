@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -105,9 +106,7 @@ def test_cache_files_take_the_umask_modes(tmp_path):
 CROSS_CC = "aarch64-linux-gnu-gcc"
 
 
-@pytest.mark.skipif(subprocess.run(["sh", "-c", f"command -v {CROSS_CC}"],
-                                   capture_output=True).returncode != 0,
-                    reason=f"no {CROSS_CC} cross compiler here")
+@pytest.mark.skipif(shutil.which(CROSS_CC) is None, reason=f"no {CROSS_CC} cross compiler here")
 @pytest.mark.parametrize("name", ["packed_linear", "int8_linear", "sample_cpu"])
 def test_neon_builds_compile_and_link(tmp_path, monkeypatch, name):
     """Every kernel compiles and links for AArch64 with the flags and libraries cpu_build
