@@ -5,7 +5,7 @@
  * a multiple of 16 is partial. Shared by packed_linear.c and int8_linear.c,
  * which define VLEN (floats per vector register), the vector type vf and one
  * NBP_ISA_<isa> before including it. cpu_build.py hashes this file into every
- * library's cache key, and links both libraries with libmvec (vector erfcf).
+ * library's cache key, and links both libraries with libmvec on x86 (erfcf).
  */
 #ifndef NBP_PANEL_COLS_H
 #define NBP_PANEL_COLS_H
