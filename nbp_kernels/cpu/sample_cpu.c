@@ -65,6 +65,7 @@
 #define SAMPLE 64   /* elements sampled to place a selection pass's two pivots */
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
 #define SMALL 64    /* sets this small are sorted outright */
+#define MARGIN 12   /* sample ranks of slack in compact_bound (~3 sigma at a quarter) */
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vf_u __attribute__((vector_size(LANES * 4), aligned(4)));   /* unaligned loads */
@@ -294,44 +295,100 @@ static float select_mass(const float *src, int64_t n, double R, double M, float 
     return n ? small[n - 1] : kth;
 }
 
-/* max (and min) of x[0..V); 0 if a NaN is present */
-static int row_range(const float *x, int64_t V, float *mx, float *mn) {
-    vf hi = splat(-INFINITY), lo = splat(INFINITY);
-    vi nan = {0};
+/* The x >= lo of x[0..V), in vocabulary order: values to val, indices to idx
+ * (room for V + LANES each); returns how many. Also the row's max and min, and
+ * 0 in *ok if a NaN is present. One pass over the row: the rest of the row's
+ * work reads these survivors, which stay in the core's cache. */
+static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int32_t *idx,
+                           float *mx, float *mn, int *ok) {
+    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo);
+    vi nan = {0}, lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    int64_t out = 0;
     for (int64_t i = 0; i < V; i += LANES) {
-        vf v = V - i >= LANES ? load(x + i) : load_tail(x + i, V - i, x[0]);   /* x[0]: neutral */
+        vf v;
+        vi keep;
+        if (V - i >= LANES) {
+            v = load(x + i);
+            keep = v >= vlo;
+        } else {   /* x[0] fills the tail: neutral for max, min and NaN; never kept */
+            v = load_tail(x + i, V - i, x[0]);
+            keep = (v >= vlo) & (lane < (int32_t)(V - i));
+        }
         nan |= v != v;
-        vi up = v > hi, down = v < lo;
+        vi up = v > hi, down = v < low;
         hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
-        lo = (vf)(((vi)v & down) | ((vi)lo & ~down));
+        low = (vf)(((vi)v & down) | ((vi)low & ~down));
+        compress_store((float *)(idx + out), (vf)(lane + (int32_t)i), keep);   /* bits moved as is */
+        out += compress_store(val + out, v, keep);
     }
     *mx = -INFINITY;
     *mn = INFINITY;
     int any_nan = 0;
     for (int i = 0; i < LANES; i++) {
         *mx = hi[i] > *mx ? hi[i] : *mx;
-        *mn = lo[i] < *mn ? lo[i] : *mn;
+        *mn = low[i] < *mn ? low[i] : *mn;
         any_nan |= nan[i];
     }
-    return !any_nan;
+    *ok = !any_nan;
+    return out;
 }
 
-static void threshold_row(const float *x, int64_t V, int64_t k, float p, float *a, float *b,
-                          float *tau, float *row_max) {
-    float mx, mn;
-    if (!row_range(x, V, &mx, &mn) || !isfinite(mx)) {
-        *tau = *row_max = NAN;
-        return;
+/* copies the (val, idx) pairs of [0..n) with val >= lo to (dv, di); returns how many */
+static int64_t keep_pairs(const float *val, const int32_t *idx, int64_t n, float lo, float *dv,
+                          int32_t *di) {
+    vf vlo = splat(lo);
+    int64_t out = 0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        int64_t m = n - i;
+        vf v = m >= LANES ? load(val + i) : load_tail(val + i, m, NAN);
+        vf id = m >= LANES ? load((const float *)idx + i) : load_tail((const float *)idx + i, m, 0);
+        vi keep = v >= vlo;
+        compress_store((float *)(di + out), id, keep);
+        out += compress_store(dv + out, v, keep);
     }
+    return out;
+}
+
+/* A value below which a row's k largest very likely all lie (-inf: keep the whole
+ * row): the strided sample's value MARGIN sample ranks past the k-th's estimate. */
+static float compact_bound(const float *x, int64_t V, int64_t k) {
+    float s[SAMPLE];
+    if (V <= 4 * SAMPLE) return -INFINITY;
+    sample_sorted(x, V, s);
+    int64_t at = (k - 1) * SAMPLE / V + MARGIN;
+    return at < SAMPLE ? s[at] : -INFINITY;
+}
+
+/* A row's tau and max (NaN, NaN for a row without a distribution) and its top-k
+ * survivors (x >= the k-th value, ties included) with their vocabulary indices, in
+ * vocabulary order, at (sv, si); returns how many. w: 4 regions of room floats. */
+static int64_t threshold_row(const float *x, int64_t V, int64_t k, float p, float *w,
+                             int64_t room, float *tau, float *row_max) {
+    float *val = w, *a = w + 2 * room, *b = w + 3 * room, mx, mn;
+    int32_t *idx = (int32_t *)(w + room);
+    int ok;
+    float lo = k < V ? compact_bound(x, V, k) : -INFINITY;
+    int64_t n = compact_row(x, V, lo, val, idx, &mx, &mn, &ok);
+    if (!ok || !isfinite(mx)) {
+        *tau = *row_max = NAN;
+        return 0;
+    }
+    if (n < k)   /* the sample's bound was too high (rare): keep the whole row */
+        n = compact_row(x, V, -INFINITY, val, idx, &mx, &mn, &ok);
     *row_max = mx;
-    float kth = k < V ? select_rank(x, V, k, a, b) : mn;
+    /* every x >= the k-th value is in (val, idx): at least k of them are >= lo */
+    float kth = k < V ? select_rank(val, n, k, a, b) : mn;
+    float *sv = a;
+    int32_t *si = (int32_t *)b;
+    int64_t ns = keep_pairs(val, idx, n, kth, sv, si);
     if (p >= 1.0f) {
         *tau = kth;
-        return;
+        return ns;
     }
-    int64_t n = keep_between(x, V, kth, INFINITY, a);   /* the top-k survivors, ties included */
-    double z = classify(a, n, kth, INFINITY, 1, splat(mx)).m_ge;
-    *tau = select_mass(a, n, (double)p * z, z, mx, kth, b, a);
+    double z = classify(sv, ns, kth, INFINITY, 1, splat(mx)).m_ge;
+    *tau = select_mass(sv, ns, (double)p * z, z, mx, kth, val, (float *)idx);
+    return ns;
 }
 
 /* kept weights of x[0..n) (n <= CHUNK) into w; returns their float64 sum */
@@ -378,13 +435,74 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
 }
 
 
+/* float64 sum of the weights w[0..n) (n <= CHUNK), as chunk_weights summed them */
+static double chunk_sum(const float *w, int64_t n) {
+    vd acc = {0};
+    for (int64_t i = 0; i < n; i += LANES) acc += widen_sum(load(w + i));   /* tail lanes: 0 */
+    return reduce_add(acc);
+}
+
+/* The draw of draw_row over a row's top-k survivors (sv, si)[0..n) (vocabulary
+ * order) instead of the whole row: the same kept tokens in the same order, the
+ * float64 sums grouped by CHUNK survivors. w: scratch for n + LANES weights. */
+static int64_t draw_survivors(const float *sv, const int32_t *si, int64_t n, float tau_f,
+                              float max_f, double u, float *w) {
+    vf tau = splat(tau_f), m = splat(max_f);
+    int64_t chunks = (n + CHUNK - 1) / CHUNK, c = 0, last = 0;
+    double total = 0.0, prev = 0.0, s = 0.0, frac = 1.0;
+    for (int64_t i = 0; i < chunks; i++)
+        total += chunk_weights(sv + i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK,
+                               tau, m, w + i * CHUNK);
+    double target = u * total;
+    for (; c < chunks; c++) {   /* the sums again, from the stored weights: bit-equal */
+        s = chunk_sum(w + c * CHUNK, n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK);
+        if (s > 0.0) last = c;
+        if (prev + s > target) break;
+        prev += s;
+    }
+    if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
+    else frac = (target - prev) / s;
+    frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
+    const float *wc = w + c * CHUNK;
+    int64_t len = n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK, pick = -1;
+    double inner = 0.0, run = 0.0;
+    for (int64_t j = 0; j < len; j++) inner += wc[j];
+    double t = frac * inner;
+    for (int64_t j = 0; j < len; j++) {
+        if (wc[j] <= 0.0f) continue;
+        pick = j;
+        if ((run += wc[j]) > t) break;
+    }
+    return si[c * CHUNK + pick];
+}
+
+/* work: [n, 4, V + 16] floats (sample_cpu.work_shape) */
 void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k,
                         float p, float *work, float *tau, float *row_max) {
-    int64_t room = V + LANES;   /* work: [n, 2, V + 16] */
+    int64_t room = V + 16;
     #pragma omp parallel for schedule(static) if (n > 1)
     for (int64_t r = 0; r < n; r++)
-        threshold_row(logits + r * ld, V, k, p, work + 2 * r * room, work + (2 * r + 1) * room,
-                      tau + r, row_max + r);
+        threshold_row(logits + r * ld, V, k, p, work + 4 * r * room, room, tau + r, row_max + r);
+}
+
+/* keep_threshold then the draw, row by row (the row still in the core's cache):
+ * index [n], -1 for a row without a distribution; returns how many such rows. */
+int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k, float p,
+                   const double *u, float *work, int64_t *index) {
+    int64_t room = V + 16, bad = 0;
+    #pragma omp parallel for schedule(static) if (n > 1) reduction(+ : bad)
+    for (int64_t r = 0; r < n; r++) {
+        float *w = work + 4 * r * room, tau, mx;
+        int64_t kept = threshold_row(logits + r * ld, V, k, p, w, room, &tau, &mx);
+        if (isnan(tau)) {
+            index[r] = -1;
+            bad++;
+        } else {
+            index[r] = draw_survivors(w + 2 * room, (const int32_t *)(w + 3 * room), kept, tau,
+                                      mx, u[r], w);
+        }
+    }
+    return bad;
 }
 
 void nbp_draw_kept(const float *logits, int64_t n, int64_t V, int64_t ld, const float *tau,
