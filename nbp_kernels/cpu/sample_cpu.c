@@ -157,8 +157,8 @@ static inline vf exp_shifted(const float *v, int64_t n, vf m) {
 
 typedef struct { int64_t n_gt, n_ge; double m_gt, m_ge; } classes_t;
 
-/* counts (and exp(x - mx) masses, if mass) of x > hi and of x >= lo in src[0..n) */
-static classes_t classify(const float *src, int64_t n, float lo, float hi, int mass, vf mx) {
+/* counts of x > hi and of x >= lo in src[0..n), and if e, the sums of their weights e[0..n) */
+static classes_t classify(const float *src, const float *e, int64_t n, float lo, float hi) {
     vf vlo = splat(lo), vhi = splat(hi);
     vd mg = {0}, mb = {0};
     vi n_gt = {0}, n_ge = {0};
@@ -168,10 +168,10 @@ static classes_t classify(const float *src, int64_t n, float lo, float hi, int m
         vi gt = v > vhi, ge = v >= vlo;
         n_gt += gt;
         n_ge += ge;
-        if (mass) {
-            vf e = vexp(v - mx);
-            mg += widen_sum(select_mask(gt, e));
-            mb += widen_sum(select_mask(ge, e));
+        if (e) {
+            vf w = n - i >= LANES ? load(e + i) : load_tail(e + i, n - i, 0.0f);
+            mg += widen_sum(select_mask(gt, w));
+            mb += widen_sum(select_mask(ge, w));
         }
     }
     return (classes_t){count(n_gt), count(n_ge), reduce_add(mg), reduce_add(mb)};
@@ -214,15 +214,14 @@ static int no_progress(classes_t c, int64_t n) { return c.n_gt == 0 && c.n_ge ==
 /* the value of rank r (1 = largest) among src[0..n); a, b: n + 16 floats each */
 static float select_rank(const float *src, int64_t n, int64_t r, float *a, float *b) {
     float s[SAMPLE], lo, hi, *dst = a;
-    vf unused = {0};
     while (n > SMALL) {
         sample_sorted(src, n, s);
         int64_t est = (r - 1) * SAMPLE / n;
         pivots(s, est, &lo, &hi);
-        classes_t c = classify(src, n, lo, hi, 0, unused);
+        classes_t c = classify(src, NULL, n, lo, hi);
         if (r > c.n_gt && r <= c.n_ge && no_progress(c, n)) {
             lo = hi = s[est];
-            c = classify(src, n, lo, hi, 0, unused);
+            c = classify(src, NULL, n, lo, hi);
         }
         if (r <= c.n_gt) {
             n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst);
@@ -243,6 +242,23 @@ static float select_rank(const float *src, int64_t n, int64_t r, float *a, float
     return small[r - 1];
 }
 
+/* copies the (x, aux) pairs of [0..n) with lo <= x <= hi to (dx, daux) (room for n + LANES
+ * each), in order; aux: any 32-bit data (moved as bits); returns how many */
+static int64_t keep_pairs(const float *x, const float *aux, int64_t n, float lo, float hi,
+                          float *dx, float *daux) {
+    vf vlo = splat(lo), vhi = splat(hi);
+    int64_t out = 0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        int64_t m = n - i;
+        vf v = m >= LANES ? load(x + i) : load_tail(x + i, m, NAN);
+        vf a = m >= LANES ? load(aux + i) : load_tail(aux + i, m, 0.0f);
+        vi keep = (v >= vlo) & (v <= vhi);
+        compress_store(daux + out, a, keep);
+        out += compress_store(dx + out, v, keep);
+    }
+    return out;
+}
+
 /* sample index where the sample's cumulative mass first exceeds the fraction f */
 static int64_t mass_estimate(const float *s, float mx, double f) {
     double w[SAMPLE], total = 0.0, run = 0.0;
@@ -255,35 +271,37 @@ static int64_t mass_estimate(const float *s, float mx, double f) {
 /* The top-p crossing among src[0..n) (every x >= kth, total mass M): the
  * largest v whose group ends past mass R, i.e. (mass of x > v) + (count of v) e(v) > R.
  * None (the sums' rounding): the set's smallest value; an empty set: kth. */
-static float select_mass(const float *src, int64_t n, double R, double M, float mx, float kth,
-                         float *a, float *b) {
-    float s[SAMPLE], lo, hi, *dst = a;
+static float select_mass(const float *src, const float *se, int64_t n, double R, double M,
+                         float mx, float kth, float *a, float *ae, float *b, float *be) {
+    float s[SAMPLE], lo, hi, *dst = a, *dste = ae;
     vf vmx = splat(mx);
     while (n > SMALL) {
         sample_sorted(src, n, s);
         int64_t est = mass_estimate(s, mx, M > 0.0 ? R / M : 0.0);
         pivots(s, est, &lo, &hi);
-        classes_t c = classify(src, n, lo, hi, 1, vmx);
+        classes_t c = classify(src, se, n, lo, hi);
         if (c.m_gt <= R && R < c.m_ge && no_progress(c, n)) {
             lo = hi = s[est];
-            c = classify(src, n, lo, hi, 1, vmx);
+            c = classify(src, se, n, lo, hi);
         }
         if (c.m_gt > R) {
             M = c.m_gt;
-            n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst);
+            n = keep_pairs(src, se, n, nextafterf(hi, INFINITY), INFINITY, dst, dste);
         } else if (c.m_ge > R) {
             if (lo == hi) return lo;
             R -= c.m_gt;
             M = c.m_ge - c.m_gt;
-            n = keep_between(src, n, lo, hi, dst);
+            n = keep_pairs(src, se, n, lo, hi, dst, dste);
         } else {
             R -= c.m_ge;
             M -= c.m_ge;
-            n = keep_between(src, n, -INFINITY, nextafterf(lo, -INFINITY), dst);
+            n = keep_pairs(src, se, n, -INFINITY, nextafterf(lo, -INFINITY), dst, dste);
             if (n == 0) return kth;
         }
         src = dst;
+        se = dste;
         dst = dst == a ? b : a;
+        dste = dste == ae ? be : ae;
     }
     float small[SMALL], e[SMALL + LANES];
     for (int64_t i = 0; i < n; i++) small[i] = src[i];
@@ -334,22 +352,6 @@ static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int3
     return out;
 }
 
-/* copies the (val, idx) pairs of [0..n) with val >= lo to (dv, di); returns how many */
-static int64_t keep_pairs(const float *val, const int32_t *idx, int64_t n, float lo, float *dv,
-                          int32_t *di) {
-    vf vlo = splat(lo);
-    int64_t out = 0;
-    for (int64_t i = 0; i < n; i += LANES) {
-        int64_t m = n - i;
-        vf v = m >= LANES ? load(val + i) : load_tail(val + i, m, NAN);
-        vf id = m >= LANES ? load((const float *)idx + i) : load_tail((const float *)idx + i, m, 0);
-        vi keep = v >= vlo;
-        compress_store((float *)(di + out), id, keep);
-        out += compress_store(dv + out, v, keep);
-    }
-    return out;
-}
-
 /* A value below which a row's k largest very likely all lie (-inf: keep the whole
  * row): the strided sample's value MARGIN sample ranks past the k-th's estimate. */
 static float compact_bound(const float *x, int64_t V, int64_t k) {
@@ -360,34 +362,48 @@ static float compact_bound(const float *x, int64_t V, int64_t k) {
     return at < SAMPLE ? s[at] : -INFINITY;
 }
 
-/* A row's tau and max (NaN, NaN for a row without a distribution) and its top-k
- * survivors (x >= the k-th value, ties included) with their vocabulary indices, in
- * vocabulary order, at (sv, si); returns how many. w: 4 regions of room floats. */
+/* e[i] = exp(x[i] - mx) for x[0..n) (room for n + LANES); returns their float64 sum,
+ * summed as classify sums them */
+static double survivor_weights(const float *x, int64_t n, float mx, float *e) {
+    vf m = splat(mx);
+    vd acc = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf w = exp_shifted(x + i, n - i, m);
+        *(vf_u *)(e + i) = w;
+        acc += widen_sum(w);
+    }
+    return reduce_add(acc);
+}
+
+/* A row's scratch (sample_cpu.work_shape): REGIONS runs of room = V + 16 floats.
+ * compact_row's set: values VAL, indices IDX; select_rank's scratch SA, SB; the
+ * top-k survivors: values SV, indices SI, weights exp(x - max) in VAL; select_mass's
+ * scratch (values, weights): (SA, SB) and (IDX, MB). */
+enum { VAL, IDX, SV, SI, SA, SB, MB, REGIONS };
+
+/* A row's tau and max (NaN, NaN for a row without a distribution), and in w
+ * (REGIONS runs of room floats) its top-k survivors (x >= the k-th value, ties
+ * included) in vocabulary order: values, indices and weights. Returns how many. */
 static int64_t threshold_row(const float *x, int64_t V, int64_t k, float p, float *w,
                              int64_t room, float *tau, float *row_max) {
-    float *val = w, *a = w + 2 * room, *b = w + 3 * room, mx, mn;
-    int32_t *idx = (int32_t *)(w + room);
+    float *r[REGIONS], mx, mn;
+    for (int i = 0; i < REGIONS; i++) r[i] = w + i * room;
     int ok;
     float lo = k < V ? compact_bound(x, V, k) : -INFINITY;
-    int64_t n = compact_row(x, V, lo, val, idx, &mx, &mn, &ok);
+    int64_t n = compact_row(x, V, lo, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok);
     if (!ok || !isfinite(mx)) {
         *tau = *row_max = NAN;
         return 0;
     }
     if (n < k)   /* the sample's bound was too high (rare): keep the whole row */
-        n = compact_row(x, V, -INFINITY, val, idx, &mx, &mn, &ok);
+        n = compact_row(x, V, -INFINITY, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok);
     *row_max = mx;
-    /* every x >= the k-th value is in (val, idx): at least k of them are >= lo */
-    float kth = k < V ? select_rank(val, n, k, a, b) : mn;
-    float *sv = a;
-    int32_t *si = (int32_t *)b;
-    int64_t ns = keep_pairs(val, idx, n, kth, sv, si);
-    if (p >= 1.0f) {
-        *tau = kth;
-        return ns;
-    }
-    double z = classify(sv, ns, kth, INFINITY, 1, splat(mx)).m_ge;
-    *tau = select_mass(sv, ns, (double)p * z, z, mx, kth, val, (float *)idx);
+    /* every x >= the k-th value is in the compact set: at least k of them are >= lo */
+    float kth = k < V ? select_rank(r[VAL], n, k, r[SA], r[SB]) : mn;
+    int64_t ns = keep_pairs(r[VAL], r[IDX], n, kth, INFINITY, r[SV], r[SI]);
+    double z = survivor_weights(r[SV], ns, mx, r[VAL]);
+    *tau = p >= 1.0f ? kth : select_mass(r[SV], r[VAL], ns, (double)p * z, z, mx, kth,
+                                         r[SA], r[SB], r[IDX], r[MB]);
     return ns;
 }
 
@@ -435,27 +451,29 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
 }
 
 
-/* float64 sum of the weights w[0..n) (n <= CHUNK), as chunk_weights summed them */
-static double chunk_sum(const float *w, int64_t n) {
+/* float64 sum of the weights e[0..n) (n <= CHUNK) of the x[0..n) >= tau */
+static double kept_sum(const float *x, const float *e, int64_t n, vf tau) {
     vd acc = {0};
-    for (int64_t i = 0; i < n; i += LANES) acc += widen_sum(load(w + i));   /* tail lanes: 0 */
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf v = n - i >= LANES ? load(x + i) : load_tail(x + i, n - i, NAN);   /* NaN: not kept */
+        acc += widen_sum(select_mask(v >= tau, load(e + i)));
+    }
     return reduce_add(acc);
 }
 
-/* The draw of draw_row over a row's top-k survivors (sv, si)[0..n) (vocabulary
- * order) instead of the whole row: the same kept tokens in the same order, the
- * float64 sums grouped by CHUNK survivors. w: scratch for n + LANES weights. */
-static int64_t draw_survivors(const float *sv, const int32_t *si, int64_t n, float tau_f,
-                              float max_f, double u, float *w) {
-    vf tau = splat(tau_f), m = splat(max_f);
+/* The draw of draw_row over a row's top-k survivors (values sv, indices si, weights
+ * e)[0..n) in vocabulary order instead of over the whole row: the same kept tokens
+ * in the same order, the float64 sums grouped by CHUNK survivors. */
+static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e, int64_t n,
+                              float tau_f, double u) {
+    vf tau = splat(tau_f);
     int64_t chunks = (n + CHUNK - 1) / CHUNK, c = 0, last = 0;
     double total = 0.0, prev = 0.0, s = 0.0, frac = 1.0;
     for (int64_t i = 0; i < chunks; i++)
-        total += chunk_weights(sv + i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK,
-                               tau, m, w + i * CHUNK);
+        total += kept_sum(sv + i * CHUNK, e + i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK, tau);
     double target = u * total;
-    for (; c < chunks; c++) {   /* the sums again, from the stored weights: bit-equal */
-        s = chunk_sum(w + c * CHUNK, n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK);
+    for (; c < chunks; c++) {   /* the same sums again: bit-equal */
+        s = kept_sum(sv + c * CHUNK, e + c * CHUNK, n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK, tau);
         if (s > 0.0) last = c;
         if (prev + s > target) break;
         prev += s;
@@ -463,26 +481,27 @@ static int64_t draw_survivors(const float *sv, const int32_t *si, int64_t n, flo
     if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
     else frac = (target - prev) / s;
     frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
-    const float *wc = w + c * CHUNK;
-    int64_t len = n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK, pick = -1;
+    int64_t at = c * CHUNK, len = n - at < CHUNK ? n - at : CHUNK, pick = -1;
     double inner = 0.0, run = 0.0;
-    for (int64_t j = 0; j < len; j++) inner += wc[j];
+    for (int64_t j = at; j < at + len; j++) inner += sv[j] >= tau_f ? e[j] : 0.0f;
     double t = frac * inner;
-    for (int64_t j = 0; j < len; j++) {
-        if (wc[j] <= 0.0f) continue;
+    for (int64_t j = at; j < at + len; j++) {
+        float wj = sv[j] >= tau_f ? e[j] : 0.0f;
+        if (wj <= 0.0f) continue;
         pick = j;
-        if ((run += wc[j]) > t) break;
+        if ((run += wj) > t) break;
     }
-    return si[c * CHUNK + pick];
+    return si[pick];
 }
 
-/* work: [n, 4, V + 16] floats (sample_cpu.work_shape) */
+/* work: [n, REGIONS, V + 16] floats (sample_cpu.work_shape) */
 void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k,
                         float p, float *work, float *tau, float *row_max) {
     int64_t room = V + 16;
     #pragma omp parallel for schedule(static) if (n > 1)
     for (int64_t r = 0; r < n; r++)
-        threshold_row(logits + r * ld, V, k, p, work + 4 * r * room, room, tau + r, row_max + r);
+        threshold_row(logits + r * ld, V, k, p, work + REGIONS * r * room, room, tau + r,
+                      row_max + r);
 }
 
 /* keep_threshold then the draw, row by row (the row still in the core's cache):
@@ -492,14 +511,14 @@ int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_
     int64_t room = V + 16, bad = 0;
     #pragma omp parallel for schedule(static) if (n > 1) reduction(+ : bad)
     for (int64_t r = 0; r < n; r++) {
-        float *w = work + 4 * r * room, tau, mx;
+        float *w = work + REGIONS * r * room, tau, mx;
         int64_t kept = threshold_row(logits + r * ld, V, k, p, w, room, &tau, &mx);
         if (isnan(tau)) {
             index[r] = -1;
             bad++;
         } else {
-            index[r] = draw_survivors(w + 2 * room, (const int32_t *)(w + 3 * room), kept, tau,
-                                      mx, u[r], w);
+            index[r] = draw_survivors(w + SV * room, (const int32_t *)(w + SI * room),
+                                      w + VAL * room, kept, tau, u[r]);
         }
     }
     return bad;
