@@ -215,19 +215,21 @@ def test_sample_k600_shape_picks_the_token_whose_cdf_interval_holds_u(k, p):
     assert bad == 0 and torch.equal(got, want)
 
 
-def test_sample_when_the_sampled_bound_misses_the_kth_value():
-    # every strided sample point holds the row's largest values: the bound the
-    # sample gives keeps fewer than k tokens, so the whole row is taken instead
-    V, k = 6400, 1000
+@pytest.mark.parametrize("sampled", ["largest", "smallest"])
+def test_sample_when_the_sampled_bracket_misses_the_kth_value(sampled):
+    # the kernel brackets the k-th value with a strided sample of 512 logits
+    # (cpu/sample_cpu.c, kth_bracket); holding the row's largest values, the bracket
+    # lies above the k-th value (the whole row is compacted again), holding the
+    # smallest, below it (the k-th is selected from the whole compact set)
+    V = 6400
     x = logits(2, V, 10)
-    at = torch.arange(64) * V // 64 + V // 128
-    x[:, at] = 10.0 + torch.arange(64.0)
+    at = torch.arange(512) * V // 512 + V // 1024
+    x[:, at] = 10.0 + torch.arange(512.0) if sampled == "largest" else -10.0 - torch.arange(512.0)
     u = torch.tensor([0.3, 0.99], dtype=torch.float64)
-    for p in (0.5, 1.0):
+    for k, p in [(1000, 0.5), (1000, 1.0), (3000, 0.9), (30, 1.0)]:
         tau, m = reference.keep_threshold(x, k, p)
         assert torch.equal(sc.sample(x, k, p, u)[0], reference.draw_kept(x, tau, m, u))
-    tau, m = reference.keep_threshold(x, 30, 1.0)   # the k-th among the sampled points: no miss
-    assert torch.equal(sc.sample(x, 30, 1.0, u)[0], reference.draw_kept(x, tau, m, u))
+        assert torch.equal(sc.keep_threshold(x, k, p)[0], tau)
 
 
 def test_sample_strided_rows_and_work_reuse():

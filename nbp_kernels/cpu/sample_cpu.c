@@ -28,6 +28,7 @@
  * the semantics.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -65,7 +66,8 @@
 #define SAMPLE 64   /* elements sampled to place a selection pass's two pivots */
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
 #define SMALL 64    /* sets this small are sorted outright */
-#define MARGIN 12   /* sample ranks of slack in compact_bound (~3 sigma at a quarter) */
+#define WIDE 512    /* elements sampled from a whole row to bracket its k-th value */
+#define MARGIN 32   /* wide-sample ranks each side of the k-th's estimate (~3.3 sigma at a quarter) */
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vf_u __attribute__((vector_size(LANES * 4), aligned(4)));   /* unaligned loads */
@@ -259,13 +261,15 @@ static int64_t keep_pairs(const float *x, const float *aux, int64_t n, float lo,
     return out;
 }
 
-/* sample index where the sample's cumulative mass first exceeds the fraction f */
-static int64_t mass_estimate(const float *s, float mx, double f) {
-    double w[SAMPLE], total = 0.0, run = 0.0;
-    for (int64_t i = 0; i < SAMPLE; i++) total += w[i] = expf(s[i] - mx);
-    for (int64_t i = 0; i < SAMPLE; i++)
-        if ((run += w[i]) > f * total) return i;
-    return SAMPLE - 1;
+/* Sample index (descending) of the estimated top-p crossing: the sample's weights,
+ * each standing for scale elements, summed from the smallest up to the mass below
+ * the crossing. The light tail is many elements, so its estimate is steadier than
+ * one from the heavy top, which a sample mostly misses. */
+static int64_t mass_estimate(const float *s, float mx, double below, double scale) {
+    double run = 0.0;
+    for (int64_t i = SAMPLE - 1; i > 0; i--)
+        if ((run += expf(s[i] - mx) * scale) >= below) return i;
+    return 0;
 }
 
 /* The top-p crossing among src[0..n) (every x >= kth, total mass M): the
@@ -277,7 +281,7 @@ static float select_mass(const float *src, const float *se, int64_t n, double R,
     vf vmx = splat(mx);
     while (n > SMALL) {
         sample_sorted(src, n, s);
-        int64_t est = mass_estimate(s, mx, M > 0.0 ? R / M : 0.0);
+        int64_t est = mass_estimate(s, mx, M - R, (double)n / SAMPLE);
         pivots(s, est, &lo, &hi);
         classes_t c = classify(src, se, n, lo, hi);
         if (c.m_gt <= R && R < c.m_ge && no_progress(c, n)) {
@@ -314,13 +318,13 @@ static float select_mass(const float *src, const float *se, int64_t n, double R,
 }
 
 /* The x >= lo of x[0..V), in vocabulary order: values to val, indices to idx
- * (room for V + LANES each); returns how many. Also the row's max and min, and
- * 0 in *ok if a NaN is present. One pass over the row: the rest of the row's
+ * (room for V + LANES each); returns how many. Also the row's max and min, 0 in
+ * *ok if a NaN is present, and how many of the kept are > above. One pass over the row: the rest of the row's
  * work reads these survivors, which stay in the core's cache. */
-static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int32_t *idx,
-                           float *mx, float *mn, int *ok) {
-    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo);
-    vi nan = {0}, lane;
+static int64_t compact_row(const float *x, int64_t V, float lo, float above, float *val,
+                           int32_t *idx, float *mx, float *mn, int *ok, int64_t *n_above) {
+    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo), vab = splat(above);
+    vi nan = {0}, lane, n_gt = {0};
     for (int i = 0; i < LANES; i++) lane[i] = i;
     int64_t out = 0;
     for (int64_t i = 0; i < V; i += LANES) {
@@ -334,6 +338,7 @@ static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int3
             keep = (v >= vlo) & (lane < (int32_t)(V - i));
         }
         nan |= v != v;
+        n_gt += keep & (v > vab);
         vi up = v > hi, down = v < low;
         hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
         low = (vf)(((vi)v & down) | ((vi)low & ~down));
@@ -349,17 +354,47 @@ static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int3
         any_nan |= nan[i];
     }
     *ok = !any_nan;
+    *n_above = count(n_gt);
     return out;
 }
 
-/* A value below which a row's k largest very likely all lie (-inf: keep the whole
- * row): the strided sample's value MARGIN sample ranks past the k-th's estimate. */
-static float compact_bound(const float *x, int64_t V, int64_t k) {
-    float s[SAMPLE];
-    if (V <= 4 * SAMPLE) return -INFINITY;
-    sample_sorted(x, V, s);
-    int64_t at = (k - 1) * SAMPLE / V + MARGIN;
-    return at < SAMPLE ? s[at] : -INFINITY;
+/* the value of rank r (0 = largest) of s[0..n) (reordered), no NaN in s: quickselect */
+static float nth_largest(float *s, int64_t n, int64_t r) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = s[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {   /* Hoare: larger values to the left */
+            while (s[i] > pivot) i++;
+            while (s[j] < pivot) j--;
+            if (i <= j) {
+                float t = s[i];
+                s[i++] = s[j];
+                s[j--] = t;
+            }
+        }
+        if (r <= j) hi = j;
+        else if (r >= i) lo = i;
+        else return s[r];
+    }
+    return s[r];
+}
+
+/* Values around a row's k-th largest (k < V) from a strided sample: very likely
+ * lo <= the k-th value < hi. lo = -inf when the row is too short to sample or the
+ * bracket reaches past the sample (keep the whole row); hi = +inf likewise. */
+static void kth_bracket(const float *x, int64_t V, int64_t k, float *lo, float *hi) {
+    float s[WIDE];
+    *lo = -INFINITY;
+    *hi = INFINITY;
+    if (V <= 4 * WIDE) return;
+    for (int64_t i = 0; i < WIDE; i++) {
+        s[i] = x[i * V / WIDE + V / (2 * WIDE)];
+        if (s[i] != s[i]) return;   /* NaN: the compact pass rejects the row */
+    }
+    int64_t est = (k - 1) * WIDE / V;
+    if (est + MARGIN < WIDE) *lo = nth_largest(s, WIDE, est + MARGIN);
+    if (est - MARGIN >= 0) *hi = nth_largest(s, WIDE, est - MARGIN);
 }
 
 /* e[i] = exp(x[i] - mx) for x[0..n) (room for n + LANES); returns their float64 sum,
@@ -376,34 +411,46 @@ static double survivor_weights(const float *x, int64_t n, float mx, float *e) {
 }
 
 /* A row's scratch (sample_cpu.work_shape): REGIONS runs of room = V + 16 floats.
- * compact_row's set: values VAL, indices IDX; select_rank's scratch SA, SB; the
- * top-k survivors: values SV, indices SI, weights exp(x - max) in VAL; select_mass's
- * scratch (values, weights): (SA, SB) and (IDX, MB). */
-enum { VAL, IDX, SV, SI, SA, SB, MB, REGIONS };
+ * compact_row's set: values VAL, indices IDX; the k-th value's bracket BRK; the
+ * top-k survivors: values SV, indices SI, weights exp(x - max) in VAL; scratch of
+ * select_rank (SA, SB) and select_mass (values, weights: (SA, SB) and (BRK, SD)). */
+enum { VAL, IDX, SV, SI, SA, SB, BRK, SD, REGIONS };
+
+/* The k-th largest (k < V) of the compact set (val, n), every x >= it being in the
+ * set; n_gt of them are > hi (kth_bracket's). */
+static float kth_value(float **r, int64_t n, int64_t k, float lo, float hi, int64_t n_gt) {
+    if (n_gt >= k || lo == -INFINITY)   /* the bracket missed (rare) or was not drawn */
+        return select_rank(r[VAL], n, k, r[SA], r[SB]);
+    int64_t nb = keep_between(r[VAL], n, lo, hi, r[BRK]);
+    return select_rank(r[BRK], nb, k - n_gt, r[SA], r[SB]);
+}
 
 /* A row's tau and max (NaN, NaN for a row without a distribution), and in w
  * (REGIONS runs of room floats) its top-k survivors (x >= the k-th value, ties
  * included) in vocabulary order: values, indices and weights. Returns how many. */
 static int64_t threshold_row(const float *x, int64_t V, int64_t k, float p, float *w,
                              int64_t room, float *tau, float *row_max) {
-    float *r[REGIONS], mx, mn;
+    float *r[REGIONS], mx, mn, lo = -INFINITY, hi = INFINITY;
     for (int i = 0; i < REGIONS; i++) r[i] = w + i * room;
     int ok;
-    float lo = k < V ? compact_bound(x, V, k) : -INFINITY;
-    int64_t n = compact_row(x, V, lo, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok);
+    int64_t n_gt;
+    if (k < V) kth_bracket(x, V, k, &lo, &hi);
+    int64_t n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt);
     if (!ok || !isfinite(mx)) {
         *tau = *row_max = NAN;
         return 0;
     }
-    if (n < k)   /* the sample's bound was too high (rare): keep the whole row */
-        n = compact_row(x, V, -INFINITY, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok);
+    if (n < k) {   /* the bracket's lo was above the k-th value (rare): the whole row */
+        lo = -INFINITY;
+        n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt);
+    }
     *row_max = mx;
     /* every x >= the k-th value is in the compact set: at least k of them are >= lo */
-    float kth = k < V ? select_rank(r[VAL], n, k, r[SA], r[SB]) : mn;
+    float kth = k < V ? kth_value(r, n, k, lo, hi, n_gt) : mn;
     int64_t ns = keep_pairs(r[VAL], r[IDX], n, kth, INFINITY, r[SV], r[SI]);
     double z = survivor_weights(r[SV], ns, mx, r[VAL]);
     *tau = p >= 1.0f ? kth : select_mass(r[SV], r[VAL], ns, (double)p * z, z, mx, kth,
-                                         r[SA], r[SB], r[IDX], r[MB]);
+                                         r[SA], r[SB], r[BRK], r[SD]);
     return ns;
 }
 
@@ -495,13 +542,20 @@ static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e
 }
 
 /* work: [n, REGIONS, V + 16] floats (sample_cpu.work_shape) */
+/* Threads for n rows; each thread's scratch is the slot of work its number names
+ * (work has n slots), reused row after row so that it stays in the core's cache. */
+static int team(int64_t n) {
+    int t = omp_get_max_threads();
+    return n < t ? (int)n : t;
+}
+
 void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k,
                         float p, float *work, float *tau, float *row_max) {
     int64_t room = V + 16;
-    #pragma omp parallel for schedule(static) if (n > 1)
+    #pragma omp parallel for schedule(static) num_threads(team(n)) if (n > 1)
     for (int64_t r = 0; r < n; r++)
-        threshold_row(logits + r * ld, V, k, p, work + REGIONS * r * room, room, tau + r,
-                      row_max + r);
+        threshold_row(logits + r * ld, V, k, p, work + REGIONS * omp_get_thread_num() * room,
+                      room, tau + r, row_max + r);
 }
 
 /* keep_threshold then the draw, row by row (the row still in the core's cache):
@@ -509,9 +563,9 @@ void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, i
 int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k, float p,
                    const double *u, float *work, int64_t *index) {
     int64_t room = V + 16, bad = 0;
-    #pragma omp parallel for schedule(static) if (n > 1) reduction(+ : bad)
+    #pragma omp parallel for schedule(static) num_threads(team(n)) if (n > 1) reduction(+ : bad)
     for (int64_t r = 0; r < n; r++) {
-        float *w = work + REGIONS * r * room, tau, mx;
+        float *w = work + REGIONS * omp_get_thread_num() * room, tau, mx;
         int64_t kept = threshold_row(logits + r * ld, V, k, p, w, room, &tau, &mx);
         if (isnan(tau)) {
             index[r] = -1;
