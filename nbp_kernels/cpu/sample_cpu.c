@@ -67,13 +67,14 @@
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
 #define SMALL 64    /* sets this small are sorted outright */
 #define WIDE 512    /* elements sampled from a whole row to bracket its k-th value */
-#define MARGIN 32   /* wide-sample ranks each side of the k-th's estimate (~3.3 sigma at a quarter) */
+#define MARGIN 32   /* WIDE-sample ranks each side of the k-th's estimate (~3.3 sigma) */
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vf_u __attribute__((vector_size(LANES * 4), aligned(4)));   /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));               /* lane masks: -1 / 0 */
 typedef float vh __attribute__((vector_size(LANES * 2)));
 typedef double vd __attribute__((vector_size(LANES * 4)));                /* LANES / 2 doubles */
+typedef double double_u __attribute__((aligned(4), may_alias));   /* float scratch as doubles */
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
@@ -319,8 +320,9 @@ static float select_mass(const float *src, const float *se, int64_t n, double R,
 
 /* The x >= lo of x[0..V), in vocabulary order: values to val, indices to idx
  * (room for V + LANES each); returns how many. Also the row's max and min, 0 in
- * *ok if a NaN is present, and how many of the kept are > above. One pass over the row: the rest of the row's
- * work reads these survivors, which stay in the core's cache. */
+ * *ok if a NaN is present, and how many of the kept are > above. One pass over
+ * the row: the rest of the row's work reads this set, which stays in the core's
+ * cache. */
 static int64_t compact_row(const float *x, int64_t V, float lo, float above, float *val,
                            int32_t *idx, float *mx, float *mn, int *ok, int64_t *n_above) {
     vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo), vab = splat(above);
@@ -342,7 +344,7 @@ static int64_t compact_row(const float *x, int64_t V, float lo, float above, flo
         vi up = v > hi, down = v < low;
         hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
         low = (vf)(((vi)v & down) | ((vi)low & ~down));
-        compress_store((float *)(idx + out), (vf)(lane + (int32_t)i), keep);   /* bits moved as is */
+        compress_store((float *)(idx + out), (vf)(lane + (int32_t)i), keep);   /* as bits */
         out += compress_store(val + out, v, keep);
     }
     *mx = -INFINITY;
@@ -510,23 +512,22 @@ static double kept_sum(const float *x, const float *e, int64_t n, vf tau) {
 
 /* The draw of draw_row over a row's top-k survivors (values sv, indices si, weights
  * e)[0..n) in vocabulary order instead of over the whole row: the same kept tokens
- * in the same order, the float64 sums grouped by CHUNK survivors. */
+ * in the same order, the float64 sums grouped by CHUNK survivors (chunk sums to cum). */
 static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e, int64_t n,
-                              float tau_f, double u) {
+                              float tau_f, double u, double_u *cum) {
     vf tau = splat(tau_f);
     int64_t chunks = (n + CHUNK - 1) / CHUNK, c = 0, last = 0;
-    double total = 0.0, prev = 0.0, s = 0.0, frac = 1.0;
-    for (int64_t i = 0; i < chunks; i++)
-        total += kept_sum(sv + i * CHUNK, e + i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK, tau);
-    double target = u * total;
-    for (; c < chunks; c++) {   /* the same sums again: bit-equal */
-        s = kept_sum(sv + c * CHUNK, e + c * CHUNK, n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK, tau);
-        if (s > 0.0) last = c;
-        if (prev + s > target) break;
-        prev += s;
+    double total = 0.0;
+    for (int64_t i = 0; i < chunks; i++) {
+        int64_t len = n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK;
+        double s = kept_sum(sv + i * CHUNK, e + i * CHUNK, len, tau);
+        if (s > 0.0) last = i;
+        cum[i] = total += s;
     }
+    double target = u * total;
+    while (c < chunks && cum[c] <= target) c++;
     if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
-    else frac = (target - prev) / s;
+    double prev = c ? cum[c - 1] : 0.0, frac = (target - prev) / (cum[c] - prev);
     frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
     int64_t at = c * CHUNK, len = n - at < CHUNK ? n - at : CHUNK, pick = -1;
     double inner = 0.0, run = 0.0;
@@ -541,7 +542,6 @@ static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e
     return si[pick];
 }
 
-/* work: [n, REGIONS, V + 16] floats (sample_cpu.work_shape) */
 /* Threads for n rows; each thread's scratch is the slot of work its number names
  * (work has n slots), reused row after row so that it stays in the core's cache. */
 static int team(int64_t n) {
@@ -572,7 +572,7 @@ int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_
             bad++;
         } else {
             index[r] = draw_survivors(w + SV * room, (const int32_t *)(w + SI * room),
-                                      w + VAL * room, kept, tau, u[r]);
+                                      w + VAL * room, kept, tau, u[r], (double_u *)(w + SD * room));
         }
     }
     return bad;
