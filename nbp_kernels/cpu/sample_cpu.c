@@ -1,21 +1,31 @@
 /* sample_cpu: the top-k / top-p threshold and the draw of FastGenerator's CPU
- * sampler (fp32 logits, float64 sums), one row per OpenMP thread at a time.
+ * sampler (fp32 logits, float64 sums), one row per OpenMP thread at a time, each
+ * thread reusing one slot of the scratch.
  *
  * nbp_keep_threshold(logits [n, V] (row stride ld), k, p, work) -> tau [n], row_max [n]:
  *   the smallest kept logit: keep x >= tau. With s the row sorted descending,
  *   e = exp(s - s_0) and z the sum of e over s >= s_{k-1} (every token tied
  *   with the k-th counts): c = 1 + #{i < k - 1 : e_0 + .. + e_i <= p z} and
  *   tau = s_{c-1} (top-k, then top-p over its survivors; p = 1: tau = s_{k-1}).
- *   No sort: the k-th value is found by a sampled two-pivot selection
- *   (Floyd-Rivest style: each pass keeps the band around the estimated rank,
- *   ~1/8 of the set) and the top-p crossing by the same selection on mass
- *   instead of rank. A row with NaN or no finite maximum gets tau = NaN.
+ *   No sort. One pass over the row (compact_row) takes its max, its NaN test and,
+ *   with their indices, the x at or above the low end of a bracket of the k-th
+ *   value drawn from a strided sample of 512 logits (~0.31 V of them at k = V / 4;
+ *   the whole row if the bracket misses); everything after reads that set, in
+ *   the core's cache. The k-th value: a sampled two-pivot selection (Floyd-Rivest
+ *   style: each pass keeps the band around the estimated rank, ~1/8 of the set)
+ *   inside the bracket; the top-p crossing: the same selection on mass instead of
+ *   rank over the top-k survivors, whose exp weights are computed once. A row
+ *   with NaN or no finite maximum gets tau = NaN.
  * nbp_draw_kept(logits [n, V] (row stride ld), tau [n], row_max [n], u [n]) -> index [n]:
  *   index i with probability w_i / sum(w), w_i = exp(x_i - max) if x_i >= tau else 0,
  *   by inverse CDF in vocabulary order with one uniform u in [0, 1) per row:
  *   float64 sums of 256-token chunks, then a float64 scan inside the chosen chunk.
+ * nbp_sample(logits, n, V, ld, k, p, u, work) -> index [n], the count of rows without
+ *   a distribution (index -1): both in one pass per row, the draw over the top-k
+ *   survivors left in the scratch (the same kept tokens in the same order; the
+ *   float64 sums grouped by 256 survivors instead of 256 tokens).
  *
- * Measurements against numpy's partition + sort: benchmarks/bench_sample_cpu.py.
+ * Measurements against numpy's partition + sort: benchmarks/bench_sampler.py.
  * One portable source (GCC vector extensions at the register width), compiled
  * per ISA by cpu_build.py with -DNBP_ISA_<isa>: exp is glibc's vector expf
  * (libmvec: 16 lanes on AVX-512, 8 on AVX2; lane by lane on NEON), and the
