@@ -2,7 +2,9 @@
 
 ``nbp.sampler`` needs, per row of a decode step, the threshold that top-k then
 top-p leave (``keep_threshold``) and one inverse-CDF draw over the kept tokens
-(``draw_kept``). ``cpu/sample_cpu.c`` selects without sorting (sampled
+(``draw_kept``), or both in one call (``sample``, what ``nbp.sampler`` runs for
+``draw="fast"``: each row is read from memory once, the draw runs over its
+top-k survivors). ``cpu/sample_cpu.c`` selects without sorting (sampled
 two-pivot selection, by rank and then by softmax mass), sums in float64, and
 shares rows over torch's OpenMP threads (measurements against the numpy/torch
 path: ``benchmarks/bench_sampler.py``). Semantics: ``reference.keep_threshold``
