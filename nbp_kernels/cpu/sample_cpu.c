@@ -210,9 +210,24 @@ static void sort_descending(float *s, int64_t n) {   /* insertion sort: n <= SMA
     }
 }
 
-static void sample_sorted(const float *src, int64_t n, float *s) {   /* n > SMALL >= SAMPLE */
-    for (int64_t i = 0; i < SAMPLE; i++) s[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
-    sort_descending(s, SAMPLE);
+/* SAMPLE strided elements of src[0..n) (n > SMALL >= SAMPLE, no NaN), sorted descending
+ * into s: each goes to its rank (larger values, then equal ones sampled earlier,
+ * before it), counted with vector compares: no branches to mispredict, unlike a
+ * comparison sort of fresh data. */
+static void sample_sorted(const float *src, int64_t n, float *s) {
+    float t[SAMPLE];
+    vi lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    for (int64_t i = 0; i < SAMPLE; i++) t[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
+    for (int32_t i = 0; i < SAMPLE; i++) {
+        vf v = splat(t[i]);
+        vi before = {0};
+        for (int32_t b = 0; b < SAMPLE; b += LANES) {
+            vf u = load(t + b);
+            before += (u > v) | ((u == v) & (lane + b < i));
+        }
+        s[count(before)] = t[i];
+    }
 }
 
 /* The pivots around sample index est; when the band would hold the whole set
