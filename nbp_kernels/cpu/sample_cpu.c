@@ -75,7 +75,7 @@
 #define CHUNK 256   /* tokens per first-level CDF chunk */
 #define SAMPLE 64   /* elements sampled to place a selection pass's two pivots */
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
-#define SMALL 64    /* sets this small are sorted outright */
+#define SMALL 64    /* sets this small are sorted outright (= SAMPLE, a multiple of LANES) */
 #define WIDE 512    /* elements sampled from a whole row to bracket its k-th value */
 #define MARGIN 32   /* WIDE-sample ranks each side of the k-th's estimate (~3.3 sigma) */
 
@@ -201,33 +201,31 @@ static int64_t keep_between(const float *src, int64_t n, float lo, float hi, flo
     return out;
 }
 
-static void sort_descending(float *s, int64_t n) {   /* insertion sort: n <= SMALL */
-    for (int64_t i = 1; i < n; i++) {
-        float v = s[i];
-        int64_t j = i;
-        for (; j > 0 && s[j - 1] < v; j--) s[j] = s[j - 1];
-        s[j] = v;
-    }
-}
-
-/* SAMPLE strided elements of src[0..n) (n > SMALL >= SAMPLE, no NaN), sorted descending
- * into s: each goes to its rank (larger values, then equal ones sampled earlier,
- * before it), counted with vector compares: no branches to mispredict, unlike a
- * comparison sort of fresh data. */
-static void sample_sorted(const float *src, int64_t n, float *s) {
-    float t[SAMPLE];
+/* t[0..n) (n <= SMALL, no NaN; t has SMALL floats) sorted descending into s: each
+ * goes to its rank (larger values, then equal ones earlier in t, before it), counted
+ * with vector compares: no branches to mispredict, unlike a comparison sort of
+ * fresh data. */
+static void sort_descending(float *t, int64_t n, float *s) {
     vi lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
-    for (int64_t i = 0; i < SAMPLE; i++) t[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
-    for (int32_t i = 0; i < SAMPLE; i++) {
+    for (int64_t i = n; i < SMALL; i++) t[i] = -INFINITY;   /* after any -inf of t: never before */
+    for (int32_t i = 0; i < n; i++) {
         vf v = splat(t[i]);
         vi before = {0};
-        for (int32_t b = 0; b < SAMPLE; b += LANES) {
+        for (int32_t b = 0; b < SMALL; b += LANES) {
             vf u = load(t + b);
             before += (u > v) | ((u == v) & (lane + b < i));
         }
         s[count(before)] = t[i];
     }
+}
+
+/* SAMPLE (= SMALL) strided elements of src[0..n) (n > SMALL, no NaN), sorted
+ * descending into s */
+static void sample_sorted(const float *src, int64_t n, float *s) {
+    float t[SAMPLE];
+    for (int64_t i = 0; i < SAMPLE; i++) t[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
+    sort_descending(t, SAMPLE, s);
 }
 
 /* The pivots around sample index est; when the band would hold the whole set
@@ -264,9 +262,9 @@ static float select_rank(const float *src, int64_t n, int64_t r, float *a, float
         src = dst;
         dst = dst == a ? b : a;
     }
-    float small[SMALL];
-    for (int64_t i = 0; i < n; i++) small[i] = src[i];
-    sort_descending(small, n);
+    float t[SMALL], small[SMALL];
+    for (int64_t i = 0; i < n; i++) t[i] = src[i];
+    sort_descending(t, n, small);
     return small[r - 1];
 }
 
@@ -333,9 +331,9 @@ static float select_mass(const float *src, const float *se, int64_t n, double R,
         dst = dst == a ? b : a;
         dste = dste == ae ? be : ae;
     }
-    float small[SMALL], e[SMALL + LANES];
-    for (int64_t i = 0; i < n; i++) small[i] = src[i];
-    sort_descending(small, n);
+    float t[SMALL], small[SMALL], e[SMALL + LANES];
+    for (int64_t i = 0; i < n; i++) t[i] = src[i];
+    sort_descending(t, n, small);
     for (int64_t i = 0; i < n; i += LANES) *(vf_u *)(e + i) = exp_shifted(small + i, n - i, vmx);
     double run = 0.0;
     for (int64_t i = 0; i < n; i++)
