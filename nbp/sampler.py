@@ -11,7 +11,9 @@ The threshold and the draw are two ops of ``nbp_kernels`` with interchangeable
 implementations, picked in one place (``sampling_kernels``):
 ``nbp_kernels.sample_cpu`` (C, float32 CPU rows on x86-64 with AVX-512) and
 ``nbp_kernels.sample_torch`` (numpy/torch, any device). Both compute
-``nbp_kernels.reference.keep_threshold`` / ``draw_kept``.
+``nbp_kernels.reference.keep_threshold`` / ``draw_kept``. With the C kernels and
+``draw="fast"`` one call does both (``sample_cpu.sample``): each row is read from
+memory once, and the draw runs over its top-k survivors while they are in cache.
 
 Two ways to draw, both exact for the filtered distribution:
 
@@ -114,6 +116,10 @@ class BatchedSampler:
             # max's indices are argmax's (the first maximal value); its values flag bad rows
             row_max, tokens = x.max(dim=-1)
             return tokens.view(shape), ~torch.isfinite(row_max).all()
+        if self.draw == "fast" and self._kernels(x) is sample_cpu:
+            tokens = self._fused(x, noise)
+            if tokens is not None:
+                return tokens.view(shape), torch.zeros((), dtype=torch.bool)
         tau, row_max = self._threshold(x)
         bad = ~torch.isfinite(row_max)
         if self.draw == "multinomial":
@@ -143,6 +149,14 @@ class BatchedSampler:
         if self._work is None or tuple(self._work.shape) != shape:
             self._work = torch.empty(shape, dtype=torch.float32)
         return self._work
+
+    def _fused(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+        """int64 [N]: the C kernels' threshold and draw in one call, each row read once
+        (``sample_cpu.sample``); None when a row has no distribution (the two-call path
+        then flags it)."""
+        args = threshold_args(self.params, x.shape[-1]) or (x.shape[-1], 1.0)
+        tokens, bad = sample_cpu.sample(x, *args, noise, work=self._scratch(x, sample_cpu))
+        return None if bad else tokens
 
     def _threshold(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau, row_max) float32 [N, 1] of x float32 [N, V]; tau = -inf when nothing is filtered."""

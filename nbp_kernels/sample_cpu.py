@@ -2,7 +2,9 @@
 
 ``nbp.sampler`` needs, per row of a decode step, the threshold that top-k then
 top-p leave (``keep_threshold``) and one inverse-CDF draw over the kept tokens
-(``draw_kept``). ``cpu/sample_cpu.c`` selects without sorting (sampled
+(``draw_kept``), or both in one call (``sample``, what ``nbp.sampler`` runs for
+``draw="fast"``: each row is read from memory once, the draw runs over its
+top-k survivors). ``cpu/sample_cpu.c`` selects without sorting (sampled
 two-pivot selection, by rank and then by softmax mass), sums in float64, and
 shares rows over torch's OpenMP threads (measurements against the numpy/torch
 path: ``benchmarks/bench_sampler.py``). Semantics: ``reference.keep_threshold``
@@ -24,7 +26,7 @@ import torch
 
 from .cpu_build import load, usable
 
-__all__ = ["keep_threshold", "draw_kept", "work_shape", "is_available"]
+__all__ = ["keep_threshold", "draw_kept", "sample", "work_shape", "is_available"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -34,6 +36,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_keep_threshold.restype = lib.nbp_draw_kept.restype = None
     lib.nbp_keep_threshold.argtypes = [_P, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _P, _P]
     lib.nbp_draw_kept.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P]
+    lib.nbp_sample.restype = _I64
+    lib.nbp_sample.argtypes = [_P, _I64, _I64, _I64, _I64, ctypes.c_float, _P, _P, _P]
     return lib
 
 
@@ -70,16 +74,7 @@ def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float, *,
     work: optional float32 scratch of ``work_shape(N, V)``, reused between calls
     (a fresh one per call costs page faults: see ``nbp.sampler.Scratch``).
     """
-    N, V = _check_logits(logits)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= V:
-        raise ValueError(f"top_k: expected an int in [1, {V}], got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    if work is None:
-        work = torch.empty(work_shape(N, V), dtype=torch.float32)
-    _check_tensor("work", work, torch.float32, work_shape(N, V))
-    if not work.is_contiguous():
-        raise ValueError("work: expected a contiguous tensor")
+    N, V, work = _check_filter(logits, top_k, top_p, work)
     lib = _library()
     x = logits if logits.stride(1) == 1 else logits.contiguous()
     tau = torch.empty(N, 1, dtype=torch.float32)
@@ -92,9 +87,45 @@ def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float, *,
     return tau, row_max
 
 
+def sample(logits: torch.Tensor, top_k: int, top_p: float, u: torch.Tensor, *,
+           work: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``keep_threshold`` then ``draw_kept`` in one pass of the kernels: (tokens, bad).
+
+    logits float32 [N, V]; top_k, top_p, work as ``keep_threshold``; u float64 [N].
+    tokens int64 [N]: each row's draw, equal to ``draw_kept(logits, *keep_threshold(...), u)``
+    up to the rounding of the float64 sums (they are grouped differently); bad: how many
+    rows hold NaN or +inf or no finite value: their tokens are -1. Each row is read from
+    memory once (``cpu/sample_cpu.c``, ``nbp_sample``).
+    """
+    N, V, work = _check_filter(logits, top_k, top_p, work)
+    _check_tensor("u", u, torch.float64, (N,))
+    lib = _library()
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    uu = u.contiguous()
+    index = torch.empty(N, dtype=torch.int64)
+    bad = lib.nbp_sample(x.data_ptr(), N, V, x.stride(0), top_k, float(top_p), uu.data_ptr(),
+                         work.data_ptr(), index.data_ptr()) if N else 0
+    return index, bad
+
+
+def _check_filter(logits, top_k, top_p, work) -> tuple[int, int, torch.Tensor]:
+    """(N, V, work) after checking ``keep_threshold``'s arguments; a fresh work if None."""
+    N, V = _check_logits(logits)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= V:
+        raise ValueError(f"top_k: expected an int in [1, {V}], got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if work is None:
+        work = torch.empty(work_shape(N, V), dtype=torch.float32)
+    _check_tensor("work", work, torch.float32, work_shape(N, V))
+    if not work.is_contiguous():
+        raise ValueError("work: expected a contiguous tensor")
+    return N, V, work
+
+
 def work_shape(rows: int, vocab: int) -> tuple[int, int]:
     """Shape of ``keep_threshold``'s scratch for ``rows`` x ``vocab`` logits."""
-    return rows, 2 * (vocab + 16)
+    return rows, 8 * (vocab + 16)
 
 
 def _check_logits(logits) -> tuple[int, int]:

@@ -26,7 +26,7 @@ _CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one ch
 def work_shape(rows: int, vocab: int) -> tuple[int, int]:
     """Shape of ``keep_threshold``'s float32 scratch for ``rows`` x ``vocab`` logits
     (the same as ``sample_cpu.work_shape``, so one scratch serves both)."""
-    return rows, 2 * (vocab + 16)
+    return rows, 8 * (vocab + 16)
 
 
 def _check_logits(logits) -> tuple[int, int]:

@@ -187,3 +187,91 @@ def test_draw_kept_bad_arguments(bad, match):
                 u=torch.zeros(2, dtype=torch.float64)) | bad
     with pytest.raises(ValueError, match=match):
         sc.draw_kept(args["x"], args["tau"], args["m"], args["u"])
+
+
+# --- sample (keep_threshold and draw_kept in one call) -----------------------------
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "two", "equal", "sorted", "neg_inf"])
+@pytest.mark.parametrize("V", [5, 300, 5000])
+def test_sample_equals_threshold_then_draw(kind, V):
+    x = logits(8, V, 7, 2.0, kind)
+    u = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for k, p in sorted({(1, 1.0), (max(1, V // 4), 1.0), (max(1, V // 4), 0.6), (V, 0.3),
+                        (V, 1.0), (max(1, V - 1), 0.95)}):
+        tau, m = reference.keep_threshold(x, k, p)
+        got, bad = sc.sample(x, k, p, u)
+        assert bad == 0
+        assert torch.equal(got, reference.draw_kept(x, tau, m, u)), (kind, V, k, p)
+        assert (x.gather(1, got[:, None]) >= tau).all()
+
+
+@pytest.mark.parametrize("k, p", [(16000, 0.9), (16000, 1.0), (64000, 0.9)])
+def test_sample_k600_shape_picks_the_token_whose_cdf_interval_holds_u(k, p):
+    x = logits(16, 64000, 9, 3.0)
+    tau, m = reference.keep_threshold(x, k, p)
+    u, rows, want = midpoints(x, tau, m, 4)
+    work = torch.empty(sc.work_shape(len(rows), 64000))
+    got, bad = sc.sample(x[rows].contiguous(), k, p, u, work=work)
+    assert bad == 0 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sampled", ["largest", "smallest"])
+def test_sample_when_the_sampled_bracket_misses_the_kth_value(sampled):
+    # the kernel brackets the k-th value with a strided sample of 512 logits
+    # (cpu/sample_cpu.c, kth_bracket); holding the row's largest values, the bracket
+    # lies above the k-th value (the whole row is compacted again), holding the
+    # smallest, below it (the k-th is selected from the whole compact set)
+    V = 6400
+    x = logits(2, V, 10)
+    at = torch.arange(512) * V // 512 + V // 1024
+    x[:, at] = 10.0 + torch.arange(512.0) if sampled == "largest" else -10.0 - torch.arange(512.0)
+    u = torch.tensor([0.3, 0.99], dtype=torch.float64)
+    for k, p in [(1000, 0.5), (1000, 1.0), (3000, 0.9), (30, 1.0)]:
+        tau, m = reference.keep_threshold(x, k, p)
+        assert torch.equal(sc.sample(x, k, p, u)[0], reference.draw_kept(x, tau, m, u))
+        assert torch.equal(sc.keep_threshold(x, k, p)[0], tau)
+
+
+def test_sample_strided_rows_and_work_reuse():
+    big = logits(5, 1200, 11)
+    x = big[:, 100:1100]
+    u = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    work = torch.full(sc.work_shape(5, 1000), float("nan"))   # stale contents must not leak
+    tau, m = reference.keep_threshold(x.contiguous(), 40, 0.8)
+    for _ in range(2):
+        got, bad = sc.sample(x, 40, 0.8, u, work=work)
+        assert bad == 0 and torch.equal(got, reference.draw_kept(x.contiguous(), tau, m, u))
+
+
+@pytest.mark.parametrize("fill", ["nan", "+inf", "-inf row"])
+def test_sample_flags_rows_without_a_distribution(fill):
+    x = logits(3, 100, 4)
+    if fill == "-inf row":
+        x[1] = float("-inf")
+    else:
+        x[1, 7] = float(fill)
+    u = torch.full((3,), 0.5, dtype=torch.float64)
+    got, bad = sc.sample(x, 10, 0.9, u)
+    assert bad == 1 and got[1] == -1
+    keep = [0, 2]
+    tau, m = reference.keep_threshold(x[keep], 10, 0.9)
+    assert torch.equal(got[keep], reference.draw_kept(x[keep], tau, m, u[keep]))
+
+
+def test_sample_empty_batch():
+    got, bad = sc.sample(torch.zeros(0, 10), 3, 0.5, torch.zeros(0, dtype=torch.float64))
+    assert got.shape == (0,) and bad == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(u=torch.zeros(2)), "u: expected a torch.float64"),
+    (dict(u=torch.zeros(3, dtype=torch.float64)), "u: expected shape \\(2,\\)"),
+    (dict(k=6), "top_k: expected an int in \\[1, 5\\]"),
+    (dict(p=0.0), "top_p: expected a number in \\(0, 1\\]"),
+    (dict(work=torch.zeros(2, 10)), "work: expected shape"),
+])
+def test_sample_bad_arguments(bad, match):
+    args = dict(x=torch.zeros(2, 5), k=2, p=0.5, u=torch.zeros(2, dtype=torch.float64),
+                work=None) | bad
+    with pytest.raises(ValueError, match=match):
+        sc.sample(args["x"], args["k"], args["p"], args["u"], work=args["work"])

@@ -231,3 +231,22 @@ def test_two_threads_equal_one_thread(cpu_path, draw):
     assert torch.equal(out[2][0], out[2][1])                  # reused scratch: same draws
     tau = keep_threshold(x, 900, 0.8)
     assert (x.gather(1, out[2][0][:, None]) >= tau).all()     # only kept tokens drawn
+
+
+def test_fast_cpu_draw_equals_the_torch_kernels_at_the_k600_shape():
+    """With the C kernels, draw="fast" takes threshold and draw in one call
+    (sample_cpu.sample): the tokens of the two-call numpy/torch path, guidance and
+    temperature included."""
+    if not sample_cpu.is_available()[0]:
+        pytest.skip(f"sample_cpu unavailable: {sample_cpu.is_available()[1]}")
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, 4, 64000, generator=g) * 2.5    # 2B rows (guidance) x n positions
+    params = SamplingParams(top_k=16000, top_p=0.9, temperature=0.8, cfg_scale=2.0)
+    weight = cfg_weight(params, 1)
+    tokens = {}
+    for backend in ("cpu", "torch"):
+        sampler = BatchedSampler(params, backend=backend)
+        u = sampler.noise(8, torch.Generator().manual_seed(10), torch.device("cpu"))
+        tokens[backend], invalid = sampler(logits, weight, u)
+        assert tokens[backend].shape == (2, 4) and not bool(invalid)
+    assert torch.equal(tokens["cpu"], tokens["torch"])

@@ -1,21 +1,31 @@
 /* sample_cpu: the top-k / top-p threshold and the draw of FastGenerator's CPU
- * sampler (fp32 logits, float64 sums), one row per OpenMP thread at a time.
+ * sampler (fp32 logits, float64 sums), one row per OpenMP thread at a time, each
+ * thread reusing one slot of the scratch.
  *
  * nbp_keep_threshold(logits [n, V] (row stride ld), k, p, work) -> tau [n], row_max [n]:
  *   the smallest kept logit: keep x >= tau. With s the row sorted descending,
  *   e = exp(s - s_0) and z the sum of e over s >= s_{k-1} (every token tied
  *   with the k-th counts): c = 1 + #{i < k - 1 : e_0 + .. + e_i <= p z} and
  *   tau = s_{c-1} (top-k, then top-p over its survivors; p = 1: tau = s_{k-1}).
- *   No sort: the k-th value is found by a sampled two-pivot selection
- *   (Floyd-Rivest style: each pass keeps the band around the estimated rank,
- *   ~1/8 of the set) and the top-p crossing by the same selection on mass
- *   instead of rank. A row with NaN or no finite maximum gets tau = NaN.
+ *   No sort. One pass over the row (compact_row) takes its max, its NaN test and,
+ *   with their indices, the x at or above the low end of a bracket of the k-th
+ *   value drawn from a strided sample of 512 logits (~0.31 V of them at k = V / 4;
+ *   the whole row if the bracket misses); everything after reads that set, in
+ *   the core's cache. The k-th value: a sampled two-pivot selection (Floyd-Rivest
+ *   style: each pass keeps the band around the estimated rank, ~1/8 of the set)
+ *   inside the bracket; the top-p crossing: the same selection on mass instead of
+ *   rank over the top-k survivors, whose exp weights are computed once. A row
+ *   with NaN or no finite maximum gets tau = NaN.
  * nbp_draw_kept(logits [n, V] (row stride ld), tau [n], row_max [n], u [n]) -> index [n]:
  *   index i with probability w_i / sum(w), w_i = exp(x_i - max) if x_i >= tau else 0,
  *   by inverse CDF in vocabulary order with one uniform u in [0, 1) per row:
  *   float64 sums of 256-token chunks, then a float64 scan inside the chosen chunk.
+ * nbp_sample(logits, n, V, ld, k, p, u, work) -> index [n], the count of rows without
+ *   a distribution (index -1): both in one pass per row, the draw over the top-k
+ *   survivors left in the scratch (the same kept tokens in the same order; the
+ *   float64 sums grouped by 256 survivors instead of 256 tokens).
  *
- * Measurements against numpy's partition + sort: benchmarks/bench_sample_cpu.py.
+ * Measurements against numpy's partition + sort: benchmarks/bench_sampler.py.
  * One portable source (GCC vector extensions at the register width), compiled
  * per ISA by cpu_build.py with -DNBP_ISA_<isa>: exp is glibc's vector expf
  * (libmvec: 16 lanes on AVX-512, 8 on AVX2; lane by lane on NEON), and the
@@ -28,6 +38,7 @@
  * the semantics.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -64,13 +75,16 @@
 #define CHUNK 256   /* tokens per first-level CDF chunk */
 #define SAMPLE 64   /* elements sampled to place a selection pass's two pivots */
 #define BAND 4      /* sample ranks each side of the estimate (~2 sigma at a quarter) */
-#define SMALL 64    /* sets this small are sorted outright */
+#define SMALL 64    /* sets this small are sorted outright (= SAMPLE, a multiple of LANES) */
+#define WIDE 512    /* elements sampled from a whole row to bracket its k-th value */
+#define MARGIN 32   /* WIDE-sample ranks each side of the k-th's estimate (~3.3 sigma) */
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef float vf_u __attribute__((vector_size(LANES * 4), aligned(4)));   /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));               /* lane masks: -1 / 0 */
 typedef float vh __attribute__((vector_size(LANES * 2)));
 typedef double vd __attribute__((vector_size(LANES * 4)));                /* LANES / 2 doubles */
+typedef double double_u __attribute__((aligned(4), may_alias));   /* float scratch as doubles */
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
@@ -156,8 +170,8 @@ static inline vf exp_shifted(const float *v, int64_t n, vf m) {
 
 typedef struct { int64_t n_gt, n_ge; double m_gt, m_ge; } classes_t;
 
-/* counts (and exp(x - mx) masses, if mass) of x > hi and of x >= lo in src[0..n) */
-static classes_t classify(const float *src, int64_t n, float lo, float hi, int mass, vf mx) {
+/* counts of x > hi and of x >= lo in src[0..n), and if e, the sums of their weights e[0..n) */
+static classes_t classify(const float *src, const float *e, int64_t n, float lo, float hi) {
     vf vlo = splat(lo), vhi = splat(hi);
     vd mg = {0}, mb = {0};
     vi n_gt = {0}, n_ge = {0};
@@ -167,10 +181,10 @@ static classes_t classify(const float *src, int64_t n, float lo, float hi, int m
         vi gt = v > vhi, ge = v >= vlo;
         n_gt += gt;
         n_ge += ge;
-        if (mass) {
-            vf e = vexp(v - mx);
-            mg += widen_sum(select_mask(gt, e));
-            mb += widen_sum(select_mask(ge, e));
+        if (e) {
+            vf w = n - i >= LANES ? load(e + i) : load_tail(e + i, n - i, 0.0f);
+            mg += widen_sum(select_mask(gt, w));
+            mb += widen_sum(select_mask(ge, w));
         }
     }
     return (classes_t){count(n_gt), count(n_ge), reduce_add(mg), reduce_add(mb)};
@@ -187,18 +201,31 @@ static int64_t keep_between(const float *src, int64_t n, float lo, float hi, flo
     return out;
 }
 
-static void sort_descending(float *s, int64_t n) {   /* insertion sort: n <= SMALL */
-    for (int64_t i = 1; i < n; i++) {
-        float v = s[i];
-        int64_t j = i;
-        for (; j > 0 && s[j - 1] < v; j--) s[j] = s[j - 1];
-        s[j] = v;
+/* t[0..n) (n <= SMALL, no NaN; t has SMALL floats) sorted descending into s: each
+ * goes to its rank (larger values, then equal ones earlier in t, before it), counted
+ * with vector compares: no branches to mispredict, unlike a comparison sort of
+ * fresh data. */
+static void sort_descending(float *t, int64_t n, float *s) {
+    vi lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    for (int64_t i = n; i < SMALL; i++) t[i] = -INFINITY;   /* after any -inf of t: never before */
+    for (int32_t i = 0; i < n; i++) {
+        vf v = splat(t[i]);
+        vi before = {0};
+        for (int32_t b = 0; b < SMALL; b += LANES) {
+            vf u = load(t + b);
+            before += (u > v) | ((u == v) & (lane + b < i));
+        }
+        s[count(before)] = t[i];
     }
 }
 
-static void sample_sorted(const float *src, int64_t n, float *s) {   /* n > SMALL >= SAMPLE */
-    for (int64_t i = 0; i < SAMPLE; i++) s[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
-    sort_descending(s, SAMPLE);
+/* SAMPLE (= SMALL) strided elements of src[0..n) (n > SMALL, no NaN), sorted
+ * descending into s */
+static void sample_sorted(const float *src, int64_t n, float *s) {
+    float t[SAMPLE];
+    for (int64_t i = 0; i < SAMPLE; i++) t[i] = src[i * n / SAMPLE + n / (2 * SAMPLE)];
+    sort_descending(t, SAMPLE, s);
 }
 
 /* The pivots around sample index est; when the band would hold the whole set
@@ -213,15 +240,14 @@ static int no_progress(classes_t c, int64_t n) { return c.n_gt == 0 && c.n_ge ==
 /* the value of rank r (1 = largest) among src[0..n); a, b: n + 16 floats each */
 static float select_rank(const float *src, int64_t n, int64_t r, float *a, float *b) {
     float s[SAMPLE], lo, hi, *dst = a;
-    vf unused = {0};
     while (n > SMALL) {
         sample_sorted(src, n, s);
         int64_t est = (r - 1) * SAMPLE / n;
         pivots(s, est, &lo, &hi);
-        classes_t c = classify(src, n, lo, hi, 0, unused);
+        classes_t c = classify(src, NULL, n, lo, hi);
         if (r > c.n_gt && r <= c.n_ge && no_progress(c, n)) {
             lo = hi = s[est];
-            c = classify(src, n, lo, hi, 0, unused);
+            c = classify(src, NULL, n, lo, hi);
         }
         if (r <= c.n_gt) {
             n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst);
@@ -236,57 +262,78 @@ static float select_rank(const float *src, int64_t n, int64_t r, float *a, float
         src = dst;
         dst = dst == a ? b : a;
     }
-    float small[SMALL];
-    for (int64_t i = 0; i < n; i++) small[i] = src[i];
-    sort_descending(small, n);
+    float t[SMALL], small[SMALL];
+    for (int64_t i = 0; i < n; i++) t[i] = src[i];
+    sort_descending(t, n, small);
     return small[r - 1];
 }
 
-/* sample index where the sample's cumulative mass first exceeds the fraction f */
-static int64_t mass_estimate(const float *s, float mx, double f) {
-    double w[SAMPLE], total = 0.0, run = 0.0;
-    for (int64_t i = 0; i < SAMPLE; i++) total += w[i] = expf(s[i] - mx);
-    for (int64_t i = 0; i < SAMPLE; i++)
-        if ((run += w[i]) > f * total) return i;
-    return SAMPLE - 1;
+/* copies the (x, aux) pairs of [0..n) with lo <= x <= hi to (dx, daux) (room for n + LANES
+ * each), in order; aux: any 32-bit data (moved as bits); returns how many */
+static int64_t keep_pairs(const float *x, const float *aux, int64_t n, float lo, float hi,
+                          float *dx, float *daux) {
+    vf vlo = splat(lo), vhi = splat(hi);
+    int64_t out = 0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        int64_t m = n - i;
+        vf v = m >= LANES ? load(x + i) : load_tail(x + i, m, NAN);
+        vf a = m >= LANES ? load(aux + i) : load_tail(aux + i, m, 0.0f);
+        vi keep = (v >= vlo) & (v <= vhi);
+        compress_store(daux + out, a, keep);
+        out += compress_store(dx + out, v, keep);
+    }
+    return out;
+}
+
+/* Sample index (descending) of the estimated top-p crossing: the sample's weights,
+ * each standing for scale elements, summed from the smallest up to the mass below
+ * the crossing. The light tail is many elements, so its estimate is steadier than
+ * one from the heavy top, which a sample mostly misses. */
+static int64_t mass_estimate(const float *s, float mx, double below, double scale) {
+    double run = 0.0;
+    for (int64_t i = SAMPLE - 1; i > 0; i--)
+        if ((run += expf(s[i] - mx) * scale) >= below) return i;
+    return 0;
 }
 
 /* The top-p crossing among src[0..n) (every x >= kth, total mass M): the
  * largest v whose group ends past mass R, i.e. (mass of x > v) + (count of v) e(v) > R.
  * None (the sums' rounding): the set's smallest value; an empty set: kth. */
-static float select_mass(const float *src, int64_t n, double R, double M, float mx, float kth,
-                         float *a, float *b) {
-    float s[SAMPLE], lo, hi, *dst = a;
+static float select_mass(const float *src, const float *se, int64_t n, double R, double M,
+                         float mx, float kth, float *a, float *ae, float *b, float *be) {
+    float s[SAMPLE], lo, hi, *dst = a, *dste = ae;
     vf vmx = splat(mx);
     while (n > SMALL) {
         sample_sorted(src, n, s);
-        int64_t est = mass_estimate(s, mx, M > 0.0 ? R / M : 0.0);
+        int64_t est = mass_estimate(s, mx, M - R, (double)n / SAMPLE);
         pivots(s, est, &lo, &hi);
-        classes_t c = classify(src, n, lo, hi, 1, vmx);
+        classes_t c = classify(src, se, n, lo, hi);
         if (c.m_gt <= R && R < c.m_ge && no_progress(c, n)) {
             lo = hi = s[est];
-            c = classify(src, n, lo, hi, 1, vmx);
+            c = classify(src, se, n, lo, hi);
         }
         if (c.m_gt > R) {
             M = c.m_gt;
-            n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst);
+            n = keep_pairs(src, se, n, nextafterf(hi, INFINITY), INFINITY, dst, dste);
         } else if (c.m_ge > R) {
             if (lo == hi) return lo;
             R -= c.m_gt;
             M = c.m_ge - c.m_gt;
-            n = keep_between(src, n, lo, hi, dst);
+            n = keep_pairs(src, se, n, lo, hi, dst, dste);
         } else {
             R -= c.m_ge;
             M -= c.m_ge;
-            n = keep_between(src, n, -INFINITY, nextafterf(lo, -INFINITY), dst);
+            n = keep_pairs(src, se, n, -INFINITY, nextafterf(lo, -INFINITY), dst, dste);
             if (n == 0) return kth;
         }
         src = dst;
+        se = dste;
         dst = dst == a ? b : a;
+        dste = dste == ae ? be : ae;
     }
-    float small[SMALL], e[SMALL + LANES];
-    for (int64_t i = 0; i < n; i++) small[i] = src[i];
-    sort_descending(small, n);
+    float t[SMALL], small[SMALL], e[SMALL + LANES];
+    for (int64_t i = 0; i < n; i++) t[i] = src[i];
+    sort_descending(t, n, small);
     for (int64_t i = 0; i < n; i += LANES) *(vf_u *)(e + i) = exp_shifted(small + i, n - i, vmx);
     double run = 0.0;
     for (int64_t i = 0; i < n; i++)
@@ -294,44 +341,142 @@ static float select_mass(const float *src, int64_t n, double R, double M, float 
     return n ? small[n - 1] : kth;
 }
 
-/* max (and min) of x[0..V); 0 if a NaN is present */
-static int row_range(const float *x, int64_t V, float *mx, float *mn) {
-    vf hi = splat(-INFINITY), lo = splat(INFINITY);
-    vi nan = {0};
+/* The x >= lo of x[0..V), in vocabulary order: values to val, indices to idx
+ * (room for V + LANES each); returns how many. Also the row's max and min, 0 in
+ * *ok if a NaN is present, and how many of the kept are > above. One pass over
+ * the row: the rest of the row's work reads this set, which stays in the core's
+ * cache. */
+static int64_t compact_row(const float *x, int64_t V, float lo, float above, float *val,
+                           int32_t *idx, float *mx, float *mn, int *ok, int64_t *n_above) {
+    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo), vab = splat(above);
+    vi nan = {0}, lane, n_gt = {0};
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    int64_t out = 0;
     for (int64_t i = 0; i < V; i += LANES) {
-        vf v = V - i >= LANES ? load(x + i) : load_tail(x + i, V - i, x[0]);   /* x[0]: neutral */
+        vf v;
+        vi keep;
+        if (V - i >= LANES) {
+            v = load(x + i);
+            keep = v >= vlo;
+        } else {   /* x[0] fills the tail: neutral for max, min and NaN; never kept */
+            v = load_tail(x + i, V - i, x[0]);
+            keep = (v >= vlo) & (lane < (int32_t)(V - i));
+        }
         nan |= v != v;
-        vi up = v > hi, down = v < lo;
+        n_gt += keep & (v > vab);
+        vi up = v > hi, down = v < low;
         hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
-        lo = (vf)(((vi)v & down) | ((vi)lo & ~down));
+        low = (vf)(((vi)v & down) | ((vi)low & ~down));
+        compress_store((float *)(idx + out), (vf)(lane + (int32_t)i), keep);   /* as bits */
+        out += compress_store(val + out, v, keep);
     }
     *mx = -INFINITY;
     *mn = INFINITY;
     int any_nan = 0;
     for (int i = 0; i < LANES; i++) {
         *mx = hi[i] > *mx ? hi[i] : *mx;
-        *mn = lo[i] < *mn ? lo[i] : *mn;
+        *mn = low[i] < *mn ? low[i] : *mn;
         any_nan |= nan[i];
     }
-    return !any_nan;
+    *ok = !any_nan;
+    *n_above = count(n_gt);
+    return out;
 }
 
-static void threshold_row(const float *x, int64_t V, int64_t k, float p, float *a, float *b,
-                          float *tau, float *row_max) {
-    float mx, mn;
-    if (!row_range(x, V, &mx, &mn) || !isfinite(mx)) {
+/* the value of rank r (0 = largest) of s[0..n) (reordered), no NaN in s: quickselect */
+static float nth_largest(float *s, int64_t n, int64_t r) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = s[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {   /* Hoare: larger values to the left */
+            while (s[i] > pivot) i++;
+            while (s[j] < pivot) j--;
+            if (i <= j) {
+                float t = s[i];
+                s[i++] = s[j];
+                s[j--] = t;
+            }
+        }
+        if (r <= j) hi = j;
+        else if (r >= i) lo = i;
+        else return s[r];
+    }
+    return s[r];
+}
+
+/* Values around a row's k-th largest (k < V) from a strided sample: very likely
+ * lo <= the k-th value < hi. lo = -inf when the row is too short to sample or the
+ * bracket reaches past the sample (keep the whole row); hi = +inf likewise. */
+static void kth_bracket(const float *x, int64_t V, int64_t k, float *lo, float *hi) {
+    float s[WIDE];
+    *lo = -INFINITY;
+    *hi = INFINITY;
+    if (V <= 4 * WIDE) return;
+    for (int64_t i = 0; i < WIDE; i++) {
+        s[i] = x[i * V / WIDE + V / (2 * WIDE)];
+        if (s[i] != s[i]) return;   /* NaN: the compact pass rejects the row */
+    }
+    int64_t est = (k - 1) * WIDE / V;
+    if (est + MARGIN < WIDE) *lo = nth_largest(s, WIDE, est + MARGIN);
+    if (est - MARGIN >= 0) *hi = nth_largest(s, WIDE, est - MARGIN);
+}
+
+/* e[i] = exp(x[i] - mx) for x[0..n) (room for n + LANES); returns their float64 sum,
+ * summed as classify sums them */
+static double survivor_weights(const float *x, int64_t n, float mx, float *e) {
+    vf m = splat(mx);
+    vd acc = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf w = exp_shifted(x + i, n - i, m);
+        *(vf_u *)(e + i) = w;
+        acc += widen_sum(w);
+    }
+    return reduce_add(acc);
+}
+
+/* A row's scratch (sample_cpu.work_shape): REGIONS runs of room = V + 16 floats.
+ * compact_row's set: values VAL, indices IDX; the k-th value's bracket BRK; the
+ * top-k survivors: values SV, indices SI, weights exp(x - max) in VAL; scratch of
+ * select_rank (SA, SB) and select_mass (values, weights: (SA, SB) and (BRK, SD)). */
+enum { VAL, IDX, SV, SI, SA, SB, BRK, SD, REGIONS };
+
+/* The k-th largest (k < V) of the compact set (val, n), every x >= it being in the
+ * set; n_gt of them are > hi (kth_bracket's). */
+static float kth_value(float **r, int64_t n, int64_t k, float lo, float hi, int64_t n_gt) {
+    if (n_gt >= k || lo == -INFINITY)   /* the bracket missed (rare) or was not drawn */
+        return select_rank(r[VAL], n, k, r[SA], r[SB]);
+    int64_t nb = keep_between(r[VAL], n, lo, hi, r[BRK]);
+    return select_rank(r[BRK], nb, k - n_gt, r[SA], r[SB]);
+}
+
+/* A row's tau and max (NaN, NaN for a row without a distribution), and in w
+ * (REGIONS runs of room floats) its top-k survivors (x >= the k-th value, ties
+ * included) in vocabulary order: values, indices and weights. Returns how many. */
+static int64_t threshold_row(const float *x, int64_t V, int64_t k, float p, float *w,
+                             int64_t room, float *tau, float *row_max) {
+    float *r[REGIONS], mx, mn, lo = -INFINITY, hi = INFINITY;
+    for (int i = 0; i < REGIONS; i++) r[i] = w + i * room;
+    int ok;
+    int64_t n_gt;
+    if (k < V) kth_bracket(x, V, k, &lo, &hi);
+    int64_t n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt);
+    if (!ok || !isfinite(mx)) {
         *tau = *row_max = NAN;
-        return;
+        return 0;
+    }
+    if (n < k) {   /* the bracket's lo was above the k-th value (rare): the whole row */
+        lo = -INFINITY;
+        n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt);
     }
     *row_max = mx;
-    float kth = k < V ? select_rank(x, V, k, a, b) : mn;
-    if (p >= 1.0f) {
-        *tau = kth;
-        return;
-    }
-    int64_t n = keep_between(x, V, kth, INFINITY, a);   /* the top-k survivors, ties included */
-    double z = classify(a, n, kth, INFINITY, 1, splat(mx)).m_ge;
-    *tau = select_mass(a, n, (double)p * z, z, mx, kth, b, a);
+    /* every x >= the k-th value is in the compact set: at least k of them are >= lo */
+    float kth = k < V ? kth_value(r, n, k, lo, hi, n_gt) : mn;
+    int64_t ns = keep_pairs(r[VAL], r[IDX], n, kth, INFINITY, r[SV], r[SI]);
+    double z = survivor_weights(r[SV], ns, mx, r[VAL]);
+    *tau = p >= 1.0f ? kth : select_mass(r[SV], r[VAL], ns, (double)p * z, z, mx, kth,
+                                         r[SA], r[SB], r[BRK], r[SD]);
+    return ns;
 }
 
 /* kept weights of x[0..n) (n <= CHUNK) into w; returns their float64 sum */
@@ -378,13 +523,82 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
 }
 
 
+/* float64 sum of the weights e[0..n) (n <= CHUNK) of the x[0..n) >= tau */
+static double kept_sum(const float *x, const float *e, int64_t n, vf tau) {
+    vd acc = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf v = n - i >= LANES ? load(x + i) : load_tail(x + i, n - i, NAN);   /* NaN: not kept */
+        acc += widen_sum(select_mask(v >= tau, load(e + i)));
+    }
+    return reduce_add(acc);
+}
+
+/* The draw of draw_row over a row's top-k survivors (values sv, indices si, weights
+ * e)[0..n) in vocabulary order instead of over the whole row: the same kept tokens
+ * in the same order, the float64 sums grouped by CHUNK survivors (chunk sums to cum). */
+static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e, int64_t n,
+                              float tau_f, double u, double_u *cum) {
+    vf tau = splat(tau_f);
+    int64_t chunks = (n + CHUNK - 1) / CHUNK, c = 0, last = 0;
+    double total = 0.0;
+    for (int64_t i = 0; i < chunks; i++) {
+        int64_t len = n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK;
+        double s = kept_sum(sv + i * CHUNK, e + i * CHUNK, len, tau);
+        if (s > 0.0) last = i;
+        cum[i] = total += s;
+    }
+    double target = u * total;
+    while (c < chunks && cum[c] <= target) c++;
+    if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
+    double prev = c ? cum[c - 1] : 0.0, frac = (target - prev) / (cum[c] - prev);
+    frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
+    int64_t at = c * CHUNK, len = n - at < CHUNK ? n - at : CHUNK, pick = -1;
+    double inner = 0.0, run = 0.0;
+    for (int64_t j = at; j < at + len; j++) inner += sv[j] >= tau_f ? e[j] : 0.0f;
+    double t = frac * inner;
+    for (int64_t j = at; j < at + len; j++) {
+        float wj = sv[j] >= tau_f ? e[j] : 0.0f;
+        if (wj <= 0.0f) continue;
+        pick = j;
+        if ((run += wj) > t) break;
+    }
+    return si[pick];
+}
+
+/* Threads for n rows; each thread's scratch is the slot of work its number names
+ * (work has n slots), reused row after row so that it stays in the core's cache. */
+static int team(int64_t n) {
+    int t = omp_get_max_threads();
+    return n < t ? (int)n : t;
+}
+
 void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k,
                         float p, float *work, float *tau, float *row_max) {
-    int64_t room = V + LANES;   /* work: [n, 2, V + 16] */
-    #pragma omp parallel for schedule(static) if (n > 1)
+    int64_t room = V + 16;
+    #pragma omp parallel for schedule(static) num_threads(team(n)) if (n > 1)
     for (int64_t r = 0; r < n; r++)
-        threshold_row(logits + r * ld, V, k, p, work + 2 * r * room, work + (2 * r + 1) * room,
-                      tau + r, row_max + r);
+        threshold_row(logits + r * ld, V, k, p, work + REGIONS * omp_get_thread_num() * room,
+                      room, tau + r, row_max + r);
+}
+
+/* keep_threshold then the draw, row by row (the row still in the core's cache):
+ * index [n], -1 for a row without a distribution; returns how many such rows. */
+int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_t k, float p,
+                   const double *u, float *work, int64_t *index) {
+    int64_t room = V + 16, bad = 0;
+    #pragma omp parallel for schedule(static) num_threads(team(n)) if (n > 1) reduction(+ : bad)
+    for (int64_t r = 0; r < n; r++) {
+        float *w = work + REGIONS * omp_get_thread_num() * room, tau, mx;
+        int64_t kept = threshold_row(logits + r * ld, V, k, p, w, room, &tau, &mx);
+        if (isnan(tau)) {
+            index[r] = -1;
+            bad++;
+        } else {
+            index[r] = draw_survivors(w + SV * room, (const int32_t *)(w + SI * room),
+                                      w + VAL * room, kept, tau, u[r], (double_u *)(w + SD * room));
+        }
+    }
+    return bad;
 }
 
 void nbp_draw_kept(const float *logits, int64_t n, int64_t V, int64_t ld, const float *tau,
