@@ -37,7 +37,7 @@ __all__ = ["load", "cpu_isa", "ISAS", "supported_isas", "configure_threads"]
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Per ISA: compiler flags, the /proc/cpuinfo flags it needs, and glibc's
-# vector expf (libmvec) for the sampler.
+# vector expf (libmvec) for the sampler and the decode attention's softmax.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "avx2": ["-mavx2", "-mfma"],
@@ -49,7 +49,7 @@ CPU_FLAGS = {
     "neon": ("asimd",),
 }
 ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
-LIBS = {"sample_cpu": ["-lmvec", "-lm"]}
+LIBS = {"sample_cpu": ["-lmvec", "-lm"], "decode_attention": ["-lmvec", "-lm"]}
 # int8_linear's float epilogue must round each operation as the reference does
 KERNEL_FLAGS = {"int8_linear": ["-ffp-contract=off"]}
 ENV = "NBP_CPU_ISA"
