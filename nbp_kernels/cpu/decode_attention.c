@@ -135,20 +135,23 @@ static inline __attribute__((always_inline)) void score_tile(
     for (int i = 0; i < KT; i++)
         for (int j = 0; j < LVT; j++)
             acc[i][j] = (vf){0};
-    for (int64_t d = 0; d < D; d++) {
-        if (prefetch && (d & 15) == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {   /* 16 floats: one cache line of each row */
+        if (prefetch) {
             for (int i = 0; i < KT; i++) {
-                __builtin_prefetch(k + (c0 + PF_AHEAD + i) * ldk + d);
-                __builtin_prefetch(v + (c0 + i) * ldv + d);
+                __builtin_prefetch(kp[i] + PF_AHEAD * ldk + d0);
+                __builtin_prefetch(v + (c0 + i) * ldv + d0);
             }
         }
-        vf qv[LVT];
-        for (int j = 0; j < lvt; j++)
-            qv[j] = *(const vf *)(s->qt + d * s->LP + (lv0 + j) * VLEN);
-        for (int i = 0; i < KT; i++) {
-            vf kb = splat(kp[i][d]);
+        int64_t d_end = d0 + 16 < D ? d0 + 16 : D;
+        for (int64_t d = d0; d < d_end; d++) {
+            vf qv[LVT];
             for (int j = 0; j < lvt; j++)
-                acc[i][j] += kb * qv[j];
+                qv[j] = *(const vf *)(s->qt + d * s->LP + (lv0 + j) * VLEN);
+            for (int i = 0; i < KT; i++) {
+                vf kb = splat(kp[i][d]);
+                for (int j = 0; j < lvt; j++)
+                    acc[i][j] += kb * qv[j];
+            }
         }
     }
     for (int i = 0; i < KT; i++)
