@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 
 import torch
 
@@ -37,6 +38,19 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_decode_attention_work.restype = _I64
     lib.nbp_decode_attention_work.argtypes = [_I64, _I64]
     return lib
+
+
+_scratch = threading.local()   # per calling thread: a call's scratch is its own while it runs
+
+
+def _work(lib: ctypes.CDLL, threads: int, L: int, D: int) -> torch.Tensor:
+    """The kernel's per-thread scratch for (threads, L, D), kept for the next call of the
+    same shape (a fresh one per call cost page faults and an allocation each layer)."""
+    key = (lib._name, threads, L, D)
+    if getattr(_scratch, "key", None) != key:
+        _scratch.work = torch.empty(threads, lib.nbp_decode_attention_work(L, D), dtype=torch.float32)
+        _scratch.key = key
+    return _scratch.work
 
 
 def is_available() -> tuple[bool, str]:
@@ -105,7 +119,7 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     threads = max(1, torch.get_num_threads())
     splits = splits_for(B * H, threads, -(-M // CHUNK))
-    work = torch.empty(threads, lib.nbp_decode_attention_work(L, D), dtype=torch.float32)
+    work = _work(lib, threads, L, D)
     parts = torch.empty(B * H * splits * L * (D + 2), dtype=torch.float32) if splits > 1 else None
     tensors = (_rows(q), None if k_new is None else _rows(k_new),
                None if v_new is None else _rows(v_new), k_cache, v_cache)
