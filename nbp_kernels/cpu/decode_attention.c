@@ -350,17 +350,24 @@ void nbp_decode_attention(const float *q, const float *kn, const float *vn, floa
                           int64_t splits, int threads, float *work, float *parts, float *out) {
     call_t a = {q, kn, vn, kc, vc, strides, seq_lens, B, H, L, D, M, splits, scale};
     int64_t per_thread = nbp_decode_attention_work(L, D), tasks = B * H * splits;
+    /* One barrier when the keys are not split (the region's end): a (b, h) appends its
+     * own block, then reads it. Each barrier waits for the slowest thread, and on a busy
+     * machine a thread whose core another process holds can take a scheduler tick.
+     * Split keys need the block written before any split of its (b, h) reads it, and
+     * every split done before the combine. */
     #pragma omp parallel num_threads(threads) if (tasks > 1)
     {
         scratch_t s = carve(work + omp_get_thread_num() * per_thread, L, D);
-        if (kn) {
+        if (kn && splits > 1) {
             #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * H; bh++)
                 append(&a, bh / H, bh % H);
         }
-        #pragma omp for schedule(dynamic, 1)
+        #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t t = 0; t < tasks; t++) {
             int64_t b = t / (H * splits), h = t / splits % H, i = t % splits;
+            if (kn && splits == 1)
+                append(&a, b, h);
             int64_t n = visible(&a, b), chunks = (n + CHUNK - 1) / CHUNK;
             attend(&a, b, h, n, i * chunks / splits, (i + 1) * chunks / splits, &s);
             if (splits == 1)
@@ -369,6 +376,7 @@ void nbp_decode_attention(const float *q, const float *kn, const float *vn, floa
                 store_partial(&a, &s, parts + t * L * (D + 2));
         }
         if (splits > 1) {
+            #pragma omp barrier
             #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * H; bh++)
                 combine(&a, parts, out, bh / H, bh % H);
