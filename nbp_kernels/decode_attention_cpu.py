@@ -28,6 +28,11 @@ __all__ = ["block_decode_attention", "is_available", "splits_for"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 CHUNK = 64   # keys per online-softmax step (decode_attention.c); a split is whole chunks
+# Fewer query rows take the torch backend: the kernel's vector lanes are query rows, so
+# for 1 or 2 rows most of its score work is padding, and SDPA was faster (K600 shape,
+# 2 threads, 2-core AVX-512 VM, medians, SDPA against the kernel: 1 row 111 us against
+# 132, 2 rows 106 against 128, 4 rows 149 against 147, 16 rows 212 against 159).
+MIN_ROWS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,11 +79,12 @@ def splits_for(pairs: int, threads: int, chunks: int) -> int:
 
 
 def _kernel_takes(q, k_cache, k_new, v_new) -> bool:
-    """Whether the C kernel runs these arguments: float32 CPU tensors (queries, caches
-    and new block alike), no autograd, not inside ``torch.compile`` (a ctypes call
-    cannot be traced). Plain comparisons: this runs once per layer per step."""
+    """Whether the C kernel runs these arguments: at least ``MIN_ROWS`` queries, float32
+    CPU tensors (queries, caches and new block alike), no autograd, not inside
+    ``torch.compile`` (a ctypes call cannot be traced). Plain comparisons: this runs
+    once per layer per step."""
     f32 = torch.float32
-    if q.dtype != f32 or k_cache.dtype != f32 or q.device.type != "cpu":
+    if q.shape[2] < MIN_ROWS or q.dtype != f32 or k_cache.dtype != f32 or q.device.type != "cpu":
         return False
     if k_new is not None and (k_new.dtype != f32 or v_new.dtype != f32):
         return False
@@ -101,8 +107,8 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
     views (``split_heads`` of a [B, L, H*D] tensor); the caches' last dimension
     must be contiguous (the public wrapper checks it). scale: default 1/sqrt(D).
     Returns float32 [B, H, L, D], a ``transpose(1, 2)`` view of a contiguous
-    [B, L, H, D] tensor (so merging the heads back is free). Other dtypes, autograd
-    and ``torch.compile`` take the ``torch`` backend. Arguments are not validated
+    [B, L, H, D] tensor (so merging the heads back is free). Fewer than ``MIN_ROWS``
+    queries, other dtypes, autograd and ``torch.compile`` take the ``torch`` backend. Arguments are not validated
     here (``nbp_kernels.block_decode_attention`` does).
     """
     if not _kernel_takes(q, k_cache, k_new, v_new):

@@ -14,6 +14,7 @@ import nbp_kernels
 from nbp.generate import FastGenerator
 from nbp.reference import generate_tokens as reference_generate
 from nbp_kernels import decode_attention_cpu, reference, registry
+from nbp_kernels.torch_ops import block_decode_attention as torch_ops_decode
 from nbp_kernels.cpu_build import cpu_isa, supported_isas
 from nbp_kernels.registry import backend_status
 from nbp_kernels.ops import block_decode_attention as triton_decode
@@ -198,8 +199,10 @@ def _case_id(c):
 
 @pytest.fixture(params=_ISAS)
 def cpu_kernel(request, monkeypatch):
-    """The cpu backend's kernel compiled for one ISA (NBP_CPU_ISA forces it)."""
+    """The cpu backend's kernel compiled for one ISA (NBP_CPU_ISA forces it), for every
+    block length (by default blocks under MIN_ROWS queries take the torch backend)."""
     monkeypatch.setenv("NBP_CPU_ISA", request.param)
+    monkeypatch.setattr(decode_attention_cpu, "MIN_ROWS", 1)
     ok, why = decode_attention_cpu.is_available()
     assert ok, why   # a supported ISA whose kernel does not build is a failure, not a skip
     assert why.startswith(f"{request.param}:")
@@ -350,7 +353,8 @@ def test_cpu_queries_with_strided_head_dim_are_copied():
 @pytest.mark.parametrize("preset, mode, cond, cfg_scale", GENERATE_CASES[:3] + GENERATE_CASES[5:6])
 def test_generator_decodes_through_the_cpu_kernel(preset, mode, cond, cfg_scale, monkeypatch):
     """FastGenerator's auto backend on a float32 CPU model runs its decode steps through the
-    cpu kernel, and its greedy tokens equal the torch backend's and the reference's."""
+    cpu kernel (blocks of 1 query, NTP, through the torch backend: MIN_ROWS), and its
+    greedy tokens equal the torch backend's and the reference's."""
     model = sharp_model(preset)
     ids = generate_inputs(model.config, mode, cond)
     kw = dict(cond_len=cond, mode=mode, do_sample=False, cfg_scale=cfg_scale, cfg_schedule="linear")
@@ -358,9 +362,31 @@ def test_generator_decodes_through_the_cpu_kernel(preset, mode, cond, cfg_scale,
                                      head_dim=model.config.head_dim, block_size=1) == "cpu"
     ran = []
     takes = decode_attention_cpu._kernel_takes
-    monkeypatch.setattr(decode_attention_cpu, "_kernel_takes", lambda *a: ran.append(takes(*a)) or ran[-1])
+
+    def spy(q, *args):
+        ran.append((q.shape[2], takes(q, *args)))
+        return ran[-1][1]
+    monkeypatch.setattr(decode_attention_cpu, "_kernel_takes", spy)
+    monkeypatch.setattr(decode_attention_cpu, "MIN_ROWS", 4)
     got = FastGenerator(model).generate_tokens(ids, 16, **kw)
-    assert ran and all(ran)   # every decode step's attention ran in C
+    assert ran and all(took == (rows >= 4) for rows, took in ran)   # C for blocks of >= 4 rows
+    assert any(took for _, took in ran) == (mode != "ntp")
     torch_tokens = FastGenerator(model, backend="torch").generate_tokens(ids, 16, **kw)
     assert torch.equal(got, torch_tokens)
     assert torch.equal(got, reference_generate(model, ids, 16, **kw))
+
+
+def test_cpu_blocks_of_few_rows_take_the_torch_backend(monkeypatch):
+    """Under MIN_ROWS queries the cpu backend hands the call to the torch backend (measured
+    faster there); the result and the append are the same."""
+    called = []
+    monkeypatch.setattr(decode_attention_cpu.torch_ops, "block_decode_attention",
+                        lambda *a, **k: called.append(1) or torch_ops_decode(*a, **k))
+    q, kn, vn, kbuf, vbuf, sl = _cpu_inputs(2, 2, decode_attention_cpu.MIN_ROWS - 1, 30, 64, [0, 20])
+    want_k, want_v = kbuf[:, :, :30].clone(), vbuf[:, :, :30].clone()
+    want = reference.block_decode_attention(q, want_k, want_v, sl, k_new=kn, v_new=vn)
+    out = decode_attention_cpu.block_decode_attention(q, kbuf[:, :, :30], vbuf[:, :, :30], sl,
+                                                      k_new=kn, v_new=vn)
+    assert called
+    _close(out, want, TOL[torch.float32], "out")
+    assert torch.equal(kbuf[:, :, :30], want_k) and torch.equal(vbuf[:, :, :30], want_v)
