@@ -6,14 +6,15 @@
  * chunks of CHUNK keys (max-subtracted, float32), as flash attention does.
  *
  * Each (b, h) reads its whole K and V once, cold (the weights the linears stream
- * between two steps evict them from the core's caches), so the kernel streams each cache row once (prefetched a few tiles
- * ahead) and keeps the rest in a small per-thread scratch: the queries transposed,
- * qt[d][l] (lanes = query rows), so QK^T is broadcast k[c][d] x qt[d] into one
- * score vector per key (no transposed copy of K, and the softmax runs across keys
- * with rows in lanes); PV broadcasts p[c][l] into rows of V (lanes = head dims),
- * accumulating an L x D tile. Query rows past L in the padded lanes are zeros:
- * finite scores, never output. With lanes = rows, blocks of very few queries waste
- * most of a vector (decode_attention_cpu.MIN_ROWS sends those to torch).
+ * between two steps evict them from the core's caches), so the kernel streams each
+ * cache row once (prefetched a few tiles ahead) and keeps the rest in a small
+ * per-thread scratch: the queries transposed, qt[d][l] (lanes = query rows), so
+ * QK^T is broadcast k[c][d] x qt[d] into one score vector per key (no transposed
+ * copy of K, and the softmax runs across keys with rows in lanes); PV broadcasts
+ * p[c][l] into rows of V (lanes = head dims), accumulating an L x D tile. Query
+ * rows past L in the padded lanes are zeros: finite scores, never output. With
+ * lanes = rows, blocks of very few queries waste most of a vector
+ * (decode_attention_cpu.MIN_ROWS sends those to torch).
  *
  * Threads: OpenMP over (b, h, split) in torch's libgomp (see packed_linear.c);
  * when there are too few (b, h) for the threads the keys of each are split and
