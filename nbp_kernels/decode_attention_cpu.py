@@ -50,7 +50,7 @@ _scratch = threading.local()   # per calling thread: a call's scratch is its own
 
 def _work(lib: ctypes.CDLL, threads: int, L: int, D: int) -> torch.Tensor:
     """The kernel's per-thread scratch for (threads, L, D), kept for the next call of the
-    same shape (a fresh one per call cost page faults and an allocation each layer)."""
+    same shape (not an allocation per layer per step)."""
     key = (lib._name, threads, L, D)
     if getattr(_scratch, "key", None) != key:
         _scratch.work = torch.empty(threads, lib.nbp_decode_attention_work(L, D), dtype=torch.float32)
