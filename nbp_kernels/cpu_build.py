@@ -37,7 +37,8 @@ __all__ = ["load", "cpu_isa", "ISAS", "supported_isas", "configure_threads"]
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Per ISA: compiler flags, the /proc/cpuinfo flags it needs, and glibc's
-# vector expf / erfcf (libmvec) for the sampler and the linears' GELU.
+# vector expf / erfcf (libmvec) for the sampler, the linears' GELU and the decode
+# attention's softmax.
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "avx2": ["-mavx2", "-mfma"],
@@ -49,7 +50,8 @@ CPU_FLAGS = {
     "neon": ("asimd",),
 }
 ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
-LIBS = {name: ["-lmvec", "-lm"] for name in ("sample_cpu", "packed_linear", "int8_linear")}
+LIBS = {name: ["-lmvec", "-lm"]
+        for name in ("sample_cpu", "packed_linear", "int8_linear", "decode_attention")}
 # libmvec is linked on x86 only: the NEON code calls libm's scalar functions lane by
 # lane, and AArch64 glibc ships libmvec only from 2.38 (older ones fail to link it).
 MVEC_ISAS = ("avx512", "avx2")

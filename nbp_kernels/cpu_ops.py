@@ -1,10 +1,13 @@
-"""The ``cpu`` backend: the C kernels of ``packed_linear`` and ``sample_cpu`` as registry ops.
+"""The ``cpu`` backend: the C kernels of ``packed_linear``, ``sample_cpu`` and
+``decode_attention_cpu`` as registry ops.
 
 * ``linear``: ``PackedLinears(model, weight_dtype=None, act_dtype=None)``, the
   model's ``nn.Linear`` weights packed once for ``packed_linear`` (float32 CPU
   models; stored as float32, bfloat16 or int8), or for ``int8_linear`` (int8
   weights and int8 activations);
-* ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows).
+* ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows);
+* ``block_decode_attention``: ``decode_attention_cpu``'s (float32 CPU queries;
+  other cache or new-block dtypes take the ``torch`` backend inside it).
 
 Each is usable where its C file compiles (``is_available()`` of its module);
 ``auto`` falls back to the op's ``torch`` implementation elsewhere.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import packed_linear, sample_cpu
+from . import decode_attention_cpu, packed_linear, sample_cpu
 from .registry import register
 
 __all__ = ["PackedLinears"]
@@ -86,3 +89,5 @@ register("linear", "cpu", PackedLinears, available=_module_available(packed_line
          supports=_float32_cpu)
 register(("keep_threshold", "draw_kept"), "cpu", "nbp_kernels.sample_cpu",
          available=_module_available(sample_cpu), supports=_float32_cpu)
+register("block_decode_attention", "cpu", "nbp_kernels.decode_attention_cpu",
+         available=_module_available(decode_attention_cpu), supports=_float32_cpu)

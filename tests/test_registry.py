@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nbp_kernels
-from nbp_kernels import cpu_ops, packed_linear, registry, sample_cpu, torch_ops
+from nbp_kernels import cpu_ops, decode_attention_cpu, packed_linear, registry, sample_cpu, torch_ops
 from nbp_kernels import reference as ref_mod
 
 
@@ -12,10 +12,16 @@ def _attn(S=8, D=16):
     return [torch.randn(1, 2, S, D, generator=g) for _ in range(3)]
 
 
-def test_auto_on_cpu_resolves_attention_to_torch():
-    for op in ("block_causal_attention", "block_decode_attention", "kv_append_"):
+def test_auto_on_cpu_resolves_prefill_attention_to_torch_and_decode_to_cpu():
+    """...except the decode step, which the cpu backend's C kernel runs where it compiles."""
+    for op in ("block_causal_attention", "kv_append_"):
         assert registry.resolved_backend(op, device="cpu", dtype=torch.float32, head_dim=16) == "torch"
         assert registry.resolve(op, device="cpu", dtype=torch.float32) is getattr(torch_ops, op)
+    fn = registry.resolve("block_decode_attention", device="cpu", dtype=torch.float32, head_dim=16)
+    ok, _ = decode_attention_cpu.is_available()
+    assert fn is (decode_attention_cpu.block_decode_attention if ok else torch_ops.block_decode_attention)
+    assert registry.resolve("block_decode_attention", device="cpu",
+                            dtype=torch.bfloat16) is torch_ops.block_decode_attention
 
 
 def test_resolve_is_memoised():
@@ -104,7 +110,9 @@ def test_status_table_covers_every_op_and_backend():
     ok, why = status[("block_decode_attention", "cuda")]
     assert not ok and "CUDA device" in why
     assert status[("linear", "cpu")][0] == packed_linear.is_available()[0]
-    assert registry.backends_for("block_decode_attention") == ["torch", "triton", "cuda", "reference"]
+    assert status[("block_decode_attention", "cpu")][0] == decode_attention_cpu.is_available()[0]
+    assert registry.backends_for("block_decode_attention") == ["torch", "triton", "cuda", "reference",
+                                                                "cpu"]
 
 
 def test_info_prints_the_table(capsys):

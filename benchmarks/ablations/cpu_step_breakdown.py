@@ -6,7 +6,9 @@ new tokens, top-k 16000, top-p 0.9, random weights). One generation per
 variant (NBP, 16 rows a step, at float32 / int8 / int8+int8-activation weights;
 NTP, one row a step, float32) with the pieces of each step timed by wrapping
 them: the packed linears of the layers, the vocabulary head, the decode
-attention (SDPA), LayerNorm, GELU, the sampler; "other" is the rest (Python,
+attention (the registry's ``block_decode_attention`` the generator resolved,
+its fused cache append included: the ``cpu`` backend's C kernel where it
+compiles), LayerNorm, GELU, the sampler; "other" is the rest (Python,
 embeddings, residual adds, cache bookkeeping). Floors, per step:
 
 * memory: bytes the step must read (weights at their dtype + the KV cache at
@@ -24,6 +26,7 @@ from __future__ import annotations
 import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgomp)
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -40,6 +43,7 @@ from ablation_args import write_result
 from cpu_k600_isa_dtype import cache_bytes, k600_problem, read_bandwidth, weight_bytes
 from nbp.commands.bench import machine_info, machine_tag
 from nbp.generate import FastGenerator
+from nbp.runner import Kernels
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -54,10 +58,8 @@ class Timers:
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
         self._saved = []
 
-    def wrap(self, owner, name: str, piece):
-        """Time ``owner.name``; piece: a name, or a function of the call's args giving one."""
-        fn = getattr(owner, name)
-
+    def timed(self, fn, piece):
+        """fn, timed; piece: a name, or a function of the call's args giving one."""
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -65,8 +67,24 @@ class Timers:
             self.seconds[key] += time.perf_counter() - t0
             self.calls[key] += 1
             return out
-        self._saved.append((owner, name, fn))
-        setattr(owner, name, timed)
+        return timed
+
+    def wrap(self, owner, name: str, piece):
+        """Time ``owner.name`` (restored as it was: a classmethod stays one)."""
+        self._saved.append((owner, name, vars(owner).get(name, getattr(owner, name))))
+        setattr(owner, name, self.timed(getattr(owner, name), piece))
+
+    def wrap_decode_attention(self):
+        """Time the ``block_decode_attention`` of every ``Kernels`` resolved from now on
+        (the function FastGenerator's decode steps call, whichever backend it is)."""
+        resolve = Kernels.resolve
+
+        def resolve_timed(*args, **kwargs):
+            kernels = resolve(*args, **kwargs)
+            return dataclasses.replace(kernels, decode={n: self.timed(fn, "attention")
+                                                        for n, fn in kernels.decode.items()})
+        self._saved.append((Kernels, "resolve", vars(Kernels)["resolve"]))
+        Kernels.resolve = resolve_timed
 
     def restore(self):
         for owner, name, fn in reversed(self._saved):
@@ -78,7 +96,7 @@ def instrument(vocab: int) -> Timers:
     t.wrap(packed_module.PackedLinear, "__call__",
            lambda a: "head" if a[0].out_features == vocab else "linears")
     t.wrap(sampler_module.BatchedSampler, "__call__", "sampler")
-    t.wrap(F, "scaled_dot_product_attention", "attention")
+    t.wrap_decode_attention()
     t.wrap(F, "layer_norm", "layer_norm")
     t.wrap(F, "gelu", "gelu")
     return t
@@ -96,24 +114,25 @@ def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
 
 def breakdown(model, ids, new: int, mode: str, wd, ad) -> dict:
     """Per-step milliseconds of each piece over the decode steps of one generation (after a
-    warm-up one); the prefill and the first step are left out."""
+    warm-up one); the prefill and the first step are left out. The pieces are wrapped
+    before the warm-up: the generator keeps the attention it resolved then (its cached
+    decode steps hold it), so wrapping later would miss it."""
     gen = FastGenerator(model, weight_dtype=wd, act_dtype=ad)
     new = new if mode == "nbp" else 64        # NTP steps are all alike: 64 of them suffice
-    timers, start = None, []
+    timers, start = instrument(model.config.vocab_size), []
 
     def first_step_done(step, _):   # the prefill and the first step are not decode steps
-        if step == 0 and timers is not None:
+        if step == 0:
             timers.seconds.clear()
             timers.calls.clear()
             start.append(time.perf_counter())
 
     run = lambda: gen.generate_tokens(ids, new, mode=mode, generator=torch.Generator().manual_seed(0),
                                       top_k=16000, top_p=0.9, callback=first_step_done)
-    run()
-    timers = instrument(model.config.vocab_size)
     try:
         run()
-        total = time.perf_counter() - start[0]
+        run()
+        total = time.perf_counter() - start[-1]
     finally:
         timers.restore()
     steps = new // (model.config.block_size if mode == "nbp" else 1) - 1
