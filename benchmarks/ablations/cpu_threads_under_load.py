@@ -26,7 +26,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-            **{f"spincount-{n}": {"GOMP_SPINCOUNT": str(n)} for n in (300, 1000, 3000, 10000)}}
+            **{f"spincount-{n}": {"GOMP_SPINCOUNT": str(n)} for n in (300, 1000, 3000, 10000, 30000)}}
 SHAPES = {"k600": (6, 384, 64000), "small": (2, 128, 1024)}
 
 CHILD = r"""
