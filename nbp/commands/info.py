@@ -36,7 +36,7 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    from nbp_kernels import int8_linear, packed_linear, sample_cpu
+    from nbp_kernels import decode_attention_cpu, int8_linear, packed_linear, sample_cpu
     from nbp_kernels.cpu_build import cpu_isa
     from nbp_kernels.cuda_ops import build_info
     info["cuda_extension"] = build_info()
@@ -45,7 +45,8 @@ def collect() -> dict:
     info["cpu_threads"] = {"threads": torch.get_num_threads(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
-    for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu)):
+    for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu),
+                      ("decode_attention_cpu", decode_attention_cpu)):
         ok, why = mod.is_available()
         info[name] = True if ok else f"no ({why})"
     path, why = int8_linear.kernel_path()
@@ -59,20 +60,22 @@ def run(args) -> int:
         print(json.dumps(info))
         return 0
     for key in ("nbp", "python", "torch", "triton", "cuda_runtime", "cuda_extension"):
-        print(f"{key:>14}: {info[key]}")
+        print(f"{key:>16}: {info[key]}")
     isa, threads = info["cpu_isa"], info["cpu_threads"]
-    print(f"{'cpu_isa':>14}: {isa['isa']} ({isa['why']})")
+    print(f"{'cpu_isa':>16}: {isa['isa']} ({isa['why']})")
     waits = ", ".join(f"{k.upper()}={threads[k]}" for k in ("omp_wait_policy", "gomp_spincount")
                       if threads[k] is not None) or "libgomp's default: long spin-waits"
-    print(f"{'cpu_threads':>14}: {threads['threads']} ({waits}; --threads sets them)")
+    print(f"{'cpu_threads':>16}: {threads['threads']} ({waits}; --threads sets them)")
     for key, use in (("packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
-                     ("sample_cpu", "float32 CPU sampler")):
-        print(f"{key:>14}: {f'yes ({use})' if info[key] is True else info[key]}")
+                     ("sample_cpu", "float32 CPU sampler"),
+                     ("decode_attention_cpu", "float32 CPU decode attention, 4+ queries")):
+        label = key.removesuffix("_cpu") if key.startswith("decode") else key
+        print(f"{label:>16}: {f'yes ({use})' if info[key] is True else info[key]}")
     i8 = info["int8_linear"]
-    print(f"{'int8_linear':>14}: " + (f"{i8['path']} (int8 activations: {i8['why']})"
+    print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 activations: {i8['why']})"
                                        if i8["path"] else f"no ({i8['why']})"))
     for dev, name in info["devices"].items():
-        print(f"{'device':>14}: {dev} ({name})")
+        print(f"{'device':>16}: {dev} ({name})")
         _print_table(info["ops"][dev])
     return 0
 
