@@ -1,5 +1,6 @@
 /* panel_cols.h: the columns of one output panel that exist, loaded and stored,
- * and the optional activation applied to them after the product.
+ * the optional activation and residual applied to them after the product, and the
+ * optional LayerNorm of the input rows before it.
  *
  * A panel holds 16 output columns; the last panel of a layer whose width is not
  * a multiple of 16 is partial. Shared by packed_linear.c and int8_linear.c,
@@ -62,13 +63,51 @@ static inline vf gelu(vf x) {
     return x * 0.5f * verfc(x * -0.70710678118654752440f);
 }
 
-/* y[m][c0 : min(c0 + width, n_out)] = gelu(itself) for m < rows: applied to a
- * group of panels right after its stores, while they are in L1 */
-static void gelu_cols(float *y, int64_t rows, int64_t n_out, int64_t c0, int64_t width) {
+/* The epilogue of a group of panels, right after its stores, while they are in L1:
+ * y[m][c0 : min(c0 + width, n_out)] = act(itself) + residual[m][same columns] for
+ * m < rows (residual [rows][n_out] or NULL). The residual is added after the
+ * activation, as the model's x + drop(fc2(...)). Without either it is not called,
+ * so the plain kernels store exactly what they stored before it existed. */
+static void epilogue_cols(float *y, const float *residual, int64_t rows, int64_t n_out,
+                          int64_t c0, int64_t width, int act) {
     const int64_t end = c0 + width < n_out ? c0 + width : n_out;
     for (int64_t m = 0; m < rows; m++)
-        for (int64_t c = c0; c < end; c += VLEN)
-            store_cols(y + m * n_out, end, c, gelu(load_cols(y + m * n_out, end, c)));
+        for (int64_t c = c0; c < end; c += VLEN) {
+            vf v = load_cols(y + m * n_out, end, c);
+            if (act == ACT_GELU)
+                v = gelu(v);
+            if (residual)
+                v = v + load_cols(residual + m * n_out, end, c);
+            store_cols(y + m * n_out, end, c, v);
+        }
+}
+
+/* out[m] = LayerNorm(x[m]) for m < M (x, out [M][K]; torch.nn.functional.layer_norm
+ * over the last dimension: biased variance, gamma / beta [K] or NULL for 1 / 0).
+ * Mean and variance accumulate in double, two passes (no cancellation), so the
+ * result is within a float32 rounding or two of torch's. Runs before the parallel
+ * region: a decode step's M x K rows are a few KiB, and one pass over them, in
+ * cache, is far cheaper than waking the workers once more. */
+static void layer_norm_rows(const float *x, int64_t M, int64_t K, const float *gamma,
+                            const float *beta, float eps, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * K;
+        double sum = 0.0, sq = 0.0;
+        for (int64_t k = 0; k < K; k++)
+            sum += r[k];
+        const double mean = sum / (double)K;
+        for (int64_t k = 0; k < K; k++)
+            sq += (r[k] - mean) * (r[k] - mean);
+        const double rstd = 1.0 / __builtin_sqrt(sq / (double)K + (double)eps);
+        for (int64_t k = 0; k < K; k++) {
+            float v = (float)((r[k] - mean) * rstd);
+            if (gamma)
+                v *= gamma[k];
+            if (beta)
+                v += beta[k];
+            out[m * K + k] = v;
+        }
+    }
 }
 
 #endif
