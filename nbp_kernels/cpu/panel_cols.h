@@ -82,31 +82,56 @@ static void epilogue_cols(float *y, const float *residual, int64_t rows, int64_t
         }
 }
 
+/* sum over k < K of (r[k] - shift), or of its square: float vectors (4 chains, so the
+ * adds' latency does not bound it) over blocks of 16 vectors a chain, each block's sum
+ * then added in double, so no float sum runs over more than 16 terms a lane. */
+static double row_sum(const float *r, int64_t K, float shift, int square) {
+    double total = 0.0;
+    int64_t k = 0;
+    while (k + 4 * VLEN <= K) {
+        vf acc[4] = {{0}, {0}, {0}, {0}};
+        const int64_t end = k + 64 * VLEN < K ? k + 64 * VLEN : K;
+        for (; k + 4 * VLEN <= end; k += 4 * VLEN)
+            for (int c = 0; c < 4; c++) {
+                vf d = *(const vf *)(r + k + c * VLEN) - shift;
+                acc[c] += square ? d * d : d;
+            }
+        for (int c = 0; c < 4; c++)
+            for (int v = 0; v < VLEN; v++)
+                total += acc[c][v];
+    }
+    for (; k < K; k++) {
+        const float d = r[k] - shift;
+        total += square ? (double)d * d : d;
+    }
+    return total;
+}
+
 /* out[m] = LayerNorm(x[m]) for m < M (x, out [M][K]; torch.nn.functional.layer_norm
  * over the last dimension: biased variance, gamma / beta [K] or NULL for 1 / 0).
- * Mean and variance accumulate in double, two passes (no cancellation), so the
- * result is within a float32 rounding or two of torch's. Runs before the parallel
- * region: a decode step's M x K rows are a few KiB, and one pass over them, in
- * cache, is far cheaper than waking the workers once more. */
+ * Two passes (mean, then squares about it: no cancellation), summed as row_sum says,
+ * so within a float32 rounding or two of torch's. Runs before the parallel region: a
+ * decode step's M x K rows are a few KiB, and vector passes over them, in cache, cost
+ * less than waking the workers once more. */
 static void layer_norm_rows(const float *x, int64_t M, int64_t K, const float *gamma,
                             const float *beta, float eps, float *out) {
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * K;
-        double sum = 0.0, sq = 0.0;
-        for (int64_t k = 0; k < K; k++)
-            sum += r[k];
-        const double mean = sum / (double)K;
-        for (int64_t k = 0; k < K; k++)
-            sq += (r[k] - mean) * (r[k] - mean);
-        const double rstd = 1.0 / __builtin_sqrt(sq / (double)K + (double)eps);
-        for (int64_t k = 0; k < K; k++) {
-            float v = (float)((r[k] - mean) * rstd);
+        float *o = out + m * K;
+        const float mean = (float)(row_sum(r, K, 0.0f, 0) / (double)K);
+        const float rstd = (float)(1.0 / __builtin_sqrt(row_sum(r, K, mean, 1) / (double)K
+                                                        + (double)eps));
+        int64_t k = 0;
+        for (; k + VLEN <= K; k += VLEN) {
+            vf v = (*(const vf *)(r + k) - mean) * rstd;
             if (gamma)
-                v *= gamma[k];
+                v *= *(const vf *)(gamma + k);
             if (beta)
-                v += beta[k];
-            out[m * K + k] = v;
+                v += *(const vf *)(beta + k);
+            *(vf *)(o + k) = v;
         }
+        for (; k < K; k++)
+            o[k] = ((r[k] - mean) * rstd) * (gamma ? gamma[k] : 1.0f) + (beta ? beta[k] : 0.0f);
     }
 }
 
