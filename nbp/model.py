@@ -46,9 +46,9 @@ def _fusable(norm: nn.Module | None, act: nn.Module | None, drop: nn.Module | No
 def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...], x: torch.Tensor, *,
                 norm: nn.LayerNorm | None = None) -> tuple[torch.Tensor, ...]:
     """``linear(m, norm(x))`` for every m of ``modules`` (same input x [..., C]; norm None:
-    x as is). A LinearFn with a ``many`` method computes them as one product
-    (``PackedLinears``: one kernel launch instead of three per layer, the launch cost of a
-    decode step, with the LayerNorm as the kernel's prologue)."""
+    x as is). A LinearFn with a ``many(modules, x, norm=None)`` method computes them as one
+    product (``PackedLinears``: one kernel launch instead of three per layer, the launch cost
+    of a decode step, with the LayerNorm as the kernel's prologue)."""
     many = getattr(linear, "many", None)
     if many is not None and norm is not None and _fusable(norm, None, None):
         return many(modules, x, norm=norm)

@@ -249,6 +249,10 @@ class PackedLinear:
         checked_act(act)
         if norm is not None or residual is not None:
             norm = self._check_extras(x, norm, residual)
+        return self._run(x, act, norm, residual)
+
+    def _run(self, x: torch.Tensor, act: str | None, norm, residual: torch.Tensor | None):
+        """``__call__`` on checked ``norm`` (its tensors contiguous) and ``residual``."""
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
             return apply_torch(self.module, x, norm, act, residual)
         int8 = self.act_dtype == torch.int8
@@ -270,8 +274,6 @@ class PackedLinear:
                 _check(x, self.packed, self.bias, self.out_features, self.scale)
             raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
                              f"{tuple(x.shape)}")
-        if norm is not None:
-            norm = (contiguous_or_none(norm[0]), contiguous_or_none(norm[1]), norm[2])
         if int8:
             return int8_linear._launch(x, self.packed, self.corr, self.scale, self.bias,
                                        self.out_features, act, norm, residual)
@@ -279,12 +281,15 @@ class PackedLinear:
                        residual)
 
     def _check_extras(self, x: torch.Tensor, norm, residual: torch.Tensor | None):
-        """The checked ``norm``; a ValueError naming norm, residual or x if one is wrong."""
+        """The checked ``norm`` (contiguous); a ValueError naming norm, residual or x if one
+        is wrong."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
                              f"{tuple(getattr(x, 'shape', ()))}")
         checked_residual(residual, x, self.out_features)
-        return checked_norm(norm, self.in_features)
+        norm = checked_norm(norm, self.in_features)
+        return None if norm is None else (contiguous_or_none(norm[0]),
+                                          contiguous_or_none(norm[1]), norm[2])
 
 
 def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:

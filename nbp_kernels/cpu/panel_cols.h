@@ -84,7 +84,7 @@ static void epilogue_cols(float *y, const float *residual, int64_t rows, int64_t
 
 /* sum over k < K of (r[k] - shift), or of its square: float vectors (4 chains, so the
  * adds' latency does not bound it) over blocks of 16 vectors a chain, each block's sum
- * then added in double, so no float sum runs over more than 16 terms a lane. */
+ * then added in double, so no float sum runs over more than 64 terms (x VLEN). */
 static double row_sum(const float *r, int64_t K, float shift, int square) {
     double total = 0.0;
     int64_t k = 0;
@@ -96,9 +96,14 @@ static double row_sum(const float *r, int64_t K, float shift, int square) {
                 vf d = *(const vf *)(r + k + c * VLEN) - shift;
                 acc[c] += square ? d * d : d;
             }
-        for (int c = 0; c < 4; c++)
-            for (int v = 0; v < VLEN; v++)
-                total += acc[c][v];
+        /* a tree in float, then one double add: a chain of VLEN double adds per
+         * block was most of the time of a 16 x 384 normalisation */
+        float t[VLEN];
+        *(vf *)t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (int w = VLEN / 2; w > 0; w /= 2)
+            for (int v = 0; v < w; v++)
+                t[v] += t[v + w];
+        total += t[0];
     }
     for (; k < K; k++) {
         const float d = r[k] - shift;
