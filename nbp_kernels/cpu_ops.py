@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from . import packed_linear, sample_cpu
-from ._cpu_launch import checked_act, checked_norm, checked_residual
 from .registry import register
 
 __all__ = ["PackedLinears"]
@@ -42,9 +41,9 @@ class PackedLinears:
         self.packed = {m: packed_linear.PackedLinear(m, weight_dtype, act_dtype)
                        for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self._fused: dict[tuple, packed_linear.PackedLinear] = {}
-        # (LayerNorm, in_features) -> its checked (weight, bias, eps): checked once, not
-        # at each of a decode step's calls (microseconds each, against ~20 per launch)
-        self._norms: dict[tuple, tuple] = {}
+        # LayerNorm -> its (weight, bias, eps), one tuple each, which PackedLinear then
+        # checks once (not at each of a decode step's calls)
+        self._norms: dict[torch.nn.LayerNorm, tuple] = {}
 
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return self.packed[module](x)
@@ -58,21 +57,15 @@ class PackedLinears:
         so a decode step has no torch LayerNorm or add between its linears. Where the
         module's own forward computes the product (float32 prefills), ``F.layer_norm``,
         ``F.gelu`` and the add run around it in torch."""
-        part = self.packed[module]
-        checked_act(act)
-        if residual is not None:
-            checked_residual(residual, x, part.out_features)
-        return part._run(x, act, self._norm(norm, part.in_features), residual)
+        return self.packed[module](x, act=act, norm=self._norm(norm), residual=residual)
 
-    def _norm(self, norm: torch.nn.LayerNorm | None, in_features: int):
-        """``norm``'s checked (weight, bias, eps) for a product over ``in_features``."""
+    def _norm(self, norm: torch.nn.LayerNorm | None):
+        """``norm`` as the kernels' (weight, bias, eps), the same tuple at every call."""
         if norm is None:
             return None
-        args = self._norms.get((norm, in_features))
+        args = self._norms.get(norm)
         if args is None:
-            args = checked_norm(_norm_args(norm), in_features)
-            args = self._norms[norm, in_features] = (
-                *(None if t is None else t.contiguous() for t in args[:2]), args[2])
+            args = self._norms[norm] = _norm_args(norm)
         return args
 
     def many(self, modules: tuple[torch.nn.Linear, ...], x: torch.Tensor,
@@ -88,7 +81,7 @@ class PackedLinears:
         stacked copy is packed at the first call.
         """
         parts = [self.packed[m] for m in modules]
-        args = self._norm(norm, parts[0].in_features)
+        args = self._norm(norm)
         if any(p.takes_module(x.numel() // max(x.shape[-1], 1)) for p in parts):
             if args is not None:
                 x = F.layer_norm(x, x.shape[-1:], *args)
@@ -96,7 +89,7 @@ class PackedLinears:
         fused = self._fused.get(modules)
         if fused is None:
             fused = self._fused[modules] = packed_linear.PackedLinear.stacked(parts)
-        return fused._run(x, None, args, None).split([m.out_features for m in modules], dim=-1)
+        return fused(x, norm=args).split([m.out_features for m in modules], dim=-1)
 
 
 def _norm_args(norm: torch.nn.LayerNorm | None):
