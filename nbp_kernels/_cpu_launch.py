@@ -25,14 +25,11 @@ def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     return y if act is None else F.gelu(y)
 
 
-# norm: None, or (weight, bias, eps) of a LayerNorm over the last dimension of x, with
-# weight and bias float32 [K] or None (1 and 0): the kernels normalise each row of x
-# first (torch.nn.functional.layer_norm, within float32 rounding).
-
-
 def checked_norm(norm, in_features: int):
     """``norm`` as (weight, bias, eps) or None, or a ValueError naming the part that is
-    wrong (weight and bias float32 CPU [in_features] or None, eps a finite float >= 0)."""
+    wrong. norm: None, or (weight, bias, eps) of a LayerNorm over the last dimension of x,
+    weight and bias float32 CPU [in_features] or None (1 and 0), eps a finite float >= 0:
+    the kernels normalise each row of x first (``F.layer_norm``, within float32 rounding)."""
     if norm is None:
         return None
     if not isinstance(norm, (tuple, list)) or len(norm) != 3:

@@ -33,8 +33,14 @@ import os
 
 import torch
 
-from ._cpu_launch import (checked_act, checked_norm, checked_residual, contiguous_or_none,
-                          norm_args, run_rows)
+from ._cpu_launch import (
+    checked_act,
+    checked_norm,
+    checked_residual,
+    contiguous_or_none,
+    norm_args,
+    run_rows,
+)
 from .cpu_build import load
 
 __all__ = [

@@ -32,8 +32,15 @@ import functools
 import torch
 
 from . import int8_linear, reference
-from ._cpu_launch import (apply_torch, checked_act, checked_norm, checked_residual,
-                          contiguous_or_none, norm_args, run_rows)
+from ._cpu_launch import (
+    apply_torch,
+    checked_act,
+    checked_norm,
+    checked_residual,
+    contiguous_or_none,
+    norm_args,
+    run_rows,
+)
 from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
@@ -288,9 +295,10 @@ class PackedLinear:
             return self._norm_seen[1] if norm is not None else None
         checked = checked_norm(norm, self.in_features)
         checked = (contiguous_or_none(checked[0]), contiguous_or_none(checked[1]), checked[2])
-        # A decode step passes the same (immutable) tuple at every call: checked once
-        # (microseconds a check, against ~20 a launch)
-        self._norm_seen = (norm, checked)
+        # A decode step passes the same tuple at every call: checked once (microseconds a
+        # check, against ~20 a launch); a list may change, so it is checked every time
+        if type(norm) is tuple:
+            self._norm_seen = (norm, checked)
         return checked
 
 

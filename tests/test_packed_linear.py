@@ -378,3 +378,22 @@ def test_norm_and_residual_errors(kw, match):
         packed_linear(x, pack_weight(w), b, 40, **kw)
     with pytest.raises(ValueError, match=match):   # the module's eager path checks them too
         PackedLinear(torch.nn.Linear(24, 40))(x, **kw)
+
+
+@needs_kernel
+def test_module_checks_each_new_norm():
+    """A tuple passed again is not checked again (a decode step's calls); a list is, and any
+    other tuple is checked when first passed."""
+    pl, x = PackedLinear(torch.nn.Linear(24, 40)), _rand(3, 24)
+    n = _NORMS["affine"](24)
+    with torch.no_grad():
+        first = pl(x, norm=n)
+        assert torch.equal(pl(x, norm=n), first)
+        as_list = list(n)
+        assert torch.equal(pl(x, norm=as_list), first)
+        as_list[2] = -1.0
+        with pytest.raises(ValueError, match="norm: eps expected a finite float >= 0"):
+            pl(x, norm=as_list)
+        with pytest.raises(ValueError, match=r"norm: norm bias expected shape \(24,\)"):
+            pl(x, norm=(n[0], torch.ones(23), 1e-5))
+        assert torch.equal(pl(x, norm=n), first)
