@@ -127,7 +127,7 @@ def test_decode_layers(benchmark, floors, act_dtype, impl):
     if not OK:
         pytest.skip(f"packed_linear unusable here: {WHY}")
     torch.manual_seed(0)
-    cfg = TransformerConfig(n_layer=LAYERS, n_head=WIDTH // 64, n_embd=WIDTH, vocab_size=VOCAB)
+    cfg = TransformerConfig(n_layer=LAYERS, n_head=WIDTH // 64, n_embd=WIDTH)
     model = NBPTransformer(cfg).eval()
     int8 = torch.int8 if act_dtype == "int8_a8" else None
     linears = PackedLinears(model.blocks, weight_dtype=int8, act_dtype=int8)
