@@ -12,11 +12,20 @@ FLOPs: 2 x rows x in x out. CPU only (on a GPU the linears are cuBLAS's).
 ``test_fc1_gelu``: the MLP's first linear and its GELU at an NBP step (16 rows,
 width -> 4 width), the GELU fused into the kernel (``act="gelu"``) against the
 kernel then ``F.gelu``, with float32 and with int8 weights and activations.
+
+``test_decode_layers``: the 6 decode layers of an NBP step (16 rows; attention
+replaced by its value input, so only the linears and what lies between them
+run) through ``Block.forward``, with the LayerNorms as the kernels' prologue and
+the residual adds in their epilogue (``PackedLinears.fused``) against torch's
+LayerNorm and add around the same kernels (q/k/v in one launch and fc1's GELU
+fused in both).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nbp import NBPTransformer, TransformerConfig
+from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.packed_linear import PackedLinear, is_available
 from suite import CUDA, record, run, smoke
 
@@ -89,3 +98,49 @@ def test_fc1_gelu(benchmark, floors, act_dtype, impl):
            shape=f"fc1 rows={rows} {WIDTH}->{4 * WIDTH} {act_dtype}", dtype=torch.float32,
            nbytes=pl.packed.numel() * pl.packed.element_size(),
            flops=2 * rows * WIDTH * 4 * WIDTH, rows=rows)
+
+
+class _TorchNormAndAdd:
+    """PackedLinears with the LayerNorms and residual adds in torch around its kernels
+    (what a decode step ran before the prologue and epilogue existed)."""
+
+    def __init__(self, linears: PackedLinears):
+        self.linears = linears
+
+    def __call__(self, module, x):
+        return self.linears(module, x)
+
+    def many(self, modules, x, norm=None):
+        return self.linears.many(modules, x if norm is None else norm(x))
+
+    def fused(self, module, x, norm=None, act=None, residual=None):
+        y = self.linears.fused(module, x if norm is None else norm(x), act=act)
+        return y if residual is None else residual + y
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch_norm_add"])
+@pytest.mark.parametrize("act_dtype", ["fp32", "int8_a8"])
+def test_decode_layers(benchmark, floors, act_dtype, impl):
+    rows = 16
+    benchmark.group = f"decode layers {LAYERS} x {WIDTH} rows={rows} {act_dtype} " \
+                      f"threads={torch.get_num_threads()}"
+    if not OK:
+        pytest.skip(f"packed_linear unusable here: {WHY}")
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layer=LAYERS, n_head=WIDTH // 64, n_embd=WIDTH)
+    model = NBPTransformer(cfg).eval()
+    int8 = torch.int8 if act_dtype == "int8_a8" else None
+    linears = PackedLinears(model.blocks, weight_dtype=int8, act_dtype=int8)
+    linear = linears if impl == "fused" else _TorchNormAndAdd(linears)
+    x = torch.randn(1, rows, WIDTH)
+
+    def attend(q, k, v, layer_idx):
+        return v
+
+    with torch.no_grad():
+        run(benchmark, lambda: model.run_layers(x, attend, linear), 40, setup=_evict)
+    packed = [p.packed for p in linears.packed.values()]
+    record(benchmark, floors, op="packed_linear", impl=f"{impl} layers",
+           shape=f"decode layers rows={rows} {LAYERS}x{WIDTH} {act_dtype}", dtype=torch.float32,
+           nbytes=sum(p.numel() * p.element_size() for p in packed),
+           flops=sum(2 * rows * m.in_features * m.out_features for m in linears.packed), rows=rows)

@@ -26,7 +26,7 @@ from nbp_kernels.torch_ops import call_module  # the default LinearFn: the modul
 from .config import TransformerConfig
 from .pretrained import Pretrained
 
-__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_act"]
+__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_fused"]
 
 # attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -35,24 +35,43 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
 
 
-def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...],
-                x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``linear(m, x)`` for every m of ``modules`` (same input x [..., C]). A LinearFn
-    with a ``many`` method computes them as one product (``PackedLinears``: one
-    kernel launch instead of three per layer, the launch cost of a decode step)."""
+def _fusable(norm: nn.Module | None, act: nn.Module | None, drop: nn.Module | None) -> bool:
+    """Whether a LinearFn's ``fused`` method computes these pieces: a LayerNorm over the last
+    dimension (affine or not), the exact GELU (``nn.GELU()``), a dropout that drops nothing."""
+    return ((norm is None or (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1))
+            and (act is None or (type(act) is nn.GELU and act.approximate == "none"))
+            and (drop is None or (type(drop) is nn.Dropout and (drop.p == 0 or not drop.training))))
+
+
+def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...], x: torch.Tensor, *,
+                norm: nn.LayerNorm | None = None) -> tuple[torch.Tensor, ...]:
+    """``linear(m, norm(x))`` for every m of ``modules`` (same input x [..., C]; norm None:
+    x as is). A LinearFn with a ``many(modules, x, norm=None)`` method computes them as one
+    product (``PackedLinears``: one kernel launch instead of three per layer, the launch cost
+    of a decode step, with the LayerNorm as the kernel's prologue)."""
     many = getattr(linear, "many", None)
-    return many(modules, x) if many is not None else tuple(linear(m, x) for m in modules)
+    if many is not None and norm is not None and _fusable(norm, None, None):
+        return many(modules, x, norm=norm)
+    h = x if norm is None else norm(x)
+    return many(modules, h) if many is not None else tuple(linear(m, h) for m in modules)
 
 
-def linear_act(linear: LinearFn, module: nn.Linear, act: nn.Module,
-               x: torch.Tensor) -> torch.Tensor:
-    """``act(linear(module, x))``. A LinearFn with a ``gelu`` method computes an exact GELU
-    (``nn.GELU()``, approximate="none") with the product (``PackedLinears``: in the kernel's
-    epilogue, while the outputs are in cache); any other activation, or LinearFn, runs as is."""
-    gelu = getattr(linear, "gelu", None)
-    if gelu is not None and type(act) is nn.GELU and act.approximate == "none":
-        return gelu(module, x)
-    return act(linear(module, x))
+def linear_fused(linear: LinearFn, module: nn.Linear, x: torch.Tensor, *,
+                 norm: nn.LayerNorm | None = None, act: nn.Module | None = None,
+                 residual: torch.Tensor | None = None,
+                 drop: nn.Dropout | None = None) -> torch.Tensor:
+    """``residual + drop(act(linear(module, norm(x))))``, each piece skipped where None;
+    x [..., C], residual [..., out_features]. A LinearFn with a ``fused`` method
+    (``PackedLinears``) computes it in one kernel launch where it can: norm a LayerNorm,
+    act the exact GELU, drop inactive (p == 0 or eval). Otherwise, and for every other
+    LinearFn, these torch ops run in this order (the teacher-forced forward and training)."""
+    fused = getattr(linear, "fused", None)
+    if fused is not None and _fusable(norm, act, drop):
+        return fused(module, x, norm=norm, act=None if act is None else "gelu", residual=residual)
+    y = linear(module, x if norm is None else norm(x))
+    y = y if act is None else act(y)
+    y = y if drop is None else drop(y)
+    return y if residual is None else residual + y
 
 
 class SelfAttention(nn.Module):
@@ -76,12 +95,14 @@ class SelfAttention(nn.Module):
         return t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
-                linear: LinearFn = call_module) -> torch.Tensor:
-        """x: [B, S, C] -> [B, S, C]."""
-        q, k, v = (self.split_heads(y) for y in linear_many(linear, self.qkv, x))
+                linear: LinearFn = call_module, *, norm: nn.LayerNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, C] -> residual + resid_drop(proj(attention of norm(x))) [B, S, C]
+        (norm, residual: None for none)."""
+        q, k, v = (self.split_heads(y) for y in linear_many(linear, self.qkv, x, norm=norm))
         y = attend(q, k, v, layer_idx)                      # [B, H, S, D]
         y = y.transpose(1, 2).reshape(x.shape)
-        return self.resid_drop(linear(self.proj, y))
+        return linear_fused(linear, self.proj, y, residual=residual, drop=self.resid_drop)
 
 
 class Block(nn.Module):
@@ -97,9 +118,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
                 linear: LinearFn = call_module) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attend, layer_idx, linear)
+        x = self.attn(x, attend, layer_idx, linear, norm=self.ln1, residual=x)
         fc1, act, fc2, drop = self.mlp
-        return x + drop(linear(fc2, linear_act(linear, fc1, act, self.ln2(x))))
+        h = linear_fused(linear, fc1, x, norm=self.ln2, act=act)
+        return linear_fused(linear, fc2, h, residual=x, drop=drop)
 
 
 class NBPTransformer(Pretrained, nn.Module):
@@ -163,7 +185,7 @@ class NBPTransformer(Pretrained, nn.Module):
 
     def logits(self, x: torch.Tensor, linear: LinearFn = call_module) -> torch.Tensor:
         """Final norm + vocabulary head: [B, S, C] -> [B, S, V]."""
-        return linear(self.head, self.ln_f(x))
+        return linear_fused(linear, self.head, x, norm=self.ln_f)
 
     def run_layers(self, x: torch.Tensor, attend: AttendFn,
                    linear: LinearFn = call_module) -> torch.Tensor:

@@ -15,6 +15,7 @@ Each is usable where its C file compiles (``is_available()`` of its module);
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import decode_attention_cpu, packed_linear, sample_cpu
 from .registry import register
@@ -43,34 +44,66 @@ class PackedLinears:
         self.packed = {m: packed_linear.PackedLinear(m, weight_dtype, act_dtype)
                        for m in model.modules() if isinstance(m, torch.nn.Linear)}
         self._fused: dict[tuple, packed_linear.PackedLinear] = {}
+        # LayerNorm -> its (weight, bias, eps), one tuple each, which PackedLinear then
+        # checks once (not at each of a decode step's calls)
+        self._norms: dict[torch.nn.LayerNorm, tuple] = {}
 
     def __call__(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return self.packed[module](x)
 
-    def gelu(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``F.gelu(self(module, x))`` (exact GELU), applied in the kernel's epilogue (a
-        decode step's fc1: no separate pass over a cold output); where the module's own
-        forward computes the product (float32 prefills), ``F.gelu`` follows it."""
-        return self.packed[module](x, act="gelu")
+    def fused(self, module: torch.nn.Linear, x: torch.Tensor,
+              norm: torch.nn.LayerNorm | None = None, act: str | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual + act(self(module, norm(x)))`` in one kernel launch: norm (a LayerNorm
+        over the last dimension, affine or not) as the kernel's prologue, act (None or
+        "gelu", the exact GELU) and residual (float32 [..., out_features]) in its epilogue,
+        so a decode step has no torch LayerNorm or add between its linears. Where the
+        module's own forward computes the product (float32 prefills), ``F.layer_norm``,
+        ``F.gelu`` and the add run around it in torch."""
+        return self.packed[module](x, act=act, norm=self._norm(norm), residual=residual)
 
-    def many(self, modules: tuple[torch.nn.Linear, ...],
-             x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``self(m, x)`` for each m, as one kernel launch over their stacked weights.
+    def _norm(self, norm: torch.nn.LayerNorm | None):
+        """``norm`` as the kernels' (weight, bias, eps), the same tuple at every call."""
+        if norm is None:
+            return None
+        args = self._norms.get(norm)
+        if args is None:
+            args = self._norms[norm] = _norm_args(norm)
+        return args
+
+    def many(self, modules: tuple[torch.nn.Linear, ...], x: torch.Tensor,
+             norm: torch.nn.LayerNorm | None = None) -> tuple[torch.Tensor, ...]:
+        """``self.fused(m, x, norm)`` for each m, as one kernel launch over their stacked
+        weights (norm: the LayerNorm all of them read x through, as ``fused``).
 
         Each output column is computed exactly as alone (same weights, scales and
         summation order; int8 activations: the same quantized rows), so the results
         are bit-identical to separate calls;
         where a part would take its module's BLAS call (float32 prefills and
-        small one-row products) every part is called alone. The stacked copy is
-        packed at the first call.
+        small one-row products) every part is called alone, on x normalised once. The
+        stacked copy is packed at the first call.
         """
         parts = [self.packed[m] for m in modules]
+        args = self._norm(norm)
         if any(p.takes_module(x.numel() // max(x.shape[-1], 1)) for p in parts):
+            if args is not None:
+                x = F.layer_norm(x, x.shape[-1:], *args)
             return tuple(p(x) for p in parts)
         fused = self._fused.get(modules)
         if fused is None:
             fused = self._fused[modules] = packed_linear.PackedLinear.stacked(parts)
-        return fused(x).split([m.out_features for m in modules], dim=-1)
+        return fused(x, norm=args).split([m.out_features for m in modules], dim=-1)
+
+
+def _norm_args(norm: torch.nn.LayerNorm | None):
+    """A LayerNorm over the last dimension as the kernels' (weight, bias, eps), or None."""
+    if norm is None:
+        return None
+    if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise ValueError(f"norm: expected None or an nn.LayerNorm over the last dimension, got "
+                         f"{norm!r}")
+    weight, bias = (None if t is None else t.detach() for t in (norm.weight, norm.bias))
+    return weight, bias, norm.eps
 
 
 def _float32_cpu(key) -> tuple[bool, str]:

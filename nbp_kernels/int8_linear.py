@@ -20,6 +20,10 @@ AVX-512 CPU off the VNNI path (so both are tested on one machine).
 
 ``act="gelu"`` applies the exact GELU to each output in the kernel, after the
 scaling (``reference.gelu`` of the reference's value, to a few ulp).
+``norm=(weight, bias, eps)`` quantizes the LayerNorm of each row instead of the
+row (normalised in the kernel, within float32 rounding of ``F.layer_norm``, so a
+value at a rounding boundary may quantize one step apart from the reference's);
+``residual`` [..., out_features] is added last (``reference.fused_linear``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,14 @@ import os
 
 import torch
 
-from ._cpu_launch import checked_act, contiguous_or_none, run_rows
+from ._cpu_launch import (
+    checked_act,
+    checked_norm,
+    checked_residual,
+    contiguous_or_none,
+    norm_args,
+    run_rows,
+)
 from .cpu_build import load
 
 __all__ = [
@@ -53,7 +64,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                    ctypes.c_int]
+                                    ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_float, ctypes.c_void_p]
     lib.nbp_int8_vnni.restype = ctypes.c_int
     lib.nbp_int8_vnni.argtypes = []
     return lib
@@ -111,7 +123,8 @@ def pack_weight(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, corr
 
 
-def _check(x, packed, corr, scale, bias, out_features, act=None) -> None:
+def _check(x, packed, corr, scale, bias, out_features, act=None, norm=None,
+           residual=None) -> None:
     checked_act(act)
     if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
@@ -136,48 +149,62 @@ def _check(x, packed, corr, scale, bias, out_features, act=None) -> None:
                          f"weight's in_features), got {tuple(x.shape)}")
     if any(t is not None and t.requires_grad for t in (x, packed, corr, scale, bias)):
         raise ValueError("int8_linear: inference only; pass tensors that do not require grad")
+    checked_norm(norm, x.shape[-1])
+    checked_residual(residual, x, out_features)
 
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
-            bias: torch.Tensor | None, out_features: int, act: str | None = None) -> torch.Tensor:
-    """The kernel call on checked arguments (packed, corr, scale and bias contiguous)."""
+            bias: torch.Tensor | None, out_features: int, act: str | None = None, norm=None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel call on checked arguments (packed, corr, scale, bias and norm's tensors
+    contiguous)."""
     lib, path, why = _load()
     if lib is None:
         raise RuntimeError(f"int8_linear is not usable here: {why}")
-    code = checked_act(act)
+    code, n_args = checked_act(act), norm_args(norm)
 
-    def kernel(x2, M, K, y):
+    def kernel(x2, M, K, y, r2):
         rc = lib.nbp_int8_linear(x2.data_ptr(), M, K, packed.data_ptr(), corr.data_ptr(),
                                  scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                 y.data_ptr(), out_features, int(path == "avx512-vnni"), code)
+                                 y.data_ptr(), out_features, int(path == "avx512-vnni"), code,
+                                 *n_args, None if r2 is None else r2.data_ptr())
         if rc != 0:
             raise RuntimeError(f"int8_linear ({path}) failed with code {rc}"
                                + (": out of memory" if rc == -2 else ""))
-    return run_rows(x, out_features, bias, kernel, act)
+    return run_rows(x, out_features, bias, kernel, act, residual)
 
 
 @torch.library.custom_op("nbp::int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                     scale: torch.Tensor, bias: torch.Tensor | None,
-                    out_features: int, act: str | None = None) -> torch.Tensor:
+                    out_features: int, act: str | None = None,
+                    norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
+                    norm_eps: float | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    norm = None if norm_eps is None else (contiguous_or_none(norm_weight),
+                                          contiguous_or_none(norm_bias), norm_eps)
     return _launch(x, packed.contiguous(), corr.contiguous(), scale.contiguous(),
-                   contiguous_or_none(bias), out_features, act)
+                   contiguous_or_none(bias), out_features, act, norm, residual)
 
 
 @_int8_linear_op.register_fake
-def _(x, packed, corr, scale, bias, out_features, act=None):
+def _(x, packed, corr, scale, bias, out_features, act=None, norm_weight=None, norm_bias=None,
+      norm_eps=None, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None, out_features: int,
-                act: str | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None, out_features: int, act: str | None = None,
+                norm=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value
-    (bit for bit), or with act="gelu" the exact GELU of it (to a few ulp).
+    (bit for bit), or with act="gelu" the exact GELU of it (to a few ulp); with norm
+    (weight, bias, eps) that of the LayerNorm of x's rows (weight, bias float32 [K] or
+    None), with residual (float32 [..., out_features]) plus it, after the activation.
 
     (packed, corr): ``pack_weight(stored)`` for the int8 weight stored [out_features, K];
     scale: its float32 [out_features] scales; bias: float32 [out_features] or None.
     x must be finite (a NaN or inf has no int8 value).
     """
-    _check(x, packed, corr, scale, bias, out_features, act)
-    return _int8_linear_op(x, packed, corr, scale, bias, out_features, act)
+    _check(x, packed, corr, scale, bias, out_features, act, norm, residual)
+    nw, nb, eps = checked_norm(norm, x.shape[-1]) or (None, None, None)
+    return _int8_linear_op(x, packed, corr, scale, bias, out_features, act, nw, nb, eps, residual)

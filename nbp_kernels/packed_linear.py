@@ -19,7 +19,10 @@ which, or why none; callers (``FastGenerator``) then use
 
 ``act="gelu"`` applies the exact GELU (``torch.nn.GELU()``) to each output in
 the kernel, after bias and scale (``reference.gelu_linear``): a decode step's
-fc1 then needs no separate pass over its output.
+fc1 then needs no separate pass over its output. ``norm=(weight, bias, eps)``
+normalises each row of x first (``F.layer_norm`` over the last dimension) and
+``residual`` [..., out_features] is added last (``reference.fused_linear``): a
+decode layer's LayerNorms and residual adds then run inside its kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +32,15 @@ import functools
 import torch
 
 from . import int8_linear, reference
-from ._cpu_launch import apply_act, checked_act, contiguous_or_none, run_rows
+from ._cpu_launch import (
+    apply_torch,
+    checked_act,
+    checked_norm,
+    checked_residual,
+    contiguous_or_none,
+    norm_args,
+    run_rows,
+)
 from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
@@ -50,7 +61,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                      ctypes.c_int]
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
     return lib
 
 
@@ -80,7 +92,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-           scale: torch.Tensor | None, act: str | None = None):
+           scale: torch.Tensor | None, act: str | None = None, norm=None,
+           residual: torch.Tensor | None = None):
     checked_act(act)
     for name, t in (("x", x), ("bias", bias), ("scale", scale)):
         if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
@@ -104,51 +117,74 @@ def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
                          f"{packed.dtype} weights")
     if any(t is not None and t.requires_grad for t in (x, packed, bias, scale)):
         raise ValueError("packed_linear: inference only; pass tensors that do not require grad")
+    checked_norm(norm, packed.shape[1])
+    checked_residual(residual, x, out_features)
 
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-            out_features: int, scale: torch.Tensor | None = None,
-            act: str | None = None) -> torch.Tensor:
-    """The kernel call on checked arguments (packed, bias and scale contiguous)."""
+            out_features: int, scale: torch.Tensor | None = None, act: str | None = None,
+            norm=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel call on checked arguments (packed, bias, scale and norm's tensors
+    contiguous)."""
     lib, _, why = _load()
     if lib is None:
         raise RuntimeError(f"packed_linear is not usable here: {why}")
-    code = checked_act(act)
+    code, n_args = checked_act(act), norm_args(norm)
 
-    def kernel(x2, M, K, y):
-        lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(), WEIGHT_DTYPES[packed.dtype],
-                              None if scale is None else scale.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
-                              code)
-    return run_rows(x, out_features, bias, kernel, act)
+    def kernel(x2, M, K, y, r2):
+        rc = lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(),
+                                   WEIGHT_DTYPES[packed.dtype],
+                                   None if scale is None else scale.data_ptr(),
+                                   None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                   out_features, code, *n_args,
+                                   None if r2 is None else r2.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"packed_linear failed with code {rc}"
+                               + (": out of memory" if rc == -2 else ""))
+    return run_rows(x, out_features, bias, kernel, act, residual)
+
+
+def _norm_of(weight, bias, eps):
+    """The custom ops' three norm arguments as the launchers' ``norm``."""
+    return None if eps is None else (contiguous_or_none(weight), contiguous_or_none(bias), eps)
 
 
 @torch.library.custom_op("nbp::packed_linear", mutates_args=())
 def _packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                       out_features: int, scale: torch.Tensor | None = None,
-                      act: str | None = None) -> torch.Tensor:
+                      act: str | None = None, norm_weight: torch.Tensor | None = None,
+                      norm_bias: torch.Tensor | None = None, norm_eps: float | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
     return _launch(x, packed.contiguous(), contiguous_or_none(bias), out_features,
-                   contiguous_or_none(scale), act)
+                   contiguous_or_none(scale), act, _norm_of(norm_weight, norm_bias, norm_eps),
+                   residual)
 
 
 @_packed_linear_op.register_fake
-def _(x, packed, bias, out_features, scale=None, act=None):
+def _(x, packed, bias, out_features, scale=None, act=None, norm_weight=None, norm_bias=None,
+      norm_eps=None, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                   out_features: int, scale: torch.Tensor | None = None,
-                  act: str | None = None) -> torch.Tensor:
-    """x float32 [..., K] -> float32 [..., out_features] (= act(x @ W.T + bias)).
+                  act: str | None = None, norm=None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [..., K] -> float32 [..., out_features]
+    (= act(norm(x) @ W.T + bias) + residual, ``reference.fused_linear``).
 
     packed: ``pack_weight(stored)`` [ceil(out_features / 16), K, 16] (float32,
     bfloat16 or int8); scale: float32 [out_features] for int8 weights (W = stored
     * scale[:, None]), else None; bias: float32 [out_features] or None; act:
     None or "gelu" (exact GELU, ``torch.nn.GELU()``, to a few ulp: not torch's
-    float32 GELU bit for bit, which is less accurate for negative inputs).
+    float32 GELU bit for bit, which is less accurate for negative inputs); norm:
+    None or (weight, bias, eps), a LayerNorm over the last dimension of x (weight,
+    bias float32 [K] or None) applied to each row first; residual: None or float32
+    [..., out_features] (x's leading dimensions), added after the activation.
     """
-    _check(x, packed, bias, out_features, scale, act)
-    return _packed_linear_op(x, packed, bias, out_features, scale, act)
+    _check(x, packed, bias, out_features, scale, act, norm, residual)
+    nw, nb, eps = checked_norm(norm, packed.shape[1]) or (None, None, None)
+    return _packed_linear_op(x, packed, bias, out_features, scale, act, nw, nb, eps, residual)
 
 
 class PackedLinear:
@@ -159,13 +195,16 @@ class PackedLinear:
     act_dtype: None or torch.float32 (float32 activations), or torch.int8 (with
     int8 weights only): each call quantizes x per row and runs
     ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products).
-    ``__call__(x, act=None)``: x float32 [..., in_features] -> [..., out_features],
-    act(x @ W.T + bias) with act None or "gelu" (in the kernel's epilogue). With
+    ``__call__(x, act=None, norm=None, residual=None)``: x float32 [..., in_features]
+    -> [..., out_features], act(norm(x) @ W.T + bias) + residual with act None or
+    "gelu", norm None or (weight, bias, eps) and residual None or float32
+    [..., out_features], all inside the kernel (``packed_linear``). With
     float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through the
     module's BLAS GEMM, and so does one row against fewer than
     ``GEMV_MIN_WEIGHTS`` weights (faster there). Narrower weights go through
     the kernel at every row count: no float32 copy is kept. Where the module
-    computes the product, ``torch.nn.functional.gelu`` follows it.
+    computes the product, ``F.layer_norm`` precedes it and ``F.gelu`` and the
+    residual's add follow it.
     """
 
     def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None,
@@ -185,6 +224,7 @@ class PackedLinear:
                                   else (pack_weight(stored), None))
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
         self.in_features, self.out_features = module.in_features, module.out_features
+        self._norm_seen: tuple = (None, None)   # (the last norm passed, it checked)
 
     @classmethod
     def stacked(cls, parts: list[PackedLinear]) -> PackedLinear:
@@ -212,19 +252,23 @@ class PackedLinear:
         return self.module is not None and self.weight_dtype == torch.float32 and (
             rows > MAX_ROWS or (rows == 1 and self.packed.numel() < GEMV_MIN_WEIGHTS))
 
-    def __call__(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, act: str | None = None, norm=None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
         checked_act(act)
+        if norm is not None or residual is not None:
+            norm = self._check_extras(x, norm, residual)
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
-            return apply_act(self.module(x), act)
+            return apply_torch(self.module, x, norm, act, residual)
         int8 = self.act_dtype == torch.int8
         if torch.compiler.is_compiling():
             if int8:
                 return int8_linear.int8_linear(x, self.packed, self.corr, self.scale, self.bias,
-                                               self.out_features, act)
-            return packed_linear(x, self.packed, self.bias, self.out_features, self.scale, act)
+                                               self.out_features, act, norm, residual)
+            return packed_linear(x, self.packed, self.bias, self.out_features, self.scale, act,
+                                 norm, residual)
         # Eager decode steps call this ~40 times each: the weights were checked
-        # when packed, so only x is, and the kernel is called without the
-        # custom-op dispatch (tens of microseconds per call on a 2-core CPU).
+        # when packed, so only x (and norm, residual) are, and the kernel is called
+        # without the custom-op dispatch (tens of microseconds per call on a 2-core CPU).
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
                 or x.requires_grad:
             if int8:
@@ -236,8 +280,26 @@ class PackedLinear:
                              f"{tuple(x.shape)}")
         if int8:
             return int8_linear._launch(x, self.packed, self.corr, self.scale, self.bias,
-                                       self.out_features, act)
-        return _launch(x, self.packed, self.bias, self.out_features, self.scale, act)
+                                       self.out_features, act, norm, residual)
+        return _launch(x, self.packed, self.bias, self.out_features, self.scale, act, norm,
+                       residual)
+
+    def _check_extras(self, x: torch.Tensor, norm, residual: torch.Tensor | None):
+        """The checked ``norm`` (contiguous); a ValueError naming norm, residual or x if one
+        is wrong."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        checked_residual(residual, x, self.out_features)
+        if norm is None or norm is self._norm_seen[0]:
+            return self._norm_seen[1] if norm is not None else None
+        checked = checked_norm(norm, self.in_features)
+        checked = (contiguous_or_none(checked[0]), contiguous_or_none(checked[1]), checked[2])
+        # A decode step passes the same tuple at every call: checked once (microseconds a
+        # check, against ~20 a launch); a list may change, so it is checked every time
+        if type(norm) is tuple:
+            self._norm_seen = (norm, checked)
+        return checked
 
 
 def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:

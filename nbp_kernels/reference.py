@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "block_ids",
@@ -37,6 +38,7 @@ __all__ = [
     "dequantized_linear",
     "quantize_rows",
     "int8_linear",
+    "fused_linear",
     "keep_threshold",
     "draw_kept",
 ]
@@ -218,6 +220,35 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     acc = (xq.double() @ wq.double().t()).float()
     y = acc * (sx[:, None] * w_scale.float()[None, :])
     return y if bias is None else y + bias
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 scale: torch.Tensor | None = None, norm=None, act: str | None = None,
+                 residual: torch.Tensor | None = None, int8_act: bool = False) -> torch.Tensor:
+    """residual + act(linear(layer_norm(x), W, bias)): what the CPU linears compute with
+    their LayerNorm prologue (``norm``), activation (``act``) and residual epilogue.
+
+    x [..., K] (float32, or float64 for the exact value); weight [N, K], float32 or
+    ``quantize_weight``'s stored weight with its ``scale`` (``dequantized_linear``);
+    norm: None or (weight, bias, eps), ``F.layer_norm`` over the last dimension
+    (weight, bias [K] or None); act: None or "gelu" (``gelu``); residual: None or
+    [..., N]. int8_act: the product is ``int8_linear`` of the normalised rows (int8
+    weight and scale), which quantizes them. Returns [..., N] in x's dtype.
+    """
+    if norm is not None:
+        w, b, eps = norm
+        x = F.layer_norm(x, x.shape[-1:], None if w is None else w.to(x.dtype),
+                         None if b is None else b.to(x.dtype), eps)
+    if int8_act:
+        y = int8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias)
+        y = y.view(*x.shape[:-1], -1)
+    else:
+        y = dequantized_linear(x, weight, scale, None if bias is None else bias.to(x.dtype))
+    if act == "gelu":
+        y = gelu(y)
+    elif act is not None:
+        raise ValueError(f"act: expected None or 'gelu', got {act!r}")
+    return y if residual is None else y + residual.to(y.dtype)
 
 
 def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -334,3 +334,113 @@ def test_info_names_the_int8_path(capsys, monkeypatch):
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["int8_linear"] == {"path": None,
                                                                   "why": "NBP_CPU_ISA=off"}
+
+
+# LayerNorm prologue variants: affine, weight only, neither, a large eps
+_NORMS = {"affine": lambda K: (_rand(K, seed=21), _rand(K, seed=22), 1e-5),
+          "weight": lambda K: (_rand(K, seed=21), None, 1e-5),
+          "plain": lambda K: (None, None, 1e-5),
+          "eps": lambda K: (_rand(K, seed=21), _rand(K, seed=22), 0.5)}
+
+
+@pytest.mark.parametrize("norm, residual", [(None, True)] + [(n, r) for n in _NORMS
+                                                              for r in (False, True)])
+@pytest.mark.parametrize("act", [None, "gelu"], ids=["noact", "gelu"])
+def test_prologue_and_residual_match_reference(path, norm, residual, act):
+    """The kernel quantizes its own LayerNorm of each row (within float32 rounding of
+    F.layer_norm's): against reference.fused_linear(int8_act=True), equal but where a
+    value at a rounding boundary quantized one step apart (at most a step or two of one
+    row's scale times a weight); the residual is added exactly after the activation."""
+    for M in (1, 3, 16, 33):
+        for K in (7, 96, 384):
+            for N in (1, 17, 100):
+                x, wq, ws, b = _case(M, K, N, seed=M + K + N)
+                x = x * 3 + 1
+                n = _NORMS[norm](K) if norm else None
+                r = _rand(M, N, seed=M * N) if residual else None
+                packed, corr = i8.pack_weight(wq)
+                got = i8.int8_linear(x, packed, corr, ws, b, N, act, n, r)
+                want = reference.fused_linear(x, wq, b, scale=ws, norm=n, act=act, residual=r,
+                                              int8_act=True)
+                xn = x if n is None else torch.nn.functional.layer_norm(x, (K,), *n)
+                step = float(xn.abs().amax() / 127 * (wq.float() * ws[:, None]).abs().amax())
+                torch.testing.assert_close(got, want, atol=2 * step + 1e-5, rtol=1e-5)
+                # such a boundary is rare: every other row within float32 rounding
+                off = (got - want).abs() > 1e-5 * (1 + want.abs())
+                assert int(off.any(dim=1).sum()) <= 1, (M, K, N)
+                if n is None and act is None:   # the product, then the residual's add: exact
+                    assert torch.equal(got, want)
+                if r is not None:
+                    assert torch.equal(got, i8.int8_linear(x, packed, corr, ws, b, N, act, n) + r)
+
+
+@pytest.mark.usefixtures("path")
+def test_prologue_empty_and_zero_rows():
+    """No rows; no inputs (act(bias) + residual); a constant row normalises to beta."""
+    _, wq, ws, b = _case(1, 40, 20)
+    packed, corr = i8.pack_weight(wq)
+    n, r = _NORMS["affine"](40), _rand(3, 20, seed=5)
+    assert i8.int8_linear(torch.empty(0, 40), packed, corr, ws, b, 20, norm=n,
+                          residual=torch.empty(0, 20)).shape == (0, 20)
+    p0, c0 = i8.pack_weight(torch.empty(20, 0, dtype=torch.int8))
+    assert torch.equal(i8.int8_linear(torch.empty(3, 0), p0, c0, ws, b, 20, act="gelu",
+                                      residual=r), torch.nn.functional.gelu(b) + r)
+    const = torch.full((3, 40), 2.5)   # normalises to exactly 0: with no beta, the bias
+    assert torch.equal(i8.int8_linear(const, packed, corr, ws, b, 20, norm=(n[0], None, 1e-5),
+                                      residual=r), b + r)
+
+
+@pytest.mark.usefixtures("path")
+def test_packed_linear_int8_prologue_and_many():
+    """PackedLinear / PackedLinears with int8 activations: norm and residual at every row
+    count (always the kernel); many(norm=) equals each fused part bit for bit."""
+    mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
+                               torch.nn.LayerNorm(96))
+    torch.nn.init.normal_(mods[2].weight)
+    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=torch.int8)
+    ln = mods[2]
+    nargs = (ln.weight.detach(), ln.bias.detach(), ln.eps)
+    wq, ws = reference.quantize_weight(mods[1].weight.detach(), torch.int8)
+    with torch.no_grad():
+        for rows in (1, 5, 16, MAX_ROWS + 1):
+            x, r = _rand(2, rows, 96, seed=rows), _rand(2, rows, 40, seed=rows + 1)
+            got = linears.many((mods[0], mods[1]), x, norm=ln)
+            for g, m in zip(got, mods):
+                assert torch.equal(g, linears.fused(m, x, norm=ln))
+            fused = linears.fused(mods[1], x, norm=ln, act="gelu", residual=r)
+            want = reference.fused_linear(x, wq, mods[1].bias, scale=ws, norm=nargs, act="gelu",
+                                          residual=r, int8_act=True)
+            torch.testing.assert_close(fused, want, atol=1e-2, rtol=1e-5)
+            assert torch.equal(fused, linears.fused(mods[1], x, norm=ln, act="gelu") + r)
+
+
+@pytest.mark.usefixtures("path")
+def test_custom_op_with_norm_and_residual():
+    x, wq, ws, b = _case(4, 32, 50)
+    packed, corr = i8.pack_weight(wq)
+    nw, nb, _ = _NORMS["affine"](32)
+    r = _rand(4, 50, seed=3)
+    torch.library.opcheck(torch.ops.nbp.int8_linear.default,
+                          (x, packed, corr, ws, b, 50, "gelu", nw, nb, 1e-5, r))
+    f = torch.compile(lambda x, r: i8.int8_linear(x, packed, corr, ws, b, 50, None,
+                                                   (nw, nb, 1e-5), r),
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x, r), i8.int8_linear(x, packed, corr, ws, b, 50, None, (nw, nb, 1e-5),
+                                               r))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"norm": (torch.ones(23), None, 1e-5)}, r"norm: norm weight expected shape \(24,\)"),
+    ({"norm": (None, None, -1e-5)}, "norm: eps expected a finite float >= 0"),
+    ({"norm": (None, None)}, r"norm: expected None or \(weight, bias, eps\)"),
+    ({"residual": torch.ones(3, 39)}, r"residual: expected shape \(3, 40\)"),
+    ({"residual": torch.ones(3, 40, dtype=torch.bfloat16)}, "residual: expected float32"),
+])
+def test_norm_and_residual_errors(kw, match):
+    x, wq, ws, b = _case(3, 24, 40)
+    packed, corr = i8.pack_weight(wq)
+    with pytest.raises(ValueError, match=match):
+        i8.int8_linear(x, packed, corr, ws, b, 40, **kw)
+    pl = PackedLinear(torch.nn.Linear(24, 40), weight_dtype=torch.int8, act_dtype=torch.int8)
+    with pytest.raises(ValueError, match=match):
+        pl(x, **kw)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nbp import ConfigError, NBPTransformer, TransformerConfig
-from nbp.model import call_module, linear_act
+from nbp.model import call_module, linear_fused, linear_many
 from nbp_kernels import packed_linear
 from nbp_kernels.reference import nbp_mask
 
@@ -62,7 +62,8 @@ def test_forward_equals_published_formulation(tiny, hybrid, cond_len, backend):
 
 
 class _FusingLinear:
-    """A LinearFn with a fused GELU that records which path each call took."""
+    """A LinearFn with ``fused`` and ``many`` methods (the torch composition) that records
+    which path each call took."""
 
     def __init__(self):
         self.calls = []
@@ -71,39 +72,112 @@ class _FusingLinear:
         self.calls.append("linear")
         return module(x)
 
-    def gelu(self, module, x):
-        self.calls.append("gelu")
-        return F.gelu(module(x))
+    def fused(self, module, x, norm=None, act=None, residual=None):
+        self.calls.append(("fused", norm is not None, act, residual is not None))
+        y = module(x if norm is None else norm(x))
+        y = y if act is None else F.gelu(y)
+        return y if residual is None else residual + y
+
+    def many(self, modules, x, norm=None):
+        self.calls.append(("many", norm is not None))
+        return tuple(m(x if norm is None else norm(x)) for m in modules)
 
 
-def test_linear_act_fuses_only_the_exact_gelu():
-    lin, x = torch.nn.Linear(8, 6), torch.randn(3, 8)
-    for act, path in ((torch.nn.GELU(), "gelu"), (torch.nn.GELU(approximate="tanh"), "linear"),
-                      (torch.nn.ReLU(), "linear")):
+def test_linear_fused_fuses_only_what_the_kernels_compute():
+    lin, x, r = torch.nn.Linear(8, 6), torch.randn(3, 8), torch.randn(3, 6)
+    ln, ln_plain = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8, elementwise_affine=False)
+    drop, drop_on = torch.nn.Dropout(0.5).eval(), torch.nn.Dropout(0.5).train()
+    cases = [({"act": torch.nn.GELU()}, ("fused", False, "gelu", False)),
+             ({"norm": ln, "residual": r}, ("fused", True, None, True)),
+             ({"norm": ln_plain, "act": torch.nn.GELU(), "drop": drop},
+              ("fused", True, "gelu", False)),
+             ({"residual": r, "drop": torch.nn.Dropout(0.0).train()}, ("fused", False, None, True)),
+             ({"act": torch.nn.GELU(approximate="tanh")}, "linear"),
+             ({"act": torch.nn.ReLU()}, "linear"),
+             ({"norm": torch.nn.RMSNorm(8)}, "linear")]
+    for kw, path in cases:
         fn = _FusingLinear()
-        torch.testing.assert_close(linear_act(fn, lin, act, x), act(lin(x)))
-        assert fn.calls == [path], act
-    assert torch.equal(linear_act(call_module, lin, torch.nn.GELU(), x), F.gelu(lin(x)))
+        want = lin(kw["norm"](x) if "norm" in kw else x)
+        want = kw["act"](want) if "act" in kw else want
+        want = want + kw["residual"] if "residual" in kw else want
+        torch.testing.assert_close(linear_fused(fn, lin, x, **kw), want)
+        assert fn.calls == [path], kw
+    fn = _FusingLinear()   # an active dropout is the module's, with its random mask
+    torch.manual_seed(1)
+    got = linear_fused(fn, lin, x, residual=r, drop=drop_on)
+    torch.manual_seed(1)
+    assert fn.calls == ["linear"] and torch.equal(got, r + drop_on(lin(x)))
+    got = linear_fused(call_module, lin, x, norm=ln, act=torch.nn.GELU(), residual=r)
+    assert torch.equal(got, r + F.gelu(lin(ln(x))))
+
+
+def test_linear_many_passes_the_norm_to_many():
+    mods, x = (torch.nn.Linear(8, 6), torch.nn.Linear(8, 2)), torch.randn(3, 8)
+    ln = torch.nn.LayerNorm(8)
+    fn = _FusingLinear()
+    got = linear_many(fn, mods, x, norm=ln)
+    assert fn.calls == [("many", True)]
+    assert all(torch.equal(g, m(ln(x))) for g, m in zip(got, mods))
+    fn = _FusingLinear()
+    got = linear_many(fn, mods, x, norm=torch.nn.RMSNorm(8))
+    assert fn.calls == [("many", False)]
+    assert all(torch.equal(g, m(torch.nn.RMSNorm(8)(x))) for g, m in zip(got, mods))
+    got = linear_many(call_module, mods, x, norm=ln)
+    assert all(torch.equal(g, m(ln(x))) for g, m in zip(got, mods))
+
+
+def test_block_call_module_path_is_the_published_composition(tiny):
+    """The call_module path runs the same torch ops in the same order as before fusion:
+    bit for bit, also in training with dropout (same random masks)."""
+    cfg = TransformerConfig.from_preset("tiny")
+    cfg.dropout = 0.1
+    torch.manual_seed(0)
+    blk = NBPTransformer(cfg).blocks[0].train()
+    x = torch.randn(2, 8, cfg.n_embd)
+    attend = tiny.block_causal_attend(backend="reference")
+    torch.manual_seed(3)
+    got = blk(x, attend, 0)
+    torch.manual_seed(3)
+    a = blk.attn
+    q, k, v = (a.split_heads(m(blk.ln1(x))) for m in a.qkv)
+    y = attend(q, k, v, 0).transpose(1, 2).reshape(x.shape)
+    h = x + a.resid_drop(a.proj(y))
+    fc1, act, fc2, drop = blk.mlp
+    assert torch.equal(got, h + drop(fc2(act(fc1(blk.ln2(h))))))
 
 
 @pytest.mark.skipif(not packed_linear.is_available()[0], reason=packed_linear.is_available()[1])
-@pytest.mark.parametrize("rows", [16, 40])   # a decode step (fused kernel), a prefill (BLAS + F.gelu)
-def test_block_with_packed_linears_fuses_fc1_and_gelu(tiny, rows):
-    """Block.forward with PackedLinears runs fc1 + GELU as one kernel call (no separate
-    GELU) and computes what the module path computes."""
+@pytest.mark.parametrize("rows", [16, 40])  # decode step; prefill
+@pytest.mark.parametrize("dtype", [None, torch.int8], ids=["fp32", "int8_a8"])
+def test_block_with_packed_linears_fuses_norms_and_residuals(tiny, rows, dtype):
+    """Block.forward and logits with PackedLinears run every linear through ``fused`` or
+    ``many`` (LayerNorms as prologues, GELU and residuals as epilogues) and compute what
+    the module path computes; a prefill (float32 weights, > MAX_ROWS rows) bit for bit."""
     from nbp_kernels.cpu_ops import PackedLinears
 
     blk = tiny.blocks[0]
-    linears = PackedLinears(blk)
-    fused = []
-    gelu = linears.gelu
-    linears.gelu = lambda m, x: fused.append(m) or gelu(m, x)
+    linears = PackedLinears(tiny, dtype, dtype)
+    calls = []
+    fused, many = linears.fused, linears.many
+    def record_fused(m, x, **kw):
+        calls.append((m, kw["norm"], kw["act"], kw["residual"] is not None))
+        return fused(m, x, **kw)
+
+    linears.fused = record_fused
+    linears.many = lambda ms, x, **kw: calls.append((ms, kw["norm"])) or many(ms, x, **kw)
     x = torch.randn(1, rows, tiny.config.n_embd)
     attend = tiny.block_causal_attend(backend="reference")
     with torch.no_grad():
         got, want = blk(x, attend, 0, linears), blk(x, attend, 0)
-    assert fused == [blk.mlp[0]]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        logits, want_logits = tiny.logits(x, linears), tiny.logits(x)
+    assert calls == [(blk.attn.qkv, blk.ln1), (blk.attn.proj, None, None, True),
+                     (blk.mlp[0], blk.ln2, "gelu", False), (blk.mlp[2], None, None, True),
+                     (tiny.head, tiny.ln_f, None, False)]
+    if rows > packed_linear.MAX_ROWS and dtype is None:
+        assert torch.equal(got, want) and torch.equal(logits, want_logits)
+    tol = 1e-4 if dtype is None else 5e-2   # int8 weights and activations: quantization error
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(logits, want_logits, rtol=tol, atol=tol)
 
 
 def test_block_mask_visibility(tiny):

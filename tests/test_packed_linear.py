@@ -244,3 +244,156 @@ def test_pack_errors():
         pack_weight(torch.zeros(4, 4, dtype=torch.float16))
     with pytest.raises(ValueError, match="weight: expected a 2-d tensor"):
         pack_weight(torch.zeros(4))
+
+
+# norm variants of the LayerNorm prologue: affine, weight only (bias 0), neither, a large eps
+_NORMS = {"affine": lambda K: (_rand(K, seed=21), _rand(K, seed=22), 1e-5),
+          "weight": lambda K: (_rand(K, seed=21), None, 1e-5),
+          "plain": lambda K: (None, None, 1e-5),
+          "eps": lambda K: (_rand(K, seed=21), _rand(K, seed=22), 0.5)}
+_SHAPES = [(1, 384, 64000 // 50), (1, 96, 17), (2, 7, 1), (7, 64, 72), (16, 384, 1152),
+           (17, 80, 47), (33, 128, 100)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("norm, residual", [(None, True)] + [(n, r) for n in _NORMS
+                                                              for r in (False, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [None, "gelu"], ids=["noact", "gelu"])
+def test_prologue_and_residual_match_reference(norm, residual, dtype, act):
+    """act(layer_norm(x) @ W.T + bias) + residual against reference.fused_linear in float64,
+    over the shapes of test_matches_reference; the residual is added exactly (float32 add
+    of the plain kernel's output)."""
+    for M, K, N in _SHAPES:
+        x, w = _rand(M, K, seed=1) * 3 + 1, _rand(N, K, seed=2)   # rows far from normalised
+        b, r = _rand(N, seed=3), (_rand(M, N, seed=4) if residual else None)
+        n = _NORMS[norm](K) if norm else None
+        stored, scale = reference.quantize_weight(w, dtype)
+        packed = pack_weight(stored)
+        got = packed_linear(x, packed, b, N, scale, act=act, norm=n, residual=r)
+        want = reference.fused_linear(x.double(), stored, b, scale=scale, norm=n, act=act,
+                                      residual=r)
+        # normalised rows have |x| ~ |gamma| + |beta|: a few float32 roundings each
+        tol = 2e-6 * K ** 0.5 * 4 * 1.2 * (4 if norm else 1)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=1e-5)
+        if r is not None:
+            plain = packed_linear(x, packed, b, N, scale, act=act, norm=n)
+            assert torch.equal(got, plain + r)
+
+
+@needs_kernel
+def test_prologue_leading_dims_and_empty():
+    w, b = _rand(40, 24, seed=4), _rand(40, seed=5)
+    n, p = _NORMS["affine"](24), pack_weight(w)
+    x = _rand(2, 24, 3, seed=6).transpose(1, 2)              # [2, 3, 24], not contiguous
+    r = _rand(2, 40, 3, seed=7).transpose(1, 2)              # [2, 3, 40], not contiguous
+    got = packed_linear(x, p, b, 40, act="gelu", norm=n, residual=r)
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, reference.fused_linear(x, w, b, norm=n, act="gelu", residual=r))
+    assert packed_linear(torch.empty(0, 24), p, b, 40, norm=n, residual=torch.empty(0, 40)).shape \
+        == (0, 40)
+    r3 = _rand(3, 40, seed=8)   # no inputs: act(bias) + residual
+    assert torch.equal(packed_linear(torch.empty(3, 0), pack_weight(torch.empty(40, 0)), b, 40,
+                                     act="gelu", residual=r3), F.gelu(b) + r3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
+def test_packed_module_prologue_and_residual_at_every_row_count(dtype):
+    """PackedLinear(x, act, norm, residual) at every row count: the kernel, or (float32
+    prefills) F.layer_norm, the module, F.gelu and the add in torch, bit for bit."""
+    lin = torch.nn.Linear(64, 50)
+    pl = PackedLinear(lin, weight_dtype=dtype)
+    stored, scale = reference.quantize_weight(lin.weight.detach(), dtype or torch.float32)
+    n = _NORMS["affine"](64)
+    with torch.no_grad():
+        for rows in (1, 2, 16, MAX_ROWS, MAX_ROWS + 1, 300):
+            x, r = _rand(1, rows, 64, seed=rows) * 2, _rand(1, rows, 50, seed=rows + 1)
+            want = reference.fused_linear(x, stored, lin.bias, scale=scale, norm=n, act="gelu",
+                                          residual=r)
+            torch.testing.assert_close(pl(x, act="gelu", norm=n, residual=r), want, atol=2e-5,
+                                       rtol=1e-5)
+        if dtype in (None, torch.float32):
+            x, r = _rand(MAX_ROWS + 1, 64, seed=1), _rand(MAX_ROWS + 1, 50, seed=2)
+            want = r + F.gelu(lin(F.layer_norm(x, (64,), n[0], n[1], n[2])))
+            assert torch.equal(pl(x, act="gelu", norm=n, residual=r), want)
+
+
+@needs_kernel
+def test_many_with_norm_is_each_linear_alone_bit_for_bit():
+    """PackedLinears.many(norm=ln) equals fused(m, x, norm=ln) of each part, bit for bit,
+    at every row count (the prefill normalises once in torch)."""
+    from nbp_kernels.cpu_ops import PackedLinears
+
+    mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
+                               torch.nn.LayerNorm(96))
+    torch.nn.init.normal_(mods[2].weight)
+    linears = PackedLinears(mods)
+    with torch.no_grad():
+        for rows in (1, 5, 16, MAX_ROWS, MAX_ROWS + 1):
+            x = _rand(2, rows, 96, seed=rows)
+            got = linears.many((mods[0], mods[1]), x, norm=mods[2])
+            for g, m in zip(got, mods):
+                assert torch.equal(g, linears.fused(m, x, norm=mods[2]))
+            torch.testing.assert_close(got[1], mods[1](mods[2](x)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="norm: expected None or an nn.LayerNorm"):
+        linears.fused(mods[0], x, norm=torch.nn.RMSNorm(96))
+
+
+@needs_kernel
+def test_custom_op_with_norm_and_residual():
+    w, b = _rand(50, 32, seed=7), _rand(50, seed=8)
+    p, x, r = pack_weight(w), _rand(4, 32, seed=9), _rand(4, 50, seed=10)
+    nw, nb = _NORMS["affine"](32)[:2]
+    torch.library.opcheck(torch.ops.nbp.packed_linear.default,
+                          (x, p, b, 50, None, "gelu", nw, nb, 1e-5, r))
+    torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, p, b, 50, None, None, None,
+                                                                None, 1e-5, None))
+    f = torch.compile(lambda x, r: packed_linear(x, p, b, 50, norm=(nw, nb, 1e-5), residual=r),
+                      fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x, r), reference.fused_linear(x, w, b, norm=(nw, nb, 1e-5),
+                                                               residual=r))
+
+
+_NW = torch.ones(24)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"norm": (_NW, None)}, r"norm: expected None or \(weight, bias, eps\)"),
+    ({"norm": _NW}, r"norm: expected None or \(weight, bias, eps\)"),
+    ({"norm": (torch.ones(23), None, 1e-5)}, r"norm: norm weight expected shape \(24,\)"),
+    ({"norm": (None, torch.ones(24).double(), 1e-5)}, "norm: norm bias expected float32"),
+    ({"norm": (_NW, None, -1.0)}, "norm: eps expected a finite float >= 0"),
+    ({"norm": (_NW, None, float("nan"))}, "norm: eps expected a finite float >= 0"),
+    ({"norm": (_NW, None, True)}, "norm: eps expected a finite float >= 0"),
+    ({"norm": (torch.ones(24, requires_grad=True), None, 1e-5)}, "norm: inference only"),
+    ({"residual": torch.ones(3, 41)}, r"residual: expected shape \(3, 40\)"),
+    ({"residual": torch.ones(40)}, r"residual: expected shape \(3, 40\)"),
+    ({"residual": torch.ones(3, 40).double()}, "residual: expected float32"),
+    ({"residual": torch.ones(3, 40, requires_grad=True)}, "residual: inference only"),
+])
+def test_norm_and_residual_errors(kw, match):
+    x, w, b = _rand(3, 24), _rand(40, 24), _rand(40)
+    with pytest.raises(ValueError, match=match):
+        packed_linear(x, pack_weight(w), b, 40, **kw)
+    with pytest.raises(ValueError, match=match):   # the module's eager path checks them too
+        PackedLinear(torch.nn.Linear(24, 40))(x, **kw)
+
+
+@needs_kernel
+def test_module_checks_each_new_norm():
+    """A tuple passed again is not checked again (a decode step's calls); a list is, and any
+    other tuple is checked when first passed."""
+    pl, x = PackedLinear(torch.nn.Linear(24, 40)), _rand(3, 24)
+    n = _NORMS["affine"](24)
+    with torch.no_grad():
+        first = pl(x, norm=n)
+        assert torch.equal(pl(x, norm=n), first)
+        as_list = list(n)
+        assert torch.equal(pl(x, norm=as_list), first)
+        as_list[2] = -1.0
+        with pytest.raises(ValueError, match="norm: eps expected a finite float >= 0"):
+            pl(x, norm=as_list)
+        with pytest.raises(ValueError, match=r"norm: norm bias expected shape \(24,\)"):
+            pl(x, norm=(n[0], torch.ones(23), 1e-5))
+        assert torch.equal(pl(x, norm=n), first)

@@ -69,7 +69,8 @@ def call(lib, mods, dtype, rows):
                                   WEIGHT_DTYPES[packed.dtype],
                                   None if scale is None else scale.data_ptr(),
                                   None if bias is None else bias.data_ptr(), y.data_ptr(), n,
-                                  0)   # act: none (revisions before it ignore the argument)
+                                  0,   # act: none (revisions before it ignore the argument)
+                                  0, None, None, 0.0, None)   # no norm, no residual (ditto)
         return args[-1][4]
     return run
 

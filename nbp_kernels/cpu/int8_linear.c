@@ -29,7 +29,9 @@
  * bit for bit.
  *
  * Optional exact GELU on the outputs after the epilogue, as in packed_linear.c
- * (a few ulp from the exact GELU; not torch's float32 GELU bit for bit).
+ * (a few ulp from the exact GELU; not torch's float32 GELU bit for bit), then an
+ * optional residual added; optional LayerNorm of the rows of x before they are
+ * quantized (the quantization applies to the normalised rows).
  *
  * Threads: OpenMP over panel groups in torch's libgomp, as packed_linear.c.
  * nbp_kernels/int8_linear.py has the Python contract, nbp_kernels/reference.py
@@ -289,20 +291,29 @@ static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n
  * rounded up to a multiple of 4; corr: [ceil(n_out / 16) * 16] int32, 128 x
  * the column sums of the weight; scale: [n_out] fp32; bias: [n_out] or NULL;
  * y: [M][n_out] fp32. vnni: 1 for the VNNI path, 0 for the portable one;
- * act: 0 none, 1 exact GELU on y. Returns 0; -1 if VNNI is asked for where it
- * does not run, -2 if out of memory, -3 for an unknown act (nothing written). */
+ * act: 0 none, 1 exact GELU on y; norm: 1 to quantize the LayerNorm of each row
+ * of x (gamma, beta [K] or NULL for 1 / 0; eps), 0 for x as is; residual:
+ * [M][n_out] fp32 added last, or NULL. Returns 0; -1 if VNNI is asked for where
+ * it does not run, -2 if out of memory, -3 for an unknown act (nothing written). */
 int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const int32_t *corr,
                     const float *scale, const float *bias, float *y, int64_t n_out, int vnni,
-                    int act) {
+                    int act, int norm, const float *gamma, const float *beta, float eps,
+                    const float *residual) {
     if (act != ACT_NONE && act != ACT_GELU)
         return -3;
     if (vnni && !nbp_int8_vnni())
         return -1;
     const int64_t Kp = (K + 3) / 4 * 4;
-    uint8_t *xq = malloc((size_t)(M * Kp) + (size_t)M * sizeof(float));
+    uint8_t *xq = malloc((size_t)(M * Kp) + (size_t)M * sizeof(float)
+                         + (norm ? (size_t)(M * K) * sizeof(float) : 0));
     if (!xq)
         return -2;
     float *sx = (float *)(xq + M * Kp);   /* M * Kp is a multiple of 4 */
+    if (norm) {   /* the normalised rows, then quantized as x would be */
+        float *xn = sx + M;
+        layer_norm_rows(x, M, K, gamma, beta, eps, xn);
+        x = xn;
+    }
     for (int64_t m = 0; m < M; m++)
         sx[m] = quantize_row(x + m * K, K, Kp, xq + m * Kp, vnni ? 128 : 0);
     const job_t j = {xq, sx, M, Kp, n_out, wp, corr, scale, bias, y};
@@ -316,8 +327,8 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
         else
 #endif
             group_port(&j, wp + p * Kp * PANEL, p * PANEL, n);
-        if (act == ACT_GELU)   /* on the group's outputs while they are in L1 */
-            gelu_cols(y, M, n_out, p * PANEL, n * PANEL);
+        if (act != ACT_NONE || residual)   /* on the group's outputs while they are in L1 */
+            epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
     }
     free(xq);
     return 0;

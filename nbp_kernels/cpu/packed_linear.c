@@ -17,8 +17,11 @@
  * differ (accumulators + weights fit the register file), and the int8 widening
  * uses the ISA's one-instruction sign extension where there is one.
  *
- * Optional exact GELU on the outputs (the MLP's fc1), so it costs no separate
- * pass over a cold tensor and no second wake-up of the OpenMP workers.
+ * Optional exact GELU on the outputs (the MLP's fc1), an optional residual added
+ * to them (attention's proj, the MLP's fc2) and an optional LayerNorm of the input
+ * rows (ln1 before q/k/v, ln2 before fc1, ln_f before the head): a decode step then
+ * has no separate torch pass over a cold tensor between two kernels, and no gap in
+ * which the OpenMP workers fall asleep.
  *
  * Threads: OpenMP over panel groups, in torch's libgomp (already loaded when
  * this library is opened), so torch.set_num_threads applies and no second
@@ -28,6 +31,7 @@
  * the semantics.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
 #  include <immintrin.h>
@@ -192,15 +196,16 @@ static inline __attribute__((always_inline)) void group(
  * compute and store exactly as before it existed. */
 #define DEFINE_LINEAR(NAME, DTYPE)                                                           \
     static void NAME(const float *x, int64_t M, int64_t K, const char *wp, const float *scale, \
-                     const float *bias, float *y, int64_t n_out, int act) {                   \
+                     const float *bias, float *y, int64_t n_out, int act,                     \
+                     const float *residual) {                                                 \
         const int64_t n_panels = (n_out + PANEL - 1) / PANEL;                                 \
         const int64_t panel_bytes = K * PANEL * elem_bytes(DTYPE);                            \
         _Pragma("omp parallel for schedule(static)")                                          \
         for (int64_t p = 0; p < n_panels; p += GROUP) {                                       \
             int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;                       \
             group(x, M, K, wp + p * panel_bytes, DTYPE, scale, bias, y, n_out, p * PANEL, n); \
-            if (act == ACT_GELU)                                                              \
-                gelu_cols(y, M, n_out, p * PANEL, n * PANEL);                                 \
+            if (act != ACT_NONE || residual)                                                  \
+                epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);              \
         }                                                                                     \
     }
 DEFINE_LINEAR(linear_f32, W_F32)
@@ -209,17 +214,31 @@ DEFINE_LINEAR(linear_i8, W_I8)
 
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][K][16] of the weight dtype
  * (0 fp32, 1 bf16, 2 int8); scale: [n_out] fp32 for int8, else ignored;
- * bias: [n_out] or NULL; y: [M][n_out] row-major fp32 = act(x @ W^T + bias);
- * act: 0 none, 1 exact GELU. Returns 0, or -1 for an unknown dtype or act
- * (nothing written). */
+ * bias: [n_out] or NULL; y: [M][n_out] row-major fp32 =
+ * act(norm(x) @ W^T + bias) + residual; act: 0 none, 1 exact GELU.
+ * norm: 1 for the LayerNorm of each row of x first (gamma, beta: [K] fp32 or
+ * NULL for 1 / 0; eps), 0 for none (gamma, beta, eps ignored); residual:
+ * [M][n_out] fp32 or NULL (it may not overlap y). Returns 0, -1 for an unknown
+ * dtype or act, -2 out of memory (nothing written). */
 int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int dtype,
-                      const float *scale, const float *bias, float *y, int64_t n_out, int act) {
-    if (act != ACT_NONE && act != ACT_GELU)
+                      const float *scale, const float *bias, float *y, int64_t n_out, int act,
+                      int norm, const float *gamma, const float *beta, float eps,
+                      const float *residual) {
+    if ((act != ACT_NONE && act != ACT_GELU) || dtype < W_F32 || dtype > W_I8)
         return -1;
-    switch (dtype) {
-    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out, act); return 0;
-    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out, act); return 0;
-    case W_I8: linear_i8(x, M, K, wp, scale, bias, y, n_out, act); return 0;
-    default: return -1;
+    float *xn = NULL;
+    if (norm) {   /* normalised once here: every panel group reads all the rows */
+        xn = malloc((size_t)(M * K) * sizeof(float));
+        if (!xn)
+            return -2;
+        layer_norm_rows(x, M, K, gamma, beta, eps, xn);
+        x = xn;
     }
+    switch (dtype) {
+    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out, act, residual); break;
+    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out, act, residual); break;
+    default: linear_i8(x, M, K, wp, scale, bias, y, n_out, act, residual); break;
+    }
+    free(xn);
+    return 0;
 }
