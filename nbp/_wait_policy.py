@@ -5,18 +5,24 @@ spin for a long while after each parallel region) takes a shared core from the
 thread that still has work: on a busy 2-core machine 2 threads were hundreds of
 times slower than 1. Sleeping waits (``OMP_WAIT_POLICY=PASSIVE``) survive a
 busy machine, but on a quiet one every parallel region then pays a thread
-wake-up, and a decode step runs ~50 small ones: a K600 CPU step at 2 threads
-took 12.3 ms with sleeping waits and 8.6 ms with a short spin
-(``GOMP_SPINCOUNT=3000``, about 0.1 ms), the NTP step 12.3 and 8.6 ms
-(benchmarks/results/cpu_threads_under_load*.json, cpu_step_breakdown*.json).
-So: a short spin where the cores are idle when nbp is imported (fewer other
-runnable tasks than half the cores), sleeping waits where they are not. An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
+wake-up, and a decode step runs ~35 of them. So: a short spin where the cores
+are idle when nbp is imported (fewer other runnable tasks than half the
+cores), sleeping waits where they are not. An explicit ``OMP_WAIT_POLICY`` or
+``GOMP_SPINCOUNT`` is kept.
+
+The spin is 10000 rounds of ``pause``, about 0.13 ms here: long enough to
+bridge the Python between two kernels of a step (20-80 us measured), so the
+worker is still awake for the next one. A K600 NBP generation at 2 threads took
+0.59 s with it against 0.70 s with 3000 rounds (0.04 ms); the price is paid
+when load arrives after the choice was made: a K600-like step under one busy
+loop took 30 ms against 22 ms with 3000 rounds or sleeping waits
+(benchmarks/results/cpu_threads_under_load_*_spin10k.json).
 """
 from __future__ import annotations
 
 import os
 
-SPIN_COUNT = "3000"
+SPIN_COUNT = "10000"
 
 
 def wait_policy_for(busy: float | None, cores: int) -> dict[str, str]:

@@ -1,13 +1,16 @@
-"""NBP token generation (the demo model, or ``--model k600``): 1 vs 2 threads, OpenMP wait policy
-PASSIVE (nbp's default since it sets ``OMP_WAIT_POLICY``) vs libgomp's default (spin).
+"""NBP token generation (the demo model, or ``--model k600``): 1 vs 2 threads per OpenMP wait policy.
 
+Policies (``--policies``): ``passive`` (``OMP_WAIT_POLICY=PASSIVE``), ``default``
+(libgomp's long spin: torch imported before nbp, so nbp's choice comes too late)
+and ``spincount-N`` (``GOMP_SPINCOUNT=N``, what nbp sets on an idle machine).
 libgomp reads the policy once, when torch loads it, so each policy runs in its own
-child process (default: torch imported before nbp, so nbp's setting comes too late).
+child process, the policies alternated twice (the load drifts).
 In each child the two thread counts are timed round-robin, one clip (latency) and
 a batch of 16 held-out clips. Medians and bests, with the load average. Writes
 benchmarks/results/cpu_threads_demo_<machine>.json.
 
     python benchmarks/ablations/cpu_threads_demo.py --repeats 5
+    python benchmarks/ablations/cpu_threads_demo.py --model k600 --policies spincount-3000 spincount-10000
 """
 from __future__ import annotations
 
@@ -19,6 +22,17 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+POLICIES = ("passive", "default", "spincount-3000", "spincount-10000", "spincount-30000")
+
+
+def policy_env(policy: str) -> dict[str, str]:
+    """The process environment of a child timing ``policy`` (POLICIES)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif policy.startswith("spincount-"):
+        env["GOMP_SPINCOUNT"] = policy.removeprefix("spincount-")
+    return env
 
 
 def _k600_jobs() -> dict:
@@ -47,11 +61,9 @@ def _k600_jobs() -> dict:
 def child(policy: str, repeats: int, model: str = "demo") -> dict:
     """Timings in this process (its policy fixed by what was imported first)."""
     if policy == "default":
-        os.environ.pop("OMP_WAIT_POLICY", None)
-        import torch
-    at_load = os.environ.get("OMP_WAIT_POLICY")   # what libgomp reads (nbp sets it later)
+        import torch   # before nbp: libgomp loads with its own default
+    at_load = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     import nbp  # noqa: F401
-    at_load = os.environ.get("OMP_WAIT_POLICY") if policy == "passive" else at_load
     import statistics
 
     import torch
@@ -79,7 +91,7 @@ def child(policy: str, repeats: int, model: str = "demo") -> dict:
         fns = {f"{t}t-{n}clip": job(t, n) for t in (1, 2) for n in (1, 16)}
     load = os.getloadavg()[0]
     times = time_interleaved(fns, repeats)
-    return {"policy": policy, "omp_wait_policy_when_torch_loaded": at_load,
+    return {"policy": policy, "wait_policy_when_torch_loaded": at_load,
             "load_avg_1m_before": load, "load_avg_1m_after": os.getloadavg()[0],
             "rows": [{"method": k, "median_ms": statistics.median(v) * 1e3,
                       "best_ms": min(v) * 1e3, "times_ms": [x * 1e3 for x in v]}
@@ -89,22 +101,21 @@ def child(policy: str, repeats: int, model: str = "demo") -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--child", choices=["default", "passive"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=POLICIES, help=argparse.SUPPRESS)
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=["passive", "default"])
     p.add_argument("--model", choices=["demo", "k600"], default="demo",
                    help="the demo model, or NBP generation at the K600 shape (random weights)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.repeats, args.model)))
         return 0
     runs = []
-    for policy in ("passive", "default", "passive", "default"):   # alternated: load drifts
-        env = dict(os.environ, **({"OMP_WAIT_POLICY": "PASSIVE"} if policy == "passive" else {}))
-        if policy == "default":
-            env.pop("OMP_WAIT_POLICY", None)
+    for policy in args.policies * 2:   # alternated: the load drifts
         out = subprocess.run([sys.executable, __file__, "--child", policy, "--repeats",
-                              str(args.repeats), "--model", args.model], env=env, check=True, capture_output=True,
-                             text=True).stdout
+                              str(args.repeats), "--model", args.model], env=policy_env(policy),
+                             check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "rows"}),
               *(f"{r['method']}: median {r['median_ms']:.1f} ms, best {r['best_ms']:.1f} ms"
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
     result = {"what": __doc__.split("\n\n")[0], "model": args.model, "machine": info,
               "runs": runs}
     name = "demo" if args.model == "demo" else "k600"
-    write_result(args.out / f"cpu_threads_{name}_{machine_tag(info)}.json", result)
+    write_result(args.out / f"cpu_threads_{name}_{machine_tag(info)}{args.tag}.json", result)
     return 0
 
 
