@@ -13,7 +13,8 @@ cores), sleeping waits where they are not. An explicit ``OMP_WAIT_POLICY`` or
 The spin is 10000 rounds of ``pause``, about 0.13 ms here: long enough to
 bridge the Python between two kernels of a step (20-80 us measured), so the
 worker is still awake for the next one. A K600 NBP generation at 2 threads took
-0.59 s with it against 0.70 s with 3000 rounds (0.04 ms); the price is paid
+0.59-0.60 s with it, 0.66-0.74 s with 3000 rounds (0.04 ms) and 0.76-0.79 s with
+sleeping waits (benchmarks/results/cpu_threads_k600_*.json). The price is paid
 when load arrives after the choice was made: a K600-like step under one busy
 loop took 30 ms against 22 ms with 3000 rounds or sleeping waits
 (benchmarks/results/cpu_threads_under_load_*_spin10k.json).
