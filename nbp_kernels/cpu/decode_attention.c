@@ -67,18 +67,7 @@ typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
-#if defined(NBP_ISA_AVX512)
-vf _ZGVeN16v_expf(vf x);   /* glibc libmvec */
-static inline vf vexp(vf x) { return _ZGVeN16v_expf(x); }
-#elif defined(NBP_ISA_AVX2)
-vf _ZGVdN8v_expf(vf x);
-static inline vf vexp(vf x) { return _ZGVdN8v_expf(x); }
-#else
-static inline vf vexp(vf x) {
-    for (int i = 0; i < VLEN; i++) x[i] = expf(x[i]);
-    return x;
-}
-#endif
+#include "vmath.h"   /* vexp */
 
 /* x - 0 is x for every x (0 + x is not, for -0): a broadcast load (packed_linear.c) */
 static inline vf splat(float x) { return x - (vf){0}; }

@@ -6,7 +6,7 @@
  * a multiple of 16 is partial. Shared by packed_linear.c and int8_linear.c,
  * which define VLEN (floats per vector register), the vector type vf and one
  * NBP_ISA_<isa> before including it. cpu_build.py hashes this file into every
- * library's cache key, and links both libraries with libmvec on x86 (erfcf).
+ * library's cache key; erfcf comes from vmath.h.
  */
 #ifndef NBP_PANEL_COLS_H
 #define NBP_PANEL_COLS_H
@@ -14,6 +14,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "vmath.h"
 
 /* VLEN floats of src[c : n_out] zero-padded (bias and scales of a partial panel) */
 static inline vf load_cols(const float *src, int64_t n_out, int64_t c) {
@@ -38,22 +40,6 @@ static inline void store_cols(float *dst, int64_t n_out, int64_t c, vf v) {
 
 /* Activation codes of the entry points' act argument (_cpu_launch.ACTS). */
 enum { ACT_NONE = 0, ACT_GELU = 1 };
-
-/* erfcf lane by lane: glibc's vector erfcf (libmvec) on x86, erfcf per lane on NEON */
-typedef float vf_native __attribute__((vector_size(VLEN * 4)));
-#if defined(NBP_ISA_AVX512)
-vf_native _ZGVeN16v_erfcf(vf_native x);
-static inline vf verfc(vf x) { return (vf)_ZGVeN16v_erfcf((vf_native)x); }
-#elif defined(NBP_ISA_AVX2)
-vf_native _ZGVdN8v_erfcf(vf_native x);
-static inline vf verfc(vf x) { return (vf)_ZGVdN8v_erfcf((vf_native)x); }
-#else
-static inline vf verfc(vf x) {
-    for (int i = 0; i < VLEN; i++)
-        x[i] = erfcf(x[i]);
-    return x;
-}
-#endif
 
 /* Exact GELU (torch.nn.GELU(approximate='none')), x Phi(x) = x/2 erfc(-x / sqrt 2):
  * erfc keeps its relative accuracy where 1 + erf(x / sqrt 2) would cancel (x < 0;

@@ -88,18 +88,8 @@ typedef double double_u __attribute__((aligned(4), may_alias));   /* float scrat
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
-#if defined(NBP_ISA_AVX512)
-vf _ZGVeN16v_expf(vf x);   /* glibc libmvec */
-static inline vf vexp(vf x) { return _ZGVeN16v_expf(x); }
-#elif defined(NBP_ISA_AVX2)
-vf _ZGVdN8v_expf(vf x);
-static inline vf vexp(vf x) { return _ZGVdN8v_expf(x); }
-#else
-static inline vf vexp(vf x) {
-    for (int i = 0; i < LANES; i++) x[i] = expf(x[i]);
-    return x;
-}
-#endif
+#define VLEN LANES
+#include "vmath.h"   /* vexp */
 
 static inline vf splat(float v) { return (vf){0} + v; }
 
@@ -492,6 +482,19 @@ static double chunk_weights(const float *x, int64_t n, vf tau, vf m, float *w) {
     return reduce_add(acc);
 }
 
+/* The chunk that u * total falls in, from the running chunk sums cum[0..chunks) (last:
+ * the last chunk with weight), and in *frac where inside it, in [0, 1]. */
+static int64_t pick_chunk(const double_u *cum, int64_t chunks, int64_t last, double total,
+                          double u, double *frac) {
+    double target = u * total;
+    int64_t c = 0;
+    while (c < chunks && cum[c] <= target) c++;
+    if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
+    double prev = c ? cum[c - 1] : 0.0, f = (target - prev) / (cum[c] - prev);
+    *frac = f < 0.0 ? 0.0 : (f < 1.0 ? f : 1.0);
+    return c;
+}
+
 static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, double u,
                         double *cum) {
     vf tau = splat(tau_f), m = splat(max_f);
@@ -503,11 +506,8 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
         if (s > 0.0) last = i;
         cum[i] = total += s;
     }
-    double target = u * total;
-    while (c < chunks && cum[c] <= target) c++;
-    if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
-    double prev = c ? cum[c - 1] : 0.0, frac = (target - prev) / (cum[c] - prev);
-    frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
+    double frac;
+    c = pick_chunk(cum, chunks, last, total, u, &frac);
     float w[CHUNK];
     int64_t n = V - c * CHUNK < CHUNK ? V - c * CHUNK : CHUNK, pick = -1;
     double inner = 0.0, run = 0.0;
@@ -547,11 +547,8 @@ static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e
         if (s > 0.0) last = i;
         cum[i] = total += s;
     }
-    double target = u * total;
-    while (c < chunks && cum[c] <= target) c++;
-    if (c == chunks) c = last;   /* u * total rounded up to total: the last chunk with weight */
-    double prev = c ? cum[c - 1] : 0.0, frac = (target - prev) / (cum[c] - prev);
-    frac = frac < 0.0 ? 0.0 : (frac < 1.0 ? frac : 1.0);
+    double frac;
+    c = pick_chunk(cum, chunks, last, total, u, &frac);
     int64_t at = c * CHUNK, len = n - at < CHUNK ? n - at : CHUNK, pick = -1;
     double inner = 0.0, run = 0.0;
     for (int64_t j = at; j < at + len; j++) inner += sv[j] >= tau_f ? e[j] : 0.0f;
