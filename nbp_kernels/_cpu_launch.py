@@ -104,5 +104,12 @@ def run_rows(x: torch.Tensor, out_features: int, bias: torch.Tensor | None,
     return y.view(*x.shape[:-1], out_features)
 
 
+def check_rc(what: str, rc: int) -> None:
+    """A RuntimeError naming ``what`` for a C entry point's nonzero return code (-2: out of
+    memory); nothing for 0."""
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with code {rc}" + (": out of memory" if rc == -2 else ""))
+
+
 def contiguous_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()

@@ -37,6 +37,7 @@ from ._cpu_launch import (
     checked_act,
     checked_norm,
     checked_residual,
+    check_rc,
     contiguous_or_none,
     norm_args,
     run_rows,
@@ -168,9 +169,7 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: to
                                  scale.data_ptr(), None if bias is None else bias.data_ptr(),
                                  y.data_ptr(), out_features, int(path == "avx512-vnni"), code,
                                  *n_args, None if r2 is None else r2.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"int8_linear ({path}) failed with code {rc}"
-                               + (": out of memory" if rc == -2 else ""))
+        check_rc(f"int8_linear ({path})", rc)
     return run_rows(x, out_features, bias, kernel, act, residual)
 
 

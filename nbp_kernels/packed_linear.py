@@ -37,6 +37,7 @@ from ._cpu_launch import (
     checked_act,
     checked_norm,
     checked_residual,
+    check_rc,
     contiguous_or_none,
     norm_args,
     run_rows,
@@ -138,9 +139,7 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                                    None if bias is None else bias.data_ptr(), y.data_ptr(),
                                    out_features, code, *n_args,
                                    None if r2 is None else r2.data_ptr())
-        if rc != 0:
-            raise RuntimeError(f"packed_linear failed with code {rc}"
-                               + (": out of memory" if rc == -2 else ""))
+        check_rc("packed_linear", rc)
     return run_rows(x, out_features, bias, kernel, act, residual)
 
 

@@ -66,10 +66,10 @@ def run(args) -> int:
     waits = ", ".join(f"{k.upper()}={threads[k]}" for k in ("omp_wait_policy", "gomp_spincount")
                       if threads[k] is not None) or "libgomp's default: long spin-waits"
     print(f"{'cpu_threads':>16}: {threads['threads']} ({waits}; --threads sets them)")
-    for key, use in (("packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
-                     ("sample_cpu", "float32 CPU sampler"),
-                     ("decode_attention_cpu", "float32 CPU decode attention, 4+ queries")):
-        label = key.removesuffix("_cpu") if key.startswith("decode") else key
+    for key, label, use in (
+            ("packed_linear", "packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
+            ("sample_cpu", "sample_cpu", "float32 CPU sampler"),
+            ("decode_attention_cpu", "decode_attention", "float32 CPU decode attention, 4+ queries")):
         print(f"{label:>16}: {f'yes ({use})' if info[key] is True else info[key]}")
     i8 = info["int8_linear"]
     print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 activations: {i8['why']})"
