@@ -34,12 +34,29 @@ RESULTS = ROOT / "benchmarks" / "results"
 SRC = "nbp_kernels/cpu/packed_linear.c"
 
 
-def build(source: str, isa: str, out: Path) -> ctypes.CDLL:
+def git_show(rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def revision_source(rev: str, dest: Path) -> str:
+    """``SRC`` as of ``rev``, with that revision's headers (cpu/*.h) written into ``dest``, so
+    each side compiles against the headers it was written for."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev,
+                            f"{Path(SRC).parent}/"], check=True, capture_output=True,
+                           text=True).stdout.split()
+    for name in names:
+        if name.endswith(".h"):
+            (dest / Path(name).name).write_text(git_show(rev, name))
+    return git_show(rev, SRC)
+
+
+def build(source: str, isa: str, out: Path, include: Path) -> ctypes.CDLL:
+    """``source`` compiled as cpu_build does for ``isa``, its headers from ``include``."""
     src = out.with_suffix(".c")
     src.write_text(source)
-    # the headers are the working tree's (both revisions include cpu/panel_cols.h)
     subprocess.run([os.environ.get("CC", "cc"), *cpu_build.FLAGS, *cpu_build.ISA_FLAGS[isa],
-                    f"-DNBP_ISA_{isa.upper()}=1", f"-I{cpu_build.SOURCES}", str(src), "-o", str(out),
+                    f"-DNBP_ISA_{isa.upper()}=1", f"-I{include}", str(src), "-o", str(out),
                     *cpu_build.LIBS.get("packed_linear", [])], check=True)
     return _bind(ctypes.CDLL(str(out)))
 
@@ -83,12 +100,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cpu_build.configure_threads(args.threads)
     isa, why = cpu_build.cpu_isa()
-    old = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.rev}:{SRC}"], check=True,
-                         capture_output=True, text=True).stdout
-    new = (ROOT / SRC).read_text()
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"a": build(old, isa, Path(tmp) / "a.so"), "b": build(new, isa, Path(tmp) / "b.so")}
+        # one folder a side: a quoted #include looks in the source's own folder first
+        a_dir, b_dir = Path(tmp) / "a", Path(tmp) / "b"
+        a_dir.mkdir()
+        b_dir.mkdir()
+        old = revision_source(args.rev, a_dir)
+        libs = {"a": build(old, isa, a_dir / "a.so", a_dir),
+                "b": build((ROOT / SRC).read_text(), isa, b_dir / "b.so", cpu_build.SOURCES)}
         for what, mods in layers().items():
             for rows in (1, 16):
                 for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16),

@@ -68,12 +68,6 @@ static void epilogue_cols(float *y, const float *residual, int64_t rows, int64_t
         }
 }
 
-/* The GELU-only epilogue under its earlier name: benchmarks/ablations/cpu_kernel_ab.py
- * compiles earlier revisions of packed_linear.c against these headers. */
-static inline void gelu_cols(float *y, int64_t rows, int64_t n_out, int64_t c0, int64_t width) {
-    epilogue_cols(y, NULL, rows, n_out, c0, width, ACT_GELU);
-}
-
 /* sum over k < K of (r[k] - shift), or of its square: float vectors (4 chains, so the
  * adds' latency does not bound it) over blocks of 16 vectors a chain, each block's sum
  * then added in double, so no float sum runs over more than 64 terms (x VLEN). */
