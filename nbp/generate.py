@@ -214,6 +214,9 @@ class FastGenerator:
         narrow = {k: v for k, v in (("weight_dtype", weight_dtype), ("act_dtype", act_dtype))
                   if v is not None}
         self.linear = make_linear(self.model, **narrow)
+        # CPU decode steps as one C call each where the kernels compute every piece
+        # (ModelRunner.programs); False keeps the Python-driven step (A/B runs, debugging)
+        self.decode_programs = True
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
         self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens
@@ -267,7 +270,7 @@ class FastGenerator:
                                   step_lens=plan.tokens[1:])
         return ModelRunner(self.model, self.cache, kernels=kernels, block_size=plan.block_size,
                            hybrid=plan.hybrid, cond_len=cond_len, length=length,
-                           linear=self.linear)
+                           linear=self.linear, programs=self.decode_programs)
 
     def _step(self, runner: ModelRunner, sampler: BatchedSampler, batch: int, n: int,
               temperature: float, cfg: bool, length: int) -> DecodeStep:

@@ -16,11 +16,13 @@ from typing import Callable
 
 import torch
 
+from nbp_kernels import decode_attention_cpu, decode_step_cpu
 from nbp_kernels.cpu_ops import PackedLinears
+from nbp_kernels.cpu_build import cpu_isa
 from nbp_kernels.registry import resolve
 
 from .cache import StaticKVCache
-from .model import LinearFn, NBPTransformer, call_module
+from .model import LinearFn, NBPTransformer, _fusable, call_module
 from .sampler import BatchedSampler
 
 __all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears"]
@@ -62,10 +64,12 @@ class ModelRunner:
 
     def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, kernels: Kernels,
                  block_size: int, hybrid: bool, cond_len: int, length: int,
-                 linear: LinearFn = call_module):
+                 linear: LinearFn = call_module, programs: bool = True):
         self.model, self.cache, self.kernels = model, cache, kernels
         self.block_size, self.hybrid, self.cond_len = block_size, hybrid, cond_len
         self.length, self.linear = length, linear
+        self.programs = programs
+        self._programs: dict[tuple, decode_step_cpu.DecodeProgram | None] = {}
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
                 n_logits: int) -> torch.Tensor:
@@ -101,6 +105,11 @@ class ModelRunner:
         length = self.length if length is None else length
         seq_lens = self.cache.seq_lens
         n = ids.shape[1]
+        program = self._program(ids) if self.programs else None
+        if program is not None:
+            logits = program(ids.contiguous(), seq_lens, length)
+            seq_lens.add_(n)
+            return logits
         positions = seq_lens.long()[:, None] + torch.arange(n, device=ids.device)
         decode = self.kernels.decode[n]
 
@@ -111,6 +120,44 @@ class ModelRunner:
         x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)
         return self.model.logits(x, self.linear)
+
+
+    def _program(self, ids: torch.Tensor) -> decode_step_cpu.DecodeProgram | None:
+        """The C-driven step (``DecodeProgram``) of ids' shape, built once per ISA and shape,
+        where the CPU kernels compute every piece of it; else None (the Python-driven step)."""
+        if torch.compiler.is_compiling() or ids.device.type != "cpu":
+            return None
+        key = (cpu_isa()[0], *ids.shape)
+        if key not in self._programs:
+            self._programs[key] = cpu_program(self.model, self.linear, self.cache,
+                                              self.kernels.decode.get(ids.shape[1]), ids.shape[1])
+        return self._programs[key]
+
+
+def cpu_program(model: NBPTransformer, linear: LinearFn, cache: StaticKVCache, attention,
+                n: int) -> decode_step_cpu.DecodeProgram | None:
+    """A ``DecodeProgram`` of n tokens per row for ``cache.batch`` rows, or None unless the
+    linears are ``PackedLinears``, ``attention`` is the ``cpu`` backend's decode attention,
+    the cache is float32, every norm / activation / dropout is one the kernels compute
+    (``model._fusable``), and the libraries compile for the ISA in force."""
+    if not isinstance(linear, PackedLinears) or attention is not \
+            decode_attention_cpu.block_decode_attention or cache.dtype != torch.float32:
+        return None
+    blocks = list(model.blocks)
+    if not _fusable(model.ln_f, None, model.drop) or not all(
+            _fusable(b.ln1, None, b.attn.resid_drop) and _fusable(b.ln2, b.mlp[1], b.mlp[3])
+            for b in blocks):
+        return None
+    if not decode_step_cpu.is_available(linear.act_dtype == torch.int8)[0]:
+        return None
+    layers = [decode_step_cpu.LayerParts(
+        qkv=linear.stacked(b.attn.qkv), proj=linear.packed[b.attn.proj],
+        fc1=linear.packed[b.mlp[0]], fc2=linear.packed[b.mlp[2]],
+        ln1=linear.norm_args(b.ln1), ln2=linear.norm_args(b.ln2)) for b in blocks]
+    return decode_step_cpu.DecodeProgram(
+        tok_emb=model.tok_emb.weight.detach(), pos_emb=model.pos_emb.detach()[0],
+        layers=layers, ln_f=linear.norm_args(model.ln_f), head=linear.packed[model.head],
+        k_cache=cache.k, v_cache=cache.v, block=n)
 
 
 class DecodeStep:

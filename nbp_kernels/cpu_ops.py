@@ -60,9 +60,9 @@ class PackedLinears:
         so a decode step has no torch LayerNorm or add between its linears. Where the
         module's own forward computes the product (float32 prefills), ``F.layer_norm``,
         ``F.gelu`` and the add run around it in torch."""
-        return self.packed[module](x, act=act, norm=self._norm(norm), residual=residual)
+        return self.packed[module](x, act=act, norm=self.norm_args(norm), residual=residual)
 
-    def _norm(self, norm: torch.nn.LayerNorm | None):
+    def norm_args(self, norm: torch.nn.LayerNorm | None):
         """``norm`` as the kernels' (weight, bias, eps), the same tuple at every call."""
         if norm is None:
             return None
@@ -84,15 +84,22 @@ class PackedLinears:
         stacked copy is packed at the first call.
         """
         parts = [self.packed[m] for m in modules]
-        args = self._norm(norm)
+        args = self.norm_args(norm)
         if any(p.takes_module(x.numel() // max(x.shape[-1], 1)) for p in parts):
             if args is not None:
                 x = F.layer_norm(x, x.shape[-1:], *args)
             return tuple(p(x) for p in parts)
+        return self.stacked(modules)(x, norm=args).split([m.out_features for m in modules],
+                                                         dim=-1)
+
+    def stacked(self, modules: tuple[torch.nn.Linear, ...]) -> packed_linear.PackedLinear:
+        """The PackedLinear of ``modules``' weights side by side (``PackedLinear.stacked``),
+        packed at the first call."""
         fused = self._fused.get(modules)
         if fused is None:
-            fused = self._fused[modules] = packed_linear.PackedLinear.stacked(parts)
-        return fused(x, norm=args).split([m.out_features for m in modules], dim=-1)
+            fused = self._fused[modules] = packed_linear.PackedLinear.stacked(
+                [self.packed[m] for m in modules])
+        return fused
 
 
 def _norm_args(norm: torch.nn.LayerNorm | None):

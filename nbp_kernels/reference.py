@@ -39,6 +39,7 @@ __all__ = [
     "quantize_rows",
     "int8_linear",
     "fused_linear",
+    "decode_step",
     "keep_threshold",
     "draw_kept",
 ]
@@ -249,6 +250,43 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     elif act is not None:
         raise ValueError(f"act: expected None or 'gelu', got {act!r}")
     return y if residual is None else y + residual.to(y.dtype)
+
+
+def decode_step(ids: torch.Tensor, seq_lens: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, *, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
+                blocks: list[dict], ln_f, head: tuple, n_head: int,
+                int8_act: bool = False) -> torch.Tensor:
+    """One decode step of the NBP transformer (GPT-2 blocks, pre-LayerNorm): what
+    ``decode_step_cpu.DecodeProgram`` computes.
+
+    ids: int64 [B, L], the tokens at positions ``seq_lens[b] + 0..L-1``; seq_lens: int32
+    [B]; k_cache, v_cache: [n_layer, B, H, M, D], layer i's keys and values written in
+    place at seq_lens (``block_decode_attention``); tok_emb [V, C], pos_emb [n_pos, C].
+    blocks: one dict per layer, ``ln1``/``ln2`` (weight, bias, eps) and ``qkv`` (q, k and v
+    stacked), ``proj``, ``fc1``, ``fc2`` as (weight [N, K], bias [N] or None, scale [N] or
+    None), ``fused_linear``'s weight arguments (int8_act: every linear is ``int8_linear``
+    of the int8 weights). ln_f: (weight, bias, eps); head: (weight, bias, scale).
+    x = tok_emb[ids] + pos_emb[positions]; per layer x += proj(attention(qkv(ln1(x)))),
+    x += fc2(gelu(fc1(ln2(x)))); returns head(ln_f(x)), float32 [B, L, V].
+    """
+    B, L = ids.shape
+    C = tok_emb.shape[1]
+    positions = seq_lens.long()[:, None] + torch.arange(L, device=ids.device)
+    x = tok_emb[ids] + pos_emb[positions]
+
+    def lin(params, x, **kw):
+        weight, bias, scale = params
+        return fused_linear(x, weight, bias, scale=scale, int8_act=int8_act, **kw)
+
+    def heads(t):
+        return t.reshape(B, L, n_head, C // n_head).transpose(1, 2)
+    for i, blk in enumerate(blocks):
+        q, k, v = lin(blk["qkv"], x, norm=blk["ln1"]).split(C, dim=-1)
+        y = block_decode_attention(heads(q), k_cache[i], v_cache[i], seq_lens, k_new=heads(k),
+                                   v_new=heads(v))
+        x = lin(blk["proj"], y.transpose(1, 2).reshape(B, L, C), residual=x)
+        x = lin(blk["fc2"], lin(blk["fc1"], x, norm=blk["ln2"], act="gelu"), residual=x)
+    return lin(head, x, norm=ln_f)
 
 
 def keep_threshold(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

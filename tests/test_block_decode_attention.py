@@ -353,7 +353,8 @@ def test_cpu_queries_with_strided_head_dim_are_copied():
 @pytest.mark.parametrize("preset, mode, cond, cfg_scale", GENERATE_CASES[:3] + GENERATE_CASES[5:6])
 def test_generator_decodes_through_the_cpu_kernel(preset, mode, cond, cfg_scale, monkeypatch):
     """FastGenerator's auto backend on a float32 CPU model runs its decode steps through the
-    cpu kernel (blocks of 1 query, NTP, through the torch backend: MIN_ROWS), and its
+    cpu kernel (Python-driven steps: blocks of 1 query, NTP, through the torch backend,
+    MIN_ROWS; C-driven steps, the default, call the kernel for every block), and its
     greedy tokens equal the torch backend's and the reference's."""
     model = sharp_model(preset)
     ids = generate_inputs(model.config, mode, cond)
@@ -368,12 +369,17 @@ def test_generator_decodes_through_the_cpu_kernel(preset, mode, cond, cfg_scale,
         return ran[-1][1]
     monkeypatch.setattr(decode_attention_cpu, "_kernel_takes", spy)
     monkeypatch.setattr(decode_attention_cpu, "MIN_ROWS", 4)
-    got = FastGenerator(model).generate_tokens(ids, 16, **kw)
+    gen = FastGenerator(model)
+    gen.decode_programs = False
+    got = gen.generate_tokens(ids, 16, **kw)
     assert ran and all(took == (rows >= 4) for rows, took in ran)   # C for blocks of >= 4 rows
     assert any(took for _, took in ran) == (mode != "ntp")
     torch_tokens = FastGenerator(model, backend="torch").generate_tokens(ids, 16, **kw)
     assert torch.equal(got, torch_tokens)
     assert torch.equal(got, reference_generate(model, ids, 16, **kw))
+    ran.clear()
+    assert torch.equal(FastGenerator(model).generate_tokens(ids, 16, **kw), got)
+    assert not ran   # every decode step was one C call
 
 
 def test_cpu_blocks_of_few_rows_take_the_torch_backend(monkeypatch):

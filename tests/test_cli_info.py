@@ -9,7 +9,7 @@ def test_info_json_lists_devices_and_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["nbp"] and info["torch"]
     assert "cpu" in info["devices"]
-    for key in ("packed_linear", "sample_cpu", "decode_attention_cpu"):
+    for key in ("packed_linear", "sample_cpu", "decode_attention_cpu", "decode_step_cpu"):
         assert info[key] is True or info[key].startswith("no (")
     backends = info["backends"]["cpu"]
     assert backends["torch"] is True and backends["reference"] is True

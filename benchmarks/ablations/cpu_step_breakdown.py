@@ -4,12 +4,13 @@
 K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
 new tokens, top-k 16000, top-p 0.9, random weights). One generation per
 variant (NBP, 16 rows a step, at float32 / int8 / int8+int8-activation weights;
-NTP, one row a step, float32) with the pieces of each step timed by wrapping
-them: the packed linears of the layers, the vocabulary head, the decode
-attention (the registry's ``block_decode_attention`` the generator resolved,
-its fused cache append included: the ``cpu`` backend's C kernel where it
-compiles), LayerNorm, GELU, the sampler; "other" is the rest (Python,
-embeddings, residual adds, cache bookkeeping). Floors, per step:
+NTP, one row a step, float32), each with the step driven from C (one
+``DecodeProgram`` call: it times its own pieces, the embeddings, the layers'
+linears, the attention and the head) and, for comparison, some driven from
+Python (``-python``: the pieces timed by wrapping them, the packed linears of the
+layers, the vocabulary head, the decode attention the generator resolved with
+its fused cache append, LayerNorm, GELU). The sampler is timed by wrapping it;
+"other" is the rest (Python, embeddings, cache bookkeeping). Floors, per step:
 
 * memory: bytes the step must read (weights at their dtype + the KV cache at
   the step's median length) over the read bandwidth of a threaded sum (same run);
@@ -45,10 +46,16 @@ from nbp.commands.bench import machine_info, machine_tag
 from nbp.generate import FastGenerator
 from nbp.runner import Kernels
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
+from nbp_kernels.decode_step_cpu import PIECES
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-VARIANTS = {"nbp-float32": ("nbp", None, None), "nbp-int8": ("nbp", torch.int8, None),
-            "nbp-int8_a8": ("nbp", torch.int8, torch.int8), "ntp-float32": ("ntp", None, None)}
+# name: (mode, weight dtype, activation dtype, C-driven step)
+VARIANTS = {"nbp-float32": ("nbp", None, None, True), "nbp-int8": ("nbp", torch.int8, None, True),
+            "nbp-int8_a8": ("nbp", torch.int8, torch.int8, True),
+            "ntp-float32": ("ntp", None, None, True),
+            "nbp-float32-python": ("nbp", None, None, False),
+            "nbp-int8_a8-python": ("nbp", torch.int8, torch.int8, False),
+            "ntp-float32-python": ("ntp", None, None, False)}
 
 
 class Timers:
@@ -91,12 +98,15 @@ class Timers:
             setattr(owner, name, fn)
 
 
-def instrument(vocab: int) -> Timers:
+def instrument(vocab: int, attention: bool) -> Timers:
+    """Timers around the Python-driven step's pieces (attention: the decode attention too,
+    which keeps a generator on that path: a DecodeProgram runs only the cpu backend's own)."""
     t = Timers()
     t.wrap(packed_module.PackedLinear, "__call__",
            lambda a: "head" if a[0].out_features == vocab else "linears")
     t.wrap(sampler_module.BatchedSampler, "__call__", "sampler")
-    t.wrap_decode_attention()
+    if attention:
+        t.wrap_decode_attention()
     t.wrap(F, "layer_norm", "layer_norm")
     t.wrap(F, "gelu", "gelu")
     return t
@@ -112,19 +122,29 @@ def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def breakdown(model, ids, new: int, mode: str, wd, ad) -> dict:
+def programs(gen: FastGenerator) -> list:
+    """The C-driven decode steps (``DecodeProgram``) the generator's cached steps run."""
+    return [p for step in gen._steps.values() for p in step.runner._programs.values()
+            if p is not None]
+
+
+def breakdown(model, ids, new: int, mode: str, wd, ad, program: bool) -> dict:
     """Per-step milliseconds of each piece over the decode steps of one generation (after a
-    warm-up one); the prefill and the first step are left out. The pieces are wrapped
-    before the warm-up: the generator keeps the attention it resolved then (its cached
-    decode steps hold it), so wrapping later would miss it."""
+    warm-up one); the prefill and the first step are left out. Python-driven steps
+    (``program`` False): the pieces are wrapped before the warm-up (the generator keeps
+    the attention it resolved then: its cached decode steps hold it, so wrapping later
+    would miss it). C-driven steps: the program times its own pieces."""
     gen = FastGenerator(model, weight_dtype=wd, act_dtype=ad)
+    gen.decode_programs = program
     new = new if mode == "nbp" else 64        # NTP steps are all alike: 64 of them suffice
-    timers, start = instrument(model.config.vocab_size), []
+    timers, start = instrument(model.config.vocab_size, not program), []
 
     def first_step_done(step, _):   # the prefill and the first step are not decode steps
         if step == 0:
             timers.seconds.clear()
             timers.calls.clear()
+            for p in programs(gen):
+                p.timing = torch.zeros(len(PIECES), dtype=torch.float64)
             start.append(time.perf_counter())
 
     run = lambda: gen.generate_tokens(ids, new, mode=mode, generator=torch.Generator().manual_seed(0),
@@ -136,6 +156,11 @@ def breakdown(model, ids, new: int, mode: str, wd, ad) -> dict:
     finally:
         timers.restore()
     steps = new // (model.config.block_size if mode == "nbp" else 1) - 1
+    for p in programs(gen):
+        for piece, seconds in zip(PIECES, p.timing.tolist()):
+            timers.seconds[piece] += seconds
+    if program and not programs(gen):
+        raise RuntimeError("decode_programs: no C-driven step ran (decode_step_cpu unusable?)")
     ms = {k: v / steps * 1e3 for k, v in timers.seconds.items()}
     ms["other"] = total / steps * 1e3 - sum(ms.values())
     return {"decode_steps": steps, "decode_s": total, "step_ms": total / steps * 1e3,
@@ -151,17 +176,17 @@ def main(argv=None) -> int:
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
     bws, rates, rows = [], [], {}
-    for name, (mode, wd, ad) in VARIANTS.items():
+    for name, (mode, wd, ad, program) in VARIANTS.items():
         bws.append(read_bandwidth())
         rates.append(matmul_gflops())
-        rows[name] = breakdown(model, ids, new, mode, wd, ad)
+        rows[name] = breakdown(model, ids, new, mode, wd, ad, program)
         print(f"{name:<12} {rows[name]['step_ms']:7.2f} ms/step  " + "  ".join(
             f"{k} {v:.2f}" for k, v in rows[name]["ms_per_step"].items()), flush=True)
     bw, rate = statistics.median(bws[1:] or bws), statistics.median(rates)
     macs = sum(m.in_features * m.out_features for m in model.modules()
                if isinstance(m, torch.nn.Linear))
     for name, row in rows.items():
-        mode, wd, ad = VARIANTS[name]
+        mode, wd, ad, _ = VARIANTS[name]
         rows_per_step = cfg.block_size if mode == "nbp" else 1
         nbytes = weight_bytes(model, wd) + cache_bytes(cfg, given + new // 2)
         row["memory_floor_ms"] = nbytes / bw * 1e3

@@ -36,7 +36,8 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    from nbp_kernels import decode_attention_cpu, int8_linear, packed_linear, sample_cpu
+    from nbp_kernels import (decode_attention_cpu, decode_step_cpu, int8_linear, packed_linear,
+                             sample_cpu)
     from nbp_kernels.cpu_build import cpu_isa
     from nbp_kernels.cuda_ops import build_info
     info["cuda_extension"] = build_info()
@@ -46,7 +47,8 @@ def collect() -> dict:
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
     for name, mod in (("packed_linear", packed_linear), ("sample_cpu", sample_cpu),
-                      ("decode_attention_cpu", decode_attention_cpu)):
+                      ("decode_attention_cpu", decode_attention_cpu),
+                      ("decode_step_cpu", decode_step_cpu)):
         ok, why = mod.is_available()
         info[name] = True if ok else f"no ({why})"
     path, why = int8_linear.kernel_path()
@@ -69,7 +71,9 @@ def run(args) -> int:
     for key, label, use in (
             ("packed_linear", "packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
             ("sample_cpu", "sample_cpu", "float32 CPU sampler"),
-            ("decode_attention_cpu", "decode_attention", "float32 CPU decode attention, 4+ queries")):
+            ("decode_attention_cpu", "decode_attention",
+             "float32 CPU decode attention (4+ queries outside decode_step)"),
+            ("decode_step_cpu", "decode_step", "a CPU decode step in one C call")):
         print(f"{label:>16}: {f'yes ({use})' if info[key] is True else info[key]}")
     i8 = info["int8_linear"]
     print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 activations: {i8['why']})"

@@ -180,11 +180,22 @@ static inline __attribute__((always_inline)) void group(
         int64_t c = col0 + j0 * PANEL;
         for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
             int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-            if (rows == TILE_ROWS && np == TILE_PANELS)
-                tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c,
-                     TILE_ROWS, TILE_PANELS);
-            else
+#define TILE_OF(R) tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c, R, \
+                        TILE_PANELS)
+            if (np == TILE_PANELS) {
+                /* a constant row count per case: the generic tile tests every row in its
+                 * inner loop, and 16 rows on AVX2 leave a 4-row last tile */
+                switch (rows) {
+                case TILE_ROWS: TILE_OF(TILE_ROWS); break;
+                case 4: TILE_OF(4); break;
+                case 2: TILE_OF(2); break;
+                default: tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c,
+                              rows, np);
+                }
+            } else {
                 tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c, rows, np);
+            }
+#undef TILE_OF
         }
     }
 }

@@ -1,0 +1,198 @@
+"""``DecodeProgram``: a whole decode step on the CPU in one C call (``cpu/decode_step.c``).
+
+A decode step of the CPU path is ~26 kernel launches; driven from Python each
+paid ~20 us of interpreter and ctypes work, and the torch ops between them
+(embeddings, views, allocations) ran on caches the weight stream had just
+evicted. A program holds everything a step reads and writes (the packed
+weights' pointers, the caches, static activation buffers) and runs the same
+kernels in the same order from C: the logits are those of the Python-driven
+step bit for bit (``tests/test_decode_step_cpu.py``). Semantics:
+``reference.decode_step``.
+
+Usable where ``packed_linear``, ``decode_attention`` (and ``int8_linear`` for
+int8 activations) and ``decode_step`` compile for the ISA in force; a program
+keeps the libraries of the ISA it was built under (``isa``).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import decode_attention_cpu, int8_linear, packed_linear
+from ._cpu_launch import ACTS, check_rc
+from .cpu_build import load, usable
+
+__all__ = ["DecodeProgram", "LayerParts", "PIECES", "is_available"]
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+PIECES = ("embedding", "linears", "attention", "head")   # decode_step.c's seconds[] order
+
+
+class _Linear(ctypes.Structure):   # decode_step.c's linear_t
+    _fields_ = [("fn", _P), ("wp", _P), ("corr", _P), ("scale", _P), ("bias", _P),
+                ("gamma", _P), ("beta", _P), ("int8", _I64), ("code", _I64), ("K", _I64),
+                ("n_out", _I64), ("norm", _I64), ("act", _I64), ("eps", ctypes.c_double)]
+
+
+class _Layer(ctypes.Structure):    # layer_t
+    _fields_ = [("qkv", _Linear), ("proj", _Linear), ("fc1", _Linear), ("fc2", _Linear),
+                ("k_cache", _P), ("v_cache", _P)]
+
+
+class _Step(ctypes.Structure):     # step_t
+    _fields_ = [("n_layer", _I64), ("B", _I64), ("L", _I64), ("H", _I64), ("D", _I64),
+                ("vocab", _I64), ("n_pos", _I64), ("cache_strides", _I64 * 3),
+                ("tok_emb", _P), ("pos_emb", _P), ("layers", ctypes.POINTER(_Layer)),
+                ("head", _Linear), ("attention", _P), ("scale", ctypes.c_double),
+                ("x", _P), ("x1", _P), ("qkv", _P), ("att", _P), ("h", _P), ("logits", _P)]
+
+
+@functools.cache
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.nbp_decode_step.restype = ctypes.c_int
+    lib.nbp_decode_step.argtypes = [ctypes.POINTER(_Step), _P, _P, _I64, _I64, _I64, _P, _P,
+                                    _P]
+    return lib
+
+
+def is_available(int8_act: bool = False) -> tuple[bool, str]:
+    """(usable, reason): whether every library a program calls compiles for the ISA in
+    force (with ``int8_act``, int8_linear's too)."""
+    names = ["decode_step", "packed_linear", "decode_attention"] + (["int8_linear"] if int8_act
+                                                                     else [])
+    for name in names:
+        ok, why = usable(name)
+        if not ok:
+            return False, f"{name}: {why}"
+    return True, usable("decode_step")[1]
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One transformer block's decode pieces: ``qkv`` the stacked [q | k | v] PackedLinear
+    (``PackedLinear.stacked``), ``proj``, ``fc1``, ``fc2`` PackedLinears, and the
+    LayerNorms read before qkv (``ln1``) and fc1 (``ln2``) as (weight, bias, eps),
+    weight/bias float32 [C] or None."""
+    qkv: packed_linear.PackedLinear
+    proj: packed_linear.PackedLinear
+    fc1: packed_linear.PackedLinear
+    fc2: packed_linear.PackedLinear
+    ln1: tuple
+    ln2: tuple
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeProgram:
+    """One decode step shape (B sequences x L new tokens) of a model, run by one C call.
+
+    tok_emb float32 [V, C]; pos_emb float32 [n_pos, C]; layers: a LayerParts per
+    block; ln_f (weight, bias, eps) and head (a PackedLinear to V outputs, no bias
+    needed); k_cache, v_cache float32 [n_layer, B, H, capacity, D] (a
+    ``StaticKVCache``'s storage); n_head H. Every PackedLinear must run its kernel
+    (``takes_module`` is not consulted: the kernels take any row count). The
+    tensors are referenced, not copied: the program sees later in-place changes
+    of the caches (that is the point) and must not outlive them.
+    """
+
+    def __init__(self, *, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
+                 layers: list[LayerParts], ln_f: tuple, head: packed_linear.PackedLinear,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, block: int):
+        n_layer, B, H, cap, D = k_cache.shape
+        C, V = tok_emb.shape[1], tok_emb.shape[0]
+        if len(layers) != n_layer or H * D != C or v_cache.shape != k_cache.shape:
+            raise ValueError(f"layers/k_cache/v_cache: expected {n_layer} layers and caches "
+                             f"[n_layer, B, H, capacity, D] with H * D = {C}")
+        for t, name in ((tok_emb, "tok_emb"), (pos_emb, "pos_emb"), (k_cache, "k_cache"),
+                        (v_cache, "v_cache")):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous float32 CPU tensor")
+        self.libs, self.isa = self._libraries(any(p.act_dtype == torch.int8 for p in
+                                                  (head, *(q.qkv for q in layers))))
+        rows = B * block
+        self.B, self.L, self.H, self.D, self.capacity = B, block, H, D, cap
+        self._buffers = {name: torch.empty(rows, width) for name, width in
+                         (("x", C), ("x1", C), ("qkv", 3 * C), ("att", C), ("h", 4 * C),
+                          ("logits", V))}
+        self._keep = (tok_emb, pos_emb, layers, ln_f, head, k_cache, v_cache)
+        self._layers = (_Layer * n_layer)(*(
+            _Layer(self._linear(p.qkv, p.ln1), self._linear(p.proj), self._linear(p.fc1, p.ln2,
+                                                                                  "gelu"),
+                   self._linear(p.fc2), k_cache[i].data_ptr(), v_cache[i].data_ptr())
+            for i, p in enumerate(layers)))
+        strides = (_I64 * 3)(*k_cache[0].stride()[:3])
+        self._step = _Step(n_layer, B, block, H, D, V, pos_emb.shape[0], strides,
+                           tok_emb.data_ptr(), pos_emb.data_ptr(), self._layers,
+                           self._linear(head, ln_f), self._fn("decode_attention",
+                                                              "nbp_decode_attention"),
+                           1.0 / math.sqrt(D), *(b.data_ptr() for b in self._buffers.values()))
+        self._parts: dict[int, torch.Tensor] = {}
+        self.timing: torch.Tensor | None = None   # float64 [len(PIECES)] to time the pieces
+
+    @staticmethod
+    def _libraries(int8_act: bool):
+        ok, why = is_available(int8_act)
+        if not ok:
+            raise RuntimeError(f"DecodeProgram is not usable here: {why}")
+        libs = {"packed_linear": load("packed_linear")[0],
+                "decode_attention": load("decode_attention", decode_attention_cpu._bind)[0]}
+        if int8_act:
+            libs["int8_linear"], libs["vnni"], _ = int8_linear._load()
+        lib, isa, _ = load("decode_step", _bind)
+        libs["decode_step"] = lib
+        return libs, isa
+
+    def _fn(self, lib: str, name: str) -> int:
+        return ctypes.cast(getattr(self.libs[lib], name), _P).value
+
+    def _linear(self, p: packed_linear.PackedLinear, norm: tuple | None = None,
+                act: str | None = None) -> _Linear:
+        """The C description of PackedLinear p with its prologue and epilogue."""
+        int8 = p.act_dtype == torch.int8
+        gamma, beta, eps = norm if norm is not None else (None, None, 0.0)
+        code = (int(self.libs["vnni"] == "avx512-vnni") if int8
+                else packed_linear.WEIGHT_DTYPES[p.packed.dtype])
+        fn = (self._fn("int8_linear", "nbp_int8_linear") if int8
+              else self._fn("packed_linear", "nbp_packed_linear"))
+        return _Linear(fn, p.packed.data_ptr(), _ptr(p.corr), _ptr(p.scale), _ptr(p.bias),
+                       _ptr(gamma), _ptr(beta), int(int8), code, p.in_features, p.out_features,
+                       int(norm is not None), ACTS[act], float(eps))
+
+    def __call__(self, ids: torch.Tensor, seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+        """ids int64 [B, L] at positions seq_lens[b] + 0..L-1; seq_lens int32 [B] (read, not
+        advanced); length: cache positions attention reads (<= capacity). Appends every
+        layer's keys/values at seq_lens and returns logits float32 [B, L, V]: the
+        program's buffer, overwritten by its next call. With ``timing`` set to a float64
+        tensor [4], the call adds to it the seconds of its embeddings, layer linears,
+        attention and head (``PIECES``; the benchmarks' step breakdown)."""
+        B, L = self.B, self.L
+        if ids.shape != (B, L) or ids.dtype != torch.int64 or not ids.is_contiguous():
+            raise ValueError(f"ids: expected contiguous int64 [{B}, {L}], got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
+            raise ValueError(f"seq_lens: expected int32 [{B}], got {seq_lens.dtype} "
+                             f"{tuple(seq_lens.shape)}")
+        if not 0 < length <= self.capacity:
+            raise ValueError(f"length: expected 1..{self.capacity} (the cache capacity), got "
+                             f"{length}")
+        threads = max(1, torch.get_num_threads())
+        splits = decode_attention_cpu.splits_for(B * self.H, threads,
+                                                 -(-length // decode_attention_cpu.CHUNK))
+        work = decode_attention_cpu._work(self.libs["decode_attention"], threads, L, self.D)
+        parts = self._parts.get(splits) if splits > 1 else None
+        if splits > 1 and parts is None:
+            parts = self._parts[splits] = torch.empty(B * self.H * splits * L * (self.D + 2))
+        rc = self.libs["decode_step"].nbp_decode_step(
+            ctypes.byref(self._step), ids.data_ptr(), seq_lens.data_ptr(), length, splits,
+            threads, work.data_ptr(), _ptr(parts), _ptr(self.timing))
+        if rc == -3:
+            raise ValueError("ids: a token id is outside the vocabulary, or a position outside "
+                             "the position table")
+        check_rc("decode_step", rc)
+        return self._buffers["logits"].view(B, L, -1)

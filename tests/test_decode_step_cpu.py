@@ -1,0 +1,187 @@
+"""DecodeProgram (nbp_kernels/decode_step_cpu.py): a whole CPU decode step in one C call,
+against the Python-driven step (the same kernels: bit for bit) and against
+``reference.decode_step`` (tolerance), on every ISA path this machine runs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbp.cache import StaticKVCache
+from nbp.config import TransformerConfig
+from nbp.generate import FastGenerator
+from nbp.model import NBPTransformer, call_module
+from nbp.runner import Kernels, ModelRunner, cpu_program
+from nbp_kernels import decode_attention_cpu, reference, torch_ops
+from nbp_kernels.cpu_build import cpu_isa, supported_isas
+from nbp_kernels.cpu_ops import PackedLinears
+from nbp_kernels.decode_step_cpu import is_available
+
+_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
+# name: (weight_dtype, act_dtype) of PackedLinears
+DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None),
+          "int8": (torch.int8, None), "int8_a8": (torch.int8, torch.int8)}
+
+
+@pytest.fixture(params=_ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("NBP_CPU_ISA", request.param)
+    ok, why = is_available(int8_act=True)
+    assert ok, why
+    return request.param
+
+
+def model_of(n_head: int, head_dim: int, vocab: int, n_layer: int = 2) -> NBPTransformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                            n_embd=n_head * head_dim, max_seq_len=96, latent_shape=(3, 4, 4),
+                            block_shape=(1, 1, 4), codebook_size=vocab)
+    model = NBPTransformer(cfg).eval()
+    with torch.no_grad():   # non-trivial LayerNorm and bias values
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def runner(model, linear, rows: int, prefix: int, programs: bool, seed: int = 1):
+    """A ModelRunner over a fresh cache whose first ``prefix`` positions hold random keys and
+    values (seq_lens = prefix, row r: prefix - r, so the rows differ)."""
+    cfg = model.config
+    cache = StaticKVCache.for_model(cfg, rows, cfg.max_seq_len)
+    g = torch.Generator().manual_seed(seed)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    cache.seq_lens.copy_(torch.tensor([prefix - r for r in range(rows)], dtype=torch.int32))
+    kernels = Kernels.resolve("auto", device=torch.device("cpu"), dtype=torch.float32,
+                              head_dim=cfg.head_dim, block_size=cfg.block_size,
+                              step_lens=(1, 2, 3, 4, 5, 7, 16))
+    return ModelRunner(model, cache, kernels=kernels, block_size=cfg.block_size, hybrid=False,
+                       cond_len=0, length=cfg.max_seq_len, linear=linear, programs=programs)
+
+
+@torch.no_grad()
+def two_steps(model, linear, rows: int, n: int, programs: bool):
+    """Logits of two consecutive steps of n tokens, and the caches after them."""
+    r = runner(model, linear, rows, prefix=21, programs=programs)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (2, rows, n), generator=g)
+    out = [r.decode(ids[0], 21 + n).clone(), r.decode(ids[1], 21 + 2 * n).clone()]
+    assert bool(r._programs and all(p is not None for p in r._programs.values())) == programs
+    return out, r.cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (2, 5), (3, 4), (3, 3), (2, 1)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("heads", [(2, 16, 101), (2, 96, 64)], ids=["d16-v101", "d96"])
+def test_program_matches_python_step(isa, dtype, shape, heads):
+    """Same kernels, same order, same buffers: the logits and the caches are the Python-driven
+    step's bit for bit (rows x tokens: one sequence of a block, odd blocks, CFG-like pairs).
+    Under MIN_ROWS tokens the Python-driven step attends with SDPA (the program with its C
+    kernel), and one row of float32 goes through BLAS for small weights: equal to rounding."""
+    rows, n = shape
+    model = model_of(*heads)
+    linear = PackedLinears(model, *DTYPES[dtype])
+    want, cache_py = two_steps(model, linear, rows, n, programs=False)
+    got, cache_c = two_steps(model, linear, rows, n, programs=True)
+    if n >= decode_attention_cpu.MIN_ROWS:
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert torch.equal(cache_c.k, cache_py.k) and torch.equal(cache_c.v, cache_py.v)
+    else:   # int8 activations: a rounding upstream can move a row's quantization step
+        tol = 5e-2 if dtype == "int8_a8" else 1e-5
+        for a, b in zip(got + [cache_c.k, cache_c.v], want + [cache_py.k, cache_py.v]):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert torch.equal(cache_c.seq_lens, cache_py.seq_lens)
+
+
+def reference_blocks(model, dtype: str):
+    """reference.decode_step's weights for ``model`` stored at ``dtype``."""
+    wd, ad = DTYPES[dtype]
+
+    def lin(*mods):
+        w = torch.cat([m.weight.detach() for m in mods])
+        b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        stored, scale = reference.quantize_weight(w, wd or torch.float32)
+        return (stored if ad == torch.int8 else stored.float()), b, scale
+
+    def ln(m):
+        return m.weight.detach(), m.bias.detach(), m.eps
+    blocks = [dict(ln1=ln(b.ln1), ln2=ln(b.ln2), qkv=lin(*b.attn.qkv), proj=lin(b.attn.proj),
+                   fc1=lin(b.mlp[0]), fc2=lin(b.mlp[2])) for b in model.blocks]
+    return blocks, ln(model.ln_f), lin(model.head)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.no_grad()
+def test_program_matches_reference(isa, dtype):
+    model = model_of(3, 32, 200, n_layer=3)
+    rows, n = 2, 7
+    r = runner(model, PackedLinears(model, *DTYPES[dtype]), rows, prefix=30, programs=True)
+    k, v, lens = r.cache.k.clone(), r.cache.v.clone(), r.cache.seq_lens.clone()
+    ids = torch.randint(0, 200, (rows, n), generator=torch.Generator().manual_seed(3))
+    got = r.decode(ids, 30 + n)
+    blocks, ln_f, head = reference_blocks(model, dtype)
+    want = reference.decode_step(ids, lens, k, v, tok_emb=model.tok_emb.weight.detach(),
+                                 pos_emb=model.pos_emb.detach()[0], blocks=blocks, ln_f=ln_f,
+                                 head=head, n_head=3, int8_act=dtype == "int8_a8")
+    # int8 activations: a different rounding upstream can move a row's quantization step
+    tol = 5e-2 if dtype == "int8_a8" else 1e-4
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(r.cache.k, k, atol=tol, rtol=tol)
+    assert torch.equal(r.cache.seq_lens, lens + n)
+
+
+def test_program_refuses_bad_ids_before_writing(isa):
+    model = model_of(2, 16, 101)
+    r = runner(model, PackedLinears(model), 2, prefix=21, programs=True)
+    k = r.cache.k.clone()
+    ok = torch.zeros(2, 4, dtype=torch.long)
+    program = r._program(ok)
+    assert program is not None
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        program(torch.tensor([[0, 1, 101, 2], [0, 0, 0, 0]]), r.cache.seq_lens, 40)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        program(ok, torch.tensor([21, 93], dtype=torch.int32), 96)   # position 96 > table
+    with pytest.raises(ValueError, match="ids: expected contiguous int64"):
+        program(ok[:1], r.cache.seq_lens, 40)
+    with pytest.raises(ValueError, match="ids: expected contiguous int64"):
+        program(ok.int(), r.cache.seq_lens, 40)
+    with pytest.raises(ValueError, match="seq_lens: expected int32"):
+        program(ok, r.cache.seq_lens.long(), 40)
+    with pytest.raises(ValueError, match="length: expected 1..96"):
+        program(ok, r.cache.seq_lens, 97)
+    assert torch.equal(r.cache.k, k) and torch.equal(r.cache.seq_lens,
+                                                     torch.tensor([21, 20], dtype=torch.int32))
+
+
+def test_program_only_where_the_kernels_run_every_piece():
+    model = model_of(2, 16, 101)
+    cache = StaticKVCache.for_model(model.config, 1, 96)
+    attn = decode_attention_cpu.block_decode_attention
+    assert cpu_program(model, call_module, cache, attn, 4) is None
+    assert cpu_program(model, PackedLinears(model), cache, torch_ops.block_decode_attention,
+                       4) is None
+    model.train()   # active dropout is not the kernels'
+    model.blocks[0].attn.resid_drop.p = 0.1
+    assert cpu_program(model, PackedLinears(model), cache, attn, 4) is None
+
+
+@pytest.mark.parametrize("mode", ["nbp", "ntp"])
+def test_generator_runs_programs_with_the_same_tokens(isa, mode):
+    """FastGenerator drives its CPU decode steps through programs by default; NBP blocks
+    draw the same tokens as the Python-driven steps."""
+    model = model_of(2, 16, 101)
+    cfg = model.config
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for programs in (False, True):
+        gen = FastGenerator(model, packed_linear=True)
+        gen.decode_programs = programs
+        out[programs] = gen.generate_tokens(ids, 24, mode=mode, top_k=50,
+                                            generator=torch.Generator().manual_seed(5))
+        used = [p for s in gen._steps.values() for p in s.runner._programs.values() if p]
+        assert bool(used) == programs
+    if mode == "nbp":   # rows x 4 tokens a step: the kernels everywhere on both paths
+        assert torch.equal(out[True], out[False])
+    assert out[True].shape == (2, 24) and int(out[True].max()) < cfg.vocab_size
