@@ -7,23 +7,26 @@ times slower than 1. Sleeping waits (``OMP_WAIT_POLICY=PASSIVE``) survive a
 busy machine, but on a quiet one every parallel region then pays a thread
 wake-up, and a decode step runs ~35 of them. So: a short spin where the cores
 are idle when nbp is imported (fewer other runnable tasks than half the
-cores), sleeping waits where they are not. An explicit ``OMP_WAIT_POLICY`` or
-``GOMP_SPINCOUNT`` is kept.
+cores, counted until the count settles: a pipe's other end starting with us
+once made a quiet machine look busy, and sleeping waits cost a C-driven int8
+decode step 1.6x), sleeping waits where they are not. An explicit
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is kept.
 
-The spin is 10000 rounds of ``pause``, about 0.13 ms here: long enough to
-bridge the Python between two kernels of a step (20-80 us measured), so the
-worker is still awake for the next one. A K600 NBP generation at 2 threads took
-0.59-0.60 s with it, 0.66-0.74 s with 3000 rounds (0.04 ms) and 0.76-0.79 s with
-sleeping waits (benchmarks/results/cpu_threads_k600_*.json). The price is paid
-when load arrives after the choice was made: a K600-like step under one busy
-loop took 30 ms against 22 ms with 3000 rounds or sleeping waits
+The spin is 3000 rounds of ``pause``, about 0.04 ms here: enough to bridge the
+C-driven decode step's gaps (one ``DecodeProgram`` call per step: its kernels
+follow each other in C) and the sampler after it. A K600 NBP generation at 2
+threads took 0.46-0.49 s with it, 0.46-0.50 s with 10000 rounds and 0.57 s with
+sleeping waits (benchmarks/results/cpu_threads_k600_*.json). 10000 rounds was the
+default while the step was driven from Python (20-80 us between kernels), at a
+price paid when load arrives after the choice was made: a K600-like step under
+one busy loop took 30 ms against 22 ms with 3000 rounds or sleeping waits
 (benchmarks/results/cpu_threads_under_load_*_spin10k.json).
 """
 from __future__ import annotations
 
 import os
 
-SPIN_COUNT = "10000"
+SPIN_COUNT = "3000"
 
 
 def wait_policy_for(busy: float | None, cores: int) -> dict[str, str]:
@@ -45,6 +48,24 @@ def other_runnable() -> float | None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def settled_runnable(read=other_runnable, reads: int = 16, interval: float = 0.01) -> float | None:
+    """``read()`` (other runnable tasks), read again up to ``reads`` times ``interval`` seconds
+    apart while it counts any, keeping the smallest count: a process that is only starting
+    (the other end of a pipe, ``nbp ... | python filter.py``: a Python start took ~120 ms
+    here) is runnable for a while, a busy one stays runnable. An idle machine pays one
+    read; a busy one ~0.16 s, once, at import."""
+    import time
+
+    busy = read()
+    for _ in range(reads - 1):
+        if not busy:
+            break
+        time.sleep(interval)
+        again = read()
+        busy = busy if again is None else min(busy, again)
+    return busy
+
+
 # (other runnable tasks, cores, what was set) of the choice made at import; None when the
 # user set one.
 CHOICE: tuple[float | None, int, dict[str, str]] | None = None
@@ -55,7 +76,7 @@ def choose_wait_policy() -> dict[str, str]:
     global CHOICE
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return {}
-    busy, cores = other_runnable(), os.cpu_count() or 1
+    busy, cores = settled_runnable(), os.cpu_count() or 1
     chosen = wait_policy_for(busy, cores)
     os.environ.update(chosen)
     CHOICE = (busy, cores, chosen)

@@ -120,6 +120,20 @@ def test_wait_policy_rule():
     assert wait_policy_for(None, 8) == {"OMP_WAIT_POLICY": "PASSIVE"}   # unknown: the safe one
 
 
+def test_settled_runnable_waits_out_a_starting_process():
+    """A count that drops to zero within the reads is an idle machine (a process that was
+    only starting); one that stays up is a busy one; an idle first read costs no wait."""
+    from nbp._wait_policy import settled_runnable
+
+    def reader(counts):
+        it = iter(counts)
+        return lambda: next(it)
+    assert settled_runnable(reader([1, 1, 0, 5]), reads=4, interval=0) == 0
+    assert settled_runnable(reader([2, 1, 1, 1]), reads=4, interval=0) == 1
+    assert settled_runnable(reader([0]), reads=4, interval=0) == 0      # one read only
+    assert settled_runnable(reader([None] * 4), reads=4, interval=0) is None
+
+
 def test_other_runnable_counts_a_busy_process():
     from nbp._wait_policy import other_runnable
 

@@ -13,7 +13,8 @@ its fused cache append, LayerNorm, GELU). The sampler is timed by wrapping it;
 "other" is the rest (Python, embeddings, cache bookkeeping). Floors, per step:
 
 * memory: bytes the step must read (weights at their dtype + the KV cache at
-  the step's median length) over the read bandwidth of a threaded sum (same run);
+  the step's median length) over the read bandwidth (``read_bandwidth``: the
+  faster of a threaded sum and the packed linear's one-row stream; same run);
 * compute: the linears' multiply-adds at the float32 matmul rate of an
   n x n ``torch.mm`` (same run); the int8-activation variant's integer
   dot products are not bound by it (VNNI does 4 int8 multiply-adds per fp32 FMA).
