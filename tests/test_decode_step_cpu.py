@@ -185,3 +185,23 @@ def test_generator_runs_programs_with_the_same_tokens(isa, mode):
     if mode == "nbp":   # rows x 4 tokens a step: the kernels everywhere on both paths
         assert torch.equal(out[True], out[False])
     assert out[True].shape == (2, 24) and int(out[True].max()) < cfg.vocab_size
+
+
+@torch.no_grad()
+def test_program_times_its_pieces_when_asked(isa):
+    """With a ``timing`` tensor the program adds each piece's seconds to it (the step breakdown
+    benchmark reads them); without one it writes nothing there."""
+    from nbp_kernels.decode_step_cpu import PIECES
+
+    model = model_of(2, 16, 101)
+    r = runner(model, PackedLinears(model), 1, prefix=21, programs=True)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    program = r._program(ids)
+    program(ids, r.cache.seq_lens, 40)
+    assert program.timing is None
+    program.timing = torch.zeros(len(PIECES), dtype=torch.float64)
+    program(ids, r.cache.seq_lens, 40)
+    first = program.timing.clone()
+    assert (first > 0).all() and first.sum() < 10
+    program(ids, r.cache.seq_lens, 40)
+    assert (program.timing > first).all()
