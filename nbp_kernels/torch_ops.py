@@ -6,6 +6,8 @@ inside a captured graph.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -13,11 +15,42 @@ from .reference import nbp_mask
 from .registry import register
 
 
+# Query rows per SDPA call on the CPU: each chunk reads only the keys its rows can see.
+# A 512-token prefill in blocks of 16 (6 heads x 64): 1.75 ms a layer against 2.71 for one
+# call over the whole mask (2-core AVX-512 VM); 128 rows were no faster than 256.
+CPU_QUERY_CHUNK = 256
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_plan(q_len: int, kv_len: int, block_size: int, cond_len: int, hybrid: bool,
+               device: torch.device):
+    """(the NBP mask [q_len, kv_len], ((q0, q1, keys), ...) or None): built once per shape,
+    not once per layer (0.4 ms each at 512 x 512). On the CPU, beyond one chunk of
+    ``CPU_QUERY_CHUNK`` rows, each chunk of rows with the keys up to its last visible one."""
+    mask = nbp_mask(q_len, kv_len, block_size=block_size, cond_len=cond_len, hybrid=hybrid,
+                    device=device)
+    if device.type != "cpu" or q_len <= CPU_QUERY_CHUNK:
+        return mask, None
+    chunks = []
+    for q0 in range(0, q_len, CPU_QUERY_CHUNK):
+        q1 = min(q_len, q0 + CPU_QUERY_CHUNK)
+        seen = mask[q0:q1].any(0).nonzero()
+        chunks.append((q0, q1, int(seen[-1]) + 1 if len(seen) else 1))
+    return mask, tuple(chunks)
+
+
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
     """q, k, v: [B, H, S, D] -> [B, H, S, D]; differentiable."""
-    mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
-                    hybrid=hybrid, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if torch.compiler.is_compiling():
+        mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
+                        hybrid=hybrid, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask, chunks = _mask_plan(q.shape[2], k.shape[2], block_size, cond_len, hybrid, q.device)
+    if chunks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, :n], v[:, :, :n],
+                                                     attn_mask=mask[q0:q1, :n], scale=scale)
+                      for q0, q1, n in chunks], dim=2)
 
 
 def _host_lens(seq_lens: torch.Tensor) -> list[int] | None:

@@ -1,0 +1,44 @@
+"""The ``torch`` backend's block-causal attention against nbp_kernels.reference, forward and
+backward, at lengths where the CPU path splits the queries into chunks that each read only
+the keys they can see (``torch_ops.CPU_QUERY_CHUNK``), and below it."""
+import pytest
+import torch
+
+import nbp_kernels
+from nbp_kernels import reference, torch_ops
+
+# (B, H, S, D, block_size, cond_len, hybrid): odd S, S not a multiple of the block or of
+# the chunk, condition prefixes, hybrid layout, one chunk exactly, under one chunk
+CASES = [
+    (1, 2, 517, 32, 16, 0, False),
+    (2, 1, 301, 96, 7, 5, True),
+    (1, 1, 600, 16, 1, 0, False),
+    (1, 1, 300, 16, 300, 0, False),
+    (1, 1, 290, 16, 16, 290, False),
+    (1, 1, torch_ops.CPU_QUERY_CHUNK, 16, 16, 3, False),
+    (1, 2, 37, 96, 5, 3, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}S{}D{}L{}c{}{}".format(
+    *c[:6], "h" if c[6] else ""))
+def test_torch_backend_matches_reference(case):
+    B, H, S, D, bs, cond, hybrid = case
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).requires_grad_() for _ in range(3))
+    kw = dict(block_size=bs, cond_len=cond, hybrid=hybrid)
+    out = nbp_kernels.block_causal_attention(q, k, v, backend="torch", **kw)
+    want = reference.block_causal_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do),
+                    torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_plan_chunks_read_only_visible_keys():
+    mask, chunks = torch_ops._mask_plan(517, 517, 16, 0, False, torch.device("cpu"))
+    assert chunks == ((0, 256, 256), (256, 512, 512), (512, 517, 517))
+    for q0, q1, n in chunks:
+        assert not mask[q0:q1, n:].any()
+    assert torch_ops._mask_plan(100, 100, 16, 0, False, torch.device("cpu"))[1] is None
