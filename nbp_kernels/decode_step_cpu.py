@@ -85,6 +85,17 @@ class LayerParts:
     ln2: tuple
 
 
+def _check_shapes(layers: list[LayerParts], head, C: int, F: int, V: int) -> None:
+    """A ValueError naming the first linear whose (in, out) features are not the step's."""
+    want = {"qkv": (C, 3 * C), "proj": (C, C), "fc1": (C, F), "fc2": (F, C)}
+    parts = [(f"layers[{i}].{n}", getattr(p, n), w) for i, p in enumerate(layers)
+             for n, w in want.items()] + [("head", head, (C, V))]
+    for name, lin, (k, n) in parts:
+        got = (lin.in_features, lin.out_features)
+        if got != (k, n):
+            raise ValueError(f"{name}: expected {k} -> {n} features, got {got[0]} -> {got[1]}")
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -93,12 +104,14 @@ class DecodeProgram:
     """One decode step shape (B sequences x L new tokens) of a model, run by one C call.
 
     tok_emb float32 [V, C]; pos_emb float32 [n_pos, C]; layers: a LayerParts per
-    block; ln_f (weight, bias, eps) and head (a PackedLinear to V outputs, no bias
-    needed); k_cache, v_cache float32 [n_layer, B, H, capacity, D] (a
-    ``StaticKVCache``'s storage); n_head H. Every PackedLinear must run its kernel
-    (``takes_module`` is not consulted: the kernels take any row count). The
-    tensors are referenced, not copied: the program sees later in-place changes
-    of the caches (that is the point) and must not outlive them.
+    block (qkv C -> 3C, proj C -> C, fc1 C -> F, fc2 F -> C); ln_f (weight, bias,
+    eps) and head (a PackedLinear C -> V); k_cache, v_cache float32 [n_layer, B, H,
+    capacity, D] with H D = C (a ``StaticKVCache``'s storage); block: L, the tokens
+    of a step. Every PackedLinear runs its kernel (``takes_module`` is not
+    consulted: the kernels take any row count). The tensors are referenced, not
+    copied: the program sees later in-place changes of the caches (that is the
+    point) and must not outlive them. Shapes that disagree raise ValueError naming
+    the part.
     """
 
     def __init__(self, *, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
@@ -113,12 +126,16 @@ class DecodeProgram:
                         (v_cache, "v_cache")):
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
                 raise ValueError(f"{name}: expected a contiguous float32 CPU tensor")
+        if pos_emb.dim() != 2 or pos_emb.shape[1] != C:
+            raise ValueError(f"pos_emb: expected [n_pos, {C}], got {tuple(pos_emb.shape)}")
+        F = layers[0].fc1.out_features if layers else 4 * C
+        _check_shapes(layers, head, C, F, V)
         self.libs, self.isa = self._libraries(any(p.act_dtype == torch.int8 for p in
                                                   (head, *(q.qkv for q in layers))))
         rows = B * block
         self.B, self.L, self.H, self.D, self.capacity = B, block, H, D, cap
         self._buffers = {name: torch.empty(rows, width) for name, width in
-                         (("x", C), ("x1", C), ("qkv", 3 * C), ("att", C), ("h", 4 * C),
+                         (("x", C), ("x1", C), ("qkv", 3 * C), ("att", C), ("h", F),
                           ("logits", V))}
         self._keep = (tok_emb, pos_emb, layers, ln_f, head, k_cache, v_cache)
         self._layers = (_Layer * n_layer)(*(

@@ -205,3 +205,25 @@ def test_program_times_its_pieces_when_asked(isa):
     assert (first > 0).all() and first.sum() < 10
     program(ids, r.cache.seq_lens, 40)
     assert (program.timing > first).all()
+
+
+def test_program_refuses_linears_of_other_widths(isa):
+    from nbp_kernels.decode_step_cpu import DecodeProgram, LayerParts
+
+    model = model_of(2, 16, 101)
+    linear = PackedLinears(model)
+    cache = StaticKVCache.for_model(model.config, 1, 96)
+    b = model.blocks[0]
+    parts = dict(qkv=linear.stacked(b.attn.qkv), proj=linear.packed[b.attn.proj],
+                 fc1=linear.packed[b.mlp[0]], fc2=linear.packed[b.mlp[2]],
+                 ln1=linear.norm_args(b.ln1), ln2=linear.norm_args(b.ln2))
+    kw = dict(tok_emb=model.tok_emb.weight.detach(), pos_emb=model.pos_emb.detach()[0],
+              ln_f=linear.norm_args(model.ln_f), head=linear.packed[model.head],
+              k_cache=cache.k, v_cache=cache.v, block=4)
+    ok = [LayerParts(**parts) for _ in model.blocks]
+    assert DecodeProgram(layers=ok, **kw) is not None
+    bad = [LayerParts(**parts), LayerParts(**{**parts, "proj": parts["fc1"]})]
+    with pytest.raises(ValueError, match=r"layers\[1\]\.proj: expected 32 -> 32 features"):
+        DecodeProgram(layers=bad, **kw)
+    with pytest.raises(ValueError, match="head: expected 32 -> 101"):
+        DecodeProgram(layers=ok, **{**kw, "head": parts["fc1"]})

@@ -68,7 +68,7 @@ typedef struct {
     void *attention;
     double scale;
     float *x, *x1, *qkv, *att, *h, *logits;   /* [rows, C] [rows, C] [rows, 3C] [rows, C]
-                                                * [rows, 4C] [rows, vocab], rows = B L */
+                                                * [rows, fc1 width] [rows, vocab], rows = B L */
 } step_t;
 
 static int linear(const linear_t *l, const float *x, int64_t M, float *y, const float *res) {
