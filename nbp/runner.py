@@ -59,7 +59,10 @@ class ModelRunner:
     kernels: the request's attention implementations; block_size / hybrid /
     cond_len: the NBP mask of the request (StepPlan); length: the cache
     positions the request can reach (attention reads only these); linear: how
-    the model's linears are computed (the registry's ``linear`` op).
+    the model's linears are computed (the registry's ``linear`` op); programs:
+    run each CPU decode step as one C call (``cpu_program``) where the kernels
+    compute every piece of it (the logits are then the program's buffer,
+    overwritten by the next step of that shape).
     """
 
     def __init__(self, model: NBPTransformer, cache: StaticKVCache, *, kernels: Kernels,
@@ -120,7 +123,6 @@ class ModelRunner:
         x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)
         return self.model.logits(x, self.linear)
-
 
     def _program(self, ids: torch.Tensor) -> decode_step_cpu.DecodeProgram | None:
         """The C-driven step (``DecodeProgram``) of ids' shape, built once per ISA and shape,
