@@ -154,7 +154,11 @@ class FastGenerator:
     activations) or torch.int8, with weight_dtype=torch.int8 only: the same
     linears also quantize their input rows to int8 at each call and multiply
     in int32 (``nbp_kernels.reference.int8_linear``; faster on CPUs with
-    integer dot products such as AVX512-VNNI, a little less exact).
+    integer dot products such as AVX512-VNNI, a little less exact). With the
+    packed linears and the ``cpu`` decode attention, each decode step is one C
+    call (``nbp_kernels.decode_step_cpu.DecodeProgram``, the same kernels bit for
+    bit); set ``decode_programs = False`` before the first request to drive the
+    steps from Python instead.
 
     Threads: one generator may be shared, but its calls run one at a time (its
     public methods hold one reentrant lock, as they share the static cache and
