@@ -30,32 +30,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(NBP_ISA_AVX512)
-#  if !defined(__AVX512F__) || !defined(__FMA__)
-#    error "NBP_ISA_AVX512 needs -mavx512f -mfma"
-#  endif
-#  define ISA_NAME "avx512"
-#  define VLEN 16
-#  define KT 8      /* keys per score tile: 8 x (up to 2) accumulators of the 32 zmm */
-#  define TDV 4     /* head-dim vectors per PV tile: 4 rows x 4 = 16 accumulators */
-#elif defined(NBP_ISA_AVX2)
-#  if !defined(__AVX2__) || !defined(__FMA__)
-#    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
-#  endif
-#  define ISA_NAME "avx2"
-#  define VLEN 8
+#include "isa.h"   /* VLEN, nbp_cpu_isa */
+
+#if defined(NBP_ISA_AVX2)
 #  define KT 4      /* 4 x 2 accumulators + 2 query vectors of the 16 ymm */
 #  define TDV 2     /* 4 x 2 accumulators + 2 V vectors */
-#elif defined(NBP_ISA_NEON)
-#  if !defined(__aarch64__)
-#    error "NBP_ISA_NEON needs AArch64"
-#  endif
-#  define ISA_NAME "neon"
-#  define VLEN 4
-#  define KT 8
-#  define TDV 4
-#else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
+#else             /* 32 registers (zmm, or q on NEON) */
+#  define KT 8      /* keys per score tile: 8 x (up to 2) accumulators */
+#  define TDV 4     /* head-dim vectors per PV tile: 4 rows x 4 = 16 accumulators */
 #endif
 
 #define LVT 2       /* query-lane vectors per score tile */
@@ -64,8 +46,6 @@
 
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));   /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
-
-const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
 #include "vmath.h"   /* vexp */
 

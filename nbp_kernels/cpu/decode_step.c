@@ -18,17 +18,7 @@
 #include <stdint.h>
 #include <time.h>
 
-#if defined(NBP_ISA_AVX512)
-#  define ISA_NAME "avx512"
-#elif defined(NBP_ISA_AVX2)
-#  define ISA_NAME "avx2"
-#elif defined(NBP_ISA_NEON)
-#  define ISA_NAME "neon"
-#else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
-#endif
-
-const char *nbp_cpu_isa(void) { return ISA_NAME; }
+#include "isa.h"   /* nbp_cpu_isa */
 
 typedef int (*packed_fn)(const float *x, int64_t M, int64_t K, const void *wp, int dtype,
                          const float *scale, const float *bias, float *y, int64_t n_out,

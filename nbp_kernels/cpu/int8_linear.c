@@ -40,27 +40,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__)
-#  include <immintrin.h>
-#endif
-
-#if defined(NBP_ISA_AVX512)
-#  define ISA_NAME "avx512"
-#  define VLEN 16
-#  define X86 1
-#elif defined(NBP_ISA_AVX2)
-#  define ISA_NAME "avx2"
-#  define VLEN 8
-#  define X86 1
-#elif defined(NBP_ISA_NEON)
-#  if !defined(__aarch64__)
-#    error "NBP_ISA_NEON needs AArch64"
-#  endif
-#  define ISA_NAME "neon"
-#  define VLEN 4
-#else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
-#endif
+#include "isa.h"   /* VLEN, X86, nbp_cpu_isa */
 
 #define PANEL 16
 #define PREFETCH 4096       /* bytes ahead in each weight stream */
@@ -81,8 +61,6 @@
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef uint32_t vu __attribute__((vector_size(VLEN * 4), aligned(4)));
-
-const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
 /* Whether this library runs the VNNI path on this CPU. */
 int nbp_int8_vnni(void) {

@@ -33,39 +33,20 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__)
-#  include <immintrin.h>
-#endif
+#include "isa.h"   /* VLEN (floats per vector register), nbp_cpu_isa */
 
 #if defined(NBP_ISA_AVX512)
-#  if !defined(__AVX512F__) || !defined(__FMA__)
-#    error "NBP_ISA_AVX512 needs -mavx512f -mfma"
-#  endif
-#  define ISA_NAME "avx512"
-#  define VLEN 16         /* floats per vector register */
 #  define TILE_ROWS 8     /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
 #  define TILE_PANELS 3
 #  define GROUP 3         /* panels per thread work item; one row streams all of them */
 #elif defined(NBP_ISA_AVX2)
-#  if !defined(__AVX2__) || !defined(__FMA__)
-#    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
-#  endif
-#  define ISA_NAME "avx2"
-#  define VLEN 8
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 12 of the 16 ymm as accumulators */
 #  define TILE_PANELS 1
 #  define GROUP 2
-#elif defined(NBP_ISA_NEON)
-#  if !defined(__aarch64__)
-#    error "NBP_ISA_NEON needs AArch64"
-#  endif
-#  define ISA_NAME "neon"
-#  define VLEN 4
+#else
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 24 of the 32 q registers as accumulators */
 #  define TILE_PANELS 1
 #  define GROUP 2
-#else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
 #endif
 
 #define PANEL 16            /* output columns per panel */
@@ -82,8 +63,6 @@ typedef int8_t vq __attribute__((vector_size(VLEN), aligned(1)));
 typedef int16_t vh __attribute__((vector_size(VLEN * 2)));
 typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
 typedef uint32_t vu __attribute__((vector_size(VLEN * 4)));
-
-const char *nbp_cpu_isa(void) { return ISA_NAME; }
 
 static inline int64_t elem_bytes(const int dtype) {
     return dtype == W_F32 ? 4 : dtype == W_BF16 ? 2 : 1;

@@ -42,34 +42,18 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "isa.h"   /* VLEN, nbp_cpu_isa */
+
+#define LANES VLEN
 #if defined(NBP_ISA_AVX512)
-#  if !defined(__AVX512F__) || !defined(__AVX512DQ__)
-#    error "NBP_ISA_AVX512 needs -mavx512f -mavx512dq"
-#  endif
-#  include <immintrin.h>
-#  define ISA_NAME "avx512"
-#  define LANES 16
 #  define HALF_LO 0, 1, 2, 3, 4, 5, 6, 7
 #  define HALF_HI 8, 9, 10, 11, 12, 13, 14, 15
 #elif defined(NBP_ISA_AVX2)
-#  if !defined(__AVX2__) || !defined(__FMA__)
-#    error "NBP_ISA_AVX2 needs -mavx2 -mfma"
-#  endif
-#  include <immintrin.h>
-#  define ISA_NAME "avx2"
-#  define LANES 8
 #  define HALF_LO 0, 1, 2, 3
 #  define HALF_HI 4, 5, 6, 7
-#elif defined(NBP_ISA_NEON)
-#  if !defined(__aarch64__)
-#    error "NBP_ISA_NEON needs AArch64"
-#  endif
-#  define ISA_NAME "neon"
-#  define LANES 4
+#else
 #  define HALF_LO 0, 1
 #  define HALF_HI 2, 3
-#else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
 #endif
 
 #define CHUNK 256   /* tokens per first-level CDF chunk */
@@ -86,9 +70,6 @@ typedef float vh __attribute__((vector_size(LANES * 2)));
 typedef double vd __attribute__((vector_size(LANES * 4)));                /* LANES / 2 doubles */
 typedef double double_u __attribute__((aligned(4), may_alias));   /* float scratch as doubles */
 
-const char *nbp_cpu_isa(void) { return ISA_NAME; }
-
-#define VLEN LANES
 #include "vmath.h"   /* vexp */
 
 static inline vf splat(float v) { return (vf){0} + v; }
