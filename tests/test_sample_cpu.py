@@ -88,13 +88,20 @@ def test_keep_threshold_empty_batch():
     assert tau.shape == (0, 1) and m.shape == (0, 1)
 
 
-@pytest.mark.parametrize("fill", ["nan", "+inf", "-inf row"])
-def test_keep_threshold_rejects_rows_without_a_finite_max(fill):
+def bad_row_logits(fill: str) -> torch.Tensor:
+    """3 x 100 logits whose row 1 has no distribution: a NaN or +inf in it ("nan", "+inf"),
+    or all of it -inf ("-inf row")."""
     x = logits(3, 100, 4)
     if fill == "-inf row":
         x[1] = float("-inf")
     else:
         x[1, 7] = float(fill)
+    return x
+
+
+@pytest.mark.parametrize("fill", ["nan", "+inf", "-inf row"])
+def test_keep_threshold_rejects_rows_without_a_finite_max(fill):
+    x = bad_row_logits(fill)
     with pytest.raises(ValueError, match="logits: a row"):
         sc.keep_threshold(x, 10, 0.9)
 
@@ -245,11 +252,7 @@ def test_sample_strided_rows_and_work_reuse():
 
 @pytest.mark.parametrize("fill", ["nan", "+inf", "-inf row"])
 def test_sample_flags_rows_without_a_distribution(fill):
-    x = logits(3, 100, 4)
-    if fill == "-inf row":
-        x[1] = float("-inf")
-    else:
-        x[1, 7] = float(fill)
+    x = bad_row_logits(fill)
     u = torch.full((3,), 0.5, dtype=torch.float64)
     got, bad = sc.sample(x, 10, 0.9, u)
     assert bad == 1 and got[1] == -1
