@@ -26,7 +26,8 @@ from nbp_kernels.torch_ops import call_module  # the default LinearFn: the modul
 from .config import TransformerConfig
 from .pretrained import Pretrained
 
-__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_fused"]
+__all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_fused",
+           "fusable"]
 
 # attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -35,7 +36,7 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tenso
 LinearFn = Callable[[nn.Linear, torch.Tensor], torch.Tensor]
 
 
-def _fusable(norm: nn.Module | None, act: nn.Module | None, drop: nn.Module | None) -> bool:
+def fusable(norm: nn.Module | None, act: nn.Module | None, drop: nn.Module | None) -> bool:
     """Whether a LinearFn's ``fused`` method computes these pieces: a LayerNorm over the last
     dimension (affine or not), the exact GELU (``nn.GELU()``), a dropout that drops nothing."""
     return ((norm is None or (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1))
@@ -50,7 +51,7 @@ def linear_many(linear: LinearFn, modules: tuple[nn.Linear, ...], x: torch.Tenso
     product (``PackedLinears``: one kernel launch instead of three per layer, the launch cost
     of a decode step, with the LayerNorm as the kernel's prologue)."""
     many = getattr(linear, "many", None)
-    if many is not None and norm is not None and _fusable(norm, None, None):
+    if many is not None and norm is not None and fusable(norm, None, None):
         return many(modules, x, norm=norm)
     h = x if norm is None else norm(x)
     return many(modules, h) if many is not None else tuple(linear(m, h) for m in modules)
@@ -66,7 +67,7 @@ def linear_fused(linear: LinearFn, module: nn.Linear, x: torch.Tensor, *,
     act the exact GELU, drop inactive (p == 0 or eval). Otherwise, and for every other
     LinearFn, these torch ops run in this order (the teacher-forced forward and training)."""
     fused = getattr(linear, "fused", None)
-    if fused is not None and _fusable(norm, act, drop):
+    if fused is not None and fusable(norm, act, drop):
         return fused(module, x, norm=norm, act=None if act is None else "gelu", residual=residual)
     y = linear(module, x if norm is None else norm(x))
     y = y if act is None else act(y)

@@ -22,7 +22,7 @@ from nbp_kernels.cpu_build import cpu_isa
 from nbp_kernels.registry import resolve
 
 from .cache import StaticKVCache
-from .model import LinearFn, NBPTransformer, _fusable, call_module
+from .model import LinearFn, NBPTransformer, call_module, fusable
 from .sampler import BatchedSampler
 
 __all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears"]
@@ -141,13 +141,13 @@ def cpu_program(model: NBPTransformer, linear: LinearFn, cache: StaticKVCache, a
     """A ``DecodeProgram`` of n tokens per row for ``cache.batch`` rows, or None unless the
     linears are ``PackedLinears``, ``attention`` is the ``cpu`` backend's decode attention,
     the cache is float32, every norm / activation / dropout is one the kernels compute
-    (``model._fusable``), and the libraries compile for the ISA in force."""
+    (``model.fusable``), and the libraries compile for the ISA in force."""
     if not isinstance(linear, PackedLinears) or attention is not \
             decode_attention_cpu.block_decode_attention or cache.dtype != torch.float32:
         return None
     blocks = list(model.blocks)
-    if not _fusable(model.ln_f, None, model.drop) or not all(
-            _fusable(b.ln1, None, b.attn.resid_drop) and _fusable(b.ln2, b.mlp[1], b.mlp[3])
+    if not fusable(model.ln_f, None, model.drop) or not all(
+            fusable(b.ln1, None, b.attn.resid_drop) and fusable(b.ln2, b.mlp[1], b.mlp[3])
             for b in blocks):
         return None
     if not decode_step_cpu.is_available(linear.act_dtype == torch.int8)[0]:

@@ -62,13 +62,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def is_available(int8_act: bool = False) -> tuple[bool, str]:
     """(usable, reason): whether every library a program calls compiles for the ISA in
     force (with ``int8_act``, int8_linear's too)."""
-    names = ["decode_step", "packed_linear", "decode_attention"] + (["int8_linear"] if int8_act
-                                                                     else [])
-    for name in names:
+    names = ["packed_linear", "decode_attention"] + (["int8_linear"] if int8_act else [])
+    for name in [*names, "decode_step"]:   # the reason returned is decode_step's own
         ok, why = usable(name)
         if not ok:
             return False, f"{name}: {why}"
-    return True, usable("decode_step")[1]
+    return True, why
 
 
 @dataclass(frozen=True)
