@@ -29,7 +29,8 @@ from .pretrained import Pretrained
 __all__ = ["NBPTransformer", "AttendFn", "LinearFn", "call_module", "linear_many", "linear_fused",
            "fusable"]
 
-# attend(q, k, v, layer_idx) -> y; q, k, v, y: [B, H, S, D]
+# attend(q, k, v, layer_idx) -> y; k, v: [B, H, S, D]; q, y: [B, H, Sq, D], the last Sq <= S
+# positions (Sq < S only in the last layer of a prefill that keeps fewer rows: run_layers(keep=))
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # linear(module, x) -> module(x), or the same product computed another way
 # (FastGenerator's packed CPU linears for decode steps)
@@ -97,12 +98,21 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
                 linear: LinearFn = call_module, *, norm: nn.LayerNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, keep: int | None = None) -> torch.Tensor:
         """x: [B, S, C] -> residual + resid_drop(proj(attention of norm(x))) [B, S, C]
-        (norm, residual: None for none)."""
-        q, k, v = (self.split_heads(y) for y in linear_many(linear, self.qkv, x, norm=norm))
-        y = attend(q, k, v, layer_idx)                      # [B, H, S, D]
-        y = y.transpose(1, 2).reshape(x.shape)
+        (norm, residual: None for none; residual [B, S, C], or [B, keep, C] with keep).
+
+        keep: None, or compute only the last ``keep`` positions' outputs [B, keep, C]
+        (keys and values still cover all S positions)."""
+        if keep is None:
+            q, k, v = linear_many(linear, self.qkv, x, norm=norm)
+        else:   # queries of the kept positions only
+            h = x if norm is None else norm(x)
+            k, v = linear_many(linear, (self.key, self.value), h)
+            q = linear(self.query, h[:, -keep:])
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        y = attend(q, k, v, layer_idx)                      # [B, H, Sq, D]
+        y = y.transpose(1, 2).reshape(*x.shape[:-2], q.shape[2], x.shape[-1])
         return linear_fused(linear, self.proj, y, residual=residual, drop=self.resid_drop)
 
 
@@ -118,8 +128,10 @@ class Block(nn.Module):
                                  nn.Dropout(cfg.dropout))
 
     def forward(self, x: torch.Tensor, attend: AttendFn, layer_idx: int,
-                linear: LinearFn = call_module) -> torch.Tensor:
-        x = self.attn(x, attend, layer_idx, linear, norm=self.ln1, residual=x)
+                linear: LinearFn = call_module, keep: int | None = None) -> torch.Tensor:
+        """x: [B, S, C] -> [B, S, C], or [B, keep, C]: the last ``keep`` positions only."""
+        residual = x if keep is None else x[:, -keep:]
+        x = self.attn(x, attend, layer_idx, linear, norm=self.ln1, residual=residual, keep=keep)
         fc1, act, fc2, drop = self.mlp
         h = linear_fused(linear, fc1, x, norm=self.ln2, act=act)
         return linear_fused(linear, fc2, h, residual=x, drop=drop)
@@ -189,9 +201,17 @@ class NBPTransformer(Pretrained, nn.Module):
         return linear_fused(linear, self.head, x, norm=self.ln_f)
 
     def run_layers(self, x: torch.Tensor, attend: AttendFn,
-                   linear: LinearFn = call_module) -> torch.Tensor:
+                   linear: LinearFn = call_module, *, keep: int | None = None) -> torch.Tensor:
+        """x [B, S, C] through every block -> [B, S, C], or with keep, [B, min(keep, S), C]:
+        the last block then computes only the last ``keep`` positions (its attention's
+        queries, projection and MLP), as a prefill whose other outputs are unused needs;
+        every block's keys and values still cover all S positions."""
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep: expected None or a positive int, got {keep!r}")
+        keep = None if keep is None or keep >= x.shape[-2] else keep
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, attend, i, linear)
+            x = block(x, attend, i, linear, keep=keep if i == last else None)
         return x
 
     def block_causal_attend(self, *, cond_len: int = 0, block_size: int | None = None,

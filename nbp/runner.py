@@ -20,6 +20,7 @@ from nbp_kernels import decode_attention_cpu, decode_step_cpu
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.cpu_build import cpu_isa
 from nbp_kernels.registry import resolve
+from nbp_kernels.torch_ops import last_rows_attention
 
 from .cache import StaticKVCache
 from .model import LinearFn, NBPTransformer, call_module, fusable
@@ -80,19 +81,23 @@ class ModelRunner:
 
         ids: int64 [rows, S]; prefix_embeddings: [rows, cond_len, C] or None.
         Returns logits [rows, n_logits, V] of the last ``n_logits`` positions
-        only (the head is not computed for the others).
+        only: neither the head nor the last layer's attention and MLP are computed
+        for the others (``run_layers(keep=)``; a sixth of a 6-layer prefill).
         """
         seq_lens = self.cache.seq_lens
         append, causal = self.kernels.append, self.kernels.causal
+        mask = dict(block_size=self.block_size, cond_len=self.cond_len, hybrid=self.hybrid,
+                    scale=None)
 
         def attend(q, k, v, i):
             kc, vc = self.cache.layer(i, self.length)
             append(kc, vc, k, v, seq_lens)
-            return causal(q, k, v, block_size=self.block_size, cond_len=self.cond_len,
-                          hybrid=self.hybrid, scale=None)
+            if q.shape[2] < k.shape[2]:   # the last layer's few kept queries: torch SDPA
+                return last_rows_attention(q, k, v, **mask)
+            return causal(q, k, v, **mask)
 
         x = self.model.embed(ids, prefix_embeddings=prefix_embeddings)
-        x = self.model.run_layers(x, attend, self.linear)
+        x = self.model.run_layers(x, attend, self.linear, keep=n_logits)
         seq_lens.add_(ids.shape[1])
         return self.model.logits(x[:, -n_logits:], self.linear)
 

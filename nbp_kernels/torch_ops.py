@@ -40,7 +40,8 @@ def _mask_plan(q_len: int, kv_len: int, block_size: int, cond_len: int, hybrid: 
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
-    """q, k, v: [B, H, S, D] -> [B, H, S, D]; differentiable."""
+    """q, k, v: [B, H, S, D] -> [B, H, S, D]; differentiable. q may also hold only the last
+    Sq < S positions (``last_rows_attention``)."""
     if torch.compiler.is_compiling():
         mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
                         hybrid=hybrid, device=q.device)
@@ -51,6 +52,18 @@ def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, sca
     return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, :n], v[:, :, :n],
                                                      attn_mask=mask[q0:q1, :n], scale=scale)
                       for q0, q1, n in chunks], dim=2)
+
+
+def last_rows_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
+    """The NBP attention of the last Sq of S positions: q [B, H, Sq, D], k, v [B, H, S, D]
+    -> [B, H, Sq, D], the last Sq rows of ``block_causal_attention`` over all S queries
+    (``reference.nbp_mask`` places the queries last). A prefill's last layer needs only
+    the positions whose logits are used; torch SDPA, on any device."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] > k.shape[2] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q: expected [B, H, Sq, D] with Sq <= S of k [B, H, S, D], got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    return block_causal_attention(q, k, v, block_size=block_size, cond_len=cond_len,
+                                  hybrid=hybrid, scale=scale)
 
 
 def _host_lens(seq_lens: torch.Tensor) -> list[int] | None:

@@ -42,3 +42,26 @@ def test_mask_plan_chunks_read_only_visible_keys():
     for q0, q1, n in chunks:
         assert not mask[q0:q1, n:].any()
     assert torch_ops._mask_plan(100, 100, 16, 0, False, torch.device("cpu"))[1] is None
+
+
+# (Sq, case): the last rows of a prefill's last layer: one block, part of a block, more
+# rows than a CPU chunk holds, all rows
+LAST_ROWS = [(16, CASES[0]), (3, CASES[1]), (1, CASES[2]), (300, CASES[2]), (37, CASES[6])]
+
+
+@pytest.mark.parametrize("sq,case", LAST_ROWS, ids=lambda c: str(c) if isinstance(c, int)
+                         else "B{}H{}S{}D{}L{}c{}{}".format(*c[:6], "h" if c[6] else ""))
+def test_last_rows_attention_is_the_last_rows_of_the_reference(sq, case):
+    B, H, S, D, bs, cond, hybrid = case
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    kw = dict(block_size=bs, cond_len=cond, hybrid=hybrid)
+    out = torch_ops.last_rows_attention(q[:, :, S - sq:], k, v, **kw)
+    want = reference.block_causal_attention(q, k, v, **kw)[:, :, S - sq:]
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_last_rows_attention_rejects_more_queries_than_keys():
+    q, k = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="q: expected"):
+        torch_ops.last_rows_attention(q, k, k, block_size=4)

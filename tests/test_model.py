@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from nbp import ConfigError, NBPTransformer, TransformerConfig
 from nbp.model import call_module, linear_fused, linear_many
 from nbp_kernels import packed_linear
+from nbp_kernels import reference as nbp_kernels_reference
 from nbp_kernels.reference import nbp_mask
 
 
@@ -178,6 +179,38 @@ def test_block_with_packed_linears_fuses_norms_and_residuals(tiny, rows, dtype):
     tol = 1e-4 if dtype is None else 5e-2   # int8 weights and activations: quantization error
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     torch.testing.assert_close(logits, want_logits, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("keep,cond_len,hybrid", [(1, 0, False), (4, 0, False), (5, 3, False),
+                                                   (3, 3, True), (50, 0, False)])
+def test_run_layers_keep_computes_only_the_last_positions(tiny, keep, cond_len, hybrid):
+    """run_layers(keep=k): the last k positions of the full run (the last block computes only
+    those: its attention gets the kept queries with every key), keys and values of every
+    position handed to attend as before; keep >= S is the full run."""
+    from nbp_kernels.torch_ops import last_rows_attention
+
+    x = torch.randn(2, 21, tiny.config.n_embd)
+    kw = dict(block_size=4, cond_len=cond_len, hybrid=hybrid)
+    seen = []
+
+    def attend(q, k, v, i):
+        seen.append((i, q.shape[2], k.shape[2]))
+        if q.shape[2] < k.shape[2]:
+            return last_rows_attention(q, k, v, **kw)
+        return nbp_kernels_reference.block_causal_attention(q, k, v, **kw)
+
+    with torch.no_grad():
+        full = tiny.run_layers(x, attend)
+        seen.clear()
+        got = tiny.run_layers(x, attend, keep=keep)
+    n = min(keep, 21)
+    last = len(tiny.blocks) - 1
+    assert seen == [(i, n if i == last else 21, 21) for i in range(last + 1)]
+    assert got.shape == (2, n, tiny.config.n_embd)
+    torch.testing.assert_close(got, full[:, -n:], atol=1e-5, rtol=1e-5)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="keep"):
+            tiny.run_layers(x, attend, keep=bad)
 
 
 def test_block_mask_visibility(tiny):
