@@ -23,20 +23,27 @@ CPU_QUERY_CHUNK = 256
 
 @functools.lru_cache(maxsize=16)
 def _mask_plan(q_len: int, kv_len: int, block_size: int, cond_len: int, hybrid: bool,
-               device: torch.device):
+               device: torch.device, dtype: torch.dtype = torch.bool):
     """(the NBP mask [q_len, kv_len], ((q0, q1, keys), ...) or None): built once per shape,
-    not once per layer (0.4 ms each at 512 x 512). On the CPU, beyond one chunk of
-    ``CPU_QUERY_CHUNK`` rows, each chunk of rows with the keys up to its last visible one."""
+    not once per layer (0.4 ms each at 512 x 512). On the CPU the mask is additive in
+    ``dtype`` (0 visible, -inf hidden; a float query's SDPA converted a boolean one at every
+    call: 12% of a 512-token layer's attention) and, beyond one chunk of
+    ``CPU_QUERY_CHUNK`` rows, each chunk of rows reads the keys up to its last visible one."""
     mask = nbp_mask(q_len, kv_len, block_size=block_size, cond_len=cond_len, hybrid=hybrid,
                     device=device)
-    if device.type != "cpu" or q_len <= CPU_QUERY_CHUNK:
+    if device.type != "cpu":
         return mask, None
-    chunks = []
-    for q0 in range(0, q_len, CPU_QUERY_CHUNK):
-        q1 = min(q_len, q0 + CPU_QUERY_CHUNK)
-        seen = mask[q0:q1].any(0).nonzero()
-        chunks.append((q0, q1, int(seen[-1]) + 1 if len(seen) else 1))
-    return mask, tuple(chunks)
+    chunks = None
+    if q_len > CPU_QUERY_CHUNK:
+        chunks = []
+        for q0 in range(0, q_len, CPU_QUERY_CHUNK):
+            q1 = min(q_len, q0 + CPU_QUERY_CHUNK)
+            seen = mask[q0:q1].any(0).nonzero()
+            chunks.append((q0, q1, int(seen[-1]) + 1 if len(seen) else 1))
+        chunks = tuple(chunks)
+    if dtype.is_floating_point:
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return mask, chunks
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
@@ -46,7 +53,8 @@ def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, sca
         mask = nbp_mask(q.shape[2], k.shape[2], block_size=block_size, cond_len=cond_len,
                         hybrid=hybrid, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    mask, chunks = _mask_plan(q.shape[2], k.shape[2], block_size, cond_len, hybrid, q.device)
+    mask, chunks = _mask_plan(q.shape[2], k.shape[2], block_size, cond_len, hybrid, q.device,
+                              q.dtype)
     if chunks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, :n], v[:, :, :n],

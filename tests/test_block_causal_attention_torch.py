@@ -37,11 +37,16 @@ def test_torch_backend_matches_reference(case):
 
 
 def test_mask_plan_chunks_read_only_visible_keys():
-    mask, chunks = torch_ops._mask_plan(517, 517, 16, 0, False, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    mask, chunks = torch_ops._mask_plan(517, 517, 16, 0, False, cpu)
     assert chunks == ((0, 256, 256), (256, 512, 512), (512, 517, 517))
     for q0, q1, n in chunks:
         assert not mask[q0:q1, n:].any()
-    assert torch_ops._mask_plan(100, 100, 16, 0, False, torch.device("cpu"))[1] is None
+    assert torch_ops._mask_plan(100, 100, 16, 0, False, cpu)[1] is None
+    # a float query's mask is additive: 0 where the boolean one is True, -inf elsewhere
+    additive, same = torch_ops._mask_plan(517, 517, 16, 0, False, cpu, torch.float32)
+    assert same == chunks and additive.dtype == torch.float32
+    assert torch.equal(additive == 0, mask) and torch.isinf(additive[~mask]).all()
 
 
 # (Sq, case): the last rows of a prefill's last layer: one block, part of a block, more
