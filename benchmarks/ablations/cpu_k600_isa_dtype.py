@@ -10,7 +10,8 @@ decode step is one ``DecodeProgram`` call (NBP and NTP alike).
 ``--part isa``: float32 weights; nbp NBP and nbp NTP with the kernels forced to
 each ISA this CPU runs (``NBP_CPU_ISA``, switched per call), and the published
 sampler (benchmarks/ablations/baseline.py, torch only: no ISA). Ratios per
-ISA: baseline / NBP (target >= 5) and NTP / NBP (target >= 10).
+ISA: baseline / NBP (target >= 5) and NTP / NBP (target >= 10), and NTP / NBP of the
+decode steps alone (each generation less its first block: the prefill both share).
 
 ``--part dtype``: nbp NBP with float32, bfloat16 and int8 weights, and int8
 weights with int8 activations (``int8_a8``: ``act_dtype=torch.int8``, integer
@@ -114,8 +115,9 @@ def cache_bytes(cfg, positions: int) -> int:
     return 2 * cfg.n_layer * positions * cfg.n_embd * 4
 
 
-def generation(gen, ids, new, mode, step_times=None):
-    """A generation call; with ``step_times``, appends each step's (index, seconds)."""
+def generation(gen, ids, new, mode, step_times=None, first_times=None):
+    """A generation call; with ``step_times``, appends each decode step's (index, seconds);
+    with ``first_times``, the seconds to the first block's tokens (the prefill and its draw)."""
     def run():
         last = [time.perf_counter()]
 
@@ -123,6 +125,8 @@ def generation(gen, ids, new, mode, step_times=None):
             now = time.perf_counter()
             if step_times is not None and s > 0:
                 step_times.append((s, now - last[0]))
+            if first_times is not None and s == 0:
+                first_times.append(now - last[0])
             last[0] = now
         return gen.generate_tokens(ids, new, mode=mode, generator=torch.Generator().manual_seed(0),
                                    callback=callback, **SAMPLING)
@@ -131,24 +135,34 @@ def generation(gen, ids, new, mode, step_times=None):
 
 def part_isa(model, ids, new, repeats: int) -> dict:
     isas = supported_isas()
-    fns = {}
+    fns, first = {}, {}
     for isa in isas:
         gen = FastGenerator(model)
         for mode in ("nbp", "ntp"):
-            fns[f"{mode}-{isa}"] = with_isa(isa, generation(gen, ids, new, mode))
+            first[f"{mode}-{isa}"] = []
+            fns[f"{mode}-{isa}"] = with_isa(isa, generation(gen, ids, new, mode,
+                                                            first_times=first[f"{mode}-{isa}"]))
     fns["baseline-nbp"] = lambda: baseline_generate(model, ids, new, mode="nbp", **SAMPLING)
     times, loads = timed_rounds(fns, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     def paired(a, b):   # per round: both timed within seconds of each other
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    # the decode steps alone: each call less its prefill (and first draw), the same work
+    # for NBP and NTP (the warm-up call's is dropped)
+    decode = {k: [t - f for t, f in zip(times[k], v[1:])] for k, v in first.items()}
     ratios = {isa: {"baseline_over_nbp": med["baseline-nbp"] / med[f"nbp-{isa}"],
                     "ntp_over_nbp": med[f"ntp-{isa}"] / med[f"nbp-{isa}"],
                     "paired_median_baseline_over_nbp": paired("baseline-nbp", f"nbp-{isa}"),
                     "paired_median_ntp_over_nbp": paired(f"ntp-{isa}", f"nbp-{isa}"),
+                    "decode_steps_ntp_over_nbp": statistics.median(
+                        a / b for a, b in zip(decode[f"ntp-{isa}"], decode[f"nbp-{isa}"])),
                     "targets_met": {"baseline_over_nbp>=5": med["baseline-nbp"] / med[f"nbp-{isa}"] >= 5,
                                     "ntp_over_nbp>=10": med[f"ntp-{isa}"] / med[f"nbp-{isa}"] >= 10}}
               for isa in isas}
     return {"isas": list(isas), "times_s": times, "median_s": med, "load_avg_1m_per_round": loads,
+            "first_block_s": {k: v[1:] for k, v in first.items()},
+            "median_first_block_s": {k: statistics.median(v[1:]) for k, v in first.items()},
+            "median_decode_s": {k: statistics.median(v) for k, v in decode.items()},
             "ratios": ratios}
 
 
