@@ -39,10 +39,11 @@ def test_torch_backend_matches_reference(case):
 def test_mask_plan_chunks_read_only_visible_keys():
     cpu = torch.device("cpu")
     mask, chunks = torch_ops._mask_plan(517, 517, 16, 0, False, cpu)
-    assert chunks == ((0, 256, 256), (256, 512, 512), (512, 517, 517))
+    C = torch_ops.CPU_QUERY_CHUNK   # a multiple of the block: each chunk ends on a block
+    assert chunks == tuple((q0, min(q0 + C, 517), min(q0 + C, 517)) for q0 in range(0, 517, C))
     for q0, q1, n in chunks:
         assert not mask[q0:q1, n:].any()
-    assert torch_ops._mask_plan(100, 100, 16, 0, False, cpu)[1] is None
+    assert torch_ops._mask_plan(C, C, 16, 0, False, cpu)[1] is None
     # a float query's mask is additive: 0 where the boolean one is True, -inf elsewhere
     additive, same = torch_ops._mask_plan(517, 517, 16, 0, False, cpu, torch.float32)
     assert same == chunks and additive.dtype == torch.float32
