@@ -174,20 +174,28 @@ static int64_t keep_between(const float *src, int64_t n, float lo, float hi, flo
 
 /* t[0..n) (n <= SMALL, no NaN; t has SMALL floats) sorted descending into s: each
  * goes to its rank (larger values, then equal ones earlier in t, before it), counted
- * with vector compares: no branches to mispredict, unlike a comparison sort of
- * fresh data. */
+ * with vector compares, LANES elements of t at a time against each element in turn:
+ * no branches to mispredict, unlike a comparison sort of fresh data, and no
+ * horizontal sum per element. An element earlier in t than a whole vector counts
+ * where >=, one later where >; only the vector's own span needs the index test. */
 static void sort_descending(float *t, int64_t n, float *s) {
     vi lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
-    for (int64_t i = n; i < SMALL; i++) t[i] = -INFINITY;   /* after any -inf of t: never before */
-    for (int32_t i = 0; i < n; i++) {
-        vf v = splat(t[i]);
-        vi before = {0};
-        for (int32_t b = 0; b < SMALL; b += LANES) {
-            vf u = load(t + b);
-            before += (u > v) | ((u == v) & (lane + b < i));
+    for (int64_t i = n; i < SMALL; i++) t[i] = -INFINITY;   /* never read below: j < n */
+    for (int32_t b = 0; b < n; b += LANES) {
+        vf v = load(t + b);
+        vi rank = {0}, at = lane + b;
+        int32_t j = 0;
+        for (; j < b; j++)
+            rank -= splat(t[j]) >= v;
+        for (; j < b + LANES && j < n; j++) {
+            vf u = splat(t[j]);
+            rank -= (u > v) | ((u == v) & (at > j));
         }
-        s[count(before)] = t[i];
+        for (; j < n; j++)
+            rank -= splat(t[j]) > v;
+        for (int l = 0; l < LANES && b + l < n; l++)
+            s[rank[l]] = v[l];
     }
 }
 
