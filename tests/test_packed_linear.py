@@ -84,6 +84,31 @@ def test_matches_reference(M, K, N, bias, threads, dtype, act):
     torch.testing.assert_close(got.double(), want, atol=2e-6 * K ** 0.5 * 4 * 1.2, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("M, K, N", [
+    (16, 384, 10930),   # an NBP step of L = 16 against a head-sized weight; a partial panel
+    (9, 260, 16200),    # a full AVX-512 row tile plus one row
+    (2, 97, 43300),     # one short tile, an odd K
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_products_match_reference_and_one_row_at_a_time(M, K, N, dtype):
+    """Products of at least 2**22 weights read x transposed on AVX-512 (pack_rows): every
+    row equals the reference, and equals that row computed alone (the one-row path, x as
+    is) bit for bit: the same products summed in the same order."""
+    x, w, b = _rand(M, K, seed=4), _rand(N, K, seed=5), _rand(N, seed=6)
+    assert N * K >= 1 << 22
+    stored, scale = reference.quantize_weight(w, dtype)
+    packed = pack_weight(stored)
+    res = _rand(M, N, seed=7)
+    got = packed_linear(x, packed, b, N, scale, act="gelu", residual=res)
+    for m in range(M):
+        alone = packed_linear(x[m:m + 1], packed, b, N, scale, act="gelu", residual=res[m:m + 1])
+        assert torch.equal(got[m:m + 1], alone), m
+    want = reference.gelu(reference.dequantized_linear(x.double(), stored, scale, b.double()))
+    torch.testing.assert_close(got.double(), want + res.double(),
+                               atol=2e-6 * K ** 0.5 * 4 * 1.2, rtol=1e-5)
+
+
 def test_gelu_reference():
     """reference.gelu is torch's exact GELU where that is accurate, and keeps its relative
     accuracy where torch's 1 + erf cancels (float64 below -7, float32 below -3)."""

@@ -39,6 +39,7 @@
 #  define TILE_ROWS 8     /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
 #  define TILE_PANELS 3
 #  define GROUP 3         /* panels per thread work item; one row streams all of them */
+#  define PACK_ROWS 1     /* several rows of a large product read x transposed (pack_rows) */
 #elif defined(NBP_ISA_AVX2)
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 12 of the 16 ymm as accumulators */
 #  define TILE_PANELS 1
@@ -48,6 +49,14 @@
 #  define TILE_PANELS 1
 #  define GROUP 2
 #endif
+
+#ifndef PACK_ROWS
+#  define PACK_ROWS 0     /* AVX2 / NEON tiles of 6 rows keep their row pointers in registers */
+#endif
+/* weights (n_out x K) from which a product of several rows is worth transposing x for:
+ * the K600 vocabulary head (64000 x 384), not its 384-wide layers (packing 16 x 384
+ * floats cost more than it saved there) */
+#define PACK_MIN_WEIGHTS (1 << 22)
 
 #define PANEL 16            /* output columns per panel */
 #define PREFETCH 4096       /* bytes ahead in each weight stream */
@@ -91,14 +100,17 @@ static inline __attribute__((always_inline)) vf load_w(const char *p, const int 
 
 #include "panel_cols.h"
 
-/* rows (<= TILE_ROWS) rows of x [rows][K] times n_panels (<= GROUP) consecutive
- * panels [K][16] -> y[rows][col0 : col0 + 16 n_panels] = acc * scale + bias.
- * Inlined so the common tiles compile with constant trip counts (no guards). */
+/* rows (<= TILE_ROWS) rows of x times n_panels (<= GROUP) consecutive panels [K][16]
+ * -> y[rows][col0 : col0 + 16 n_panels] = acc * scale + bias. x: [rows][K], or with
+ * xt, this row tile transposed, [K][TILE_ROWS] (pack_rows): the tile's broadcasts then
+ * take one pointer and constant offsets (AVX-512's eight row pointers did not fit the
+ * registers left, and moving them back from vector registers took issue slots of an
+ * FMA port). Inlined so the common tiles compile with constant trip counts. */
 static inline __attribute__((always_inline)) void tile(
         const float *x, int64_t K, const char *panels, const int dtype, const float *scale,
         const float *bias, float *y, int64_t n_out, int64_t col0, const int rows,
         const int n_panels, const char *ahead, const int64_t ahead_step,
-        const int64_t ahead_stride) {
+        const int64_t ahead_stride, const int xt) {
     /* Unscaled weights start from the bias (the float32 results of the earlier
      * AVX-512-only kernel, bit for bit); int8 sums are scaled before the bias. */
     vf acc[TILE_ROWS][GROUP * SUB];
@@ -127,7 +139,7 @@ static inline __attribute__((always_inline)) void tile(
             if (m < rows) {
                 /* x - 0 is x for every x (0 + x is not, for -0), so this compiles to a
                  * broadcast load: 0 + x cost an add and a shuffle on the FMA ports */
-                vf xv = x[m * K + k] - (vf){0};
+                vf xv = (xt ? x[k * TILE_ROWS + m] : x[m * K + k]) - (vf){0};
                 for (int j = 0; j < GROUP * SUB; j++)
                     if (j < n_panels * SUB)
                         acc[m][j] += xv * w[j];
@@ -146,7 +158,8 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-/* One group of n (<= GROUP) panels against every row of x.
+/* One group of n (<= GROUP) panels against M > 1 rows of x, in row tiles; x: [M][K], or
+ * with xt, packed by pack_rows (row tile m0 / TILE_ROWS at x + m0 K).
  *
  * Rows beyond one tile: the first row tile reads the group's panels from memory, the
  * others find them in L1/L2, and memory idled while those computed. So every tile also
@@ -155,16 +168,10 @@ static inline __attribute__((always_inline)) void tile(
  * from L2. Each of the next group's panels is its own prefetch stream (one sweep
  * over the group's bytes was 15% slower on the 16-row float32 head: fewer requests
  * in flight per core). */
-static inline __attribute__((always_inline)) void group(
+static inline __attribute__((always_inline)) void row_tiles(
         const float *x, int64_t M, int64_t K, const char *panels, const int dtype,
-        const float *scale, const float *bias, float *y, int64_t n_out, int64_t col0, int n) {
-    if (M == 1) {   /* one row (an NTP step): all the group's panels stream at once */
-        if (n == GROUP)
-            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, GROUP, NULL, 0, 0);
-        else
-            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, n, NULL, 0, 0);
-        return;
-    }
+        const float *scale, const float *bias, float *y, int64_t n_out, int64_t col0, int n,
+        const int xt) {
     const int64_t panel_bytes = K * PANEL * elem_bytes(dtype);
     const int64_t n_tiles = (M + TILE_ROWS - 1) / TILE_ROWS;
     /* bytes of each of the next group's panels per k step, over every tile's K steps */
@@ -178,7 +185,7 @@ static inline __attribute__((always_inline)) void group(
         for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
             int rows = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
 #define TILE_OF(R) tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c, R, \
-                        TILE_PANELS, ahead, step, panel_bytes)
+                        TILE_PANELS, ahead, step, panel_bytes, xt)
             if (np == TILE_PANELS) {
                 /* a constant row count per case: the generic tile tests every row in its
                  * inner loop, and 16 rows on AVX2 leave a 4-row last tile */
@@ -187,16 +194,48 @@ static inline __attribute__((always_inline)) void group(
                 case 4: TILE_OF(4); break;
                 case 2: TILE_OF(2); break;
                 default: tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c,
-                              rows, np, ahead, step, panel_bytes);
+                              rows, np, ahead, step, panel_bytes, xt);
                 }
             } else {
                 tile(x + m0 * K, K, p, dtype, scale, bias, y + m0 * n_out, n_out, c, rows, np,
-                     ahead, step, panel_bytes);
+                     ahead, step, panel_bytes, xt);
             }
 #undef TILE_OF
             if (ahead)
                 ahead += K * step;
         }
+    }
+}
+
+/* One group of n (<= GROUP) panels against every row of x (packed: x as pack_rows
+ * wrote it, for more than one row) */
+static inline __attribute__((always_inline)) void group(
+        const float *x, int64_t M, int64_t K, const char *panels, const int dtype,
+        const float *scale, const float *bias, float *y, int64_t n_out, int64_t col0, int n,
+        int packed) {
+    if (M == 1) {   /* one row (an NTP step): all the group's panels stream at once */
+        if (n == GROUP)
+            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, GROUP, NULL, 0, 0, 0);
+        else
+            tile(x, K, panels, dtype, scale, bias, y, n_out, col0, 1, n, NULL, 0, 0, 0);
+        return;
+    }
+    if (packed)
+        row_tiles(x, M, K, panels, dtype, scale, bias, y, n_out, col0, n, 1);
+    else
+        row_tiles(x, M, K, panels, dtype, scale, bias, y, n_out, col0, n, 0);
+}
+
+/* x [M][K] -> xt (ceil(M / TILE_ROWS) TILE_ROWS K floats): each tile of TILE_ROWS rows
+ * transposed, [K][TILE_ROWS], at xt + m0 K (a short last tile too; its lanes past M
+ * are never read) */
+static void pack_rows(const float *x, int64_t M, int64_t K, float *xt) {
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+        const int64_t rows = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
+        float *t = xt + m0 * K;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t m = 0; m < rows; m++)
+                t[k * TILE_ROWS + m] = x[(m0 + m) * K + k];
     }
 }
 
@@ -208,13 +247,14 @@ static inline __attribute__((always_inline)) void group(
 #define DEFINE_LINEAR(NAME, DTYPE)                                                           \
     static void NAME(const float *x, int64_t M, int64_t K, const char *wp, const float *scale, \
                      const float *bias, float *y, int64_t n_out, int act,                     \
-                     const float *residual) {                                                 \
+                     const float *residual, int packed) {                                     \
         const int64_t n_panels = (n_out + PANEL - 1) / PANEL;                                 \
         const int64_t panel_bytes = K * PANEL * elem_bytes(DTYPE);                            \
         _Pragma("omp parallel for schedule(static)")                                          \
         for (int64_t p = 0; p < n_panels; p += GROUP) {                                       \
             int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;                       \
-            group(x, M, K, wp + p * panel_bytes, DTYPE, scale, bias, y, n_out, p * PANEL, n); \
+            group(x, M, K, wp + p * panel_bytes, DTYPE, scale, bias, y, n_out, p * PANEL, n, \
+                  packed);                                                                    \
             if (act != ACT_NONE || residual)                                                  \
                 epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);              \
         }                                                                                     \
@@ -237,7 +277,7 @@ int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int 
                       const float *residual) {
     if ((act != ACT_NONE && act != ACT_GELU) || dtype < W_F32 || dtype > W_I8)
         return -1;
-    float *xn = NULL;
+    float *xn = NULL, *xt = NULL;
     if (norm) {   /* normalised once here: every panel group reads all the rows */
         xn = malloc((size_t)(M * K) * sizeof(float));
         if (!xn)
@@ -245,11 +285,22 @@ int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int 
         layer_norm_rows(x, M, K, gamma, beta, eps, xn);
         x = xn;
     }
+    const int packed = PACK_ROWS && M > 1 && n_out * K >= PACK_MIN_WEIGHTS;
+    if (packed) {   /* transposed once here, read by every panel group */
+        xt = malloc((size_t)((M + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS * K) * sizeof(float));
+        if (!xt) {
+            free(xn);
+            return -2;
+        }
+        pack_rows(x, M, K, xt);
+        x = xt;
+    }
     switch (dtype) {
-    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out, act, residual); break;
-    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out, act, residual); break;
-    default: linear_i8(x, M, K, wp, scale, bias, y, n_out, act, residual); break;
+    case W_F32: linear_f32(x, M, K, wp, NULL, bias, y, n_out, act, residual, packed); break;
+    case W_BF16: linear_bf16(x, M, K, wp, NULL, bias, y, n_out, act, residual, packed); break;
+    default: linear_i8(x, M, K, wp, scale, bias, y, n_out, act, residual, packed); break;
     }
     free(xn);
+    free(xt);
     return 0;
 }
