@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import nbp_kernels
 from attention_impls import nbp_mask_mod, visible_pairs
-from suite import DEVICE, DTYPE, attention_shape, backend_skip_reason, record, run
+from suite import DEVICE, DTYPE, attention_shape, backend_skip_reason, record, run, smoke
 
 SHAPE = attention_shape()
 IMPLS = ["torch", "reference", "triton", "sdpa_dense_mask", "flex_block_mask"]
@@ -84,3 +84,28 @@ def test_block_causal_attention_forward_backward(benchmark, floors, impl):
     nbytes, flops = _work(backward=True)
     record(benchmark, floors, op="block_causal_attention", impl=impl, shape=SHAPE.describe(1), dtype=DTYPE,
            nbytes=nbytes, flops=flops, direction="forward+backward")
+
+
+# The CPU prefill of the K600 frame-prediction shape: 512 given tokens in blocks of 16,
+# 6 heads x 64, no condition prefix (smoke: 64 tokens). The ``cpu`` backend runs whole
+# blocks through the decode-attention kernel; ``torch`` runs SDPA over chunks of rows.
+def _cpu_prefill_shape() -> tuple[int, int, int, int]:
+    return (2, 64, 32, 16) if smoke() else (6, 512, 64, 16)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_block_causal_attention_cpu_prefill(benchmark, floors, impl):
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU prefill shape")
+    why = backend_skip_reason(impl, "block_causal_attention")
+    if why:
+        pytest.skip(why)
+    H, S, D, L = _cpu_prefill_shape()
+    benchmark.group = f"block_causal_attention CPU prefill [1, {H}, {S}, {D}] L={L}"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, S, D, generator=g) for _ in range(3))
+    run(benchmark, lambda: nbp_kernels.block_causal_attention(q, k, v, block_size=L,
+                                                              backend=impl), 20)
+    record(benchmark, floors, op="block_causal_attention", impl=impl, shape=(1, H, S, D),
+           dtype=torch.float32, nbytes=4 * 4 * H * S * D,
+           flops=4 * D * H * visible_pairs(S, L), direction="forward")

@@ -7,7 +7,9 @@
   weights and int8 activations);
 * ``keep_threshold`` / ``draw_kept``: ``sample_cpu``'s functions (float32 CPU rows);
 * ``block_decode_attention``: ``decode_attention_cpu``'s (float32 CPU queries;
-  other cache or new-block dtypes take the ``torch`` backend inside it).
+  other cache or new-block dtypes take the ``torch`` backend inside it);
+* ``block_causal_attention``: ``decode_attention_cpu``'s, the same kernel over whole
+  blocks (a prefill; other layouts take the ``torch`` backend inside it).
 
 Each is usable where its C file compiles (``is_available()`` of its module);
 ``auto`` falls back to the op's ``torch`` implementation elsewhere.
@@ -129,5 +131,6 @@ register("linear", "cpu", PackedLinears, available=_module_available(packed_line
          supports=_float32_cpu)
 register(("keep_threshold", "draw_kept"), "cpu", "nbp_kernels.sample_cpu",
          available=_module_available(sample_cpu), supports=_float32_cpu)
-register("block_decode_attention", "cpu", "nbp_kernels.decode_attention_cpu",
-         available=_module_available(decode_attention_cpu), supports=_float32_cpu)
+register(("block_decode_attention", "block_causal_attention"), "cpu",
+         "nbp_kernels.decode_attention_cpu", available=_module_available(decode_attention_cpu),
+         supports=_float32_cpu)

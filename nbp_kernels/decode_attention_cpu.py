@@ -1,4 +1,5 @@
-"""``block_decode_attention`` on the CPU: ``cpu/decode_attention.c`` (float32, append fused).
+"""``block_decode_attention`` on the CPU: ``cpu/decode_attention.c`` (float32, append fused),
+and ``block_causal_attention`` over whole blocks with the same kernel (a prefill).
 
 The ``cpu`` backend of the decode step: the new block written into the caches and
 L queries per (sequence, head) attending to the visible cached positions, in one
@@ -24,7 +25,7 @@ import torch
 from . import torch_ops
 from .cpu_build import load, usable
 
-__all__ = ["block_decode_attention", "is_available", "splits_for"]
+__all__ = ["block_decode_attention", "block_causal_attention", "is_available", "splits_for"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 CHUNK = 64   # keys per online-softmax step (decode_attention.c); a split is whole chunks
@@ -135,4 +136,55 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
                              strides, seq_lens.contiguous().data_ptr(), B, H, L, D, M, scale,
                              splits, threads, work.data_ptr(),
                              parts.data_ptr() if parts is not None else None, out.data_ptr())
+    return out.transpose(1, 2)
+
+
+def _blocks_take(q, k, v, block_size: int, cond_len: int, hybrid: bool) -> bool:
+    """Whether ``block_causal_attention`` runs the kernel: whole blocks of at least
+    ``MIN_ROWS`` queries from position 0 (no condition prefix, not hybrid), as many
+    queries as keys, float32 CPU tensors without autograd, outside ``torch.compile``."""
+    S = q.shape[2]
+    if cond_len or hybrid or block_size < MIN_ROWS or S % block_size or k.shape[2] != S:
+        return False
+    if v.dtype != torch.float32 or v.requires_grad and torch.is_grad_enabled():
+        return False
+    return _kernel_takes(q, k, None, None)
+
+
+def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
+    """The NBP mask's attention of a whole sequence: q, k, v float32 [B, H, S, D] ->
+    [B, H, S, D] (a ``transpose(1, 2)`` view of a contiguous [B, S, H, D] tensor).
+
+    With blocks of L = ``block_size`` from position 0, the queries of block i see
+    exactly the keys before (i + 1) L: a decode step's rule for a block appended at
+    i L. So each sequence is one kernel call over S / L such blocks that share its keys
+    (the batch stride of k and v set to 0), without the masked half of the scores that
+    SDPA computes in its chunks (a 512-token layer in blocks of 16, 6 heads x 64:
+    ``benchmarks/bench_block_causal_attention.py``, CPU prefill rows). Other layouts (a condition
+    prefix, hybrid blocks, a last partial block), autograd and other dtypes take
+    ``torch_ops.block_causal_attention``.
+    """
+    if not _blocks_take(q, k, v, block_size, cond_len, hybrid):
+        return torch_ops.block_causal_attention(q, k, v, block_size=block_size,
+                                                cond_len=cond_len, hybrid=hybrid, scale=scale)
+    lib, isa, why = load("decode_attention", _bind)
+    if lib is None:
+        raise RuntimeError(f"decode_attention is not usable here: {why}")
+    B, H, S, D = q.shape
+    L, n = block_size, S // block_size
+    out = torch.empty(B, S, H, D, dtype=torch.float32)
+    if out.numel() == 0:
+        return out.transpose(1, 2)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    threads = max(1, torch.get_num_threads())
+    work = _work(lib, threads, L, D)
+    starts = torch.arange(0, S, L, dtype=torch.int32)   # block i appended at i L
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    for b in range(B):
+        blocks = q[b].unflatten(1, (n, L)).transpose(0, 1)   # [n, H, L, D], strided
+        strides = (ctypes.c_int64 * 15)(*blocks.stride()[:3], *(0,) * 6,
+                                        0, *k.stride()[1:3], 0, *v.stride()[1:3])
+        lib.nbp_decode_attention(blocks.data_ptr(), None, None, k[b].data_ptr(),
+                                 v[b].data_ptr(), strides, starts.data_ptr(), n, H, L, D, S,
+                                 scale, 1, threads, work.data_ptr(), None, out[b].data_ptr())
     return out.transpose(1, 2)

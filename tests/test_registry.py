@@ -12,16 +12,17 @@ def _attn(S=8, D=16):
     return [torch.randn(1, 2, S, D, generator=g) for _ in range(3)]
 
 
-def test_auto_on_cpu_resolves_prefill_attention_to_torch_and_decode_to_cpu():
-    """...except the decode step, which the cpu backend's C kernel runs where it compiles."""
-    for op in ("block_causal_attention", "kv_append_"):
-        assert registry.resolved_backend(op, device="cpu", dtype=torch.float32, head_dim=16) == "torch"
-        assert registry.resolve(op, device="cpu", dtype=torch.float32) is getattr(torch_ops, op)
-    fn = registry.resolve("block_decode_attention", device="cpu", dtype=torch.float32, head_dim=16)
+def test_auto_on_cpu_resolves_attention_to_the_cpu_kernels_and_append_to_torch():
+    """...the prefill and decode attention run the cpu backend's C kernel where it compiles
+    (float32), the append stays torch's."""
+    assert registry.resolved_backend("kv_append_", device="cpu", dtype=torch.float32,
+                                     head_dim=16) == "torch"
+    assert registry.resolve("kv_append_", device="cpu", dtype=torch.float32) is torch_ops.kv_append_
     ok, _ = decode_attention_cpu.is_available()
-    assert fn is (decode_attention_cpu.block_decode_attention if ok else torch_ops.block_decode_attention)
-    assert registry.resolve("block_decode_attention", device="cpu",
-                            dtype=torch.bfloat16) is torch_ops.block_decode_attention
+    for op in ("block_causal_attention", "block_decode_attention"):
+        fn = registry.resolve(op, device="cpu", dtype=torch.float32, head_dim=16)
+        assert fn is getattr(decode_attention_cpu if ok else torch_ops, op)
+        assert registry.resolve(op, device="cpu", dtype=torch.bfloat16) is getattr(torch_ops, op)
 
 
 def test_resolve_is_memoised():
@@ -45,8 +46,13 @@ def test_cpu_kernels_are_registered_with_torch_fallbacks():
 
 def test_backend_without_the_op_falls_back_per_op():
     """cuda implements only the decode step and the append: block_causal_attention asked of
-    cuda runs what auto picks for that op (torch on the CPU)."""
-    assert registry.resolved_backend("block_causal_attention", "cuda", device="cpu") == "torch"
+    cuda runs what auto picks for that op (on the CPU: the cpu kernel for float32 where it
+    compiles, else torch; torch for bfloat16)."""
+    ok, _ = decode_attention_cpu.is_available()
+    assert registry.resolved_backend("block_causal_attention", "cuda", device="cpu") == (
+        "cpu" if ok else "torch")
+    assert registry.resolved_backend("block_causal_attention", "cuda", device="cpu",
+                                     dtype=torch.bfloat16) == "torch"
     q, k, v = _attn()
     got = nbp_kernels.block_causal_attention(q, k, v, block_size=4, backend="cuda")
     want = ref_mod.block_causal_attention(q, k, v, block_size=4)
