@@ -146,9 +146,11 @@ def _blocks_take(q, k, v, block_size: int, cond_len: int, hybrid: bool) -> bool:
     S = q.shape[2]
     if cond_len or hybrid or block_size < MIN_ROWS or S % block_size or k.shape[2] != S:
         return False
-    if v.dtype != torch.float32 or v.requires_grad and torch.is_grad_enabled():
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
         return False
-    return _kernel_takes(q, k, None, None)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return not torch.compiler.is_compiling()
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
