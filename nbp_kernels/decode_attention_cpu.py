@@ -79,20 +79,23 @@ def splits_for(pairs: int, threads: int, chunks: int) -> int:
     return min(s, chunks)
 
 
-def _kernel_takes(q, k_cache, k_new, v_new) -> bool:
-    """Whether the C kernel runs these arguments: at least ``MIN_ROWS`` queries, float32
-    CPU tensors (queries, caches and new block alike), no autograd, not inside
-    ``torch.compile`` (a ctypes call cannot be traced). Plain comparisons: this runs
-    once per layer per step."""
-    f32 = torch.float32
-    if q.shape[2] < MIN_ROWS or q.dtype != f32 or k_cache.dtype != f32 or q.device.type != "cpu":
-        return False
-    if k_new is not None and (k_new.dtype != f32 or v_new.dtype != f32):
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or (
-            k_new is not None and (k_new.requires_grad or v_new.requires_grad))):
+def _plain_float32(*tensors) -> bool:
+    """Whether the C kernel can take these tensors: float32 on the CPU, none tracked by
+    autograd, not inside ``torch.compile`` (a ctypes call cannot be traced). Plain
+    comparisons: it runs once per layer per step."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return not torch.compiler.is_compiling()
+
+
+def _kernel_takes(q, k_cache, k_new, v_new) -> bool:
+    """Whether the decode kernel runs these arguments: at least ``MIN_ROWS`` queries, and
+    queries, caches and new block alike ``_plain_float32``."""
+    new = () if k_new is None else (k_new, v_new)
+    return q.shape[2] >= MIN_ROWS and _plain_float32(q, k_cache, *new)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -142,15 +145,11 @@ def block_decode_attention(q, k_cache, v_cache, seq_lens, *, k_new=None, v_new=N
 def _blocks_take(q, k, v, block_size: int, cond_len: int, hybrid: bool) -> bool:
     """Whether ``block_causal_attention`` runs the kernel: whole blocks of at least
     ``MIN_ROWS`` queries from position 0 (no condition prefix, not hybrid), as many
-    queries as keys, float32 CPU tensors without autograd, outside ``torch.compile``."""
+    queries as keys, ``_plain_float32`` tensors."""
     S = q.shape[2]
     if cond_len or hybrid or block_size < MIN_ROWS or S % block_size or k.shape[2] != S:
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    return not torch.compiler.is_compiling()
+    return _plain_float32(q, k, v)
 
 
 def block_causal_attention(q, k, v, *, block_size, cond_len=0, hybrid=False, scale=None):
