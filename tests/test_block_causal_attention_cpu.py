@@ -4,19 +4,15 @@ its fallback to the ``torch`` backend for the layouts the kernel does not take."
 import pytest
 import torch
 
+from cpu_isa_paths import ISAS, force_isa
 import nbp_kernels
 from nbp_kernels import decode_attention_cpu, reference, registry, torch_ops
-from nbp_kernels.cpu_build import cpu_isa, supported_isas
-
-_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 
 
-@pytest.fixture(params=_ISAS)
+
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("NBP_CPU_ISA", request.param)
-    ok, why = decode_attention_cpu.is_available()
-    assert ok, why
-    return request.param
+    return force_isa(monkeypatch, request.param, decode_attention_cpu.is_available)
 
 
 def _qkv(B, H, S, D, seed=0, grad=False):

@@ -20,8 +20,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}S{}D{}L{}c{}{}".format(
-    *c[:6], "h" if c[6] else ""))
+def _case_id(c) -> str:
+    return str(c) if isinstance(c, int) else "B{}H{}S{}D{}L{}c{}{}".format(
+        *c[:6], "h" if c[6] else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_torch_backend_matches_reference(case):
     B, H, S, D, bs, cond, hybrid = case
     g = torch.Generator().manual_seed(0)
@@ -55,8 +59,7 @@ def test_mask_plan_chunks_read_only_visible_keys():
 LAST_ROWS = [(16, CASES[0]), (3, CASES[1]), (1, CASES[2]), (300, CASES[2]), (37, CASES[6])]
 
 
-@pytest.mark.parametrize("sq,case", LAST_ROWS, ids=lambda c: str(c) if isinstance(c, int)
-                         else "B{}H{}S{}D{}L{}c{}{}".format(*c[:6], "h" if c[6] else ""))
+@pytest.mark.parametrize("sq,case", LAST_ROWS, ids=_case_id)
 def test_last_rows_attention_is_the_last_rows_of_the_reference(sq, case):
     B, H, S, D, bs, cond, hybrid = case
     g = torch.Generator().manual_seed(1)

@@ -6,28 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpu_isa_paths import ISAS, force_isa
 from nbp.cache import StaticKVCache
 from nbp.config import TransformerConfig
 from nbp.generate import FastGenerator
 from nbp.model import NBPTransformer, call_module
 from nbp.runner import Kernels, ModelRunner, cpu_program
 from nbp_kernels import decode_attention_cpu, reference, torch_ops
-from nbp_kernels.cpu_build import cpu_isa, supported_isas
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.decode_step_cpu import is_available
 
-_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 # name: (weight_dtype, act_dtype) of PackedLinears
 DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None),
           "int8": (torch.int8, None), "int8_a8": (torch.int8, torch.int8)}
 
 
-@pytest.fixture(params=_ISAS)
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("NBP_CPU_ISA", request.param)
-    ok, why = is_available(int8_act=True)
-    assert ok, why
-    return request.param
+    return force_isa(monkeypatch, request.param, is_available, int8_act=True)
 
 
 def model_of(n_head: int, head_dim: int, vocab: int, n_layer: int = 2) -> NBPTransformer:

@@ -6,14 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_isa_paths import ISAS, force_isa
 from nbp_kernels import reference
-from nbp_kernels.cpu_build import cpu_isa, supported_isas
 from nbp_kernels.packed_linear import (MAX_ROWS, PANEL, PackedLinear, is_available, pack_weight,
                                        packed_linear)
 
-# Every ISA path this machine runs (NBP_CPU_ISA forces each), so an AVX-512
-# machine tests the AVX2 path too.
-_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 # The kernels' GELU against reference.gelu in float64: erfc keeps a few ulp of relative
 # accuracy where GELU is tiny (large negative inputs; rounding x / sqrt 2 costs ~2 x^2
@@ -21,13 +18,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 GELU_TOL = {"rtol": 2e-5, "atol": 1e-30}
 
 
-@pytest.fixture(params=_ISAS)
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("NBP_CPU_ISA", request.param)
-    ok, why = is_available()
-    assert ok, why   # a supported ISA whose kernel does not build is a failure, not a skip
-    assert why.startswith(f"{request.param}:")
-    return request.param
+    return force_isa(monkeypatch, request.param, is_available)
 
 
 needs_kernel = pytest.mark.usefixtures("isa")

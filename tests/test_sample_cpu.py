@@ -4,22 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpu_isa_paths import ISAS, force_isa
 from nbp_kernels import reference
 from nbp_kernels import sample_cpu as sc
-from nbp_kernels.cpu_build import cpu_isa, supported_isas
 
-# Every ISA path this machine runs (NBP_CPU_ISA forces each), so an AVX-512
-# machine tests the AVX2 path too.
-_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
-
-
-@pytest.fixture(autouse=True, params=_ISAS)
+@pytest.fixture(autouse=True, params=ISAS)
 def isa(request, monkeypatch):
-    monkeypatch.setenv("NBP_CPU_ISA", request.param)
-    ok, why = sc.is_available()
-    assert ok, why   # a supported ISA whose kernels do not build is a failure, not a skip
-    assert why.startswith(f"{request.param}:")
-    return request.param
+    return force_isa(monkeypatch, request.param, sc.is_available)
 
 
 def logits(rows: int, V: int, seed: int, scale: float = 1.0, kind: str = "normal") -> torch.Tensor:

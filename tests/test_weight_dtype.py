@@ -8,26 +8,22 @@ import copy
 import pytest
 import torch
 
+from cpu_isa_paths import ISAS, force_isa
 from nbp.config import TransformerConfig
 from nbp.generate import FastGenerator
 from nbp.model import NBPTransformer
 from nbp.reference import generate_tokens as reference_generate
 from nbp_kernels import reference
-from nbp_kernels.cpu_build import cpu_isa, supported_isas
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.packed_linear import is_available
 
-_ISAS = supported_isas() or [pytest.param("none", marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 NARROW = [torch.bfloat16, torch.int8]
 
 
-@pytest.fixture(params=_ISAS)
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Every ISA path this machine runs (an AVX-512 machine tests AVX2 too)."""
-    monkeypatch.setenv("NBP_CPU_ISA", request.param)
-    ok, why = is_available()
-    assert ok, why
-    return request.param
+    return force_isa(monkeypatch, request.param, is_available)
 
 
 def sharp_model(preset: str = "tiny", seed: int = 0) -> NBPTransformer:
