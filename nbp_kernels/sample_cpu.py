@@ -124,8 +124,9 @@ def _check_filter(logits, top_k, top_p, work) -> tuple[int, int, torch.Tensor]:
 
 
 def work_shape(rows: int, vocab: int) -> tuple[int, int]:
-    """Shape of ``keep_threshold``'s scratch for ``rows`` x ``vocab`` logits."""
-    return rows, 8 * (vocab + 16)
+    """Shape of ``keep_threshold``'s scratch for ``rows`` x ``vocab`` logits: per row, the
+    REGIONS (7) runs of vocab + 16 floats of ``cpu/sample_cpu.c``."""
+    return rows, 7 * (vocab + 16)
 
 
 def _check_logits(logits) -> tuple[int, int]:

@@ -18,15 +18,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import sample_cpu
+
 __all__ = ["keep_threshold", "draw_kept", "work_shape"]
 
 _CHUNK = 256   # inverse-CDF chunk: float64 sums over chunks, then within one chunk
 
 
 def work_shape(rows: int, vocab: int) -> tuple[int, int]:
-    """Shape of ``keep_threshold``'s float32 scratch for ``rows`` x ``vocab`` logits
-    (the same as ``sample_cpu.work_shape``, so one scratch serves both)."""
-    return rows, 8 * (vocab + 16)
+    """Shape of ``keep_threshold``'s float32 scratch for ``rows`` x ``vocab`` logits:
+    ``sample_cpu.work_shape``'s (this module uses its first ``vocab`` floats per row), so
+    one scratch serves both."""
+    return sample_cpu.work_shape(rows, vocab)
 
 
 def _check_logits(logits) -> tuple[int, int]:

@@ -409,12 +409,12 @@ static double survivor_weights(const float *x, int64_t n, float kth, float mx, f
     return reduce_add(acc);
 }
 
-/* A row's scratch (sample_cpu.work_shape): REGIONS runs of room = V + 16 floats.
+/* A row's scratch (sample_cpu.work_shape: REGIONS runs of room = V + 16 floats).
  * compact_row's set: values VAL, indices IDX, and its weights WT (exp(x - max) for the
  * top-k survivors, 0 below the k-th value); the k-th value's bracket BRK; scratch of
  * select_rank (SA, SB) and select_mass (values, weights: (SA, SB) and (BRK, SD)); the
- * draw's chunk sums in SD. One run is spare (the scratch's size is the Python contract). */
-enum { VAL, IDX, WT, SPARE, SA, SB, BRK, SD, REGIONS };
+ * draw's chunk sums in SD. */
+enum { VAL, IDX, WT, SA, SB, BRK, SD, REGIONS };
 
 /* The k-th largest (k < V) of the compact set (val, n), every x >= it being in the
  * set; n_gt of them are > hi (kth_bracket's). */
