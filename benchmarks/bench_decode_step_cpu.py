@@ -23,7 +23,8 @@ from suite import CUDA, record, run, smoke
 
 pytestmark = pytest.mark.skipif(CUDA, reason="CPU kernels: the GPU run benchmarks the GPU paths")
 WIDTH, VOCAB, LAYERS, HEADS, CACHED = (64, 1024, 2, 2, 40) if smoke() else (384, 64000, 6, 6, 900)
-DTYPES = {"float32": (None, None), "int8_a8": (torch.int8, torch.int8)}
+DTYPES = {"float32": (None, None), "int8_a16": (torch.int8, torch.int16),
+          "int8_a8": (torch.int8, torch.int8)}
 
 
 def _model() -> NBPTransformer:
@@ -41,7 +42,7 @@ MODEL = _model()
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [16, 1], ids=["nbp16", "ntp1"])
 def test_decode_step_cpu(benchmark, floors, driver, dtype, tokens):
-    ok, why = is_available(int8_act=dtype == "int8_a8")
+    ok, why = is_available(int8_act=DTYPES[dtype][1] is not None)
     if not ok:
         pytest.skip(f"decode_step unusable here: {why}")
     cfg = MODEL.config

@@ -93,13 +93,14 @@ def _checked_weight_dtype(weight_dtype, packed_linear, device: torch.device,
 
 def _checked_act_dtype(act_dtype, weight_dtype):
     """``act_dtype`` as the packed linears take it (None for float32 activations), or a
-    ValueError naming it: int8 activations need int8 weights, and the int8 kernel."""
-    if checked_act_dtype(act_dtype, weight_dtype) == torch.float32:
+    ValueError naming it: integer activations need int8 weights, and the int8 kernel."""
+    act = checked_act_dtype(act_dtype, weight_dtype)
+    if act == torch.float32:
         return None
     ok, why = int8_linear_available()
     if not ok:
-        raise ValueError(f"act_dtype: torch.int8 activations need the int8 CPU linear: {why}")
-    return torch.int8
+        raise ValueError(f"act_dtype: {act} activations need the int8 CPU linear: {why}")
+    return act
 
 
 def _serialized(method):
@@ -151,10 +152,12 @@ class FastGenerator:
     activations, the KV cache and the sampler are unchanged (``most_likely_class``
     scores with the float32 model). Needs the packed CPU linear (a float32
     generator on the CPU), else ValueError. act_dtype: None (float32
-    activations) or torch.int8, with weight_dtype=torch.int8 only: the same
-    linears also quantize their input rows to int8 at each call and multiply
-    in int32 (``nbp_kernels.reference.int8_linear``; faster on CPUs with
-    integer dot products such as AVX512-VNNI, a little less exact). With the
+    activations), torch.int16 or torch.int8, with weight_dtype=torch.int8 only:
+    the same linears also round their input rows to 16-bit levels (13-15 bits,
+    ``nbp_kernels.reference.act_levels``: within about 1e-4 of float32) or to int8
+    at each call and multiply in int32 (``nbp_kernels.reference.int8_linear``;
+    faster on CPUs with integer dot products such as AVX512-VNNI; int8 rows are
+    a little less exact). With the
     packed linears and the ``cpu`` decode attention, each decode step is one C
     call (``nbp_kernels.decode_step_cpu.DecodeProgram``, the same kernels bit for
     bit); set ``decode_programs = False`` before the first request to drive the

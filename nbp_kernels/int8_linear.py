@@ -1,20 +1,23 @@
-"""``int8_linear``: int8 activations times int8 weights, for the rows of a decode step (CPU).
+"""``int8_linear``: int8 or int16 activations times int8 weights, for the rows of a decode
+step (CPU).
 
-``int8_linear(x, packed, corr, scale, bias, out_features)`` equals
-``reference.int8_linear(x, stored, scale, bias)`` bit for bit, with
+``int8_linear(x, packed, corr, scale, bias, out_features, act_dtype=...)`` equals
+``reference.int8_linear(x, stored, scale, bias, act_dtype)`` bit for bit, with
 ``(packed, corr) = pack_weight(stored)`` and ``stored, scale =
-reference.quantize_weight(w, torch.int8)``: each row of x is quantized to int8
-at every call (``reference.quantize_rows``) and multiplied with the int8
-weight in exact int32 dot products, then scaled. At 16 rows the weight-only
-int8 kernel (``packed_linear``) is bound by its float32 multiply-adds; integer
-dot-product instructions do four times as many per instruction
-(``benchmarks/ablations/cpu_weight_dtype.py``). Opt-in:
-``PackedLinear(..., weight_dtype=torch.int8, act_dtype=torch.int8)``.
+reference.quantize_weight(w, torch.int8)``: each row of x is rounded to int8 or
+to 16-bit levels at every call (``reference.quantize_rows``) and multiplied with
+the int8 weight in exact int32 dot products, then scaled. At 16 rows the
+weight-only int8 kernel (``packed_linear``) is bound by its float32
+multiply-adds; integer dot-product instructions do four (int8) or two (int16)
+times as many per instruction (``benchmarks/ablations/cpu_weight_dtype.py``).
+int16 rows keep 13-15 bits (``reference.act_levels``): their relative error,
+about 1e-4 at most, is below that of the int8 weights themselves. Opt-in:
+``PackedLinear(..., weight_dtype=torch.int8, act_dtype=torch.int8 | torch.int16)``.
 
 ``cpu/int8_linear.c`` is compiled for the ISA ``cpu_build.cpu_isa()`` picks.
 ``kernel_path()`` says which code runs: ``avx512-vnni`` (AVX512-VNNI
-``vpdpbusd``, on an avx512 build where the CPU has it), ``avx512`` / ``avx2``
-(AVX2 ``vpmaddubsw`` with the sign trick) or ``neon`` (plain C). Every path
+``vpdpbusd`` / ``vpdpwssd``, on an avx512 build where the CPU has it), ``avx512`` /
+``avx2`` (AVX2 ``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` (plain C). Every path
 computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps an
 AVX-512 CPU off the VNNI path (so both are tested on one machine).
 
@@ -45,11 +48,13 @@ from ._cpu_launch import (
 from .cpu_build import load
 
 __all__ = [
+    "ACT_DTYPES",
     "MAX_IN_FEATURES",
     "PANEL",
     "VNNI_ENV",
     "int8_linear",
     "is_available",
+    "checked_act_dtype",
     "kernel_path",
     "pack_weight",
 ]
@@ -57,6 +62,8 @@ __all__ = [
 PANEL = 16                   # output columns per packed panel
 MAX_IN_FEATURES = 131072     # 127 * 127 * K stays below 2**31: the int32 sums are exact
 VNNI_ENV = "NBP_CPU_VNNI"
+ACT_DTYPES = (torch.int8, torch.int16)   # what the rows of x are rounded to
+_MODE_VNNI, _MODE_A16 = 1, 2             # int8_linear.c's mode bits
 
 
 @functools.cache
@@ -124,9 +131,23 @@ def pack_weight(stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, corr
 
 
+def checked_act_dtype(act_dtype) -> torch.dtype:
+    """act_dtype if it is torch.int8 or torch.int16, else a ValueError naming it."""
+    if act_dtype not in ACT_DTYPES:
+        raise ValueError(f"act_dtype: expected torch.int8 or torch.int16, got {act_dtype!r}")
+    return act_dtype
+
+
+def mode(path: str | None, act_dtype: torch.dtype) -> int:
+    """int8_linear.c's mode for kernel path ``path`` and activations ``act_dtype``."""
+    return (_MODE_VNNI if path == "avx512-vnni" else 0) | (
+        _MODE_A16 if act_dtype == torch.int16 else 0)
+
+
 def _check(x, packed, corr, scale, bias, out_features, act=None, norm=None,
-           residual=None) -> None:
+           residual=None, act_dtype=torch.int8) -> None:
     checked_act(act)
+    checked_act_dtype(act_dtype)
     if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
     P = -(-out_features // PANEL)
@@ -156,18 +177,19 @@ def _check(x, packed, corr, scale, bias, out_features, act=None, norm=None,
 
 def _launch(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
             bias: torch.Tensor | None, out_features: int, act: str | None = None, norm=None,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None, act_dtype: torch.dtype = torch.int8
+            ) -> torch.Tensor:
     """The kernel call on checked arguments (packed, corr, scale, bias and norm's tensors
     contiguous)."""
     lib, path, why = _load()
     if lib is None:
         raise RuntimeError(f"int8_linear is not usable here: {why}")
-    code, n_args = checked_act(act), norm_args(norm)
+    code, n_args, m = checked_act(act), norm_args(norm), mode(path, act_dtype)
 
     def kernel(x2, M, K, y, r2):
         rc = lib.nbp_int8_linear(x2.data_ptr(), M, K, packed.data_ptr(), corr.data_ptr(),
                                  scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                 y.data_ptr(), out_features, int(path == "avx512-vnni"), code,
+                                 y.data_ptr(), out_features, m, code,
                                  *n_args, None if r2 is None else r2.data_ptr())
         check_rc(f"int8_linear ({path})", rc)
     return run_rows(x, out_features, bias, kernel, act, residual)
@@ -179,31 +201,35 @@ def _int8_linear_op(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor,
                     out_features: int, act: str | None = None,
                     norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None,
                     norm_eps: float | None = None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
+                    residual: torch.Tensor | None = None,
+                    act_dtype: torch.dtype = torch.int8) -> torch.Tensor:
     norm = None if norm_eps is None else (contiguous_or_none(norm_weight),
                                           contiguous_or_none(norm_bias), norm_eps)
     return _launch(x, packed.contiguous(), corr.contiguous(), scale.contiguous(),
-                   contiguous_or_none(bias), out_features, act, norm, residual)
+                   contiguous_or_none(bias), out_features, act, norm, residual, act_dtype)
 
 
 @_int8_linear_op.register_fake
 def _(x, packed, corr, scale, bias, out_features, act=None, norm_weight=None, norm_bias=None,
-      norm_eps=None, residual=None):
+      norm_eps=None, residual=None, act_dtype=torch.int8):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, corr: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None, out_features: int, act: str | None = None,
-                norm=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                norm=None, residual: torch.Tensor | None = None,
+                act_dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """x float32 [..., K] -> float32 [..., out_features], ``reference.int8_linear``'s value
-    (bit for bit), or with act="gelu" the exact GELU of it (to a few ulp); with norm
-    (weight, bias, eps) that of the LayerNorm of x's rows (weight, bias float32 [K] or
-    None), with residual (float32 [..., out_features]) plus it, after the activation.
+    with x's rows rounded to act_dtype (torch.int8 or torch.int16; bit for bit), or with
+    act="gelu" the exact GELU of it (to a few ulp); with norm (weight, bias, eps) that
+    of the LayerNorm of x's rows (weight, bias float32 [K] or None), with residual
+    (float32 [..., out_features]) plus it, after the activation.
 
     (packed, corr): ``pack_weight(stored)`` for the int8 weight stored [out_features, K];
     scale: its float32 [out_features] scales; bias: float32 [out_features] or None.
     x must be finite (a NaN or inf has no int8 value).
     """
-    _check(x, packed, corr, scale, bias, out_features, act, norm, residual)
+    _check(x, packed, corr, scale, bias, out_features, act, norm, residual, act_dtype)
     nw, nb, eps = checked_norm(norm, x.shape[-1]) or (None, None, None)
-    return _int8_linear_op(x, packed, corr, scale, bias, out_features, act, nw, nb, eps, residual)
+    return _int8_linear_op(x, packed, corr, scale, bias, out_features, act, nw, nb, eps, residual,
+                           act_dtype)

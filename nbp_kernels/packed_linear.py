@@ -53,7 +53,7 @@ MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS 
 # GEMV, which was faster there (benchmarks/bench_packed_linear.py).
 GEMV_MIN_WEIGHTS = 1 << 20
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}   # the C kernel's codes
-ACT_DTYPES = (torch.float32, torch.int8)   # int8: int8_linear (int8 weights only)
+ACT_DTYPES = (torch.float32, torch.int8, torch.int16)   # integers: int8_linear (int8 weights)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,8 +191,8 @@ class PackedLinear:
 
     weight_dtype: None or torch.float32 (the module's float32 weight as is),
     torch.bfloat16 or torch.int8 (stored as ``reference.quantize_weight`` says).
-    act_dtype: None or torch.float32 (float32 activations), or torch.int8 (with
-    int8 weights only): each call quantizes x per row and runs
+    act_dtype: None or torch.float32 (float32 activations), or torch.int8 or
+    torch.int16 (with int8 weights only): each call rounds x per row to it and runs
     ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products).
     ``__call__(x, act=None, norm=None, residual=None)``: x float32 [..., in_features]
     -> [..., out_features], act(norm(x) @ W.T + bias) + residual with act None or
@@ -219,7 +219,7 @@ class PackedLinear:
                              f"{weight.device}")
         self.module, self.weight_dtype, self.act_dtype = module, dtype, act
         stored, self.scale = reference.quantize_weight(weight, dtype)
-        self.packed, self.corr = (int8_linear.pack_weight(stored) if act == torch.int8
+        self.packed, self.corr = (int8_linear.pack_weight(stored) if act != torch.float32
                                   else (pack_weight(stored), None))
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
         self.in_features, self.out_features = module.in_features, module.out_features
@@ -258,11 +258,12 @@ class PackedLinear:
             norm = self._check_extras(x, norm, residual)
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
             return apply_torch(self.module, x, norm, act, residual)
-        int8 = self.act_dtype == torch.int8
+        int8 = self.act_dtype != torch.float32
         if torch.compiler.is_compiling():
             if int8:
                 return int8_linear.int8_linear(x, self.packed, self.corr, self.scale, self.bias,
-                                               self.out_features, act, norm, residual)
+                                               self.out_features, act, norm, residual,
+                                               self.act_dtype)
             return packed_linear(x, self.packed, self.bias, self.out_features, self.scale, act,
                                  norm, residual)
         # Eager decode steps call this ~40 times each: the weights were checked
@@ -272,14 +273,14 @@ class PackedLinear:
                 or x.requires_grad:
             if int8:
                 int8_linear._check(x, self.packed, self.corr, self.scale, self.bias,
-                                   self.out_features)
+                                   self.out_features, act_dtype=self.act_dtype)
             else:
                 _check(x, self.packed, self.bias, self.out_features, self.scale)
             raise ValueError(f"x: expected [..., {self.in_features}] (in_features), got "
                              f"{tuple(x.shape)}")
         if int8:
             return int8_linear._launch(x, self.packed, self.corr, self.scale, self.bias,
-                                       self.out_features, act, norm, residual)
+                                       self.out_features, act, norm, residual, self.act_dtype)
         return _launch(x, self.packed, self.bias, self.out_features, self.scale, act, norm,
                        residual)
 
@@ -302,12 +303,14 @@ class PackedLinear:
 
 
 def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
-    """``act_dtype`` (None: float32) as a dtype, or a ValueError naming it: torch.int8
-    activations need torch.int8 weights (the integer dot products multiply both)."""
+    """``act_dtype`` (None: float32) as a dtype, or a ValueError naming it: torch.int8 and
+    torch.int16 activations need torch.int8 weights (the integer dot products multiply
+    both)."""
     act = torch.float32 if act_dtype is None else act_dtype
     if act not in ACT_DTYPES:
-        raise ValueError(f"act_dtype: expected None, torch.float32 or torch.int8, got {act_dtype!r}")
-    if act == torch.int8 and weight_dtype != torch.int8:
-        raise ValueError(f"act_dtype: torch.int8 activations need weight_dtype=torch.int8, got "
+        raise ValueError(f"act_dtype: expected None, torch.float32, torch.int8 or torch.int16, "
+                         f"got {act_dtype!r}")
+    if act != torch.float32 and weight_dtype != torch.int8:
+        raise ValueError(f"act_dtype: {act} activations need weight_dtype=torch.int8, got "
                          f"weight_dtype={weight_dtype!r}")
     return act

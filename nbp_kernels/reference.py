@@ -37,6 +37,7 @@ __all__ = [
     "quantize_weight",
     "dequantized_linear",
     "quantize_rows",
+    "act_levels",
     "int8_linear",
     "fused_linear",
     "decode_step",
@@ -190,34 +191,54 @@ def dequantized_linear(x: torch.Tensor, stored: torch.Tensor, scale: torch.Tenso
     return linear(x, w if scale is None else w * scale.to(x.dtype)[:, None], bias)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x float32 [M, K] to int8, symmetric: (xq int8 [M, K], sx float32 [M]).
+INT_ACT_DTYPES = (torch.int8, torch.int16)   # what ``int8_linear`` rounds activations to
 
-    In float32: amax = max |x[m]|, inv = 127 / amax, xq = x * inv rounded half to
-    even (already in [-127, 127]; clamped all the same), sx = amax / 127, so
-    x ~ xq * sx[:, None]. An all-zero row gives inv = 0, xq = 0, sx = 0. x must be
-    finite. What ``int8_linear`` does to its activations.
+
+def act_levels(act_dtype: torch.dtype, in_features: int) -> int:
+    """The largest |value| of a quantized activation row: 127 for torch.int8; for
+    torch.int16, min(32767, (2^31 - 1) // (127 in_features)), so that no int32 sum of
+    in_features products with int8 weights can overflow (32767 up to 516 in_features,
+    11008 at 1536: 13.4 bits)."""
+    if act_dtype == torch.int8:
+        return 127
+    if act_dtype == torch.int16:
+        return min(32767, (2**31 - 1) // (127 * max(int(in_features), 1)))
+    raise ValueError(f"act_dtype: expected torch.int8 or torch.int16, got {act_dtype!r}")
+
+
+def quantize_rows(x: torch.Tensor, act_dtype: torch.dtype = torch.int8
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x float32 [M, K] to ``act_dtype`` (int8 or int16), symmetric:
+    (xq [M, K] of act_dtype, sx float32 [M]).
+
+    With Q = ``act_levels(act_dtype, K)``, in float32: amax = max |x[m]|, inv = Q /
+    amax, xq = x * inv rounded half to even (already in [-Q, Q]; clamped all the
+    same), sx = amax / Q, so x ~ xq * sx[:, None]. An all-zero row gives inv = 0,
+    xq = 0, sx = 0. x must be finite. What ``int8_linear`` does to its activations.
     """
+    levels = act_levels(act_dtype, x.shape[-1])
     amax = x.float().abs().amax(dim=-1)
-    # a true division (127 / tensor would be 127 * reciprocal(tensor): two roundings)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), torch.zeros_like(amax))
-    xq = torch.round(x.float() * inv[:, None]).clamp(-127, 127).to(torch.int8)
-    return xq, amax / 127
+    # a true division (Q / tensor would be Q * reciprocal(tensor): two roundings)
+    inv = torch.where(amax > 0, torch.full_like(amax, levels).div(amax), torch.zeros_like(amax))
+    xq = torch.round(x.float() * inv[:, None]).clamp(-levels, levels).to(act_dtype)
+    return xq, amax / levels
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dynamic int8 activations times int8 weights: x float32 [M, K] -> float32 [M, N].
+                bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.int8
+                ) -> torch.Tensor:
+    """Dynamic integer activations times int8 weights: x float32 [M, K] -> float32 [M, N].
 
     wq int8 [N, K] and w_scale float32 [N] are ``quantize_weight(w, torch.int8)``;
-    bias float32 [N] or None. With (xq, sx) = ``quantize_rows(x)``:
-    acc = xq @ wq^T summed exactly (an int32 sum for K < 2^31 / 127^2; computed
-    here in float64, where every partial sum of such integers is exact), then in
-    float32, one rounding per step and in this order: s = sx[m] * w_scale[n],
-    y = float32(acc) * s, y = y + bias[n]. What ``nbp_kernels.int8_linear``
-    computes, bit for bit.
+    bias float32 [N] or None; act_dtype: torch.int8 or torch.int16, what the rows
+    are rounded to. With (xq, sx) = ``quantize_rows(x, act_dtype)``: acc = xq @ wq^T
+    summed exactly (an int32 sum, as ``act_levels`` bounds it; computed here in
+    float64, where every partial sum of such integers is exact), then in float32,
+    one rounding per step and in this order: s = sx[m] * w_scale[n], y =
+    float32(acc) * s, y = y + bias[n]. What ``nbp_kernels.int8_linear`` computes,
+    bit for bit.
     """
-    xq, sx = quantize_rows(x)
+    xq, sx = quantize_rows(x, act_dtype)
     acc = (xq.double() @ wq.double().t()).float()
     y = acc * (sx[:, None] * w_scale.float()[None, :])
     return y if bias is None else y + bias
@@ -225,7 +246,8 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  scale: torch.Tensor | None = None, norm=None, act: str | None = None,
-                 residual: torch.Tensor | None = None, int8_act: bool = False) -> torch.Tensor:
+                 residual: torch.Tensor | None = None,
+                 act_dtype: torch.dtype | None = None) -> torch.Tensor:
     """residual + act(linear(layer_norm(x), W, bias)): what the CPU linears compute with
     their LayerNorm prologue (``norm``), activation (``act``) and residual epilogue.
 
@@ -233,15 +255,16 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``quantize_weight``'s stored weight with its ``scale`` (``dequantized_linear``);
     norm: None or (weight, bias, eps), ``F.layer_norm`` over the last dimension
     (weight, bias [K] or None); act: None or "gelu" (``gelu``); residual: None or
-    [..., N]. int8_act: the product is ``int8_linear`` of the normalised rows (int8
-    weight and scale), which quantizes them. Returns [..., N] in x's dtype.
+    [..., N]. act_dtype: None (or torch.float32) for the float product, or torch.int8
+    / torch.int16: the product is ``int8_linear`` of the normalised rows (int8 weight
+    and scale), which rounds them to act_dtype. Returns [..., N] in x's dtype.
     """
     if norm is not None:
         w, b, eps = norm
         x = F.layer_norm(x, x.shape[-1:], None if w is None else w.to(x.dtype),
                          None if b is None else b.to(x.dtype), eps)
-    if int8_act:
-        y = int8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias)
+    if act_dtype not in (None, torch.float32):
+        y = int8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, act_dtype)
         y = y.view(*x.shape[:-1], -1)
     else:
         y = dequantized_linear(x, weight, scale, None if bias is None else bias.to(x.dtype))
@@ -255,7 +278,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def decode_step(ids: torch.Tensor, seq_lens: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, *, tok_emb: torch.Tensor, pos_emb: torch.Tensor,
                 blocks: list[dict], ln_f, head: tuple, n_head: int,
-                int8_act: bool = False) -> torch.Tensor:
+                act_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One decode step of the NBP transformer (GPT-2 blocks, pre-LayerNorm): what
     ``decode_step_cpu.DecodeProgram`` computes.
 
@@ -264,8 +287,8 @@ def decode_step(ids: torch.Tensor, seq_lens: torch.Tensor, k_cache: torch.Tensor
     place at seq_lens (``block_decode_attention``); tok_emb [V, C], pos_emb [n_pos, C].
     blocks: one dict per layer, ``ln1``/``ln2`` (weight, bias, eps) and ``qkv`` (q, k and v
     stacked), ``proj``, ``fc1``, ``fc2`` as (weight [N, K], bias [N] or None, scale [N] or
-    None), ``fused_linear``'s weight arguments (int8_act: every linear is ``int8_linear``
-    of the int8 weights). ln_f: (weight, bias, eps); head: (weight, bias, scale).
+    None), ``fused_linear``'s weight arguments (act_dtype torch.int8 or torch.int16: every
+    linear is ``int8_linear`` of the int8 weights, its rows rounded to act_dtype). ln_f: (weight, bias, eps); head: (weight, bias, scale).
     x = tok_emb[ids] + pos_emb[positions]; per layer x += proj(attention(qkv(ln1(x)))),
     x += fc2(gelu(fc1(ln2(x)))); returns head(ln_f(x)), float32 [B, L, V].
     """
@@ -276,7 +299,7 @@ def decode_step(ids: torch.Tensor, seq_lens: torch.Tensor, k_cache: torch.Tensor
 
     def lin(params, x, **kw):
         weight, bias, scale = params
-        return fused_linear(x, weight, bias, scale=scale, int8_act=int8_act, **kw)
+        return fused_linear(x, weight, bias, scale=scale, act_dtype=act_dtype, **kw)
 
     def heads(t):
         return t.reshape(B, L, n_head, C // n_head).transpose(1, 2)

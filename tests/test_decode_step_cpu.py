@@ -18,7 +18,11 @@ from nbp_kernels.decode_step_cpu import is_available
 
 # name: (weight_dtype, act_dtype) of PackedLinears
 DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None),
-          "int8": (torch.int8, None), "int8_a8": (torch.int8, torch.int8)}
+          "int8": (torch.int8, None), "int8_a16": (torch.int8, torch.int16),
+          "int8_a8": (torch.int8, torch.int8)}
+# integer activations: a rounding upstream can move a row's quantization step (one
+# 127th of its largest value for int8, a 32767th for int16)
+ROUNDING_TOL = {"int8_a8": 5e-2, "int8_a16": 1e-3}
 
 
 @pytest.fixture(params=ISAS)
@@ -84,8 +88,8 @@ def test_program_matches_python_step(isa, dtype, shape, heads):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         assert torch.equal(cache_c.k, cache_py.k) and torch.equal(cache_c.v, cache_py.v)
-    else:   # int8 activations: a rounding upstream can move a row's quantization step
-        tol = 5e-2 if dtype == "int8_a8" else 1e-5
+    else:
+        tol = ROUNDING_TOL.get(dtype, 1e-5)
         for a, b in zip(got + [cache_c.k, cache_c.v], want + [cache_py.k, cache_py.v]):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
     assert torch.equal(cache_c.seq_lens, cache_py.seq_lens)
@@ -99,7 +103,7 @@ def reference_blocks(model, dtype: str):
         w = torch.cat([m.weight.detach() for m in mods])
         b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
         stored, scale = reference.quantize_weight(w, wd or torch.float32)
-        return (stored if ad == torch.int8 else stored.float()), b, scale
+        return (stored if ad is not None else stored.float()), b, scale
 
     def ln(m):
         return m.weight.detach(), m.bias.detach(), m.eps
@@ -120,9 +124,8 @@ def test_program_matches_reference(isa, dtype):
     blocks, ln_f, head = reference_blocks(model, dtype)
     want = reference.decode_step(ids, lens, k, v, tok_emb=model.tok_emb.weight.detach(),
                                  pos_emb=model.pos_emb.detach()[0], blocks=blocks, ln_f=ln_f,
-                                 head=head, n_head=3, int8_act=dtype == "int8_a8")
-    # int8 activations: a different rounding upstream can move a row's quantization step
-    tol = 5e-2 if dtype == "int8_a8" else 1e-4
+                                 head=head, n_head=3, act_dtype=DTYPES[dtype][1])
+    tol = ROUNDING_TOL.get(dtype, 1e-4)
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     torch.testing.assert_close(r.cache.k, k, atol=tol, rtol=tol)
     assert torch.equal(r.cache.seq_lens, lens + n)

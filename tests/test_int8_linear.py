@@ -1,5 +1,6 @@
-"""Dynamic int8 activations (nbp_kernels.int8_linear, act_dtype=torch.int8) against
-nbp_kernels.reference.quantize_rows / int8_linear, on every code path this machine runs."""
+"""Dynamic int8 and int16 activations (nbp_kernels.int8_linear, act_dtype=torch.int8 /
+torch.int16) against nbp_kernels.reference.quantize_rows / int8_linear, on every code path
+this machine runs."""
 from __future__ import annotations
 
 import pytest
@@ -37,6 +38,12 @@ def path(request, monkeypatch):
     return want
 
 
+@pytest.fixture(params=[torch.int8, torch.int16], ids=["a8", "a16"])
+def adt(request):
+    """The activations' integer dtype (act_dtype)."""
+    return request.param
+
+
 def _rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -65,13 +72,42 @@ def test_quantize_rows_reference():
     assert bool((err <= sx[:, None] * 0.5 * (1 + 1e-5)).all())
 
 
-def test_int8_linear_reference_is_the_integer_sum():
+def test_act_levels():
+    """int16 rows keep as many levels as leave every int32 sum with int8 weights exact."""
+    assert reference.act_levels(torch.int8, 10**6) == 127
+    assert reference.act_levels(torch.int16, 384) == 32767
+    assert reference.act_levels(torch.int16, 516) == 32767 and reference.act_levels(
+        torch.int16, 517) < 32767
+    for K in (517, 1536, 4100, i8.MAX_IN_FEATURES):
+        q = reference.act_levels(torch.int16, K)
+        assert 127 * q * K < 2**31 <= 127 * (q + 1) * K
+    with pytest.raises(ValueError, match="act_dtype: expected torch.int8 or torch.int16"):
+        reference.act_levels(torch.float32, 8)
+
+
+def test_quantize_rows_int16_reference():
+    """int16 rows: the same rule with act_levels' Q; error at most half a step of amax / Q."""
+    x = _rand(40, 1536, seed=3)
+    x[5] = 0
+    xq, sx = reference.quantize_rows(x, torch.int16)
+    Q = reference.act_levels(torch.int16, 1536)
+    assert xq.dtype == torch.int16 and sx.dtype == torch.float32
+    assert bool((xq.abs().amax(dim=1)[torch.arange(40) != 5] == Q).all())
+    assert not xq[5].any() and sx[5] == 0
+    err = (xq.double() * sx.double()[:, None] - x.double()).abs()
+    # half a step, plus x * inv's float32 rounding (a few 1e-4 of a step at 11008 levels)
+    assert bool((err <= sx.double()[:, None] * 0.5 * (1 + 1e-3)).all())
+    assert float(err.amax() / x.abs().amax()) < 1e-4   # near float32 rows
+
+
+def test_int8_linear_reference_is_the_integer_sum(adt):
     """reference.int8_linear: the exact integer products (int64 here), then sx * w_scale."""
     x, wq, ws, b = _case(9, 1000, 33)
-    xq, sx = reference.quantize_rows(x)
+    xq, sx = reference.quantize_rows(x, adt)
     acc = (xq.long() @ wq.long().t()).float()
-    assert torch.equal(reference.int8_linear(x, wq, ws, b), acc * (sx[:, None] * ws[None, :]) + b)
-    assert torch.equal(reference.int8_linear(x, wq, ws)[1], torch.zeros(33))   # the zero row
+    assert torch.equal(reference.int8_linear(x, wq, ws, b, adt),
+                       acc * (sx[:, None] * ws[None, :]) + b)
+    assert torch.equal(reference.int8_linear(x, wq, ws, act_dtype=adt)[1], torch.zeros(33))
 
 
 def test_pack_layout():
@@ -86,16 +122,16 @@ def test_pack_layout():
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_matches_reference_bit_for_bit(path, bias):
+def test_matches_reference_bit_for_bit(path, adt, bias):
     """Awkward sizes (K not a multiple of 4 or 16, partial panels and row tiles, a prefill):
     every path computes the same int32 sums and float32 epilogue, so equal floats."""
-    for M in (1, 3, 16, 33, 512):
-        for K in (7, 96, 384, 1000):
+    for M in (1, 3, 9, 16, 33, 512):
+        for K in (7, 96, 384, 1000, 1536):
             for N in (1, 17, 100, 1536):
                 x, wq, ws, b = _case(M, K, N, seed=M + K + N)
                 packed, corr = i8.pack_weight(wq)
-                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N)
-                want = reference.int8_linear(x, wq, ws, b if bias else None)
+                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N, act_dtype=adt)
+                want = reference.int8_linear(x, wq, ws, b if bias else None, adt)
                 assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
 
 
@@ -105,8 +141,8 @@ GELU_TOL = {"rtol": 2e-5, "atol": 1e-30}
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gelu_matches_reference(path, bias):
-    """act="gelu": the exact GELU of the (bit-exact) int8 product, over the same awkward
+def test_gelu_matches_reference(path, adt, bias):
+    """act="gelu": the exact GELU of the (bit-exact) integer product, over the same awkward
     sizes; the product itself unchanged by it."""
     for M in (1, 3, 16, 33, 512):
         for K in (7, 96, 384, 1000):
@@ -114,13 +150,14 @@ def test_gelu_matches_reference(path, bias):
                 x, wq, ws, b = _case(M, K, N, seed=M + K + N)
                 x = x * 4   # outputs down to about -10: GELU's tail
                 packed, corr = i8.pack_weight(wq)
-                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N, act="gelu")
-                want = reference.int8_linear(x, wq, ws, b if bias else None)
+                got = i8.int8_linear(x, packed, corr, ws, b if bias else None, N, act="gelu",
+                                     act_dtype=adt)
+                want = reference.int8_linear(x, wq, ws, b if bias else None, adt)
                 torch.testing.assert_close(got.double(), reference.gelu(want.double()),
                                            **GELU_TOL)
 
 
-def test_row_scale_from_the_largest_magnitude_anywhere(path):
+def test_row_scale_from_the_largest_magnitude_anywhere(path, adt):
     """Each row's scale is its largest |x|, wherever it lies (any lane of the kernel's vector
     max, or the scalar tail past the last whole 64 floats) and whatever its sign."""
     K = 3 * 64 + 9
@@ -130,7 +167,8 @@ def test_row_scale_from_the_largest_magnitude_anywhere(path):
     x = _rand(2 * len(positions), K, seed=6)
     for i, pos in enumerate(positions):
         x[2 * i, pos], x[2 * i + 1, pos] = 40.0, -40.0
-    assert torch.equal(i8.int8_linear(x, packed, corr, ws, b, 20), reference.int8_linear(x, wq, ws, b))
+    assert torch.equal(i8.int8_linear(x, packed, corr, ws, b, 20, act_dtype=adt),
+                       reference.int8_linear(x, wq, ws, b, adt))
 
 
 def test_long_rows_stay_exact(path):
@@ -148,19 +186,39 @@ def test_long_rows_stay_exact(path):
     assert got[0, 0] == torch.tensor(127.0 * 127 * K).float() * (torch.tensor(1.0) / 127 * 0.5)
 
 
+def test_int16_rows_at_the_int32_limit(path):
+    """int16 rows at full scale against weights at 127: sums up to 127 Q K, just below 2^31
+    (a lane of the kernel holds half of them; nothing overflows), for a decode width and
+    K past 516, where Q drops below 32767; alternating signs cancel exactly."""
+    for K in (384, 1536, 70000):
+        x = torch.ones(3, K)
+        x[1, ::2] = -1
+        x[2, :K // 2] = -1
+        wq = torch.full((20, K), 127, dtype=torch.int8)
+        wq[3] = -127
+        ws = torch.full((20,), 0.5)
+        packed, corr = i8.pack_weight(wq)
+        got = i8.int8_linear(x, packed, corr, ws, None, 20, act_dtype=torch.int16)
+        assert torch.equal(got, reference.int8_linear(x, wq, ws, act_dtype=torch.int16))
+        Q = reference.act_levels(torch.int16, K)
+        assert got[0, 0] == torch.tensor(127.0 * Q * K).float() * (torch.tensor(1.0) / Q * 0.5)
+        assert got[0, 3] == -got[0, 0] and got[2, 0] == 0
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads_and_leading_dims(path, threads):
+def test_threads_and_leading_dims(path, adt, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, wq, ws, b = _case(2 * 17, 96, 100, seed=5)
         packed, corr = i8.pack_weight(wq)
         x3 = x.view(2, 17, 96).transpose(0, 1)           # [17, 2, 96], not contiguous
-        got = i8.int8_linear(x3, packed, corr, ws, b, 100)
+        got = i8.int8_linear(x3, packed, corr, ws, b, 100, act_dtype=adt)
     finally:
         torch.set_num_threads(before)
     assert got.shape == (17, 2, 100)
-    assert torch.equal(got, reference.int8_linear(x3.reshape(-1, 96), wq, ws, b).view(17, 2, 100))
+    assert torch.equal(got, reference.int8_linear(x3.reshape(-1, 96), wq, ws, b, adt)
+                       .view(17, 2, 100))
 
 
 @pytest.mark.usefixtures("path")
@@ -199,6 +257,8 @@ def test_paths_agree_where_no_kernel(monkeypatch):
     (lambda x, p, c, s, b: (x, p, c, s, b, 0), "out_features: expected a positive int"),
     (lambda x, p, c, s, b: (x.requires_grad_(), p, c, s, b, 40), "inference only"),
     (lambda x, p, c, s, b: (x, p, c, s, b, 40, "tanh"), "act: expected None or 'gelu', got 'tanh'"),
+    (lambda x, p, c, s, b: (x, p, c, s, b, 40, None, None, None, torch.float16),
+     "act_dtype: expected torch.int8 or torch.int16, got torch.float16"),
 ])
 def test_errors(args, match):
     x, wq, ws, b = _case(3, 24, 40)
@@ -221,6 +281,11 @@ def test_custom_op_and_compile():
     x, wq, ws, b = _case(4, 32, 50)
     packed, corr = i8.pack_weight(wq)
     torch.library.opcheck(torch.ops.nbp.int8_linear.default, (x, packed, corr, ws, b, 50))
+    torch.library.opcheck(torch.ops.nbp.int8_linear.default, (x, packed, corr, ws, b, 50),
+                          {"act_dtype": torch.int16})
+    h = torch.compile(lambda x: i8.int8_linear(x, packed, corr, ws, b, 50, act_dtype=torch.int16),
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(h(x), reference.int8_linear(x, wq, ws, b, torch.int16))
     f = torch.compile(lambda x: i8.int8_linear(x, packed, corr, ws, b, 50) * 2, fullgraph=True,
                       backend="aot_eager")
     assert torch.equal(f(x), reference.int8_linear(x, wq, ws, b) * 2)
@@ -232,16 +297,16 @@ def test_custom_op_and_compile():
 
 
 @pytest.mark.usefixtures("path")
-def test_packed_linear_act_int8_at_every_row_count():
-    """PackedLinear(act_dtype=torch.int8): every row count (decode and prefill) through the
-    kernel, equal to the reference; a wrong width is refused."""
+def test_packed_linear_integer_acts_at_every_row_count(adt):
+    """PackedLinear(act_dtype=torch.int8 / torch.int16): every row count (decode and
+    prefill) through the kernel, equal to the reference; a wrong width is refused."""
     lin = torch.nn.Linear(70, 50)
-    pl = PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.int8)
+    pl = PackedLinear(lin, weight_dtype=torch.int8, act_dtype=adt)
     wq, ws = reference.quantize_weight(lin.weight.detach(), torch.int8)
     with torch.no_grad():
         for rows in (1, 2, 16, MAX_ROWS + 1, 300):
             x = _rand(rows, 70, seed=rows)
-            want = reference.int8_linear(x, wq, ws, lin.bias.detach())
+            want = reference.int8_linear(x, wq, ws, lin.bias.detach(), adt)
             assert torch.equal(pl(x), want)
             torch.testing.assert_close(pl(x, act="gelu").double(),
                                        reference.gelu(want.double()), **GELU_TOL)
@@ -252,10 +317,10 @@ def test_packed_linear_act_int8_at_every_row_count():
 
 
 @pytest.mark.usefixtures("path")
-def test_many_is_each_linear_alone_bit_for_bit():
+def test_many_is_each_linear_alone_bit_for_bit(adt):
     mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
                                torch.nn.Linear(96, 33, bias=False))
-    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=torch.int8)
+    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=adt)
     with torch.no_grad():
         for rows in (1, 5, 16, MAX_ROWS + 1):
             x = _rand(2, rows, 96, seed=rows)
@@ -269,7 +334,10 @@ def test_act_dtype_errors():
     for wd in (None, torch.float32, torch.bfloat16):
         with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
             PackedLinear(lin, weight_dtype=wd, act_dtype=torch.int8)
-    with pytest.raises(ValueError, match="act_dtype: expected None, torch.float32 or torch.int8"):
+    with pytest.raises(ValueError, match="act_dtype: torch.int16 activations need weight_dtype"):
+        PackedLinear(lin, weight_dtype=torch.bfloat16, act_dtype=torch.int16)
+    with pytest.raises(ValueError, match="act_dtype: expected None, torch.float32, torch.int8 "
+                                         "or torch.int16"):
         PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
         PackedLinears(torch.nn.Sequential(lin), act_dtype=torch.int8)
@@ -278,31 +346,33 @@ def test_act_dtype_errors():
         FastGenerator(model, act_dtype=torch.int8)
     with pytest.raises(ValueError, match="act_dtype: expected None"):
         FastGenerator(model, weight_dtype=torch.int8, act_dtype="int8")
-    parts = [PackedLinear(lin, torch.int8), PackedLinear(lin, torch.int8, torch.int8)]
-    with pytest.raises(ValueError, match="parts: expected PackedLinears of one weight dtype, "
-                                         "activation dtype"):
-        PackedLinear.stacked(parts)
+    for a in (torch.int8, torch.int16):
+        parts = [PackedLinear(lin, torch.int8), PackedLinear(lin, torch.int8, a)]
+        with pytest.raises(ValueError, match="parts: expected PackedLinears of one weight "
+                                             "dtype, activation dtype"):
+            PackedLinear.stacked(parts)
 
 
-def test_generator_with_int8_activations(path):
-    """FastGenerator(act_dtype=torch.int8): every linear is the reference int8_linear; greedy
-    generation is deterministic and, the arithmetic being the same, equal on every path."""
+def test_generator_with_integer_activations(path, adt):
+    """FastGenerator(act_dtype=torch.int8 / torch.int16): every linear is the reference
+    int8_linear; greedy generation is deterministic and, the arithmetic being the same,
+    equal on every path."""
     model = sharp_model()
-    gen = FastGenerator(model, weight_dtype=torch.int8, act_dtype=torch.int8)
-    assert gen.act_dtype == torch.int8 and gen.linear.act_dtype == torch.int8
+    gen = FastGenerator(model, weight_dtype=torch.int8, act_dtype=adt)
+    assert gen.act_dtype == adt and gen.linear.act_dtype == adt
     for m in (model.head, *[m for m in model.modules() if isinstance(m, torch.nn.Linear)][:2]):
         wq, ws = reference.quantize_weight(m.weight.detach(), torch.int8)
         x = _rand(16, m.in_features, seed=1)
         bias = None if m.bias is None else m.bias.detach()
-        assert torch.equal(gen.linear(m, x), reference.int8_linear(x, wq, ws, bias))
+        assert torch.equal(gen.linear(m, x), reference.int8_linear(x, wq, ws, bias, adt))
     ids = video_ids(model.config)
     out = {mode: gen.generate_tokens(ids, 32, mode=mode, do_sample=False) for mode in ("nbp", "ntp")}
     for mode, tokens in out.items():
         assert tokens.shape == (2, 32)
         assert bool(((tokens >= model.config.video_offset) & (tokens < model.config.vocab_size)).all())
-        again = FastGenerator(model, weight_dtype=torch.int8, act_dtype=torch.int8)
+        again = FastGenerator(model, weight_dtype=torch.int8, act_dtype=adt)
         assert torch.equal(again.generate_tokens(ids, 32, mode=mode, do_sample=False), tokens)
-    first = _GREEDY.setdefault("nbp", out["nbp"])
+    first = _GREEDY.setdefault(str(adt), out["nbp"])
     assert torch.equal(out["nbp"], first), f"{path} differs from the first path run"
 
 
@@ -319,6 +389,10 @@ def test_cli_flags(capsys, tmp_path):
         assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
                      "cpu", "--threads", "1", "--weight-dtype", "int8", "--act-dtype", "int8"]) == 0
         assert "stored int8, activations int8" in capsys.readouterr().out
+        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
+                     "cpu", "--threads", "1", "--weight-dtype", "int8", "--act-dtype",
+                     "int16"]) == 0
+        assert "stored int8, activations int16" in capsys.readouterr().out
         out = tmp_path / "a8.gif"
         assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
                      "--weight-dtype", "int8", "--act-dtype", "int8", "--threads", "1"]) == 0
@@ -346,9 +420,9 @@ _NORMS = {"affine": lambda K: (_rand(K, seed=21), _rand(K, seed=22), 1e-5),
 @pytest.mark.parametrize("norm, residual", [(None, True)] + [(n, r) for n in _NORMS
                                                               for r in (False, True)])
 @pytest.mark.parametrize("act", [None, "gelu"], ids=["noact", "gelu"])
-def test_prologue_and_residual_match_reference(path, norm, residual, act):
+def test_prologue_and_residual_match_reference(path, adt, norm, residual, act):
     """The kernel quantizes its own LayerNorm of each row (within float32 rounding of
-    F.layer_norm's): against reference.fused_linear(int8_act=True), equal but where a
+    F.layer_norm's): against reference.fused_linear(act_dtype=...), equal but where a
     value at a rounding boundary quantized one step apart (at most a step or two of one
     row's scale times a weight); the residual is added exactly after the activation."""
     for M in (1, 3, 16, 33):
@@ -359,19 +433,22 @@ def test_prologue_and_residual_match_reference(path, norm, residual, act):
                 n = _NORMS[norm](K) if norm else None
                 r = _rand(M, N, seed=M * N) if residual else None
                 packed, corr = i8.pack_weight(wq)
-                got = i8.int8_linear(x, packed, corr, ws, b, N, act, n, r)
+                got = i8.int8_linear(x, packed, corr, ws, b, N, act, n, r, adt)
                 want = reference.fused_linear(x, wq, b, scale=ws, norm=n, act=act, residual=r,
-                                              int8_act=True)
+                                              act_dtype=adt)
                 xn = x if n is None else torch.nn.functional.layer_norm(x, (K,), *n)
-                step = float(xn.abs().amax() / 127 * (wq.float() * ws[:, None]).abs().amax())
+                step = float(xn.abs().amax() / reference.act_levels(adt, K)
+                             * (wq.float() * ws[:, None]).abs().amax())
                 torch.testing.assert_close(got, want, atol=2 * step + 1e-5, rtol=1e-5)
-                # such a boundary is rare: every other row within float32 rounding
+                # such a boundary is rare with 255 levels: every other row within float32
+                # rounding (int16's are 86-258x denser, so common, and as much smaller)
                 off = (got - want).abs() > 1e-5 * (1 + want.abs())
-                assert int(off.any(dim=1).sum()) <= 1, (M, K, N)
+                assert adt == torch.int16 or int(off.any(dim=1).sum()) <= 1, (M, K, N)
                 if n is None and act is None:   # the product, then the residual's add: exact
                     assert torch.equal(got, want)
                 if r is not None:
-                    assert torch.equal(got, i8.int8_linear(x, packed, corr, ws, b, N, act, n) + r)
+                    assert torch.equal(got, i8.int8_linear(x, packed, corr, ws, b, N, act, n,
+                                                           act_dtype=adt) + r)
 
 
 @pytest.mark.usefixtures("path")
@@ -391,13 +468,13 @@ def test_prologue_empty_and_zero_rows():
 
 
 @pytest.mark.usefixtures("path")
-def test_packed_linear_int8_prologue_and_many():
-    """PackedLinear / PackedLinears with int8 activations: norm and residual at every row
+def test_packed_linear_int8_prologue_and_many(adt):
+    """PackedLinear / PackedLinears with integer activations: norm and residual at every row
     count (always the kernel); many(norm=) equals each fused part bit for bit."""
     mods = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Linear(96, 40),
                                torch.nn.LayerNorm(96))
     torch.nn.init.normal_(mods[2].weight)
-    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=torch.int8)
+    linears = PackedLinears(mods, weight_dtype=torch.int8, act_dtype=adt)
     ln = mods[2]
     nargs = (ln.weight.detach(), ln.bias.detach(), ln.eps)
     wq, ws = reference.quantize_weight(mods[1].weight.detach(), torch.int8)
@@ -409,7 +486,7 @@ def test_packed_linear_int8_prologue_and_many():
                 assert torch.equal(g, linears.fused(m, x, norm=ln))
             fused = linears.fused(mods[1], x, norm=ln, act="gelu", residual=r)
             want = reference.fused_linear(x, wq, mods[1].bias, scale=ws, norm=nargs, act="gelu",
-                                          residual=r, int8_act=True)
+                                          residual=r, act_dtype=adt)
             torch.testing.assert_close(fused, want, atol=1e-2, rtol=1e-5)
             assert torch.equal(fused, linears.fused(mods[1], x, norm=ln, act="gelu") + r)
 

@@ -17,8 +17,8 @@ machine skews one NBP timing far more: each round times ``--nbp-per-round`` (10)
 generations back to back, about one NTP generation's time, and takes their mean.
 
 ``--part dtype``: nbp NBP with float32, bfloat16 and int8 weights, and int8
-weights with int8 activations (``int8_a8``: ``act_dtype=torch.int8``, integer
-dot products), on the native ISA (target: int8 >= 2x faster than float32),
+weights with int16 or int8 activations (``int8_a16`` / ``int8_a8``: ``act_dtype=
+torch.int16`` / ``torch.int8``, integer dot products), on the native ISA (target: int8 >= 2x faster than float32),
 each decode step timed (from the
 step callback) against its memory floor: the bytes it must read (every linear's
 weights at their dtype, plus the K and V cache up to the step's length) over
@@ -52,7 +52,7 @@ from ablation_args import write_result
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # name: (weight_dtype, act_dtype) of FastGenerator
 DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.int8, None),
-          "int8_a8": (torch.int8, torch.int8)}
+          "int8_a16": (torch.int8, torch.int16), "int8_a8": (torch.int8, torch.int8)}
 SAMPLING = {"top_k": 16000, "top_p": 0.9}
 
 
@@ -230,17 +230,14 @@ def part_dtype(model, ids, new, repeats: int) -> dict:
                               "median_floor_ms": statistics.median(floor_s) * 1e3,
                               "median_step_over_floor": statistics.median(ratios),
                               "within_1.3x": statistics.median(ratios) <= 1.3}
-    med = out["median_s"]
-    t = out["times_s"]
-    out["paired_median_int8_speedup"] = statistics.median(
-        a / b for a, b in zip(t["nbp-float32"], t["nbp-int8"]))
-    out["int8_speedup_over_float32"] = med["nbp-float32"] / med["nbp-int8"]
-    out["bfloat16_speedup_over_float32"] = med["nbp-float32"] / med["nbp-bfloat16"]
-    out["paired_median_int8_a8_speedup"] = statistics.median(
-        a / b for a, b in zip(t["nbp-float32"], t["nbp-int8_a8"]))
-    out["int8_a8_speedup_over_float32"] = med["nbp-float32"] / med["nbp-int8_a8"]
-    out["targets_met"] = {"int8>=2x": out["int8_speedup_over_float32"] >= 2,
-                          "int8_a8>=2x": out["int8_a8_speedup_over_float32"] >= 2}
+    med, t = out["median_s"], out["times_s"]
+    for name in DTYPES:
+        if name != "float32":
+            out[f"paired_median_{name}_speedup"] = statistics.median(
+                a / b for a, b in zip(t["nbp-float32"], t[f"nbp-{name}"]))
+            out[f"{name}_speedup_over_float32"] = med["nbp-float32"] / med[f"nbp-{name}"]
+    out["targets_met"] = {f"{name}>=2x": out[f"{name}_speedup_over_float32"] >= 2
+                          for name in DTYPES if name.startswith("int8")}
     return out
 
 

@@ -3,7 +3,8 @@
 
 K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
 new tokens, top-k 16000, top-p 0.9, random weights). One generation per
-variant (NBP, 16 rows a step, at float32 / int8 / int8+int8-activation weights;
+variant (NBP, 16 rows a step, at float32 / int8 weights, int8 weights with int16 or
+int8 activations;
 NTP, one row a step, float32), each with the step driven from C (one
 ``DecodeProgram`` call: it times its own pieces, the embeddings, the layers'
 linears, the attention and the head) and, for comparison, some driven from
@@ -16,8 +17,8 @@ its fused cache append, LayerNorm, GELU). The sampler is timed by wrapping it;
   the step's median length) over the read bandwidth (``read_bandwidth``: the
   faster of a threaded sum and the packed linear's one-row stream; same run);
 * compute: the linears' multiply-adds at the float32 matmul rate of an
-  n x n ``torch.mm`` (same run); the int8-activation variant's integer
-  dot products are not bound by it (VNNI does 4 int8 multiply-adds per fp32 FMA).
+  n x n ``torch.mm`` (same run); the integer-activation variants' dot products
+  are not bound by it (VNNI does 4 int8 or 2 int16 multiply-adds per fp32 FMA).
 
 Writes benchmarks/results/cpu_step_breakdown_<threads>t_<machine>.json.
 
@@ -52,6 +53,7 @@ from nbp_kernels.decode_step_cpu import PIECES
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # name: (mode, weight dtype, activation dtype, C-driven step)
 VARIANTS = {"nbp-float32": ("nbp", None, None, True), "nbp-int8": ("nbp", torch.int8, None, True),
+            "nbp-int8_a16": ("nbp", torch.int8, torch.int16, True),
             "nbp-int8_a8": ("nbp", torch.int8, torch.int8, True),
             "ntp-float32": ("ntp", None, None, True),
             "nbp-float32-python": ("nbp", None, None, False),

@@ -3,7 +3,8 @@
 The K600 shape (6 layers x 384, vocabulary 64000): the 36 layer linears and
 the vocabulary head of one decode step, at 1 row (an NTP step) and 16 (an NBP
 step, L = 16), through ``PackedLinear`` with float32, bfloat16 and int8
-weights, and int8 weights with int8 activations (``act_dtype=torch.int8``,
+weights, and int8 weights with int16 or int8 activations (``act_dtype=torch.int16`` /
+``torch.int8``,
 ``int8_linear``), against torch's ``F.linear`` (MKL). For the head alone, the libraries
 torch ships, side by side: oneDNN with a prepacked weight
 (``torch.ops.mkldnn._linear_pointwise``; its bf16 kernel takes bf16
@@ -92,10 +93,12 @@ def methods(mods: dict, rows: int, libraries: bool) -> dict[str, tuple[callable,
             scale_bytes = 4 * sum(m.out_features for m in ms) if dtype == torch.int8 else 0
             out[f"{group} packed_linear {name}"] = (
                 lambda ps=packed, xs=xs: [p(x) for p, x in zip(ps, xs)], size * n + scale_bytes)
-        a8 = [PackedLinear(m, weight_dtype=torch.int8, act_dtype=torch.int8) for m in ms]
-        out[f"{group} int8_linear int8 (int8 activations)"] = (
-            lambda ps=a8, xs=xs: [p(x) for p, x in zip(ps, xs)],
-            n + 4 * sum(m.out_features for m in ms))
+        for act in ("int16", "int8"):
+            ps = [PackedLinear(m, weight_dtype=torch.int8, act_dtype=getattr(torch, act))
+                  for m in ms]
+            out[f"{group} int8_linear int8 ({act} activations)"] = (
+                lambda ps=ps, xs=xs: [p(x) for p, x in zip(ps, xs)],
+                n + 4 * sum(m.out_features for m in ms))
         if group == "head" and libraries:
             out.update({f"head {k}": v for k, v in head_libraries(ms[0], rows).items()})
     return out

@@ -18,8 +18,8 @@ never used in training) and reports:
   fewer steps count most;
 * with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``);
 * ``pred_psnr_nbp_<w>`` / ``token_agreement_nbp_<w>`` for each weight dtype w (float32,
-  bfloat16, int8; ``FastGenerator(weight_dtype=...)``), and for ``int8_a8``, int8 weights
-  with int8 activations (``act_dtype=torch.int8``): greedy NBP frame prediction with
+  bfloat16, int8; ``FastGenerator(weight_dtype=...)``), and for ``int8_a16`` / ``int8_a8``,
+  int8 weights with int16 / int8 activations (``act_dtype=...``): greedy NBP frame prediction with
   the linears' weights stored at w, and the fraction of its predicted tokens equal to
   float32's (``weight_dtype_rows``); ``pred_psnr_drop_nbp_<w>``: float32's PSNR minus w's.
 
@@ -53,7 +53,8 @@ from .cpu_options import (
 
 NUM_PRED_FRAMES = 12
 # weight_dtype_rows: (row name, --weight-dtype, --act-dtype)
-WEIGHT_ROWS = tuple((w, w, "float32") for w in WEIGHT_DTYPES) + (("int8_a8", "int8", "int8"),)
+WEIGHT_ROWS = tuple((w, w, "float32") for w in WEIGHT_DTYPES) + (
+    ("int8_a16", "int8", "int16"), ("int8_a8", "int8", "int8"))
 
 
 def _timed_prediction(gen, video, labels, mode: str, repeats: int) -> tuple[torch.Tensor, float, float]:
@@ -202,10 +203,10 @@ def evaluate_long(models, num_frames: int, num_clips: int = 64, seed: int | None
 def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
                       truth: torch.Tensor) -> dict:
     """Greedy NBP frame prediction per weight dtype (``WEIGHT_ROWS``: each of
-    ``WEIGHT_DTYPES``, and int8 weights with int8 activations): PSNR against ``truth``
+    ``WEIGHT_DTYPES``, and int8 weights with int16 or int8 activations): PSNR against ``truth``
     (float32 [B, 3, 12, H, W]) and the fraction of predicted tokens equal to those of
     float32 weights. video float32 [B, 3, T, H, W], labels int [B]. Narrow weights need the
-    packed CPU linear (int8 activations the int8 one); rows that cannot run are left out,
+    packed CPU linear (integer activations the int8 one); rows that cannot run are left out,
     with the reason in ``weight_dtypes``."""
     from nbp import metrics
     from nbp.demo import NUM_COND_FRAMES, decode_tokens, prediction_prompt
@@ -231,7 +232,8 @@ def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
     if not ok:
         res["weight_dtypes"] = f"float32 only: the packed CPU linear is not usable ({why})"
     elif not ok8:
-        res["weight_dtypes"] = f"no int8_a8: the int8 CPU linear is not usable ({why8})"
+        res["weight_dtypes"] = (f"no int8_a16 / int8_a8: the int8 CPU linear is not usable "
+                                f"({why8})")
     return res
 
 

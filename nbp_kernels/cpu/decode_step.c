@@ -26,7 +26,7 @@ typedef int (*packed_fn)(const float *x, int64_t M, int64_t K, const void *wp, i
                          const float *residual);
 typedef int (*int8_fn)(const float *x, int64_t M, int64_t K, const int8_t *wp,
                        const int32_t *corr, const float *scale, const float *bias, float *y,
-                       int64_t n_out, int vnni, int act, int norm, const float *gamma,
+                       int64_t n_out, int mode, int act, int norm, const float *gamma,
                        const float *beta, float eps, const float *residual);
 typedef void (*attention_fn)(const float *q, const float *kn, const float *vn, float *kc,
                              float *vc, const int64_t *strides, const int32_t *seq_lens,
@@ -34,7 +34,7 @@ typedef void (*attention_fn)(const float *q, const float *kn, const float *vn, f
                              int64_t splits, int threads, float *work, float *parts, float *out);
 
 /* One linear: nbp_packed_linear (int8 == 0; code: the weight dtype) or
- * nbp_int8_linear (int8 == 1; code: the VNNI flag), with its LayerNorm prologue
+ * nbp_int8_linear (int8 == 1; code: its mode, VNNI and int16 bits), with its LayerNorm prologue
  * (norm == 1; gamma, beta NULL for 1 / 0) and activation code. */
 typedef struct {
     void *fn;

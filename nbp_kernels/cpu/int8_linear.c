@@ -1,6 +1,6 @@
-/* int8_linear: y = x @ W^T for few rows of x, both in int8 (CPU): the activations
- * are quantized per row here, at each call, and multiplied with int8 weights
- * (one fp32 scale per output column) in exact int32 dot products.
+/* int8_linear: y = x @ W^T for few rows of x, with int8 weights (one fp32 scale
+ * per output column) and the activations quantized per row here, at each call, to
+ * int8 or to 16-bit integers, multiplied in exact int32 dot products.
  *
  * With weight-only int8 (packed_linear.c) a 16-row decode step is bound by its
  * fp32 FMAs, not by reading the weights; an integer dot-product instruction
@@ -22,6 +22,16 @@
  *   with xq's sign; a pair sums to at most 2 x 127 x 127, so it never
  *   saturates), then vpmaddwd by ones to int32.
  * - NEON: plain C loops for the compiler to vectorise.
+ *
+ * 16-bit activations (mode A16): each row is rounded to Q = min(32767,
+ * (2^31 - 1) / (127 K)) levels (so no int32 sum can overflow: 15 bits for K up to
+ * 516, 13.4 for K = 1536), against int8's 127: near float32 activations, at twice
+ * the multiply-adds of an fp32 FMA per instruction. The weights are the same
+ * packed int8, widened to int16 in registers (vpmovsxbw), so each int32 lane
+ * sums half the k of a column (k 0-1 or 2-3 of each group of 4) and the two
+ * halves are added at the end of a tile:
+ * - AVX512-VNNI: vpdpwssd (s16 x s16 pairs, 32 multiply-adds an instruction);
+ * - x86 without it: AVX2 vpmaddwd then vpaddd; NEON: plain C.
  *
  * Rounding: the sums are exact; the epilogue is float32 mul, mul, add in the
  * order reference.int8_linear gives, and cpu_build compiles this file with
@@ -62,6 +72,15 @@ typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VLEN * 4), aligned(4)));
 typedef uint32_t vu __attribute__((vector_size(VLEN * 4), aligned(4)));
 
+/* the mode bits of nbp_int8_linear */
+enum { MODE_VNNI = 1, MODE_A16 = 2 };
+#ifndef A16_ROWS
+#  define A16_ROWS 8        /* 8 rows x 2 zmm per panel = 16 of the 32 zmm as accumulators */
+#endif
+#ifndef PORT16_ROWS
+#  define PORT16_ROWS 2     /* 2 rows x 4 ymm per panel = 8 of the 16 ymm */
+#endif
+
 /* Whether this library runs the VNNI path on this CPU. */
 int nbp_int8_vnni(void) {
 #if defined(NBP_ISA_AVX512)
@@ -96,19 +115,36 @@ static float abs_max(const float *x, int64_t K) {
     return amax;
 }
 
-/* reference.quantize_rows for one row: x[K] -> q[Kp] (zero-padded; + shift, so
- * 128 gives the u8 of the VNNI path), returns sx */
-static float quantize_row(const float *x, int64_t K, int64_t Kp, uint8_t *q, int shift) {
+/* The levels of 16-bit activations for in_features K: |sum| <= 127 Q K < 2^31 */
+static float a16_levels(int64_t K) {
+    const int64_t q = (int64_t)2147483647 / (127 * (K > 0 ? K : 1));
+    return (float)(q < 32767 ? q : 32767);
+}
+
+/* reference.quantize_rows for one row, with `levels` (127 or a16_levels): x[K] ->
+ * q[Kp] (zero-padded), int16 if a16, else uint8 + shift (128 gives the u8 of the
+ * VNNI path); returns sx */
+static float quantize_row(const float *x, int64_t K, int64_t Kp, void *q, float levels, int a16,
+                          int shift) {
     const float amax = abs_max(x, K);
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    const float inv = amax > 0 ? levels / amax : 0.0f;
+    int16_t *q16 = q;
+    uint8_t *q8 = q;
     for (int64_t k = 0; k < K; k++) {
         float v = __builtin_rintf(x[k] * inv);   /* the default rounding: half to even */
-        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-        q[k] = (uint8_t)((int)v + shift);
+        v = v > levels ? levels : v < -levels ? -levels : v;
+        if (a16)
+            q16[k] = (int16_t)v;
+        else
+            q8[k] = (uint8_t)((int)v + shift);
     }
-    for (int64_t k = K; k < Kp; k++)
-        q[k] = (uint8_t)shift;   /* the weight there is 0: any value adds nothing */
-    return amax / 127.0f;
+    for (int64_t k = K; k < Kp; k++) {   /* the weight there is 0: any value adds nothing */
+        if (a16)
+            q16[k] = 0;
+        else
+            q8[k] = (uint8_t)shift;
+    }
+    return amax / levels;
 }
 
 #include "panel_cols.h"
@@ -131,7 +167,7 @@ static inline void finish(const int32_t *acc, const int32_t *corr, float sx, con
 }
 
 typedef struct {
-    const uint8_t *xq;      /* [M][Kp], + 128 on the VNNI path */
+    const void *xq;         /* [M][Kp]: int16 (A16), or uint8 (+ 128 on the VNNI path) */
     const float *sx;        /* [M] */
     int64_t M, Kp, n_out;
     const int8_t *wp;       /* [n_panels][Kp / 4][16][4] */
@@ -154,7 +190,7 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnn
         const job_t *j, const int8_t *panels, int64_t m0, int64_t col0, const int rows,
         const int np) {
     const int64_t Kp = j->Kp, panel_bytes = Kp * PANEL;
-    const uint8_t *x = j->xq + m0 * Kp;
+    const uint8_t *x = (const uint8_t *)j->xq + m0 * Kp;
     __m512i acc[VNNI_ROWS][VNNI_PANELS];
     for (int m = 0; m < VNNI_ROWS; m++)
         for (int p = 0; p < VNNI_PANELS; p++)
@@ -200,6 +236,52 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
         }
     }
 }
+/* rows x 1 panel of int32 sums of 16-bit x and the widened weight on VNNI: acc[m][h]
+ * lane i holds column 8 h + i / 2, k pair i % 2 of each group of 4 */
+static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnni16(
+        const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
+    const int64_t Kp = j->Kp;
+    const int16_t *x = (const int16_t *)j->xq + m0 * Kp;
+    __m512i acc[A16_ROWS][2];
+    for (int m = 0; m < A16_ROWS; m++)
+        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const int8_t *q = panel + k * PANEL;
+        __builtin_prefetch(q + PREFETCH);
+        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
+        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32)));
+        for (int m = 0; m < A16_ROWS; m++) {
+            if (m < rows) {
+                int64_t x4;   /* x[k .. k + 3], one int16 pair per lane parity */
+                memcpy(&x4, x + m * Kp + k, 8);
+                const __m512i xb = _mm512_set1_epi64(x4);
+                acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xb, w0);
+                acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], xb, w1);
+            }
+        }
+    }
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    int32_t out[A16_ROWS * PANEL] __attribute__((aligned(64)));
+    for (int m = 0; m < rows; m++)   /* column c = lanes 2 c and 2 c + 1 of [acc0 | acc1] */
+        _mm512_store_si512(out + m * PANEL, _mm512_add_epi32(
+            _mm512_permutex2var_epi32(acc[m][0], even, acc[m][1]),
+            _mm512_permutex2var_epi32(acc[m][0], odd, acc[m][1])));
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+
+static __attribute__((noinline, target("avx512vnni"))) void group_vnni16(
+        const job_t *j, const int8_t *panels, int64_t col0, int n) {
+    for (int p = 0; p < n; p++)
+        for (int64_t m0 = 0; m0 < j->M; m0 += A16_ROWS) {
+            int rows = j->M - m0 < A16_ROWS ? (int)(j->M - m0) : A16_ROWS;
+            if (rows == A16_ROWS)
+                tile_vnni16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, A16_ROWS);
+            else
+                tile_vnni16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
+        }
+}
 #endif
 
 #if defined(X86)
@@ -207,7 +289,7 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
 static inline __attribute__((always_inline)) void tile_port(
         const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
     const int64_t Kp = j->Kp;
-    const uint8_t *x = j->xq + m0 * Kp;
+    const uint8_t *x = (const uint8_t *)j->xq + m0 * Kp;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[PORT_ROWS][2];
     for (int m = 0; m < PORT_ROWS; m++)
@@ -265,46 +347,120 @@ static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n
         }
 }
 
+#if defined(X86)
+/* rows x 1 panel of int32 sums of 16-bit x with AVX2: acc[m][h] lane i holds column
+ * 4 h + i / 2, k pair i % 2 of each group of 4 */
+static inline __attribute__((always_inline)) void tile_port16(
+        const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
+    const int64_t Kp = j->Kp;
+    const int16_t *x = (const int16_t *)j->xq + m0 * Kp;
+    __m256i acc[PORT16_ROWS][4];
+    for (int m = 0; m < PORT16_ROWS; m++)
+        for (int h = 0; h < 4; h++)
+            acc[m][h] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const int8_t *q = panel + k * PANEL;
+        __builtin_prefetch(q + PREFETCH);
+        __m256i xb[PORT16_ROWS];
+        for (int m = 0; m < PORT16_ROWS; m++) {
+            int64_t x4 = 0;
+            if (m < rows)
+                memcpy(&x4, x + m * Kp + k, 8);
+            xb[m] = _mm256_set1_epi64x(x4);
+        }
+        for (int h = 0; h < 4; h++) {
+            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * h)));
+            for (int m = 0; m < PORT16_ROWS; m++)
+                if (m < rows)
+                    acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(xb[m], w));
+        }
+    }
+    int32_t out[PORT16_ROWS * PANEL] __attribute__((aligned(32)));
+    for (int m = 0; m < rows; m++)   /* hadd pairs lanes; the permute restores column order */
+        for (int h = 0; h < 4; h += 2)
+            _mm256_store_si256((__m256i *)(out + m * PANEL + 4 * h), _mm256_permute4x64_epi64(
+                _mm256_hadd_epi32(acc[m][h], acc[m][h + 1]), 0xd8));
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+#else
+static inline void tile_port16(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
+                               const int rows) {
+    const int64_t Kp = j->Kp;
+    int32_t out[PORT16_ROWS * PANEL] = {0};
+    for (int m = 0; m < rows; m++) {
+        const int16_t *x = (const int16_t *)j->xq + (m0 + m) * Kp;
+        int32_t *a = out + m * PANEL;
+        for (int64_t k = 0; k < Kp; k += 4)
+            for (int c = 0; c < PANEL; c++)
+                for (int t = 0; t < 4; t++)
+                    a[c] += (int32_t)x[k + t] * (int32_t)panel[k * PANEL + c * 4 + t];
+    }
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+#endif
+
+static void group_port16(const job_t *j, const int8_t *panels, int64_t col0, int n) {
+    for (int p = 0; p < n; p++)
+        for (int64_t m0 = 0; m0 < j->M; m0 += PORT16_ROWS) {
+            int rows = j->M - m0 < PORT16_ROWS ? (int)(j->M - m0) : PORT16_ROWS;
+            if (rows == PORT16_ROWS)
+                tile_port16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, PORT16_ROWS);
+            else
+                tile_port16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
+        }
+}
+
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][Kp / 4][16][4] int8, Kp = K
  * rounded up to a multiple of 4; corr: [ceil(n_out / 16) * 16] int32, 128 x
  * the column sums of the weight; scale: [n_out] fp32; bias: [n_out] or NULL;
- * y: [M][n_out] fp32. vnni: 1 for the VNNI path, 0 for the portable one;
+ * y: [M][n_out] fp32. mode: MODE_VNNI for the VNNI path (else the portable one),
+ * | MODE_A16 for 16-bit activations (else int8);
  * act: 0 none, 1 exact GELU on y; norm: 1 to quantize the LayerNorm of each row
  * of x (gamma, beta [K] or NULL for 1 / 0; eps), 0 for x as is; residual:
  * [M][n_out] fp32 added last, or NULL. Returns 0; -1 if VNNI is asked for where
- * it does not run, -2 if out of memory, -3 for an unknown act (nothing written). */
+ * it does not run, -2 if out of memory, -3 for an unknown act or mode (nothing
+ * written). */
 int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, const int32_t *corr,
-                    const float *scale, const float *bias, float *y, int64_t n_out, int vnni,
+                    const float *scale, const float *bias, float *y, int64_t n_out, int mode,
                     int act, int norm, const float *gamma, const float *beta, float eps,
                     const float *residual) {
-    if (act != ACT_NONE && act != ACT_GELU)
+    if ((act != ACT_NONE && act != ACT_GELU) || (mode & ~(MODE_VNNI | MODE_A16)))
         return -3;
+    const int vnni = mode & MODE_VNNI, a16 = (mode & MODE_A16) != 0;
     if (vnni && !nbp_int8_vnni())
         return -1;
-    const int64_t Kp = (K + 3) / 4 * 4;
-    uint8_t *xq = malloc((size_t)(M * Kp) + (size_t)M * sizeof(float)
+    const int64_t Kp = (K + 3) / 4 * 4, row_bytes = Kp * (a16 ? 2 : 1);
+    uint8_t *xq = malloc((size_t)(M * row_bytes) + (size_t)M * sizeof(float)
                          + (norm ? (size_t)(M * K) * sizeof(float) : 0));
     if (!xq)
         return -2;
-    float *sx = (float *)(xq + M * Kp);   /* M * Kp is a multiple of 4 */
+    float *sx = (float *)(xq + M * row_bytes);   /* M * row_bytes is a multiple of 4 */
     if (norm) {   /* the normalised rows, then quantized as x would be */
         float *xn = sx + M;
         layer_norm_rows(x, M, K, gamma, beta, eps, xn);
         x = xn;
     }
+    const float levels = a16 ? a16_levels(K) : 127.0f;
     for (int64_t m = 0; m < M; m++)
-        sx[m] = quantize_row(x + m * K, K, Kp, xq + m * Kp, vnni ? 128 : 0);
+        sx[m] = quantize_row(x + m * K, K, Kp, xq + m * row_bytes, levels, a16,
+                             vnni && !a16 ? 128 : 0);
     const job_t j = {xq, sx, M, Kp, n_out, wp, corr, scale, bias, y};
     const int64_t n_panels = (n_out + PANEL - 1) / PANEL;
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; p += GROUP) {
         int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;
+        const int8_t *panels = wp + p * Kp * PANEL;
 #if defined(NBP_ISA_AVX512)
-        if (vnni)
-            group_vnni(&j, wp + p * Kp * PANEL, p * PANEL, n);
+        if (vnni && a16)
+            group_vnni16(&j, panels, p * PANEL, n);
+        else if (vnni)
+            group_vnni(&j, panels, p * PANEL, n);
         else
 #endif
-            group_port(&j, wp + p * Kp * PANEL, p * PANEL, n);
+        if (a16)
+            group_port16(&j, panels, p * PANEL, n);
+        else
+            group_port(&j, panels, p * PANEL, n);
         if (act != ACT_NONE || residual)   /* on the group's outputs while they are in L1 */
             epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
     }
