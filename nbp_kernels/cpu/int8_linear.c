@@ -184,6 +184,20 @@ static inline void finish_tile(const job_t *j, const int32_t *acc, int rows, int
                    j->scale, j->bias, j->y + (m0 + m) * j->n_out, j->n_out, col0 + p * PANEL);
 }
 
+/* The row tiles of n one-panel tiles from panels (columns from col0), in a group
+ * function (j, panels, col0, n in scope): full tiles of R rows call tile with R, a
+ * constant, so its loops unroll; the last partial tile with its row count. */
+#define FOR_TILES(R, tile)                                                              \
+    for (int p = 0; p < n; p++)                                                         \
+        for (int64_t m0 = 0; m0 < j->M; m0 += (R)) {                                    \
+            const int rows_ = j->M - m0 < (R) ? (int)(j->M - m0) : (R);                 \
+            const int8_t *panel_ = panels + p * j->Kp * PANEL;                          \
+            if (rows_ == (R))                                                           \
+                tile(j, panel_, m0, col0 + p * PANEL, (R));                             \
+            else                                                                        \
+                tile(j, panel_, m0, col0 + p * PANEL, rows_);                           \
+        }
+
 #if defined(NBP_ISA_AVX512)
 /* rows x np panels of int32 sums on VNNI; inlined with constant trip counts */
 static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnni(
@@ -273,14 +287,7 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnn
 
 static __attribute__((noinline, target("avx512vnni"))) void group_vnni16(
         const job_t *j, const int8_t *panels, int64_t col0, int n) {
-    for (int p = 0; p < n; p++)
-        for (int64_t m0 = 0; m0 < j->M; m0 += A16_ROWS) {
-            int rows = j->M - m0 < A16_ROWS ? (int)(j->M - m0) : A16_ROWS;
-            if (rows == A16_ROWS)
-                tile_vnni16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, A16_ROWS);
-            else
-                tile_vnni16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
-        }
+    FOR_TILES(A16_ROWS, tile_vnni16)
 }
 #endif
 
@@ -319,33 +326,29 @@ static inline __attribute__((always_inline)) void tile_port(
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
 #else
-/* rows x 1 panel of int32 sums in plain C */
-static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
-                             const int rows) {
+/* rows x 1 panel of int32 sums in plain C, of int8 x or (a16) 16-bit x */
+static inline void tile_plain(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
+                              const int rows, const int a16) {
     const int64_t Kp = j->Kp;
-    int32_t out[PORT_ROWS * PANEL] = {0};
+    int32_t out[(PORT_ROWS > PORT16_ROWS ? PORT_ROWS : PORT16_ROWS) * PANEL] = {0};
     for (int m = 0; m < rows; m++) {
-        const int8_t *x = (const int8_t *)j->xq + (m0 + m) * Kp;
+        const int8_t *x8 = (const int8_t *)j->xq + (m0 + m) * Kp;
+        const int16_t *x16 = (const int16_t *)j->xq + (m0 + m) * Kp;
         int32_t *a = out + m * PANEL;
         for (int64_t k = 0; k < Kp; k += 4)
             for (int c = 0; c < PANEL; c++)
                 for (int t = 0; t < 4; t++)
-                    a[c] += (int32_t)x[k + t] * (int32_t)panel[k * PANEL + c * 4 + t];
+                    a[c] += (a16 ? (int32_t)x16[k + t] : (int32_t)x8[k + t])
+                            * (int32_t)panel[k * PANEL + c * 4 + t];
     }
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
-#endif
 
-static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n) {
-    for (int p = 0; p < n; p++)
-        for (int64_t m0 = 0; m0 < j->M; m0 += PORT_ROWS) {
-            int rows = j->M - m0 < PORT_ROWS ? (int)(j->M - m0) : PORT_ROWS;
-            if (rows == PORT_ROWS)
-                tile_port(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, PORT_ROWS);
-            else
-                tile_port(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
-        }
+static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
+                             const int rows) {
+    tile_plain(j, panel, m0, col0, rows, 0);
 }
+#endif
 
 #if defined(X86)
 /* rows x 1 panel of int32 sums of 16-bit x with AVX2: acc[m][h] lane i holds column
@@ -385,29 +388,17 @@ static inline __attribute__((always_inline)) void tile_port16(
 #else
 static inline void tile_port16(const job_t *j, const int8_t *panel, int64_t m0, int64_t col0,
                                const int rows) {
-    const int64_t Kp = j->Kp;
-    int32_t out[PORT16_ROWS * PANEL] = {0};
-    for (int m = 0; m < rows; m++) {
-        const int16_t *x = (const int16_t *)j->xq + (m0 + m) * Kp;
-        int32_t *a = out + m * PANEL;
-        for (int64_t k = 0; k < Kp; k += 4)
-            for (int c = 0; c < PANEL; c++)
-                for (int t = 0; t < 4; t++)
-                    a[c] += (int32_t)x[k + t] * (int32_t)panel[k * PANEL + c * 4 + t];
-    }
-    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+    tile_plain(j, panel, m0, col0, rows, 1);
 }
 #endif
 
-static void group_port16(const job_t *j, const int8_t *panels, int64_t col0, int n) {
-    for (int p = 0; p < n; p++)
-        for (int64_t m0 = 0; m0 < j->M; m0 += PORT16_ROWS) {
-            int rows = j->M - m0 < PORT16_ROWS ? (int)(j->M - m0) : PORT16_ROWS;
-            if (rows == PORT16_ROWS)
-                tile_port16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, PORT16_ROWS);
-            else
-                tile_port16(j, panels + p * j->Kp * PANEL, m0, col0 + p * PANEL, rows);
-        }
+/* the portable tiles (int8 or, a16, 16-bit x) of n panels from col0 */
+static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n, int a16) {
+    if (a16) {
+        FOR_TILES(PORT16_ROWS, tile_port16)
+    } else {
+        FOR_TILES(PORT_ROWS, tile_port)
+    }
 }
 
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][Kp / 4][16][4] int8, Kp = K
@@ -457,10 +448,7 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
             group_vnni(&j, panels, p * PANEL, n);
         else
 #endif
-        if (a16)
-            group_port16(&j, panels, p * PANEL, n);
-        else
-            group_port(&j, panels, p * PANEL, n);
+            group_port(&j, panels, p * PANEL, n, a16);
         if (act != ACT_NONE || residual)   /* on the group's outputs while they are in L1 */
             epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
     }
