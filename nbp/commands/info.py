@@ -76,7 +76,7 @@ def run(args) -> int:
             ("decode_step_cpu", "decode_step", "a CPU decode step in one C call")):
         print(f"{label:>16}: {f'yes ({use})' if info[key] is True else info[key]}")
     i8 = info["int8_linear"]
-    print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 activations: {i8['why']})"
+    print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 and int16 activations: {i8['why']})"
                                        if i8["path"] else f"no ({i8['why']})"))
     for dev, name in info["devices"].items():
         print(f"{'device':>16}: {dev} ({name})")
