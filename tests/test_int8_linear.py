@@ -222,20 +222,21 @@ def test_threads_and_leading_dims(path, adt, threads):
 
 
 @pytest.mark.usefixtures("path")
-def test_zero_rows_and_empty_inputs():
+def test_zero_rows_and_empty_inputs(adt):
     """A zero row (sx = 0) gives exactly the bias; no rows, or no inputs, give the bias too."""
     _, wq, ws, b = _case(1, 40, 20)
     packed, corr = i8.pack_weight(wq)
-    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, b, 20), b.expand(3, -1))
-    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, None, 20),
-                       torch.zeros(3, 20))
-    assert i8.int8_linear(torch.empty(0, 40), packed, corr, ws, b, 20).shape == (0, 20)
+
+    def lin(x, p, c, bias, **kw):
+        return i8.int8_linear(x, p, c, ws, bias, 20, act_dtype=adt, **kw)
+    assert torch.equal(lin(torch.zeros(3, 40), packed, corr, b), b.expand(3, -1))
+    assert torch.equal(lin(torch.zeros(3, 40), packed, corr, None), torch.zeros(3, 20))
+    assert lin(torch.empty(0, 40), packed, corr, b).shape == (0, 20)
     p0, c0 = i8.pack_weight(torch.empty(20, 0, dtype=torch.int8))
-    assert torch.equal(i8.int8_linear(torch.empty(2, 0), p0, c0, ws, b, 20), b.expand(2, -1))
-    assert torch.equal(i8.int8_linear(torch.empty(2, 0), p0, c0, ws, b, 20, act="gelu"),
+    assert torch.equal(lin(torch.empty(2, 0), p0, c0, b), b.expand(2, -1))
+    assert torch.equal(lin(torch.empty(2, 0), p0, c0, b, act="gelu"),
                        torch.nn.functional.gelu(b).expand(2, -1))
-    assert torch.equal(i8.int8_linear(torch.zeros(3, 40), packed, corr, ws, None, 20, act="gelu"),
-                       torch.zeros(3, 20))
+    assert torch.equal(lin(torch.zeros(3, 40), packed, corr, None, act="gelu"), torch.zeros(3, 20))
 
 
 def test_paths_agree_where_no_kernel(monkeypatch):
@@ -452,19 +453,19 @@ def test_prologue_and_residual_match_reference(path, adt, norm, residual, act):
 
 
 @pytest.mark.usefixtures("path")
-def test_prologue_empty_and_zero_rows():
+def test_prologue_empty_and_zero_rows(adt):
     """No rows; no inputs (act(bias) + residual); a constant row normalises to beta."""
     _, wq, ws, b = _case(1, 40, 20)
     packed, corr = i8.pack_weight(wq)
     n, r = _NORMS["affine"](40), _rand(3, 20, seed=5)
     assert i8.int8_linear(torch.empty(0, 40), packed, corr, ws, b, 20, norm=n,
-                          residual=torch.empty(0, 20)).shape == (0, 20)
+                          residual=torch.empty(0, 20), act_dtype=adt).shape == (0, 20)
     p0, c0 = i8.pack_weight(torch.empty(20, 0, dtype=torch.int8))
     assert torch.equal(i8.int8_linear(torch.empty(3, 0), p0, c0, ws, b, 20, act="gelu",
-                                      residual=r), torch.nn.functional.gelu(b) + r)
+                                      residual=r, act_dtype=adt), torch.nn.functional.gelu(b) + r)
     const = torch.full((3, 40), 2.5)   # normalises to exactly 0: with no beta, the bias
     assert torch.equal(i8.int8_linear(const, packed, corr, ws, b, 20, norm=(n[0], None, 1e-5),
-                                      residual=r), b + r)
+                                      residual=r, act_dtype=adt), b + r)
 
 
 @pytest.mark.usefixtures("path")
