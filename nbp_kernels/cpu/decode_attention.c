@@ -96,13 +96,20 @@ int64_t nbp_decode_attention_work(int64_t L, int64_t D) {
  * query lanes lv0 .. lv0+lvt-1: st[c][l] = scale * sum_d k[c][d] qt[d][l].
  * prefetch: also bring K PF_AHEAD rows ahead and this tile's V rows into cache, a few
  * lines every 16 dims (the hardware prefetcher alone left the cold rows waiting on
- * memory; one burst of prefetches per tile stalled on the fill buffers) */
+ * memory; one burst of prefetches per tile stalled on the fill buffers).
+ * full: every key of the tile is below cn. Rows are addressed from one pointer,
+ * k + c0 ldk, with offsets i ldk (the clamped ones only when not full): compiled for
+ * constant ldk (scores), the offsets are displacements, where KT row pointers of their
+ * own each took an add a dim, some spilled (score tiles 6-10% faster with K and V in
+ * L2, 1-2% cold). */
 static inline __attribute__((always_inline)) void score_tile(
-        const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t cn, int64_t c0,
-        const scratch_t *s, int64_t D, int64_t lv0, const int lvt, vf scale, int prefetch) {
-    const float *kp[KT];
+        const float *k, const int64_t ldk, const float *v, int64_t ldv, int64_t cn, int64_t c0,
+        const scratch_t *s, const int64_t D, int64_t lv0, const int lvt, vf scale, int prefetch,
+        const int full) {
+    const float *kb = k + c0 * ldk;
+    int64_t row[KT];
     for (int i = 0; i < KT; i++)
-        kp[i] = k + (c0 + i < cn ? c0 + i : cn - 1) * ldk;
+        row[i] = (full || c0 + i < cn ? i : cn - 1 - c0) * ldk;
     vf acc[KT][LVT];
     for (int i = 0; i < KT; i++)
         for (int j = 0; j < LVT; j++)
@@ -110,7 +117,7 @@ static inline __attribute__((always_inline)) void score_tile(
     for (int64_t d0 = 0; d0 < D; d0 += 16) {   /* 16 floats: one cache line of each row */
         if (prefetch) {
             for (int i = 0; i < KT; i++) {
-                __builtin_prefetch(kp[i] + PF_AHEAD * ldk + d0);
+                __builtin_prefetch(kb + (PF_AHEAD + i) * ldk + d0);
                 __builtin_prefetch(v + (c0 + i) * ldv + d0);
             }
         }
@@ -120,9 +127,9 @@ static inline __attribute__((always_inline)) void score_tile(
             for (int j = 0; j < lvt; j++)
                 qv[j] = *(const vf *)(s->qt + d * s->LP + (lv0 + j) * VLEN);
             for (int i = 0; i < KT; i++) {
-                vf kb = splat(kp[i][d]);
+                vf kv = splat(kb[(full ? i * ldk : row[i]) + d]);
                 for (int j = 0; j < lvt; j++)
-                    acc[i][j] += kb * qv[j];
+                    acc[i][j] += kv * qv[j];
             }
         }
     }
@@ -131,17 +138,36 @@ static inline __attribute__((always_inline)) void score_tile(
             *(vf *)(s->st + (c0 + i) * s->LP + (lv0 + j) * VLEN) = acc[i][j] * scale;
 }
 
-/* prefetches never fault: rows past the cache's end are harmless to name */
-static void scores(const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t cn,
-                   const scratch_t *s, int64_t D, vf scale) {
+/* the chunk's score tiles, full ones apart */
+static inline __attribute__((always_inline)) void score_tiles(
+        const float *k, const int64_t ldk, const float *v, int64_t ldv, int64_t cn,
+        const scratch_t *s, const int64_t D, vf scale) {
     int64_t LV = s->LP / VLEN;
     for (int64_t c0 = 0; c0 < cn; c0 += KT) {
         int64_t lv = 0;
-        for (; lv + LVT <= LV; lv += LVT)
-            score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, LVT, scale, lv == 0);
-        for (; lv < LV; lv++)
-            score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, 1, scale, lv == 0);
+        if (c0 + KT <= cn) {
+            for (; lv + LVT <= LV; lv += LVT)
+                score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, LVT, scale, lv == 0, 1);
+            for (; lv < LV; lv++)
+                score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, 1, scale, lv == 0, 1);
+        } else {
+            for (; lv + LVT <= LV; lv += LVT)
+                score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, LVT, scale, lv == 0, 0);
+            for (; lv < LV; lv++)
+                score_tile(k, ldk, v, ldv, cn, c0, s, D, lv, 1, scale, lv == 0, 0);
+        }
     }
+}
+
+/* prefetches never fault: rows past the cache's end are harmless to name. The K600
+ * models' head dim, in a contiguous cache ([.., M, D]: ldk = D), compiles with both
+ * constant. */
+static void scores(const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t cn,
+                   const scratch_t *s, int64_t D, vf scale) {
+    if (D == 64 && ldk == 64)
+        score_tiles(k, 64, v, ldv, cn, s, 64, scale);
+    else
+        score_tiles(k, ldk, v, ldv, cn, s, D, scale);
 }
 
 /* online softmax over the chunk's cn scores: st becomes exp(score - new max), the
