@@ -103,8 +103,9 @@ int64_t nbp_decode_attention_work(int64_t L, int64_t D) {
  * own each took an add a dim, some spilled (score tiles 6-10% faster with K and V in
  * L2, 1-2% cold). */
 static inline __attribute__((always_inline)) void score_tile(
-        const float *k, const int64_t ldk, const float *v, int64_t ldv, int64_t cn, int64_t c0,
-        const scratch_t *s, const int64_t D, int64_t lv0, const int lvt, vf scale, int prefetch,
+        const float *k, const int64_t ldk, const float *v, const int64_t ldv, int64_t cn,
+        int64_t c0, const scratch_t *s, const int64_t D, int64_t lv0, const int lvt, vf scale,
+        int prefetch,
         const int full) {
     const float *kb = k + c0 * ldk;
     int64_t row[KT];
@@ -140,7 +141,7 @@ static inline __attribute__((always_inline)) void score_tile(
 
 /* the chunk's score tiles, full ones apart */
 static inline __attribute__((always_inline)) void score_tiles(
-        const float *k, const int64_t ldk, const float *v, int64_t ldv, int64_t cn,
+        const float *k, const int64_t ldk, const float *v, const int64_t ldv, int64_t cn,
         const scratch_t *s, const int64_t D, vf scale) {
     int64_t LV = s->LP / VLEN;
     for (int64_t c0 = 0; c0 < cn; c0 += KT) {
@@ -160,12 +161,12 @@ static inline __attribute__((always_inline)) void score_tiles(
 }
 
 /* prefetches never fault: rows past the cache's end are harmless to name. The K600
- * models' head dim, in a contiguous cache ([.., M, D]: ldk = D), compiles with both
- * constant. */
+ * models' head dim, in contiguous caches ([.., M, D]: ldk = ldv = D), compiles with
+ * all three constant (the V rows' prefetch addresses too). */
 static void scores(const float *k, int64_t ldk, const float *v, int64_t ldv, int64_t cn,
                    const scratch_t *s, int64_t D, vf scale) {
-    if (D == 64 && ldk == 64)
-        score_tiles(k, 64, v, ldv, cn, s, 64, scale);
+    if (D == 64 && ldk == 64 && ldv == 64)
+        score_tiles(k, 64, v, 64, cn, s, 64, scale);
     else
         score_tiles(k, ldk, v, ldv, cn, s, D, scale);
 }
