@@ -1,6 +1,6 @@
 /* isa.h: the instruction set a C kernel is compiled for, the same for every kernel.
  *
- * cpu_build.py compiles each cpu/*.c once per ISA with -DNBP_ISA_<isa> and that ISA's
+ * cpu_build.py compiles each kernel of cpu/ once per ISA with -DNBP_ISA_<isa> and that ISA's
  * -m flags. This header checks that the flags arrived, includes the x86 intrinsics, and
  * defines ISA_NAME, VLEN (float32 lanes of a vector register), X86 on the x86-64 ISAs
  * and nbp_cpu_isa(), which cpu_build.py compares with the ISA it asked for. Tile sizes

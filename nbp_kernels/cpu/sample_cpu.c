@@ -7,11 +7,12 @@
  *   e = exp(s - s_0) and z the sum of e over s >= s_{k-1} (every token tied
  *   with the k-th counts): c = 1 + #{i < k - 1 : e_0 + .. + e_i <= p z} and
  *   tau = s_{c-1} (top-k, then top-p over its survivors; p = 1: tau = s_{k-1}).
- *   No sort. One pass over the row (compact_row) takes its max, its NaN test and,
- *   with their indices, the x at or above the low end of a bracket of the k-th
- *   value drawn from a strided sample of 512 logits (~0.31 V of them at k = V / 4;
- *   the whole row if the bracket misses); everything after reads that set, in
- *   the core's cache. The k-th value: a sampled two-pivot selection (Floyd-Rivest
+ *   No sort. One pass over the row (compact_row) takes its max, its NaN test and
+ *   the x at or above the low end of a bracket of the k-th value drawn from a
+ *   strided sample of 512 logits (~0.31 V of them at k = V / 4; the whole row if
+ *   the bracket misses), values only, with the set's size at every 256th token
+ *   (the draw's pick maps back to its token from those); everything after reads
+ *   that set, in the core's cache. The k-th value: a sampled two-pivot selection (Floyd-Rivest
  *   style: each pass keeps the band around the estimated rank, ~1/8 of the set)
  *   inside the bracket; the top-p crossing: the same selection on mass instead of
  *   rank over the top-k survivors (the compact set's x >= the k-th value; its exp
@@ -86,9 +87,42 @@ static inline vf load_tail(const float *p, int64_t n, float fill) {
 
 static inline vf select_mask(vi mask, vf v) { return (vf)((vi)v & mask); }   /* v or +0.0 */
 
+/* lane-wise max and min; a NaN lane of v may or may not pass (callers test NaN apart) */
+static inline vf vmax(vf v, vf m) {
+#if defined(NBP_ISA_AVX512)
+    return (vf)_mm512_max_ps((__m512)v, (__m512)m);
+#elif defined(NBP_ISA_AVX2)
+    return (vf)_mm256_max_ps((__m256)v, (__m256)m);
+#else
+    vi up = v > m;
+    return (vf)(((vi)v & up) | ((vi)m & ~up));
+#endif
+}
+
+static inline vf vmin(vf v, vf m) {
+#if defined(NBP_ISA_AVX512)
+    return (vf)_mm512_min_ps((__m512)v, (__m512)m);
+#elif defined(NBP_ISA_AVX2)
+    return (vf)_mm256_min_ps((__m256)v, (__m256)m);
+#else
+    vi down = v < m;
+    return (vf)(((vi)v & down) | ((vi)m & ~down));
+#endif
+}
+
 static inline vd widen_sum(vf v) {   /* LANES floats -> LANES / 2 doubles (pairwise sums) */
+#if defined(NBP_ISA_AVX512)   /* GCC split __builtin_convertvector into 4-lane pieces */
+    __m512 x = (__m512)v;
+    return (vd)_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+                             _mm512_cvtps_pd((__m256)_mm512_extractf64x4_pd((__m512d)x, 1)));
+#elif defined(NBP_ISA_AVX2)
+    __m256 x = (__m256)v;
+    return (vd)_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                             _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+#else
     vh lo = __builtin_shufflevector(v, v, HALF_LO), hi = __builtin_shufflevector(v, v, HALF_HI);
     return __builtin_convertvector(lo, vd) + __builtin_convertvector(hi, vd);
+#endif
 }
 
 static inline double reduce_add(vd v) {
@@ -142,34 +176,51 @@ static inline vf exp_shifted(const float *v, int64_t n, vf m) {
 
 typedef struct { int64_t n_gt, n_ge; double m_gt, m_ge; } classes_t;
 
+/* classify's counts and sums over src[0..m) (m <= LANES; weights e[0..m) if e) */
+static inline void classify_vec(const float *src, const float *e, int64_t m, vf vlo, vf vhi,
+                                vi *n_gt, vi *n_ge, vd *mg, vd *mb) {
+    /* NaN fills the tail: it compares false with any pivot, -inf included */
+    vf v = m >= LANES ? load(src) : load_tail(src, m, NAN);
+    vi gt = v > vhi, ge = v >= vlo;
+    *n_gt += gt;
+    *n_ge += ge;
+    if (e) {
+        vf w = m >= LANES ? load(e) : load_tail(e, m, 0.0f);
+        *mg += widen_sum(select_mask(gt, w));
+        *mb += widen_sum(select_mask(ge, w));
+    }
+}
+
 /* counts of x > hi and of x >= lo in src[0..n), and if e, the sums of their weights e[0..n) */
 static classes_t classify(const float *src, const float *e, int64_t n, float lo, float hi) {
     vf vlo = splat(lo), vhi = splat(hi);
-    vd mg = {0}, mb = {0};
+    vd mg0 = {0}, mb0 = {0}, mg1 = {0}, mb1 = {0};
     vi n_gt = {0}, n_ge = {0};
-    for (int64_t i = 0; i < n; i += LANES) {
-        /* NaN fills the tail: it compares false with any pivot, -inf included */
-        vf v = n - i >= LANES ? load(src + i) : load_tail(src + i, n - i, NAN);
-        vi gt = v > vhi, ge = v >= vlo;
-        n_gt += gt;
-        n_ge += ge;
-        if (e) {
-            vf w = n - i >= LANES ? load(e + i) : load_tail(e + i, n - i, 0.0f);
-            mg += widen_sum(select_mask(gt, w));
-            mb += widen_sum(select_mask(ge, w));
-        }
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {   /* two chains: one float64 add's latency bound one */
+        classify_vec(src + i, e ? e + i : 0, LANES, vlo, vhi, &n_gt, &n_ge, &mg0, &mb0);
+        classify_vec(src + i + LANES, e ? e + i + LANES : 0, LANES, vlo, vhi, &n_gt, &n_ge,
+                     &mg1, &mb1);
     }
-    return (classes_t){count(n_gt), count(n_ge), reduce_add(mg), reduce_add(mb)};
+    for (; i < n; i += LANES)
+        classify_vec(src + i, e ? e + i : 0, n - i, vlo, vhi, &n_gt, &n_ge, &mg0, &mb0);
+    return (classes_t){count(n_gt), count(n_ge), reduce_add(mg0 + mg1), reduce_add(mb0 + mb1)};
 }
 
-/* copies the x of src[0..n) with lo <= x <= hi to dst (room for n + LANES); returns how many */
-static int64_t keep_between(const float *src, int64_t n, float lo, float hi, float *dst) {
+/* copies the x of src[0..n) with lo <= x <= hi to dst (room for n + LANES); returns how
+ * many, and if n_above, how many are > hi */
+static int64_t keep_between(const float *src, int64_t n, float lo, float hi, float *dst,
+                            int64_t *n_above) {
     vf vlo = splat(lo), vhi = splat(hi);
+    vi above = {0};
     int64_t out = 0;
     for (int64_t i = 0; i < n; i += LANES) {
         vf v = n - i >= LANES ? load(src + i) : load_tail(src + i, n - i, NAN);
-        out += compress_store(dst + out, v, (v >= vlo) & (v <= vhi));
+        vi gt = v > vhi;
+        if (n_above) above += gt;
+        out += compress_store(dst + out, v, (v >= vlo) & ~gt);
     }
+    if (n_above) *n_above = count(above);
     return out;
 }
 
@@ -230,14 +281,14 @@ static float select_rank(const float *src, int64_t n, int64_t r, float *a, float
             c = classify(src, NULL, n, lo, hi);
         }
         if (r <= c.n_gt) {
-            n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst);
+            n = keep_between(src, n, nextafterf(hi, INFINITY), INFINITY, dst, NULL);
         } else if (r > c.n_ge) {
             r -= c.n_ge;
-            n = keep_between(src, n, -INFINITY, nextafterf(lo, -INFINITY), dst);
+            n = keep_between(src, n, -INFINITY, nextafterf(lo, -INFINITY), dst, NULL);
         } else {
             if (lo == hi) return lo;
             r -= c.n_gt;
-            n = keep_between(src, n, lo, hi, dst);
+            n = keep_between(src, n, lo, hi, dst, NULL);
         }
         src = dst;
         dst = dst == a ? b : a;
@@ -325,40 +376,42 @@ static float select_mass(const float *src, const float *se, int64_t n, double R,
     return n && small[n - 1] >= kth ? small[n - 1] : kth;
 }
 
-/* The x >= lo of x[0..V), in vocabulary order: values to val, indices to idx
- * (room for V + LANES each); returns how many. Also the row's max and min, 0 in
- * *ok if a NaN is present, and how many of the kept are > above. One pass over
- * the row: the rest of the row's work reads this set, which stays in the core's
- * cache. next: the row this thread takes after this one (V floats), or NULL: brought
- * into L2 a line per vector, at the pace of this pass. A decode step's logits were
- * written by the vocabulary head on both cores and then evicted by its weight stream,
- * so a row read cold costs ~40% more (16 rows of 64000: 0.81 ms against 0.58 hot). */
-static int64_t compact_row(const float *x, int64_t V, float lo, float above, float *val,
-                           int32_t *idx, float *mx, float *mn, int *ok, int64_t *n_above,
-                           const float *next) {
-    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo), vab = splat(above);
-    vi nan = {0}, lane, n_gt = {0};
+/* The x >= lo of x[0..V), in vocabulary order, to val (room for V + LANES); returns
+ * how many, and in starts[c] how many precede token c * CHUNK (vocab_index maps a
+ * position of the set back to its token). Also the row's max and min, and 0 in *ok if
+ * a NaN is present. One pass over the row: the rest of the row's work reads this set,
+ * which stays in the core's cache. Values only: on AVX-512 every compare and compress
+ * issues on one port, and a second compress for the indices made this pass bound by it.
+ * next: the row this thread takes after this one (V floats), or NULL: brought into L2 a
+ * line per vector, at the pace of this pass. A decode step's logits were written by the
+ * vocabulary head on both cores and then evicted by its weight stream, so a row read
+ * cold costs ~40% more (16 rows of 64000: 0.81 ms against 0.58 hot). */
+static int64_t compact_row(const float *x, int64_t V, float lo, float *val, int32_t *starts,
+                           float *mx, float *mn, int *ok, const float *next) {
+    vf hi = splat(-INFINITY), low = splat(INFINITY), vlo = splat(lo), inf = {0};
+    vi lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
     int64_t out = 0;
-    for (int64_t i = 0; i < V; i += LANES) {
-        vf v;
-        vi keep;
-        if (next && i % 16 == 0)   /* 16 floats: one cache line */
-            __builtin_prefetch(next + i, 0, 2);
-        if (V - i >= LANES) {
-            v = load(x + i);
-            keep = v >= vlo;
-        } else {   /* x[0] fills the tail: neutral for max, min and NaN; never kept */
-            v = load_tail(x + i, V - i, x[0]);
-            keep = (v >= vlo) & (lane < (int32_t)(V - i));
+    for (int64_t c = 0; c < V; c += CHUNK) {
+        starts[c / CHUNK] = (int32_t)out;
+        int64_t end = V - c < CHUNK ? V : c + CHUNK;
+        for (int64_t i = c; i < end; i += LANES) {
+            vf v;
+            vi keep;
+            if (next && i % 16 == 0)   /* 16 floats: one cache line */
+                __builtin_prefetch(next + i, 0, 2);
+            if (end - i >= LANES) {
+                v = load(x + i);
+                keep = v >= vlo;
+            } else {   /* x[0] fills the tail: neutral for max, min and NaN; never kept */
+                v = load_tail(x + i, end - i, x[0]);
+                keep = (v >= vlo) & (lane < (int32_t)(end - i));
+            }
+            inf += v - v;   /* NaN once a NaN or an infinity passed: tested below */
+            hi = vmax(v, hi);
+            low = vmin(v, low);
+            out += compress_store(val + out, v, keep);
         }
-        nan |= v != v;
-        n_gt += keep & (v > vab);
-        vi up = v > hi, down = v < low;
-        hi = (vf)(((vi)v & up) | ((vi)hi & ~up));
-        low = (vf)(((vi)v & down) | ((vi)low & ~down));
-        compress_store((float *)(idx + out), (vf)(lane + (int32_t)i), keep);   /* as bits */
-        out += compress_store(val + out, v, keep);
     }
     *mx = -INFINITY;
     *mn = INFINITY;
@@ -366,11 +419,29 @@ static int64_t compact_row(const float *x, int64_t V, float lo, float above, flo
     for (int i = 0; i < LANES; i++) {
         *mx = hi[i] > *mx ? hi[i] : *mx;
         *mn = low[i] < *mn ? low[i] : *mn;
-        any_nan |= nan[i];
+        any_nan |= inf[i] != inf[i];
+    }
+    if (any_nan) {   /* an infinity or a NaN: which (rare; -inf logits are masked tokens) */
+        any_nan = 0;
+        for (int64_t i = 0; i < V; i++) any_nan |= x[i] != x[i];
     }
     *ok = !any_nan;
-    *n_above = count(n_gt);
     return out;
+}
+
+/* The token of position pos of compact_row's set (x >= lo in vocabulary order; starts[c]
+ * of its elements before token c * CHUNK) */
+static int64_t vocab_index(const float *x, int64_t V, float lo, const int32_t *starts,
+                           int64_t pos) {
+    int64_t a = 0, b = (V + CHUNK - 1) / CHUNK;   /* the last chunk starting at or before pos */
+    while (b - a > 1) {
+        int64_t m = (a + b) / 2;
+        if (starts[m] <= pos) a = m;
+        else b = m;
+    }
+    for (int64_t i = a * CHUNK, seen = starts[a]; i < V; i++)
+        if (x[i] >= lo && seen++ == pos) return i;
+    return -1;   /* pos is not in the set */
 }
 
 /* Values around a row's k-th largest (k < V) from a strided sample: very likely
@@ -396,32 +467,42 @@ static void kth_bracket(const float *x, int64_t V, int64_t k, float *lo, float *
  * n + LANES); returns their float64 sum, summed as classify sums them. The compact set
  * keeps its x below kth (~1/5 of it at k = V / 4) instead of a pass that copies the
  * others out with their indices (~17% of a row's time). */
+static inline vd weigh_vec(const float *x, int64_t m, vf kth, vf mx, float *e) {
+    /* -inf fills the tail: never >= kth, weight 0 */
+    vf v = m >= LANES ? load(x) : load_tail(x, m, -INFINITY);
+    vf w = select_mask(v >= kth, vexp(v - mx));
+    *(vf_u *)e = w;
+    return widen_sum(w);
+}
+
 static double survivor_weights(const float *x, int64_t n, float kth, float mx, float *e) {
     vf m = splat(mx), vkth = splat(kth);
-    vd acc = {0};
-    for (int64_t i = 0; i < n; i += LANES) {
-        /* -inf fills the tail: never >= kth, weight 0 */
-        vf v = n - i >= LANES ? load(x + i) : load_tail(x + i, n - i, -INFINITY);
-        vf w = select_mask(v >= vkth, vexp(v - m));
-        *(vf_u *)(e + i) = w;
-        acc += widen_sum(w);
+    vd acc0 = {0}, acc1 = {0};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {   /* two chains, as classify */
+        acc0 += weigh_vec(x + i, LANES, vkth, m, e + i);
+        acc1 += weigh_vec(x + i + LANES, LANES, vkth, m, e + i + LANES);
     }
-    return reduce_add(acc);
+    for (; i < n; i += LANES)
+        acc0 += weigh_vec(x + i, n - i, vkth, m, e + i);
+    return reduce_add(acc0 + acc1);
 }
 
 /* A row's scratch (sample_cpu.work_shape: REGIONS runs of room = V + 16 floats).
- * compact_row's set: values VAL, indices IDX, and its weights WT (exp(x - max) for the
+ * compact_row's set: values VAL, chunk starts IDX, and its weights WT (exp(x - max) for the
  * top-k survivors, 0 below the k-th value); the k-th value's bracket BRK; scratch of
  * select_rank (SA, SB) and select_mass (values, weights: (SA, SB) and (BRK, SD)); the
  * draw's chunk sums in SD. */
 enum { VAL, IDX, WT, SA, SB, BRK, SD, REGIONS };
 
 /* The k-th largest (k < V) of the compact set (val, n), every x >= it being in the
- * set; n_gt of them are > hi (kth_bracket's). */
-static float kth_value(float **r, int64_t n, int64_t k, float lo, float hi, int64_t n_gt) {
-    if (n_gt >= k || lo == -INFINITY)   /* the bracket missed (rare) or was not drawn */
+ * set; hi: the top of kth_bracket's bracket. */
+static float kth_value(float **r, int64_t n, int64_t k, float lo, float hi) {
+    if (lo == -INFINITY)   /* the bracket was not drawn or missed (rare) */
         return select_rank(r[VAL], n, k, r[SA], r[SB]);
-    int64_t nb = keep_between(r[VAL], n, lo, hi, r[BRK]);
+    int64_t n_gt, nb = keep_between(r[VAL], n, lo, hi, r[BRK], &n_gt);
+    if (n_gt >= k)   /* the k-th is above the bracket (rare) */
+        return select_rank(r[VAL], n, k, r[SA], r[SB]);
     return select_rank(r[BRK], nb, k - n_gt, r[SA], r[SB]);
 }
 
@@ -430,25 +511,25 @@ static float kth_value(float **r, int64_t n, int64_t k, float lo, float hi, int6
  * and weights (0 below the k-th value, so the top-k survivors, ties included, are its
  * elements of nonzero weight). Returns its size. */
 static int64_t threshold_row(const float *x, int64_t V, int64_t k, float p, float *w,
-                             int64_t room, float *tau, float *row_max, const float *next) {
+                             int64_t room, float *tau, float *row_max, float *kept_lo,
+                             const float *next) {
     float *r[REGIONS], mx, mn, lo = -INFINITY, hi = INFINITY;
     for (int i = 0; i < REGIONS; i++) r[i] = w + i * room;
     int ok;
-    int64_t n_gt;
     if (k < V) kth_bracket(x, V, k, &lo, &hi);
-    int64_t n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt,
-                            next);
+    int64_t n = compact_row(x, V, lo, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, next);
     if (!ok || !isfinite(mx)) {
         *tau = *row_max = NAN;
         return 0;
     }
     if (n < k) {   /* the bracket's lo was above the k-th value (rare): the whole row */
         lo = -INFINITY;
-        n = compact_row(x, V, lo, hi, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, &n_gt, NULL);
+        n = compact_row(x, V, lo, r[VAL], (int32_t *)r[IDX], &mx, &mn, &ok, NULL);
     }
+    *kept_lo = lo;
     *row_max = mx;
     /* every x >= the k-th value is in the compact set: at least k of them are >= lo */
-    float kth = k < V ? kth_value(r, n, k, lo, hi, n_gt) : mn;
+    float kth = k < V ? kth_value(r, n, k, lo, hi) : mn;
     double z = survivor_weights(r[VAL], n, kth, mx, r[WT]);
     *tau = p >= 1.0f ? kth : select_mass(r[VAL], r[WT], n, (double)p * z, z, mx, kth,
                                          r[SA], r[SB], r[BRK], r[SD]);
@@ -509,22 +590,30 @@ static int64_t draw_row(const float *x, int64_t V, float tau_f, float max_f, dou
 }
 
 
-/* float64 sum of the weights e[0..n) (n <= CHUNK) of the x[0..n) >= tau */
-static double kept_sum(const float *x, const float *e, int64_t n, vf tau) {
-    vd acc = {0};
-    for (int64_t i = 0; i < n; i += LANES) {
-        vf v = n - i >= LANES ? load(x + i) : load_tail(x + i, n - i, NAN);   /* NaN: not kept */
-        acc += widen_sum(select_mask(v >= tau, load(e + i)));
-    }
-    return reduce_add(acc);
+static inline vd kept_vec(const float *x, const float *e, int64_t m, vf tau) {
+    vf v = m >= LANES ? load(x) : load_tail(x, m, NAN);   /* NaN: not kept */
+    return widen_sum(select_mask(v >= tau, load(e)));
 }
 
-/* The draw of draw_row over a row's compact set (values sv, indices si, weights
- * e)[0..n) in vocabulary order instead of over the whole row: the same kept tokens
- * (sv >= tau) in the same order, the float64 sums grouped by CHUNK of the set's
- * elements (chunk sums to cum). */
-static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e, int64_t n,
-                              float tau_f, double u, double_u *cum) {
+/* float64 sum of the weights e[0..n) (n <= CHUNK) of the x[0..n) >= tau */
+static double kept_sum(const float *x, const float *e, int64_t n, vf tau) {
+    vd acc0 = {0}, acc1 = {0};
+    int64_t i = 0;
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {   /* two chains, as classify */
+        acc0 += kept_vec(x + i, e + i, LANES, tau);
+        acc1 += kept_vec(x + i + LANES, e + i + LANES, LANES, tau);
+    }
+    for (; i < n; i += LANES)
+        acc0 += kept_vec(x + i, e + i, n - i, tau);
+    return reduce_add(acc0 + acc1);
+}
+
+/* The draw of draw_row over a row's compact set (values sv, weights e)[0..n) in
+ * vocabulary order instead of over the whole row: the same kept tokens (sv >= tau) in
+ * the same order, the float64 sums grouped by CHUNK of the set's elements (chunk sums
+ * to cum). Returns the drawn element's position in the set. */
+static int64_t draw_survivors(const float *sv, const float *e, int64_t n, float tau_f,
+                              double u, double_u *cum) {
     vf tau = splat(tau_f);
     int64_t chunks = (n + CHUNK - 1) / CHUNK, c = 0, last = 0;
     double total = 0.0;
@@ -546,7 +635,7 @@ static int64_t draw_survivors(const float *sv, const int32_t *si, const float *e
         pick = j;
         if ((run += wj) > t) break;
     }
-    return si[pick];
+    return pick;
 }
 
 /* Threads for n rows; each thread's scratch is the slot of work its number names
@@ -571,9 +660,10 @@ void nbp_keep_threshold(const float *logits, int64_t n, int64_t V, int64_t ld, i
     {
         int64_t begin, end;
         my_rows(n, &begin, &end);
+        float *w = work + REGIONS * omp_get_thread_num() * room, lo;
         for (int64_t r = begin; r < end; r++)
-            threshold_row(logits + r * ld, V, k, p, work + REGIONS * omp_get_thread_num() * room,
-                          room, tau + r, row_max + r, r + 1 < end ? logits + (r + 1) * ld : NULL);
+            threshold_row(logits + r * ld, V, k, p, w, room, tau + r, row_max + r, &lo,
+                          r + 1 < end ? logits + (r + 1) * ld : NULL);
     }
 }
 
@@ -588,16 +678,17 @@ int64_t nbp_sample(const float *logits, int64_t n, int64_t V, int64_t ld, int64_
         my_rows(n, &begin, &end);
         float *w = work + REGIONS * omp_get_thread_num() * room;
         for (int64_t r = begin; r < end; r++) {
-            float tau, mx;
-            int64_t kept = threshold_row(logits + r * ld, V, k, p, w, room, &tau, &mx,
+            const float *x = logits + r * ld;
+            float tau, mx, lo;
+            int64_t kept = threshold_row(x, V, k, p, w, room, &tau, &mx, &lo,
                                          r + 1 < end ? logits + (r + 1) * ld : NULL);
             if (isnan(tau)) {
                 index[r] = -1;
                 bad++;
             } else {
-                index[r] = draw_survivors(w + VAL * room, (const int32_t *)(w + IDX * room),
-                                          w + WT * room, kept, tau, u[r],
-                                          (double_u *)(w + SD * room));
+                int64_t pos = draw_survivors(w + VAL * room, w + WT * room, kept, tau, u[r],
+                                             (double_u *)(w + SD * room));
+                index[r] = vocab_index(x, V, lo, (const int32_t *)(w + IDX * room), pos);
             }
         }
     }
