@@ -89,12 +89,24 @@ static inline __attribute__((always_inline)) vi widen_i8(const char *p) {
 #endif
 }
 
+/* VLEN uint16 at p zero-extended to uint32 (GCC split the generic conversion into
+ * half-register pieces on AVX-512) */
+static inline __attribute__((always_inline)) vu widen_u16(const char *p) {
+#if defined(NBP_ISA_AVX512)
+    return (vu)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(NBP_ISA_AVX2)
+    return (vu)_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+#else
+    return __builtin_convertvector(*(const vbf *)p, vu);
+#endif
+}
+
 /* VLEN weights at p, widened to fp32 (bf16 is the top half of an fp32) */
 static inline __attribute__((always_inline)) vf load_w(const char *p, const int dtype) {
     if (dtype == W_F32)
         return *(const vf *)p;
     if (dtype == W_BF16)
-        return (vf)(__builtin_convertvector(*(const vbf *)p, vu) << 16);
+        return (vf)(widen_u16(p) << 16);
     return __builtin_convertvector(widen_i8(p), vf);
 }
 
