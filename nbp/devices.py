@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["checked_device", "available_bytes", "check_fits"]
+__all__ = ["checked_device", "available_bytes", "check_fits", "native_bf16_matmul",
+           "TOKENIZER_DTYPES", "tokenizer_dtype"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -87,3 +88,39 @@ def check_fits(needed: int, device: torch.device, what: str) -> None:
         raise ValueError(f"{what} needs at least {needed:,} bytes ({needed / 2**30:.3g} GiB), "
                          f"but {device} has {avail:,} bytes ({avail / 2**30:.3g} GiB) available; "
                          f"use a smaller batch")
+
+
+# CPU flags (Linux names) of hardware bfloat16 dot products that oneDNN's convolutions use
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# --tokenizer-dtype values
+TOKENIZER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def native_bf16_matmul() -> tuple[bool, str]:
+    """(True, why) where this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16);
+    elsewhere torch emulates bf16 matmuls in float32, several times slower than float32."""
+    from nbp_kernels.cpu_build import cpu_flags
+
+    found = [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+    if found:
+        return True, f"the CPU has {found[0]}"
+    return False, f"the CPU has none of {list(NATIVE_BF16_FLAGS)}"
+
+
+def tokenizer_dtype(choice: str, device) -> tuple[torch.dtype, str]:
+    """The video tokenizer's dtype for a ``--tokenizer-dtype`` value, and why.
+
+    "auto": bfloat16 on a CPU with native bf16 matmul (the published-size tokenizer ran
+    1.9-2.0x faster there, at the same reconstruction PSNR; README, "Tokenizer on the
+    CPU"), float32 elsewhere (CUDA included: the tokenizer's convolutions were
+    validated in float32). Raises ValueError naming --tokenizer-dtype otherwise.
+    """
+    if choice not in TOKENIZER_DTYPES:
+        raise ValueError(f"--tokenizer-dtype: expected one of {list(TOKENIZER_DTYPES)}, "
+                         f"got {choice!r}")
+    if choice != "auto":
+        return getattr(torch, choice), "--tokenizer-dtype"
+    if torch.device(device).type != "cpu":
+        return torch.float32, "auto: float32 off the CPU"
+    native, why = native_bf16_matmul()
+    return (torch.bfloat16 if native else torch.float32), f"auto: {why}"

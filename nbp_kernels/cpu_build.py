@@ -66,7 +66,7 @@ def _arch() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -83,7 +83,7 @@ def supported_isas() -> tuple[str, ...]:
     """The ISAs this machine runs, best first (empty off Linux x86-64/AArch64)."""
     if platform.system() != "Linux":
         return ()
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return tuple(i for i in ISAS.get(_arch(), ()) if all(f in flags for f in CPU_FLAGS[i]))
 
 

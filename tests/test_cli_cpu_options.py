@@ -175,3 +175,46 @@ def test_eval_weight_dtypes_without_the_kernel(monkeypatch):
     assert set(res) == {"pred_psnr_nbp_float32", "token_agreement_nbp_float32",
                         "pred_psnr_drop_nbp_float32", "weight_dtypes"}
     assert "NBP_CPU_ISA=off" in res["weight_dtypes"]
+
+
+@pytest.mark.parametrize("flags, want", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, torch.bfloat16),   # Zen 4, Cooper Lake
+    ({"avx2", "fma", "amx_tile", "amx_bf16"}, torch.bfloat16),      # Sapphire Rapids
+    ({"avx2", "fma", "avx512f", "avx512_vnni"}, torch.float32),     # bf16 emulated: slower
+    (set(), torch.float32),
+])
+def test_tokenizer_dtype_auto_follows_native_bf16(flags, want, monkeypatch):
+    from nbp import devices
+    from nbp_kernels import cpu_build
+
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: frozenset(flags))
+    dtype, why = devices.tokenizer_dtype("auto", "cpu")
+    assert dtype == want and why.startswith("auto: ")
+    assert devices.tokenizer_dtype("auto", "cuda")[0] == torch.float32   # no device needed
+    assert devices.tokenizer_dtype("float32", "cpu")[0] == torch.float32
+    assert devices.tokenizer_dtype("bfloat16", "cpu")[0] == torch.bfloat16
+    with pytest.raises(ValueError, match=r"--tokenizer-dtype: expected one of .* got 'float16'"):
+        devices.tokenizer_dtype("float16", "cpu")
+
+
+def test_tokenizer_dtype_flags_and_info(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["generate"]).tokenizer_dtype == "auto"
+    assert parser.parse_args(["eval"]).tokenizer_dtype == "float32"   # the model card's numbers
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--tokenizer-dtype", "float16"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["info", "--json"]) == 0
+    tok = json.loads(capsys.readouterr().out)["cpu_tokenizer_dtype"]
+    assert tok["dtype"] in ("float32", "bfloat16") and tok["why"].startswith("auto: ")
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_generate_with_a_bfloat16_tokenizer_writes_a_video(tmp_path, capsys):
+    """The demo with its tokenizer in bfloat16 (what auto picks on AVX512-BF16 / AMX CPUs)
+    writes the same kind of video: decode returns float32 frames whatever the dtype."""
+    out = tmp_path / "bf16.gif"
+    assert main(["generate", "--out", str(out), "--seed", "1", "--tokenizer-dtype", "bfloat16",
+                 "--threads", "1"]) == 0
+    assert "tokenizer in bfloat16" in capsys.readouterr().out
+    assert out.stat().st_size > 0

@@ -11,13 +11,13 @@ from nbp.cli import main
 from nbp.generate import FastGenerator
 from nbp_kernels import int8_linear as i8
 from nbp_kernels import reference
-from nbp_kernels.cpu_build import _cpu_flags, cpu_isa, supported_isas
+from nbp_kernels.cpu_build import cpu_flags, cpu_isa, supported_isas
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
 
 # (NBP_CPU_ISA, NBP_CPU_VNNI, the path that must run): an AVX-512 machine with VNNI
 # tests the VNNI path, the AVX-512 build without it, and the AVX2 build.
-_PATHS = [(isa, None, "avx512-vnni" if isa == "avx512" and "avx512_vnni" in _cpu_flags()
+_PATHS = [(isa, None, "avx512-vnni" if isa == "avx512" and "avx512_vnni" in cpu_flags()
            else isa) for isa in supported_isas()]
 _PATHS += [("avx512", "off", "avx512") for *_, path in _PATHS if path == "avx512-vnni"]
 _PARAMS = [pytest.param(p, id=p[2] if p[1] is None else f"{p[2]}-novnni") for p in _PATHS] or [

@@ -42,30 +42,15 @@ from pathlib import Path
 import torch
 
 from nbp.commands.bench import machine_info, machine_tag
+from nbp.devices import native_bf16_matmul
 from nbp.io import atomic_write_text
 from nbp.tokenizer import TokenizerConfig, VideoTokenizer
+from nbp_kernels.cpu_build import cpu_flags
 
 LAYOUTS = {"cf": torch.contiguous_format, "cl": torch.channels_last_3d}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16(flags: set[str]) -> bool:
-    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def _status_kb(key: str) -> int | None:
@@ -228,11 +213,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def machine(flags: set[str]) -> dict:
+def machine(flags: frozenset[str]) -> dict:
     """machine_info plus the ISA: the relevant CPU flags and torch's CPU capability."""
     return dict(machine_info("cpu"), isa=[f for f in ISA_FLAGS if f in flags],
                 torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                native_bf16_matmul=native_bf16(flags))
+                native_bf16_matmul=native_bf16_matmul()[0])
 
 
 def header(args, info: dict, model: VideoTokenizer, flops: dict, use_bf16: bool) -> dict:
@@ -261,7 +246,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     flags = cpu_flags()
-    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(flags))
+    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16_matmul()[0])
     variants = [(d, lay) for d in (["float32", "bfloat16"] if use_bf16 else ["float32"]) for lay in args.layouts]
     info = machine(flags)
     out = args.out or RESULTS / f"cpu_tokenizer_{args.preset}_{machine_tag(info)}.json"

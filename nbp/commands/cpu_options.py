@@ -1,5 +1,5 @@
-"""The CPU flags shared by the commands that compute: ``--threads``, ``--weight-dtype`` and
-``--act-dtype``."""
+"""The CPU flags shared by the commands that compute: ``--threads``, ``--weight-dtype``,
+``--act-dtype`` and ``--tokenizer-dtype``."""
 from __future__ import annotations
 
 # --weight-dtype values; float32 is FastGenerator's default (weight_dtype=None)
@@ -30,6 +30,17 @@ def add_act_dtype(p) -> None:
                    help="activations of the decode linears on the CPU, rounded per row at each "
                         "call for int32 dot products (fastest with AVX512-VNNI): int16 (13-15 "
                         "bits, within ~1e-4 of float32) or int8; needs --weight-dtype int8")
+
+
+def add_tokenizer_dtype(p, default: str = "auto") -> None:
+    """``--tokenizer-dtype``: the video tokenizer's weights and activations
+    (``nbp.devices.tokenizer_dtype``)."""
+    from nbp.devices import TOKENIZER_DTYPES
+
+    p.add_argument("--tokenizer-dtype", default=default, choices=list(TOKENIZER_DTYPES),
+                   help=f"dtype of the video tokenizer (default {default}; auto: bfloat16 on a "
+                        "CPU with native bf16 matmul, AVX512-BF16 or AMX, about 2x faster there "
+                        "at the same reconstruction; float32 elsewhere)")
 
 
 def apply_threads(threads: int | None) -> int:

@@ -47,6 +47,7 @@ from .cpu_options import (
     WEIGHT_DTYPES,
     act_dtype,
     add_threads,
+    add_tokenizer_dtype,
     apply_threads,
     weight_dtype,
 )
@@ -239,10 +240,13 @@ def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
 
 def run(args) -> int:
     from nbp.demo import load_demo
+    from nbp.devices import tokenizer_dtype
 
     if args.long_model is not None and args.frames is None:
         raise ValueError("--long-model: applies to long videos; pass --frames N too")
+    tok_dtype, _ = tokenizer_dtype(args.tokenizer_dtype, "cpu")
     models = load_demo(None if args.model == "demo" else args.model)
+    models.tokenizer.to(dtype=tok_dtype)
     if args.frames is not None and args.frames != 1 + models.tokenizer.config.factors[0] * (
             models.nbp.config.latent_shape[0] - 1):
         res = evaluate_long(models, args.frames, args.num_clips, args.seed, args.threads,
@@ -250,6 +254,7 @@ def run(args) -> int:
     else:
         res = evaluate(models, args.num_clips, args.seed, args.threads, args.repeats, args.i3d)
     res["model"] = str(models.path)
+    res["tokenizer_dtype"] = str(tok_dtype)[6:]
     if args.json:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
     else:
@@ -269,6 +274,7 @@ def register(sub) -> None:
     add_threads(p, default=1, why=": the demo's decode steps are so small that thread "
                                  "hand-offs cost more than they save, badly so on a busy machine")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
+    add_tokenizer_dtype(p, default="float32")
     p.add_argument("--i3d", default=None, help="StyleGAN-V i3d_torchscript.pt: also report FVD")
     p.add_argument("--frames", type=int, default=None,
                    help="evaluate long videos instead: clips of this many frames (1 + 2k, e.g. "

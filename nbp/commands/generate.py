@@ -36,6 +36,7 @@ from .cpu_options import (
     act_dtype,
     add_act_dtype,
     add_threads,
+    add_tokenizer_dtype,
     add_weight_dtype,
     apply_threads,
     weight_dtype,
@@ -291,7 +292,7 @@ def _compose(args, video: torch.Tensor, clip: torch.Tensor | None) -> torch.Tens
 
 
 def run(args) -> int:
-    from nbp.devices import checked_device
+    from nbp.devices import checked_device, tokenizer_dtype
     from nbp.generate import FastGenerator
     from nbp.io import save_video
 
@@ -302,7 +303,9 @@ def run(args) -> int:
         from nbp.video import probe
         info = probe(args.input)     # an unreadable file is refused before the model loads
     device = checked_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok_dtype, _ = tokenizer_dtype(args.tokenizer_dtype, device)
     model, tok, kind = _load(args)
+    tok = tok.to(dtype=tok_dtype)
     gen = FastGenerator(model, tok, device=device, dtype=_DTYPES[args.dtype], backend=args.backend,
                         weight_dtype=weight_dtype(args.weight_dtype),
                         act_dtype=act_dtype(args.act_dtype))
@@ -345,7 +348,7 @@ def run(args) -> int:
     how = (f"{len(steps)} steps, {cfg.video_len} tokens each" if args.frames is None else
            f"windows of {cfg.latent_shape[0]} latent frames")
     print(f"nbp generate: {B} video(s) of {T} frames {H}x{W} at {rate:g} fps in {seconds:.2f} s "
-          f"({how}, L={cfg.block_size}, {device}) -> {path}")
+          f"({how}, L={cfg.block_size}, {device}, tokenizer in {str(tok_dtype)[6:]}) -> {path}")
     return 0
 
 
@@ -403,6 +406,7 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", help="kernel backend (auto, torch, triton, cuda)")
     add_weight_dtype(p)
     add_act_dtype(p)
+    add_tokenizer_dtype(p)
     add_threads(p)
     p.add_argument("--fps", default="model",
                    help="frame rate of the given frames and the output: 'model' (default: the "

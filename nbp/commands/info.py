@@ -43,6 +43,9 @@ def collect() -> dict:
     info["cuda_extension"] = build_info()
     isa, why = cpu_isa()
     info["cpu_isa"] = {"isa": isa, "why": why}
+    from nbp.devices import tokenizer_dtype
+    tok_dtype, tok_why = tokenizer_dtype("auto", "cpu")
+    info["cpu_tokenizer_dtype"] = {"dtype": str(tok_dtype)[6:], "why": tok_why}
     info["cpu_threads"] = {"threads": torch.get_num_threads(),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
@@ -68,6 +71,8 @@ def run(args) -> int:
     waits = ", ".join(f"{k.upper()}={threads[k]}" for k in ("omp_wait_policy", "gomp_spincount")
                       if threads[k] is not None) or "libgomp's default: long spin-waits"
     print(f"{'cpu_threads':>16}: {threads['threads']} ({waits}; --threads sets them)")
+    tok = info["cpu_tokenizer_dtype"]
+    print(f"{'cpu_tokenizer':>16}: {tok['dtype']} ({tok['why']}; --tokenizer-dtype sets it)")
     for key, label, use in (
             ("packed_linear", "packed_linear", "CPU decode linears, float32/bfloat16/int8 weights"),
             ("sample_cpu", "sample_cpu", "float32 CPU sampler"),
