@@ -1,13 +1,21 @@
 # ruff: noqa: I001  (nbp is imported before torch on purpose)
-"""A/B of ``nbp_kernels/cpu/packed_linear.c``: a git revision against the working tree.
+"""A/B of a CPU kernel (``nbp_kernels/cpu/<kernel>.c``): a git revision against the working tree.
 
 Both sources are compiled with ``cpu_build``'s flags for the ISA in force
 (``NBP_CPU_ISA``) into a temporary directory and called side by side, round-robin
-(medians and bests): the K600 vocabulary head (64000 x 384) and one decode
-step's linears (6 layers x 384 + head) at 1 and 16 rows, per weight dtype.
-Writes benchmarks/results/cpu_kernel_ab_<isa>_<machine>.json.
+(medians and bests), after checking that they agree:
+
+* ``packed_linear``: the K600 vocabulary head (64000 x 384) and one decode step's
+  linears (6 layers x 384 + head) at 1 and 16 rows, per weight dtype; writes
+  benchmarks/results/cpu_kernel_ab_<isa>_<machine>.json.
+* ``decode_attention``: one K600 decode step's attention (6 layers of 6 heads x 64,
+  a cache of 900 positions, 16 and 1 queries), hot (each side reads its caches just before:
+  in L3 where it holds their 24 MB, not in L2) and cold
+  (a 256 MB read between calls, as a step's weight stream evicts them); writes
+  benchmarks/results/cpu_kernel_ab_decode_attention_<isa>_<machine>.json.
 
     python benchmarks/ablations/cpu_kernel_ab.py --rev HEAD~1 --repeats 15
+    python benchmarks/ablations/cpu_kernel_ab.py --kernel decode_attention --repeats 40
 """
 from __future__ import annotations
 
@@ -20,18 +28,19 @@ import os
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from nbp.commands.bench import machine_info, machine_tag, time_interleaved
 from nbp.io import atomic_write_text
-from nbp_kernels import cpu_build, reference
-from nbp_kernels.packed_linear import WEIGHT_DTYPES, _bind, pack_weight
+from nbp_kernels import cpu_build, decode_attention_cpu, packed_linear, reference
+from nbp_kernels.packed_linear import WEIGHT_DTYPES, pack_weight
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-SRC = "nbp_kernels/cpu/packed_linear.c"
+KERNELS = ("packed_linear", "decode_attention")
 
 
 def git_show(rev: str, path: str) -> str:
@@ -39,26 +48,28 @@ def git_show(rev: str, path: str) -> str:
                           capture_output=True, text=True).stdout
 
 
-def revision_source(rev: str, dest: Path) -> str:
-    """``SRC`` as of ``rev``, with that revision's headers (cpu/*.h) written into ``dest``, so
-    each side compiles against the headers it was written for."""
+def revision_source(rev: str, kernel: str, dest: Path) -> str:
+    """The kernel's source as of ``rev``, with that revision's headers (cpu/*.h) written into
+    ``dest``, so each side compiles against the headers it was written for."""
     names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev,
-                            f"{Path(SRC).parent}/"], check=True, capture_output=True,
+                            "nbp_kernels/cpu/"], check=True, capture_output=True,
                            text=True).stdout.split()
     for name in names:
         if name.endswith(".h"):
             (dest / Path(name).name).write_text(git_show(rev, name))
-    return git_show(rev, SRC)
+    return git_show(rev, f"nbp_kernels/cpu/{kernel}.c")
 
 
-def build(source: str, isa: str, out: Path, include: Path) -> ctypes.CDLL:
+def build(source: str, kernel: str, isa: str, out: Path, include: Path) -> ctypes.CDLL:
     """``source`` compiled as cpu_build does for ``isa``, its headers from ``include``."""
     src = out.with_suffix(".c")
     src.write_text(source)
     subprocess.run([os.environ.get("CC", "cc"), *cpu_build.FLAGS, *cpu_build.ISA_FLAGS[isa],
-                    f"-DNBP_ISA_{isa.upper()}=1", f"-I{include}", str(src), "-o", str(out),
-                    *cpu_build.LIBS.get("packed_linear", [])], check=True)
-    return _bind(ctypes.CDLL(str(out)))
+                    *cpu_build.KERNEL_FLAGS.get(kernel, []), f"-DNBP_ISA_{isa.upper()}=1",
+                    f"-I{include}", str(src), "-o", str(out), *cpu_build.LIBS.get(kernel, [])],
+                   check=True)
+    bind = packed_linear._bind if kernel == "packed_linear" else decode_attention_cpu._bind
+    return bind(ctypes.CDLL(str(out)))
 
 
 def layers(width=384, vocab=64000, n_layer=6):
@@ -92,43 +103,110 @@ def call(lib, mods, dtype, rows):
     return run
 
 
+def linear_rows(libs: dict, repeats: int) -> list[dict]:
+    """packed_linear's rows: head and step, 1 and 16 rows, per weight dtype."""
+    rows_out = []
+    for what, mods in layers().items():
+        for rows in (1, 16):
+            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                ("int8", torch.int8)):
+                fns = {k: call(lib, mods, dtype, rows) for k, lib in libs.items()}
+                torch.testing.assert_close(fns["a"]().clone(), fns["b"](), rtol=1e-5, atol=1e-5)
+                load = os.getloadavg()[0]
+                t = time_interleaved(fns, repeats)
+                rows_out.append(summary({"what": what, "rows": rows, "dtype": name,
+                                         "load_avg_1m": load}, t))
+    return rows_out
+
+
+def summary(row: dict, t: dict) -> dict:
+    """``row`` with the medians, bests and A/B of timings ``t`` ({"a": [...], "b": [...]})."""
+    row.update({f"{k}_median_ms": statistics.median(v) * 1e3 for k, v in t.items()})
+    row.update({f"{k}_best_ms": min(v) * 1e3 for k, v in t.items()})
+    row["a_over_b_median"] = row["a_median_ms"] / row["b_median_ms"]
+    print("  ".join(f"{k}={v}" for k, v in row.items() if k in ("what", "rows", "dtype", "queries",
+                                                                  "cache")) +
+          f": A {row['a_median_ms']:7.3f} ms  B {row['b_median_ms']:7.3f} ms  "
+          f"A/B {row['a_over_b_median']:.3f}  (load {row['load_avg_1m']:.1f})")
+    return row
+
+
+def attention_step(lib, queries: int, cached: int = 900, n_layer: int = 6, heads: int = 6,
+                   head_dim: int = 64, capacity: int = 1280):
+    """A closure running one decode step's attention (every layer, no append) through ``lib``."""
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    caches = [(torch.randn(1, heads, capacity, head_dim, generator=g),
+               torch.randn(1, heads, capacity, head_dim, generator=g)) for _ in range(n_layer)]
+    q = [torch.randn(1, heads, queries, head_dim, generator=g) for _ in range(n_layer)]
+    seq = torch.tensor([cached], dtype=torch.int32)
+    c_st = [heads * capacity * head_dim, capacity * head_dim, head_dim]
+    strides = torch.tensor([heads * queries * head_dim, queries * head_dim, head_dim] + [0] * 6
+                           + c_st + c_st, dtype=torch.int64)
+    n = cached + queries
+    splits = decode_attention_cpu.splits_for(heads, threads, -(-n // decode_attention_cpu.CHUNK))
+    work = torch.empty(threads, lib.nbp_decode_attention_work(queries, head_dim))
+    parts = torch.empty(heads * splits * queries * (head_dim + 2))
+    outs = [torch.empty(1, queries, heads, head_dim) for _ in range(n_layer)]
+
+    def run():
+        for (kc, vc), qi, out in zip(caches, q, outs):
+            lib.nbp_decode_attention(qi.data_ptr(), None, None, kc.data_ptr(), vc.data_ptr(),
+                                     strides.data_ptr(), seq.data_ptr(), 1, heads, queries,
+                                     head_dim, capacity, head_dim ** -0.5, splits, threads,
+                                     work.data_ptr(), parts.data_ptr(), out.data_ptr())
+        return torch.stack(outs)
+    return run
+
+
+def attention_rows(libs: dict, repeats: int) -> list[dict]:
+    """decode_attention's rows: 16 and 1 queries, the caches hot and cold; A and B in
+    alternating order, a 256 MB read before each cold call (not timed)."""
+    flush = torch.ones(64 << 20)
+    rows_out = []
+    for queries in (16, 1):
+        fns = {k: attention_step(lib, queries) for k, lib in libs.items()}
+        torch.testing.assert_close(fns["a"](), fns["b"](), rtol=1e-5, atol=1e-5)
+        for cache in ("hot", "cold"):
+            load, t = os.getloadavg()[0], {"a": [], "b": []}
+            for r in range(repeats):
+                for k in ("a", "b") if r % 2 == 0 else ("b", "a"):
+                    if cache == "cold":
+                        flush.sum()
+                    else:
+                        fns[k]()
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    t[k].append(time.perf_counter() - t0)
+            rows_out.append(summary({"queries": queries, "cache": cache, "load_avg_1m": load}, t))
+    return rows_out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", default="packed_linear", choices=KERNELS)
     p.add_argument("--rev", default="HEAD", help="git revision of the A source")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     cpu_build.configure_threads(args.threads)
     isa, why = cpu_build.cpu_isa()
-    rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         # one folder a side: a quoted #include looks in the source's own folder first
         a_dir, b_dir = Path(tmp) / "a", Path(tmp) / "b"
         a_dir.mkdir()
         b_dir.mkdir()
-        old = revision_source(args.rev, a_dir)
-        libs = {"a": build(old, isa, a_dir / "a.so", a_dir),
-                "b": build((ROOT / SRC).read_text(), isa, b_dir / "b.so", cpu_build.SOURCES)}
-        for what, mods in layers().items():
-            for rows in (1, 16):
-                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                    ("int8", torch.int8)):
-                    fns = {k: call(lib, mods, dtype, rows) for k, lib in libs.items()}
-                    torch.testing.assert_close(fns["a"]().clone(), fns["b"](), rtol=1e-5, atol=1e-5)
-                    load = os.getloadavg()[0]
-                    t = time_interleaved(fns, args.repeats)
-                    row = {"what": what, "rows": rows, "dtype": name, "load_avg_1m": load,
-                           **{f"{k}_median_ms": statistics.median(v) * 1e3 for k, v in t.items()},
-                           **{f"{k}_best_ms": min(v) * 1e3 for k, v in t.items()}}
-                    row["a_over_b_median"] = row["a_median_ms"] / row["b_median_ms"]
-                    rows_out.append(row)
-                    print(f"{what:>4} rows={rows:>2} {name:>8}: A {row['a_median_ms']:7.2f} ms  "
-                          f"B {row['b_median_ms']:7.2f} ms  A/B {row['a_over_b_median']:.2f}  "
-                          f"(load {load:.1f})")
+        old = revision_source(args.rev, args.kernel, a_dir)
+        new = (cpu_build.SOURCES / f"{args.kernel}.c").read_text()
+        libs = {"a": build(old, args.kernel, isa, a_dir / "a.so", a_dir),
+                "b": build(new, args.kernel, isa, b_dir / "b.so", cpu_build.SOURCES)}
+        rows = (linear_rows if args.kernel == "packed_linear" else attention_rows)(libs,
+                                                                                 args.repeats)
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why)
-    result = {"what": __doc__.split("\n\n")[0], "a": args.rev, "b": "working tree",
-              "machine": info, "rows": rows_out}
-    out = RESULTS / f"cpu_kernel_ab_{isa}_{machine_tag(info)}.json"
+    result = {"what": __doc__.split("\n\n")[0], "kernel": args.kernel, "a": args.rev,
+              "b": "working tree", "machine": info, "rows": rows}
+    name = "" if args.kernel == "packed_linear" else f"{args.kernel}_"
+    out = RESULTS / f"cpu_kernel_ab_{name}{isa}_{machine_tag(info)}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

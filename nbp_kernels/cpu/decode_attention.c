@@ -7,7 +7,8 @@
  *
  * Each (b, h) reads its whole K and V once, cold (the weights the linears stream
  * between two steps evict them from the core's caches), so the kernel streams each
- * cache row once (prefetched a few tiles ahead) and keeps the rest in a small
+ * cache row once (a chunk's V and its K a few tiles ahead prefetched by its score
+ * tiles, the next chunk's K by its PV tiles) and keeps the rest in a small
  * per-thread scratch: the queries transposed, qt[d][l] (lanes = query rows), so
  * QK^T is broadcast k[c][d] x qt[d] into one score vector per key (no transposed
  * copy of K, and the softmax runs across keys with rows in lanes); PV broadcasts
@@ -21,9 +22,10 @@
  * the partial softmaxes combined (flash-decoding), the caller choosing the count.
  *
  * One portable source: GCC vector extensions at the register width, compiled per
- * ISA by cpu_build.py (-DNBP_ISA_<isa>); exp is glibc's vector expf (libmvec) on
- * x86-64, lane by lane on NEON. nbp_kernels/decode_attention_cpu.py has the Python
- * contract, nbp_kernels/reference.py the semantics.
+ * ISA by cpu_build.py (-DNBP_ISA_<isa>); exp is vmath.h's inline polynomial (within
+ * 2 ulp of expf; libmvec's call was a fifth of the kernel on a Zen 4).
+ * nbp_kernels/decode_attention_cpu.py has the Python contract, nbp_kernels/reference.py
+ * the semantics.
  */
 #include <math.h>
 #include <omp.h>
@@ -47,7 +49,7 @@
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));   /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
 
-#include "vmath.h"   /* vexp */
+#include "vmath.h"   /* vexp_inline */
 
 /* x - 0 is x for every x (0 + x is not, for -0): a broadcast load (packed_linear.c) */
 static inline vf splat(float x) { return x - (vf){0}; }
@@ -180,27 +182,41 @@ static void softmax_step(const scratch_t *s, int64_t cn) {
             mx = vmax(mx, *(vf *)(s->st + c * s->LP + lv));
         for (int64_t c = 0; c < cn; c++) {
             vf *p = (vf *)(s->st + c * s->LP + lv);
-            *p = vexp(*p - mx);
+            *p = vexp_inline(*p - mx);
             total += *p;
         }
-        vf alpha = vexp(old - mx);   /* exp(-inf) = 0 at the first chunk */
+        vf alpha = vexp_inline(old - mx);   /* exp(-inf) = 0 at the first chunk */
         *(vf *)(s->alpha + lv) = alpha;
         *(vf *)(s->m + lv) = mx;
         *(vf *)(s->sum + lv) = *(vf *)(s->sum + lv) * alpha + total;
     }
 }
 
-/* o[r0 .. r0+TR)[dv0 .. dv0+tdv vectors) = alpha o + sum_c p[c][r] v[c] over the chunk */
+/* The next chunk's K rows, prefetched into L2 while this chunk's PV tiles compute: the
+ * score tiles read K and V (this chunk's V rows are prefetched there) and the PV tiles
+ * none, so with both prefetched by the score tiles memory idled through every PV phase
+ * and cold caches added all of their read time to the FMAs'. */
+typedef struct {
+    const float *k;        /* row 0 of the next chunk, NULL: none (this (b, h)'s last) */
+    int64_t ldk, rows, D;
+} next_k_t;
+
+/* o[r0 .. r0+TR)[dv0 .. dv0+tdv vectors) = alpha o + sum_c p[c][r] v[c] over the chunk;
+ * pf_line: also prefetch cache line pf_line, pf_line + pf_step, ... of next K row c */
 static inline __attribute__((always_inline)) void pv_tile(
         const scratch_t *s, const float *v, int64_t ldv, int64_t cn, int64_t r0, int64_t dv0,
-        const int tdv) {
+        const int tdv, const next_k_t *nk, int64_t pf_line, int64_t pf_step) {
     vf acc[TR][TDV];
     for (int r = 0; r < TR; r++) {
         vf a = splat(s->alpha[r0 + r]);
         for (int j = 0; j < tdv; j++)
             acc[r][j] = *(vf *)(s->o + (r0 + r) * s->DP + (dv0 + j) * VLEN) * a;
     }
+    int64_t pf_rows = nk ? (nk->rows < cn ? nk->rows : cn) : 0;
     for (int64_t c = 0; c < cn; c++) {
+        if (c < pf_rows)
+            for (int64_t line = pf_line; line * 16 < nk->D; line += pf_step)
+                __builtin_prefetch(nk->k + c * nk->ldk + line * 16, 0, 2);
         vf vv[TDV];
         for (int j = 0; j < tdv; j++)
             vv[j] = *(const vf *)(v + c * ldv + (dv0 + j) * VLEN);
@@ -215,15 +231,17 @@ static inline __attribute__((always_inline)) void pv_tile(
             *(vf *)(s->o + (r0 + r) * s->DP + (dv0 + j) * VLEN) = acc[r][j];
 }
 
+/* the chunk's PV tiles; the row tiles' first column tiles share the next K rows' lines */
 static void weighted_values(const scratch_t *s, const float *v, int64_t ldv, int64_t cn,
-                            int64_t L) {
-    int64_t DV = s->DP / VLEN;
+                            int64_t L, const next_k_t *next) {
+    int64_t DV = s->DP / VLEN, passes = (L + TR - 1) / TR;
     for (int64_t r0 = 0; r0 < L; r0 += TR) {   /* rows up to round_up(L, TR) <= LP */
+        const next_k_t *nk = next->k ? next : NULL;
         int64_t dv = 0;
-        for (; dv + TDV <= DV; dv += TDV)
-            pv_tile(s, v, ldv, cn, r0, dv, TDV);
-        for (; dv < DV; dv++)
-            pv_tile(s, v, ldv, cn, r0, dv, 1);
+        for (; dv + TDV <= DV; dv += TDV, nk = NULL)
+            pv_tile(s, v, ldv, cn, r0, dv, TDV, nk, r0 / TR, passes);
+        for (; dv < DV; dv++, nk = NULL)
+            pv_tile(s, v, ldv, cn, r0, dv, 1, nk, r0 / TR, passes);
     }
 }
 
@@ -282,14 +300,16 @@ static void attend(const call_t *a, int64_t b, int64_t h, int64_t n, int64_t c_b
         int64_t j0 = c * CHUNK, cn = n - j0 < CHUNK ? n - j0 : CHUNK;
         scores(k + j0 * ldk, ldk, v + j0 * ldv, ldv, cn, s, a->D, splat(a->scale));
         softmax_step(s, cn);
+        next_k_t next = {c + 1 < c_end ? k + (j0 + CHUNK) * ldk : NULL, ldk,
+                         n - j0 - CHUNK < CHUNK ? n - j0 - CHUNK : CHUNK, a->D};
         if (a->D == s->DP) {
-            weighted_values(s, v + j0 * ldv, ldv, cn, a->L);
+            weighted_values(s, v + j0 * ldv, ldv, cn, a->L, &next);
         } else {   /* rows padded with zeros, so whole-vector loads stay inside */
             for (int64_t r = 0; r < cn; r++) {
                 memcpy(s->vpad + r * s->DP, v + (j0 + r) * ldv, a->D * sizeof(float));
                 memset(s->vpad + r * s->DP + a->D, 0, (s->DP - a->D) * sizeof(float));
             }
-            weighted_values(s, s->vpad, s->DP, cn, a->L);
+            weighted_values(s, s->vpad, s->DP, cn, a->L, &next);
         }
     }
 }
