@@ -8,6 +8,9 @@ Both sources are compiled with ``cpu_build``'s flags for the ISA in force
 * ``packed_linear``: the K600 vocabulary head (64000 x 384) and one decode step's
   linears (6 layers x 384 + head) at 1 and 16 rows, per weight dtype; writes
   benchmarks/results/cpu_kernel_ab_<isa>_<machine>.json.
+* ``int8_linear``: the same head and step with int8 weights and int8 or int16
+  activations (``act_dtype``), on the path in force (``nbp info``'s int8_linear line);
+  writes benchmarks/results/cpu_kernel_ab_int8_linear_<path>_<machine>.json.
 * ``decode_attention``: one K600 decode step's attention (6 layers of 6 heads x 64,
   a cache of 900 positions, 16 and 1 queries), hot (each side reads its caches just before:
   in L3 where it holds their 24 MB, not in L2) and cold
@@ -35,12 +38,15 @@ import torch
 
 from nbp.commands.bench import machine_info, machine_tag, time_interleaved
 from nbp.io import atomic_write_text
-from nbp_kernels import cpu_build, decode_attention_cpu, packed_linear, reference
+from nbp_kernels import cpu_build, decode_attention_cpu, int8_linear, packed_linear, reference
+from nbp_kernels._cpu_launch import norm_args
 from nbp_kernels.packed_linear import WEIGHT_DTYPES, pack_weight
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
-KERNELS = ("packed_linear", "decode_attention")
+KERNELS = ("packed_linear", "int8_linear", "decode_attention")
+BINDS = {"packed_linear": packed_linear._bind, "int8_linear": int8_linear._bind,
+         "decode_attention": decode_attention_cpu._bind}
 
 
 def git_show(rev: str, path: str) -> str:
@@ -68,8 +74,7 @@ def build(source: str, kernel: str, isa: str, out: Path, include: Path) -> ctype
                     *cpu_build.KERNEL_FLAGS.get(kernel, []), f"-DNBP_ISA_{isa.upper()}=1",
                     f"-I{include}", str(src), "-o", str(out), *cpu_build.LIBS.get(kernel, [])],
                    check=True)
-    bind = packed_linear._bind if kernel == "packed_linear" else decode_attention_cpu._bind
-    return bind(ctypes.CDLL(str(out)))
+    return BINDS[kernel](ctypes.CDLL(str(out)))
 
 
 def layers(width=384, vocab=64000, n_layer=6):
@@ -116,6 +121,45 @@ def linear_rows(libs: dict, repeats: int) -> list[dict]:
                 t = time_interleaved(fns, repeats)
                 rows_out.append(summary({"what": what, "rows": rows, "dtype": name,
                                          "load_avg_1m": load}, t))
+    return rows_out
+
+
+def int8_call(lib, mods, act_dtype, rows, path: str):
+    """A closure running every module of ``mods`` with int8 weights and act_dtype
+    activations on ``rows`` rows through ``lib`` (the kernel's ``path``)."""
+    args = []
+    for m in mods:
+        stored, scale = reference.quantize_weight(m.weight.detach(), torch.int8)
+        packed, corr = int8_linear.pack_weight(stored)
+        bias = None if m.bias is None else m.bias.detach().contiguous()
+        x = torch.randn(rows, m.in_features, generator=torch.Generator().manual_seed(rows))
+        args.append((x, packed, corr, scale, bias, torch.empty(rows, m.out_features)))
+    mode = int8_linear.mode(path, act_dtype)
+
+    def run():
+        for x, packed, corr, scale, bias, y in args:
+            rc = lib.nbp_int8_linear(x.data_ptr(), x.shape[0], x.shape[1], packed.data_ptr(),
+                                     corr.data_ptr(), scale.data_ptr(),
+                                     None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                     y.shape[1], mode, 0, *norm_args(None), None)
+            assert rc == 0, rc
+        return args[-1][5]
+    return run
+
+
+def int8_rows(libs: dict, repeats: int) -> list[dict]:
+    """int8_linear's rows: head and step, 1 and 16 rows, int8 and int16 activations."""
+    path = int8_linear.kernel_path()[0]
+    rows_out = []
+    for what, mods in layers().items():
+        for rows in (1, 16):
+            for name, act in (("int8", torch.int8), ("int16", torch.int16)):
+                fns = {k: int8_call(lib, mods, act, rows, path) for k, lib in libs.items()}
+                assert torch.equal(fns["a"]().clone(), fns["b"]())   # exact int32 sums
+                load = os.getloadavg()[0]
+                t = time_interleaved(fns, repeats)
+                rows_out.append(summary({"what": what, "rows": rows, "dtype": f"int8_a{name[3:]}",
+                                         "path": path, "load_avg_1m": load}, t))
     return rows_out
 
 
@@ -200,13 +244,14 @@ def main(argv=None) -> int:
         new = (cpu_build.SOURCES / f"{args.kernel}.c").read_text()
         libs = {"a": build(old, args.kernel, isa, a_dir / "a.so", a_dir),
                 "b": build(new, args.kernel, isa, b_dir / "b.so", cpu_build.SOURCES)}
-        rows = (linear_rows if args.kernel == "packed_linear" else attention_rows)(libs,
-                                                                                 args.repeats)
+        rows = {"packed_linear": linear_rows, "int8_linear": int8_rows,
+                "decode_attention": attention_rows}[args.kernel](libs, args.repeats)
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why)
     result = {"what": __doc__.split("\n\n")[0], "kernel": args.kernel, "a": args.rev,
               "b": "working tree", "machine": info, "rows": rows}
     name = "" if args.kernel == "packed_linear" else f"{args.kernel}_"
-    out = RESULTS / f"cpu_kernel_ab_{name}{isa}_{machine_tag(info)}.json"
+    where = int8_linear.kernel_path()[0] if args.kernel == "int8_linear" else isa
+    out = RESULTS / f"cpu_kernel_ab_{name}{where}_{machine_tag(info)}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

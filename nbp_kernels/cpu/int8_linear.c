@@ -168,6 +168,8 @@ static inline void finish(const int32_t *acc, const int32_t *corr, float sx, con
 
 typedef struct {
     const void *xq;         /* [M][Kp]: int16 (A16), or uint8 (+ 128 on the VNNI path) */
+    const void *xg;         /* VNNI paths: [Kp / 4][M] groups of 4 k of xq, the rows of a
+                             * group adjacent (4 bytes each for int8, 8 for int16) */
     const float *sx;        /* [M] */
     int64_t M, Kp, n_out;
     const int8_t *wp;       /* [n_panels][Kp / 4][16][4] */
@@ -204,7 +206,7 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnn
         const job_t *j, const int8_t *panels, int64_t m0, int64_t col0, const int rows,
         const int np) {
     const int64_t Kp = j->Kp, panel_bytes = Kp * PANEL;
-    const uint8_t *x = (const uint8_t *)j->xq + m0 * Kp;
+    const int32_t *xg = (const int32_t *)j->xg + m0;
     __m512i acc[VNNI_ROWS][VNNI_PANELS];
     for (int m = 0; m < VNNI_ROWS; m++)
         for (int p = 0; p < VNNI_PANELS; p++)
@@ -220,14 +222,13 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnn
         }
         for (int m = 0; m < VNNI_ROWS; m++) {
             if (m < rows) {
-                int32_t x4;
-                memcpy(&x4, x + m * Kp + k, 4);
-                const __m512i xb = _mm512_set1_epi32(x4);
+                const __m512i xb = _mm512_set1_epi32(xg[m]);
                 for (int p = 0; p < VNNI_PANELS; p++)
                     if (p < np)
                         acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], xb, w[p]);
             }
         }
+        xg += j->M;
     }
     int32_t out[VNNI_ROWS * VNNI_PANELS * PANEL] __attribute__((aligned(64)));
     for (int m = 0; m < rows; m++)
@@ -255,7 +256,7 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
 static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnni16(
         const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
     const int64_t Kp = j->Kp;
-    const int16_t *x = (const int16_t *)j->xq + m0 * Kp;
+    const int64_t *xg = (const int64_t *)j->xg + m0;
     __m512i acc[A16_ROWS][2];
     for (int m = 0; m < A16_ROWS; m++)
         acc[m][0] = acc[m][1] = _mm512_setzero_si512();
@@ -265,14 +266,13 @@ static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnn
         const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
         const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32)));
         for (int m = 0; m < A16_ROWS; m++) {
-            if (m < rows) {
-                int64_t x4;   /* x[k .. k + 3], one int16 pair per lane parity */
-                memcpy(&x4, x + m * Kp + k, 8);
-                const __m512i xb = _mm512_set1_epi64(x4);
+            if (m < rows) {   /* x[k .. k + 3], one int16 pair per lane parity */
+                const __m512i xb = _mm512_set1_epi64(xg[m]);
                 acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xb, w0);
                 acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], xb, w1);
             }
         }
+        xg += j->M;
     }
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                            28, 30);
@@ -435,7 +435,19 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
     for (int64_t m = 0; m < M; m++)
         sx[m] = quantize_row(x + m * K, K, Kp, xq + m * row_bytes, levels, a16,
                              vnni && !a16 ? 128 : 0);
-    const job_t j = {xq, sx, M, Kp, n_out, wp, corr, scale, bias, y};
+    /* The VNNI tiles' rows as groups (job_t.xg): read from one pointer at constant
+     * offsets, where 16 rows Kp apart took 16 row registers, spilled to the stack and
+     * to vector registers (the 16-row int8 head 1.15x faster on a Zen 4). */
+    uint8_t *xg = vnni ? malloc((size_t)(M * row_bytes)) : NULL;
+    if (vnni && !xg) {
+        free(xq);
+        return -2;
+    }
+    const int64_t group = a16 ? 8 : 4;
+    for (int64_t g = 0; xg && g < Kp / 4; g++)
+        for (int64_t m = 0; m < M; m++)
+            memcpy(xg + (g * M + m) * group, xq + m * row_bytes + g * group, group);
+    const job_t j = {xq, xg, sx, M, Kp, n_out, wp, corr, scale, bias, y};
     const int64_t n_panels = (n_out + PANEL - 1) / PANEL;
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; p += GROUP) {
@@ -452,6 +464,7 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
         if (act != ACT_NONE || residual)   /* on the group's outputs while they are in L1 */
             epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
     }
+    free(xg);
     free(xq);
     return 0;
 }
