@@ -131,7 +131,9 @@ class FastGenerator:
     """Fast generation with an ``NBPTransformer`` (and optionally a ``VideoTokenizer``).
 
     The model (and tokenizer) are moved to ``device`` and the model cast to
-    ``dtype`` in place, then put in eval mode. max_batch_size: largest batch a
+    ``dtype`` in place, then put in eval mode; the tokenizer keeps its own dtype
+    (``nbp generate`` casts it to ``nbp.devices.tokenizer_dtype``: bfloat16 on CPUs
+    with native bf16 matmul), and decoded videos are float32 either way. max_batch_size: largest batch a
     call may pass (None: any); max_seq_len: cache length in positions (None:
     sized by the first request and grown when a longer one comes).
     cuda_graphs: "auto" (on for CUDA), True or False. compile: wrap the decode
