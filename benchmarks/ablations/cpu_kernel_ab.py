@@ -19,6 +19,7 @@ Both sources are compiled with ``cpu_build``'s flags for the ISA in force
 
     python benchmarks/ablations/cpu_kernel_ab.py --rev HEAD~1 --repeats 15
     python benchmarks/ablations/cpu_kernel_ab.py --kernel decode_attention --repeats 40
+    NBP_CPU_ISA=avx2 python benchmarks/ablations/cpu_kernel_ab.py --a-isa avx512   # ISA vs ISA
 """
 from __future__ import annotations
 
@@ -232,9 +233,15 @@ def main(argv=None) -> int:
     p.add_argument("--rev", default="HEAD", help="git revision of the A source")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--a-isa", default=None, choices=sorted(cpu_build.ISA_FLAGS),
+                   help="build A for this ISA (B: the one in force); with --rev HEAD and an "
+                        "unchanged kernel, an A/B of two ISAs (packed_linear, decode_attention)")
     args = p.parse_args(argv)
+    if args.a_isa and args.kernel == "int8_linear":
+        p.error("--a-isa: int8_linear's path follows the ISA in force; use NBP_CPU_ISA")
     cpu_build.configure_threads(args.threads)
     isa, why = cpu_build.cpu_isa()
+    a_isa = args.a_isa or isa
     with tempfile.TemporaryDirectory() as tmp:
         # one folder a side: a quoted #include looks in the source's own folder first
         a_dir, b_dir = Path(tmp) / "a", Path(tmp) / "b"
@@ -242,15 +249,16 @@ def main(argv=None) -> int:
         b_dir.mkdir()
         old = revision_source(args.rev, args.kernel, a_dir)
         new = (cpu_build.SOURCES / f"{args.kernel}.c").read_text()
-        libs = {"a": build(old, args.kernel, isa, a_dir / "a.so", a_dir),
+        libs = {"a": build(old, args.kernel, a_isa, a_dir / "a.so", a_dir),
                 "b": build(new, args.kernel, isa, b_dir / "b.so", cpu_build.SOURCES)}
         rows = {"packed_linear": linear_rows, "int8_linear": int8_rows,
                 "decode_attention": attention_rows}[args.kernel](libs, args.repeats)
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why)
     result = {"what": __doc__.split("\n\n")[0], "kernel": args.kernel, "a": args.rev,
-              "b": "working tree", "machine": info, "rows": rows}
+              "a_isa": a_isa, "b": "working tree", "b_isa": isa, "machine": info, "rows": rows}
     name = "" if args.kernel == "packed_linear" else f"{args.kernel}_"
-    where = int8_linear.kernel_path()[0] if args.kernel == "int8_linear" else isa
+    where = int8_linear.kernel_path()[0] if args.kernel == "int8_linear" else \
+        isa if a_isa == isa else f"{a_isa}_vs_{isa}"
     out = RESULTS / f"cpu_kernel_ab_{name}{where}_{machine_tag(info)}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
