@@ -109,20 +109,25 @@ def call(lib, mods, dtype, rows):
     return run
 
 
+def timed_row(fns: dict, repeats: int, row: dict, exact: bool = False) -> dict:
+    """``row`` with the A/B timings of ``fns`` ({"a": run, "b": run}), after checking that
+    they agree (exact: equal; else to float32 rounding)."""
+    a, b = fns["a"]().clone(), fns["b"]()
+    if exact:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    load = os.getloadavg()[0]
+    return summary({**row, "load_avg_1m": load}, time_interleaved(fns, repeats))
+
+
 def linear_rows(libs: dict, repeats: int) -> list[dict]:
     """packed_linear's rows: head and step, 1 and 16 rows, per weight dtype."""
-    rows_out = []
-    for what, mods in layers().items():
-        for rows in (1, 16):
+    return [timed_row({k: call(lib, mods, dtype, rows) for k, lib in libs.items()}, repeats,
+                      {"what": what, "rows": rows, "dtype": name})
+            for what, mods in layers().items() for rows in (1, 16)
             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                ("int8", torch.int8)):
-                fns = {k: call(lib, mods, dtype, rows) for k, lib in libs.items()}
-                torch.testing.assert_close(fns["a"]().clone(), fns["b"](), rtol=1e-5, atol=1e-5)
-                load = os.getloadavg()[0]
-                t = time_interleaved(fns, repeats)
-                rows_out.append(summary({"what": what, "rows": rows, "dtype": name,
-                                         "load_avg_1m": load}, t))
-    return rows_out
+                                ("int8", torch.int8))]
 
 
 def int8_call(lib, mods, act_dtype, rows, path: str):
@@ -149,19 +154,14 @@ def int8_call(lib, mods, act_dtype, rows, path: str):
 
 
 def int8_rows(libs: dict, repeats: int) -> list[dict]:
-    """int8_linear's rows: head and step, 1 and 16 rows, int8 and int16 activations."""
+    """int8_linear's rows: head and step, 1 and 16 rows, int8 and int16 activations (exact
+    int32 sums: A and B agree bit for bit)."""
     path = int8_linear.kernel_path()[0]
-    rows_out = []
-    for what, mods in layers().items():
-        for rows in (1, 16):
-            for name, act in (("int8", torch.int8), ("int16", torch.int16)):
-                fns = {k: int8_call(lib, mods, act, rows, path) for k, lib in libs.items()}
-                assert torch.equal(fns["a"]().clone(), fns["b"]())   # exact int32 sums
-                load = os.getloadavg()[0]
-                t = time_interleaved(fns, repeats)
-                rows_out.append(summary({"what": what, "rows": rows, "dtype": f"int8_a{name[3:]}",
-                                         "path": path, "load_avg_1m": load}, t))
-    return rows_out
+    return [timed_row({k: int8_call(lib, mods, act, rows, path) for k, lib in libs.items()},
+                      repeats, {"what": what, "rows": rows, "dtype": f"int8_a{name[3:]}",
+                                "path": path}, exact=True)
+            for what, mods in layers().items() for rows in (1, 16)
+            for name, act in (("int8", torch.int8), ("int16", torch.int16))]
 
 
 def summary(row: dict, t: dict) -> dict:
