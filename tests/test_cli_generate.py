@@ -90,6 +90,17 @@ def test_machine_info_names_the_cpu():
     json.dumps(info)
 
 
+def test_machine_tag_tells_apart_cpus_behind_one_generic_name():
+    from nbp.commands.bench import machine_tag
+    zen4 = {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "17", "cpu_cores": 2}
+    zen5 = dict(zen4, cpu_family="26", cpu_model="2")
+    assert machine_tag(zen4) == "AMD-EPYC-f25m17-2c"
+    assert machine_tag(zen5) == "AMD-EPYC-f26m2-2c"
+    named = dict(zen4, cpu="AMD EPYC 9554 64-Core Processor")   # a model number: name alone
+    assert machine_tag(named) == "AMD-EPYC-9554-64-Core-Processor-2c"
+    assert machine_tag({"cpu": "AMD EPYC", "cpu_cores": 2}) == "AMD-EPYC-2c"
+
+
 # --- nbp generate --input on real video files ------------------------------------------
 
 from test_video import CLIPS, make_video  # noqa: E402  (the clip maker, shared)

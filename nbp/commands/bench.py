@@ -27,17 +27,31 @@ from .cpu_options import (
 CPU_LAYERS, CPU_WIDTH = 6, 384
 
 
-def machine_info(device: torch.device | str = "cpu") -> dict:
-    """CPU model and cores (from /proc/cpuinfo), load, torch threads, and the GPU's name."""
-    cpu = platform.processor() or "unknown cpu"
+def cpu_identity() -> dict:
+    """The first CPU's ``model name``, ``cpu family`` and ``model`` from /proc/cpuinfo
+    (keys cpu, cpu_family, cpu_model; the last two absent where it lacks them)."""
+    fields = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model"}
+    out = {"cpu": platform.processor() or "unknown cpu"}
     try:
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+            for ln in f:
+                key, _, value = ln.partition(":")
+                name = fields.get(key.strip())
+                if not ln.strip():
+                    break   # the first processor's block only
+                if name:
+                    out[name] = value.strip()
     except OSError:
         pass
+    return out
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """CPU model (with its family and model numbers) and cores (from /proc/cpuinfo), load,
+    torch threads, and the GPU's name."""
     device = torch.device(device)
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {**cpu_identity(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": str(device),
             "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
@@ -46,8 +60,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
 
 
 def machine_tag(info: dict) -> str:
-    """A file-name-safe name of the machine a result was measured on."""
-    name = info.get("gpu") or f"{info['cpu']} {info['cpu_cores']}c"
+    """A file-name-safe name of the machine a result was measured on. A CPU name without a
+    model number (a VM's "AMD EPYC", "Intel(R) Xeon(R) Processor") gets its family and
+    model (``f26m2``: a Zen 5 EPYC), so two generations behind one name stay apart."""
+    cpu = info.get("cpu", "unknown cpu")
+    if not any(c.isdigit() for c in cpu) and "cpu_family" in info and "cpu_model" in info:
+        cpu = f"{cpu} f{info['cpu_family']}m{info['cpu_model']}"
+    name = info.get("gpu") or f"{cpu} {info['cpu_cores']}c"
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
