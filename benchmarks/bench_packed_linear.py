@@ -13,6 +13,10 @@ FLOPs: 2 x rows x in x out. CPU only (on a GPU the linears are cuBLAS's).
 width -> 4 width), the GELU fused into the kernel (``act="gelu"``) against the
 kernel then ``F.gelu``, with float32 and with int8 weights and activations.
 
+``test_bf16_head``: the vocabulary head with bfloat16 weights, its rows in float32
+(widened weights, FMAs) against rows rounded to bfloat16 (``act_dtype=torch.bfloat16``:
+pair-packed weights, AVX512-BF16 dot products where the CPU has them).
+
 ``test_decode_layers``: the 6 decode layers of an NBP step (16 rows; attention
 replaced by its value input, so only the linears and what lies between them
 run) through ``Block.forward``, with the LayerNorms as the kernels' prologue and
@@ -77,6 +81,24 @@ def test_packed_linear(benchmark, floors, which, impl, rows):
     record(benchmark, floors, op="packed_linear", impl=impl, shape=f"{which} rows={rows} width={WIDTH}",
            dtype=torch.float32, nbytes=4 * weights,
            flops=sum(2 * rows * m.in_features * m.out_features for m in mods), rows=rows)
+
+
+@pytest.mark.parametrize("act_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_bf16_head(benchmark, floors, rows, act_dtype):
+    benchmark.group = f"packed_linear head rows={rows} bf16 weights " \
+                      f"threads={torch.get_num_threads()}"
+    if not OK:
+        pytest.skip(f"packed_linear unusable here: {WHY}")
+    act = torch.bfloat16 if act_dtype == "bf16" else None
+    pl = PackedLinear(HEAD[0], weight_dtype=torch.bfloat16, act_dtype=act)
+    x = torch.randn(1, rows, WIDTH)
+    with torch.no_grad():
+        run(benchmark, lambda: pl(x), 40, setup=_evict)
+    record(benchmark, floors, op="packed_linear", impl=f"bf16 weights, {act_dtype} rows",
+           shape=f"head rows={rows} {WIDTH}->{VOCAB}", dtype=torch.float32,
+           nbytes=pl.packed.numel() * pl.packed.element_size(),
+           flops=2 * rows * WIDTH * VOCAB, rows=rows)
 
 
 @pytest.mark.parametrize("impl", ["fused", "separate"])

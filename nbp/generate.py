@@ -93,10 +93,13 @@ def _checked_weight_dtype(weight_dtype, packed_linear, device: torch.device,
 
 def _checked_act_dtype(act_dtype, weight_dtype):
     """``act_dtype`` as the packed linears take it (None for float32 activations), or a
-    ValueError naming it: integer activations need int8 weights, and the int8 kernel."""
+    ValueError naming it: integer activations need int8 weights, and the int8 kernel;
+    bfloat16 ones bfloat16 weights (whose kernel ``weight_dtype`` checked)."""
     act = checked_act_dtype(act_dtype, weight_dtype)
     if act == torch.float32:
         return None
+    if act == torch.bfloat16:
+        return act
     ok, why = int8_linear_available()
     if not ok:
         raise ValueError(f"act_dtype: {act} activations need the int8 CPU linear: {why}")
@@ -159,7 +162,9 @@ class FastGenerator:
     ``nbp_kernels.reference.act_levels``: within about 1e-4 of float32) or to int8
     at each call and multiply in int32 (``nbp_kernels.reference.int8_linear``;
     faster on CPUs with integer dot products such as AVX512-VNNI; int8 rows are
-    a little less exact). With the
+    a little less exact); or torch.bfloat16, with weight_dtype=torch.bfloat16 only:
+    the rows are rounded to bfloat16 (``nbp_kernels.reference.bf16_rows``), faster
+    on CPUs with AVX512-BF16 dot products (``nbp_kernels.packed_linear.bf16_path``). With the
     packed linears and the ``cpu`` decode attention, each decode step is one C
     call (``nbp_kernels.decode_step_cpu.DecodeProgram``, the same kernels bit for
     bit); set ``decode_programs = False`` before the first request to drive the

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from nbp_kernels import decode_attention_cpu, decode_step_cpu
+from nbp_kernels import decode_attention_cpu, decode_step_cpu, int8_linear
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.cpu_build import cpu_isa
 from nbp_kernels.registry import resolve
@@ -155,7 +155,7 @@ def cpu_program(model: NBPTransformer, linear: LinearFn, cache: StaticKVCache, a
             fusable(b.ln1, None, b.attn.resid_drop) and fusable(b.ln2, b.mlp[1], b.mlp[3])
             for b in blocks):
         return None
-    if not decode_step_cpu.is_available(linear.act_dtype != torch.float32)[0]:
+    if not decode_step_cpu.is_available(linear.act_dtype in int8_linear.ACT_DTYPES)[0]:
         return None
     layers = [decode_step_cpu.LayerParts(
         qkv=linear.stacked(b.attn.qkv), proj=linear.packed[b.attn.proj],

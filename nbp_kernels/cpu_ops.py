@@ -33,7 +33,8 @@ class PackedLinears:
     or torch.int8 (``reference.quantize_weight``): the packed copies' dtype.
     act_dtype: None (float32 activations), or torch.int8 or torch.int16 with int8
     weights: each row rounded to it per call, int32 dot products
-    (``reference.int8_linear``).
+    (``reference.int8_linear``); or torch.bfloat16 with bfloat16 weights: each row
+    rounded to bfloat16, bfloat16 dot products where the CPU has them.
     ``__call__(module, x)``: x float32 [..., in_features] -> [..., out_features].
     With float32 weights, products of more than ``packed_linear.MAX_ROWS`` rows
     (the prefill) use the module's own forward; narrower weights are used at

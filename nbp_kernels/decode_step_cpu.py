@@ -129,8 +129,8 @@ class DecodeProgram:
             raise ValueError(f"pos_emb: expected [n_pos, {C}], got {tuple(pos_emb.shape)}")
         F = layers[0].fc1.out_features if layers else 4 * C
         _check_shapes(layers, head, C, F, V)
-        self.libs, self.isa = self._libraries(any(p.act_dtype != torch.float32 for p in
-                                                  (head, *(q.qkv for q in layers))))
+        self.libs, self.isa = self._libraries(any(p.act_dtype in int8_linear.ACT_DTYPES for p
+                                                  in (head, *(q.qkv for q in layers))))
         rows = B * block
         self.B, self.L, self.H, self.D, self.capacity = B, block, H, D, cap
         self._buffers = {name: torch.empty(rows, width) for name, width in
@@ -170,10 +170,10 @@ class DecodeProgram:
     def _linear(self, p: packed_linear.PackedLinear, norm: tuple | None = None,
                 act: str | None = None) -> _Linear:
         """The C description of PackedLinear p with its prologue and epilogue."""
-        int8 = p.act_dtype != torch.float32
+        int8 = p.act_dtype in int8_linear.ACT_DTYPES
         gamma, beta, eps = norm if norm is not None else (None, None, 0.0)
         code = (int8_linear.mode(self.libs["vnni"], p.act_dtype) if int8
-                else packed_linear.WEIGHT_DTYPES[p.packed.dtype])
+                else packed_linear.kernel_code(p.packed))
         fn = (self._fn("int8_linear", "nbp_int8_linear") if int8
               else self._fn("packed_linear", "nbp_packed_linear"))
         return _Linear(fn, p.packed.data_ptr(), _ptr(p.corr), _ptr(p.scale), _ptr(p.bias),

@@ -23,11 +23,21 @@ fc1 then needs no separate pass over its output. ``norm=(weight, bias, eps)``
 normalises each row of x first (``F.layer_norm`` over the last dimension) and
 ``residual`` [..., out_features] is added last (``reference.fused_linear``): a
 decode layer's LayerNorms and residual adds then run inside its kernels.
+
+bfloat16 activations (``act_dtype=torch.bfloat16``, with bfloat16 weights only):
+each row of x is rounded to bfloat16 too (after the LayerNorm), and the weights are
+packed in k pairs (``pack_weight(stored, pairs=True)``, [ceil(N / 16), ceil(K / 2),
+16, 2]), the operand layout of AVX512-BF16's ``vdpbf16ps``, which does twice the
+multiply-adds of an FMA: a 16-row step, bound by its FMAs, gets faster, not just
+narrower (``reference.fused_linear(..., act_dtype=torch.bfloat16)``; exact products,
+float32 sums in another order). CPUs without AVX512-BF16 (``bf16_path()``;
+``NBP_CPU_BF16=off`` forces it) widen the same pairs and use FMAs.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -45,7 +55,7 @@ from ._cpu_launch import (
 from .cpu_build import load, usable
 
 __all__ = ["packed_linear", "pack_weight", "PackedLinear", "is_available", "checked_act_dtype",
-           "PANEL", "MAX_ROWS", "WEIGHT_DTYPES", "ACT_DTYPES"]
+           "PANEL", "MAX_ROWS", "WEIGHT_DTYPES", "ACT_DTYPES", "bf16_path", "kernel_code"]
 
 PANEL = 16          # output columns per packed panel
 MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS GEMM
@@ -53,12 +63,17 @@ MAX_ROWS = 32       # PackedLinear routes larger products (prefill) to the BLAS 
 # GEMV, which was faster there (benchmarks/bench_packed_linear.py).
 GEMV_MIN_WEIGHTS = 1 << 20
 WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}   # the C kernel's codes
-ACT_DTYPES = (torch.float32, torch.int8, torch.int16)   # integers: int8_linear (int8 weights)
+_PAIRS, _PAIRS_DOT = 3, 4   # its codes for pair-packed bf16: FMAs, AVX512-BF16 dot products
+# integers: int8_linear (int8 weights); bfloat16: pair-packed bfloat16 weights
+ACT_DTYPES = (torch.float32, torch.int8, torch.int16, torch.bfloat16)
+BF16_ENV = "NBP_CPU_BF16"
 
 
 @functools.lru_cache(maxsize=None)
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.nbp_packed_linear.restype = ctypes.c_int
+    lib.nbp_bf16_dot.restype = ctypes.c_int
+    lib.nbp_bf16_dot.argtypes = []
     lib.nbp_packed_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -77,19 +92,54 @@ def is_available() -> tuple[bool, str]:
     return usable("packed_linear")
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _bf16_path(lib: ctypes.CDLL, isa: str, env: str) -> tuple[str, str]:
+    if isa != "avx512":
+        return isa, "AVX512-BF16 is used only by the avx512 build"
+    if env.strip().lower() in ("off", "0"):
+        return "avx512", f"{BF16_ENV}={env.strip()}"
+    if lib.nbp_bf16_dot():
+        return "avx512-bf16", f"the CPU has AVX512-BF16 ({BF16_ENV}=off disables it)"
+    return "avx512", "the CPU lacks AVX512-BF16"
+
+
+def bf16_path() -> tuple[str | None, str]:
+    """(path, reason) of bfloat16 activations: ``avx512-bf16`` (vdpbf16ps), or the ISA in
+    force (FMAs on widened pairs), or None and why the kernel cannot run here."""
+    lib, isa, why = _load()
+    if lib is None:
+        return None, why
+    return _bf16_path(lib, isa, os.environ.get(BF16_ENV, ""))
+
+
+def kernel_code(packed: torch.Tensor) -> int:
+    """The C kernel's code for ``pack_weight``'s output ``packed`` (pairs: the bf16 path in
+    force, ``bf16_path``)."""
+    if packed.dim() == 4:
+        return _PAIRS_DOT if bf16_path()[0] == "avx512-bf16" else _PAIRS
+    return WEIGHT_DTYPES[packed.dtype]
+
+
+def pack_weight(weight: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     """weight [N, K] (float32, bfloat16 or int8, CPU) -> panels [ceil(N / 16), K, 16], same
-    dtype, zero-padded. Store a float32 weight narrower with ``reference.quantize_weight``."""
+    dtype, zero-padded. Store a float32 weight narrower with ``reference.quantize_weight``.
+    pairs (bfloat16 only, for bfloat16 activations): [ceil(N / 16), ceil(K / 2), 16, 2],
+    packed[p, i, j, t] = weight[16 p + j, 2 i + t] (zero-padded)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-d tensor [out_features, in_features], got "
                          f"{getattr(weight, 'shape', type(weight))}")
     if weight.dtype not in WEIGHT_DTYPES or weight.device.type != "cpu":
         raise ValueError(f"weight: expected float32, bfloat16 or int8 on the CPU, got "
                          f"{weight.dtype} on {weight.device}")
+    if pairs and weight.dtype != torch.bfloat16:
+        raise ValueError(f"weight: pairs=True packs bfloat16 weights, got {weight.dtype}")
     N, K = weight.shape
-    padded = weight.new_zeros(-(-N // PANEL) * PANEL, K)
-    padded[:N] = weight.detach()
-    return padded.view(padded.shape[0] // PANEL, PANEL, K).transpose(1, 2).contiguous()
+    P, K2 = -(-N // PANEL), -(-K // 2) * 2 if pairs else K
+    padded = weight.new_zeros(P * PANEL, K2)
+    padded[:N, :K] = weight.detach()
+    if pairs:
+        return padded.view(P, PANEL, K2 // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(P, PANEL, K).transpose(1, 2).contiguous()
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
@@ -104,11 +154,17 @@ def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
                          f"{packed.dtype} on {packed.device}")
     if not isinstance(out_features, int) or isinstance(out_features, bool) or out_features < 1:
         raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
-    if packed.dim() != 3 or packed.shape[2] != PANEL or packed.shape[0] != -(-out_features // PANEL):
-        raise ValueError(f"packed: expected pack_weight's layout [{-(-out_features // PANEL)}, K, "
-                         f"{PANEL}] for {out_features} outputs, got {tuple(packed.shape)}")
-    if x.dim() < 1 or x.shape[-1] != packed.shape[1]:
-        raise ValueError(f"x: expected [..., {packed.shape[1]}] (in_features), got {tuple(x.shape)}")
+    P = -(-out_features // PANEL)
+    pairs = packed.dim() == 4 and packed.dtype == torch.bfloat16 and packed.shape[3] == 2
+    if packed.shape[:1] != (P,) or packed.shape[2:] != ((PANEL, 2) if pairs else (PANEL,)):
+        raise ValueError(f"packed: expected pack_weight's layout [{P}, K, {PANEL}] (or bfloat16 "
+                         f"pairs [{P}, ceil(K / 2), {PANEL}, 2]) for {out_features} outputs, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    width = None if x.dim() < 1 else -(-x.shape[-1] // 2) if pairs else x.shape[-1]
+    if width != packed.shape[1]:
+        want = f"[..., K] with ceil(K / 2) = {packed.shape[1]} (bfloat16 pairs of in_features)" \
+            if pairs else f"[..., {packed.shape[1]}] (in_features)"
+        raise ValueError(f"x: expected {want}, got {tuple(x.shape)}")
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None and tuple(t.shape) != (out_features,):
             raise ValueError(f"{name}: expected shape ({out_features},), got {tuple(t.shape)}")
@@ -118,7 +174,7 @@ def _check(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
                          f"{packed.dtype} weights")
     if any(t is not None and t.requires_grad for t in (x, packed, bias, scale)):
         raise ValueError("packed_linear: inference only; pass tensors that do not require grad")
-    checked_norm(norm, packed.shape[1])
+    checked_norm(norm, x.shape[-1])
     checked_residual(residual, x, out_features)
 
 
@@ -134,7 +190,7 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
 
     def kernel(x2, M, K, y, r2):
         rc = lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(),
-                                   WEIGHT_DTYPES[packed.dtype],
+                                   kernel_code(packed),
                                    None if scale is None else scale.data_ptr(),
                                    None if bias is None else bias.data_ptr(), y.data_ptr(),
                                    out_features, code, *n_args,
@@ -173,7 +229,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     (= act(norm(x) @ W.T + bias) + residual, ``reference.fused_linear``).
 
     packed: ``pack_weight(stored)`` [ceil(out_features / 16), K, 16] (float32,
-    bfloat16 or int8); scale: float32 [out_features] for int8 weights (W = stored
+    bfloat16 or int8), or ``pack_weight(stored, pairs=True)`` (bfloat16 weights and
+    activations: each row of x, after norm, is rounded to bfloat16); scale: float32 [out_features] for int8 weights (W = stored
     * scale[:, None]), else None; bias: float32 [out_features] or None; act:
     None or "gelu" (exact GELU, ``torch.nn.GELU()``, to a few ulp: not torch's
     float32 GELU bit for bit, which is less accurate for negative inputs); norm:
@@ -182,7 +239,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     [..., out_features] (x's leading dimensions), added after the activation.
     """
     _check(x, packed, bias, out_features, scale, act, norm, residual)
-    nw, nb, eps = checked_norm(norm, packed.shape[1]) or (None, None, None)
+    nw, nb, eps = checked_norm(norm, x.shape[-1]) or (None, None, None)
     return _packed_linear_op(x, packed, bias, out_features, scale, act, nw, nb, eps, residual)
 
 
@@ -193,7 +250,9 @@ class PackedLinear:
     torch.bfloat16 or torch.int8 (stored as ``reference.quantize_weight`` says).
     act_dtype: None or torch.float32 (float32 activations), or torch.int8 or
     torch.int16 (with int8 weights only): each call rounds x per row to it and runs
-    ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products).
+    ``int8_linear.int8_linear`` (``reference.int8_linear``; int32 dot products); or
+    torch.bfloat16 (with bfloat16 weights only): x rounded to bfloat16, the weights
+    packed in pairs (``pack_weight(..., pairs=True)``; dot products on AVX512-BF16).
     ``__call__(x, act=None, norm=None, residual=None)``: x float32 [..., in_features]
     -> [..., out_features], act(norm(x) @ W.T + bias) + residual with act None or
     "gelu", norm None or (weight, bias, eps) and residual None or float32
@@ -219,8 +278,8 @@ class PackedLinear:
                              f"{weight.device}")
         self.module, self.weight_dtype, self.act_dtype = module, dtype, act
         stored, self.scale = reference.quantize_weight(weight, dtype)
-        self.packed, self.corr = (int8_linear.pack_weight(stored) if act != torch.float32
-                                  else (pack_weight(stored), None))
+        self.packed, self.corr = (int8_linear.pack_weight(stored) if act in int8_linear.ACT_DTYPES
+                                  else (pack_weight(stored, act == torch.bfloat16), None))
         self.bias = None if module.bias is None else module.bias.detach().contiguous()
         self.in_features, self.out_features = module.in_features, module.out_features
         self._norm_seen: tuple = (None, None)   # (the last norm passed, it checked)
@@ -258,7 +317,7 @@ class PackedLinear:
             norm = self._check_extras(x, norm, residual)
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
             return apply_torch(self.module, x, norm, act, residual)
-        int8 = self.act_dtype != torch.float32
+        int8 = self.act_dtype in int8_linear.ACT_DTYPES
         if torch.compiler.is_compiling():
             if int8:
                 return int8_linear.int8_linear(x, self.packed, self.corr, self.scale, self.bias,
@@ -305,12 +364,13 @@ class PackedLinear:
 def checked_act_dtype(act_dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
     """``act_dtype`` (None: float32) as a dtype, or a ValueError naming it: torch.int8 and
     torch.int16 activations need torch.int8 weights (the integer dot products multiply
-    both)."""
+    both), torch.bfloat16 ones torch.bfloat16 weights."""
     act = torch.float32 if act_dtype is None else act_dtype
     if act not in ACT_DTYPES:
-        raise ValueError(f"act_dtype: expected None, torch.float32, torch.int8 or torch.int16, "
-                         f"got {act_dtype!r}")
-    if act != torch.float32 and weight_dtype != torch.int8:
-        raise ValueError(f"act_dtype: {act} activations need weight_dtype=torch.int8, got "
+        raise ValueError(f"act_dtype: expected None, torch.float32, torch.int8, torch.int16 or "
+                         f"torch.bfloat16, got {act_dtype!r}")
+    need = torch.bfloat16 if act == torch.bfloat16 else torch.int8
+    if act != torch.float32 and weight_dtype != need:
+        raise ValueError(f"act_dtype: {act} activations need weight_dtype={need}, got "
                          f"weight_dtype={weight_dtype!r}")
     return act

@@ -244,6 +244,13 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return y if bias is None else y + bias
 
 
+def bf16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (float32 or float64) with its float32 values rounded to bfloat16 (nearest even),
+    in x's dtype: what the CPU linears do to their rows with ``act_dtype=torch.bfloat16``
+    (the products of two bfloat16 are exact in float32; only the sums then round)."""
+    return x.float().to(torch.bfloat16).to(x.dtype)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  scale: torch.Tensor | None = None, norm=None, act: str | None = None,
                  residual: torch.Tensor | None = None,
@@ -257,13 +264,18 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     (weight, bias [K] or None); act: None or "gelu" (``gelu``); residual: None or
     [..., N]. act_dtype: None (or torch.float32) for the float product, or torch.int8
     / torch.int16: the product is ``int8_linear`` of the normalised rows (int8 weight
-    and scale), which rounds them to act_dtype. Returns [..., N] in x's dtype.
+    and scale), which rounds them to act_dtype; or torch.bfloat16 (bfloat16 weight):
+    the normalised rows are rounded to bfloat16 first (``bf16_rows``). Returns [..., N]
+    in x's dtype.
     """
     if norm is not None:
         w, b, eps = norm
         x = F.layer_norm(x, x.shape[-1:], None if w is None else w.to(x.dtype),
                          None if b is None else b.to(x.dtype), eps)
-    if act_dtype not in (None, torch.float32):
+    if act_dtype == torch.bfloat16:
+        y = dequantized_linear(bf16_rows(x), weight, scale,
+                               None if bias is None else bias.to(x.dtype))
+    elif act_dtype not in (None, torch.float32):
         y = int8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, act_dtype)
         y = y.view(*x.shape[:-1], -1)
     else:
@@ -288,7 +300,8 @@ def decode_step(ids: torch.Tensor, seq_lens: torch.Tensor, k_cache: torch.Tensor
     blocks: one dict per layer, ``ln1``/``ln2`` (weight, bias, eps) and ``qkv`` (q, k and v
     stacked), ``proj``, ``fc1``, ``fc2`` as (weight [N, K], bias [N] or None, scale [N] or
     None), ``fused_linear``'s weight arguments (act_dtype torch.int8 or torch.int16: every
-    linear is ``int8_linear`` of the int8 weights, its rows rounded to act_dtype). ln_f: (weight, bias, eps); head: (weight, bias, scale).
+    linear is ``int8_linear`` of the int8 weights, its rows rounded to act_dtype;
+    torch.bfloat16: bfloat16 weights times rows rounded to bfloat16). ln_f: (weight, bias, eps); head: (weight, bias, scale).
     x = tok_emb[ids] + pos_emb[positions]; per layer x += proj(attention(qkv(ln1(x)))),
     x += fc2(gelu(fc1(ln2(x)))); returns head(ln_f(x)), float32 [B, L, V].
     """

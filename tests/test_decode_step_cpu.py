@@ -19,10 +19,11 @@ from nbp_kernels.decode_step_cpu import is_available
 # name: (weight_dtype, act_dtype) of PackedLinears
 DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None),
           "int8": (torch.int8, None), "int8_a16": (torch.int8, torch.int16),
-          "int8_a8": (torch.int8, torch.int8)}
-# integer activations: a rounding upstream can move a row's quantization step (one
-# 127th of its largest value for int8, a 32767th for int16)
-ROUNDING_TOL = {"int8_a8": 5e-2, "int8_a16": 1e-3}
+          "int8_a8": (torch.int8, torch.int8), "bfloat16_abf16": (torch.bfloat16, torch.bfloat16)}
+# rounded activations: a rounding upstream can move a row's quantization step (one
+# 127th of its largest value for int8, a 32767th for int16; a bfloat16 rounding flips
+# between neighbours 2^-8 apart)
+ROUNDING_TOL = {"int8_a8": 5e-2, "int8_a16": 1e-3, "bfloat16_abf16": 2e-2}
 
 
 @pytest.fixture(params=ISAS)

@@ -337,8 +337,11 @@ def test_act_dtype_errors():
             PackedLinear(lin, weight_dtype=wd, act_dtype=torch.int8)
     with pytest.raises(ValueError, match="act_dtype: torch.int16 activations need weight_dtype"):
         PackedLinear(lin, weight_dtype=torch.bfloat16, act_dtype=torch.int16)
-    with pytest.raises(ValueError, match="act_dtype: expected None, torch.float32, torch.int8 "
-                                         "or torch.int16"):
+    with pytest.raises(ValueError, match="act_dtype: expected None, torch.float32, torch.int8, "
+                                         "torch.int16 or torch.bfloat16"):
+        PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.float16)
+    with pytest.raises(ValueError, match="act_dtype: torch.bfloat16 activations need "
+                                         "weight_dtype=torch.bfloat16"):
         PackedLinear(lin, weight_dtype=torch.int8, act_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="act_dtype: torch.int8 activations need weight_dtype"):
         PackedLinears(torch.nn.Sequential(lin), act_dtype=torch.int8)

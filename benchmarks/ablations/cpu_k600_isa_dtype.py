@@ -18,7 +18,8 @@ generations back to back, about one NTP generation's time, and takes their mean.
 
 ``--part dtype``: nbp NBP with float32, bfloat16 and int8 weights, and int8
 weights with int16 or int8 activations (``int8_a16`` / ``int8_a8``: ``act_dtype=
-torch.int16`` / ``torch.int8``, integer dot products), on the native ISA (target: int8 >= 2x faster than float32),
+torch.int16`` / ``torch.int8``, integer dot products), and bfloat16 weights with
+bfloat16 activations (``bfloat16_abf16``: AVX512-BF16 dot products), on the native ISA (target: int8 >= 2x faster than float32),
 each decode step timed (from the
 step callback) against its memory floor: the bytes it must read (every linear's
 weights at their dtype, plus the K and V cache up to the step's length) over
@@ -52,7 +53,8 @@ from ablation_args import write_result
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # name: (weight_dtype, act_dtype) of FastGenerator
 DTYPES = {"float32": (None, None), "bfloat16": (torch.bfloat16, None), "int8": (torch.int8, None),
-          "int8_a16": (torch.int8, torch.int16), "int8_a8": (torch.int8, torch.int8)}
+          "int8_a16": (torch.int8, torch.int16), "int8_a8": (torch.int8, torch.int8),
+          "bfloat16_abf16": (torch.bfloat16, torch.bfloat16)}
 SAMPLING = {"top_k": 16000, "top_p": 0.9}
 
 

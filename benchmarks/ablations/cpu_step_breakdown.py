@@ -3,7 +3,8 @@
 
 K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given + 768
 new tokens, top-k 16000, top-p 0.9, random weights). One generation per
-variant (NBP, 16 rows a step, at float32 / int8 weights, int8 weights with int16 or
+variant (NBP, 16 rows a step, at float32 / bfloat16 / int8 weights, bfloat16 weights
+with bfloat16 activations, int8 weights with int16 or
 int8 activations;
 NTP, one row a step, float32), each with the step driven from C (one
 ``DecodeProgram`` call: it times its own pieces, the embeddings, the layers'
@@ -55,6 +56,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 VARIANTS = {"nbp-float32": ("nbp", None, None, True), "nbp-int8": ("nbp", torch.int8, None, True),
             "nbp-int8_a16": ("nbp", torch.int8, torch.int16, True),
             "nbp-int8_a8": ("nbp", torch.int8, torch.int8, True),
+            "nbp-bfloat16": ("nbp", torch.bfloat16, None, True),
+            "nbp-bfloat16_abf16": ("nbp", torch.bfloat16, torch.bfloat16, True),
             "ntp-float32": ("ntp", None, None, True),
             "nbp-float32-python": ("nbp", None, None, False),
             "nbp-int8_a8-python": ("nbp", torch.int8, torch.int8, False),

@@ -5,7 +5,7 @@ from __future__ import annotations
 # --weight-dtype values; float32 is FastGenerator's default (weight_dtype=None)
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 # --act-dtype values; float32 is FastGenerator's default (act_dtype=None)
-ACT_DTYPES = ("float32", "int16", "int8")
+ACT_DTYPES = ("float32", "int16", "int8", "bfloat16")
 
 
 def add_threads(p, default: int | None = None, why: str = "") -> None:
@@ -28,8 +28,9 @@ def add_act_dtype(p) -> None:
     """``--act-dtype``: the decode linears' activations (``FastGenerator(act_dtype=...)``)."""
     p.add_argument("--act-dtype", default="float32", choices=list(ACT_DTYPES),
                    help="activations of the decode linears on the CPU, rounded per row at each "
-                        "call for int32 dot products (fastest with AVX512-VNNI): int16 (13-15 "
-                        "bits, within ~1e-4 of float32) or int8; needs --weight-dtype int8")
+                        "call for dot products: int16 (13-15 bits, within ~1e-4 of float32) or "
+                        "int8 with --weight-dtype int8 (fastest with AVX512-VNNI); bfloat16 "
+                        "with --weight-dtype bfloat16 (faster with AVX512-BF16)")
 
 
 def add_tokenizer_dtype(p, default: str = "auto") -> None:

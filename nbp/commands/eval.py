@@ -19,7 +19,8 @@ never used in training) and reports:
 * with ``--i3d PATH``: ``fvd_nbp`` / ``fvd_ntp`` (StyleGAN-V protocol, ``nbp.metrics.fvd``);
 * ``pred_psnr_nbp_<w>`` / ``token_agreement_nbp_<w>`` for each weight dtype w (float32,
   bfloat16, int8; ``FastGenerator(weight_dtype=...)``), and for ``int8_a16`` / ``int8_a8``,
-  int8 weights with int16 / int8 activations (``act_dtype=...``): greedy NBP frame prediction with
+  int8 weights with int16 / int8 activations (``act_dtype=...``), and ``bfloat16_abf16``,
+  bfloat16 weights and activations: greedy NBP frame prediction with
   the linears' weights stored at w, and the fraction of its predicted tokens equal to
   float32's (``weight_dtype_rows``); ``pred_psnr_drop_nbp_<w>``: float32's PSNR minus w's.
 
@@ -55,7 +56,8 @@ from .cpu_options import (
 NUM_PRED_FRAMES = 12
 # weight_dtype_rows: (row name, --weight-dtype, --act-dtype)
 WEIGHT_ROWS = tuple((w, w, "float32") for w in WEIGHT_DTYPES) + (
-    ("int8_a16", "int8", "int16"), ("int8_a8", "int8", "int8"))
+    ("int8_a16", "int8", "int16"), ("int8_a8", "int8", "int8"),
+    ("bfloat16_abf16", "bfloat16", "bfloat16"))
 
 
 def _timed_prediction(gen, video, labels, mode: str, repeats: int) -> tuple[torch.Tensor, float, float]:
@@ -216,7 +218,8 @@ def weight_dtype_rows(models, video: torch.Tensor, labels: torch.Tensor,
 
     ok, why = packed_linear.is_available()
     ok8, why8 = int8_linear.is_available()
-    rows = [r for r in WEIGHT_ROWS if r[1] == "float32" or (ok and (r[2] == "float32" or ok8))]
+    rows = [r for r in WEIGHT_ROWS
+            if r[1] == "float32" or (ok and (r[2] in ("float32", "bfloat16") or ok8))]
     res, ref = {}, None
     for name, w, a in rows:
         gen = FastGenerator(models.model("nbp"), models.tokenizer, device="cpu",

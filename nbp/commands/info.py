@@ -56,6 +56,8 @@ def collect() -> dict:
         info[name] = True if ok else f"no ({why})"
     path, why = int8_linear.kernel_path()
     info["int8_linear"] = {"path": path, "why": why}
+    path, why = packed_linear.bf16_path()
+    info["bf16_activations"] = {"path": path, "why": why}
     return info
 
 
@@ -83,6 +85,10 @@ def run(args) -> int:
     i8 = info["int8_linear"]
     print(f"{'int8_linear':>16}: " + (f"{i8['path']} (int8 and int16 activations: {i8['why']})"
                                        if i8["path"] else f"no ({i8['why']})"))
+    bf = info["bf16_activations"]
+    print(f"{'bf16_activations':>16}: " + (
+        f"{bf['path']} (bfloat16 weights and activations: {bf['why']})" if bf["path"]
+        else f"no ({bf['why']})"))
     for dev, name in info["devices"].items():
         print(f"{'device':>16}: {dev} ({name})")
         _print_table(info["ops"][dev])

@@ -61,7 +61,10 @@
 #define PANEL 16            /* output columns per panel */
 #define PREFETCH 4096       /* bytes ahead in each weight stream */
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };   /* packed_linear.py's _DTYPES codes */
+/* packed_linear.py's codes: float32 activations times fp32, bf16 or int8 weights
+ * (wp[panel][k][16]); bf16 activations times bf16 weights in k pairs, by FMAs or by
+ * AVX512-BF16 dot products (wp[panel][k / 2][16][2], below) */
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_BF16_PAIRS = 3, W_BF16_PAIRS_DOT = 4 };
 
 #define SUB (PANEL / VLEN)  /* vector registers per panel row */
 
@@ -275,8 +278,169 @@ DEFINE_LINEAR(linear_f32, W_F32)
 DEFINE_LINEAR(linear_bf16, W_BF16)
 DEFINE_LINEAR(linear_i8, W_I8)
 
+/* bf16 activations (W_BF16_PAIRS, W_BF16_PAIRS_DOT).
+ *
+ * A 16-row step with bf16 weights is bound by its FMAs, not by the weight stream
+ * (both halve nothing but the bytes). Rounding the rows of x to bf16 as well (as
+ * torch's .to(torch.bfloat16): nearest even, NaN kept) lets AVX512-BF16's vdpbf16ps
+ * do 32 multiply-adds an instruction, twice an FMA's: its products of two bf16 are
+ * exact in float32, its sums rounded in float32 (the reference, reference.bf16_rows,
+ * is exact up to that summation order). The weights are packed in k pairs,
+ * wp[panel][K2 / 2][16][2] (K2 = K rounded up to even, zero-padded): each 32-bit lane
+ * holds one column's weights at k (low half) and k + 1, vdpbf16ps's operand layout;
+ * each row of x is rounded into the same pairs, xg[K2 / 2][M], one uint32 per row (a
+ * broadcast of one word per row and pair). Where the CPU lacks AVX512-BF16 (and in the
+ * avx2 and neon builds) the same pairs are widened (a shift, a mask) and multiplied by
+ * two FMAs. */
+#if defined(NBP_ISA_AVX512)
+#  define PAIR_ROWS 16    /* 16 rows x 1 panel = 16 of the 32 zmm as accumulators */
+#else
+#  define PAIR_ROWS 4     /* 4 rows x 2 ymm (AVX2) or 4 q (NEON); 2 weight halves each */
+#endif
+
+/* Whether this library runs vdpbf16ps on this CPU (code W_BF16_PAIRS_DOT). */
+int nbp_bf16_dot(void) {
+#if defined(NBP_ISA_AVX512)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* float v as bf16 bits, rounded to nearest even; a NaN becomes the quiet NaN 0x7fc0 */
+static inline uint32_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fc0u;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+/* x [M][K] -> xg [ceil(K / 2)][M] pairs (k, k + 1) rounded to bf16, 0 past K: with dot,
+ * one uint32 each (k in the low half); else two floats each (the FMAs' broadcasts then
+ * load from memory, where moving a word from an integer register cost more than the FMA) */
+static void pair_rows(const float *x, int64_t M, int64_t K, uint32_t *xg, int dot) {
+    for (int64_t i = 0; i < (K + 1) / 2; i++)
+        for (int64_t m = 0; m < M; m++) {
+            const uint32_t lo = bf16_bits(x[m * K + 2 * i]),
+                           hi = 2 * i + 1 < K ? bf16_bits(x[m * K + 2 * i + 1]) : 0;
+            if (dot) {
+                xg[i * M + m] = lo | hi << 16;
+            } else {
+                xg[2 * (i * M + m)] = lo << 16;
+                xg[2 * (i * M + m) + 1] = hi << 16;
+            }
+        }
+}
+
+/* rows (<= PAIR_ROWS) rows of xf (pair_rows' floats, from row m0) times one pair-packed
+ * panel -> y[m0 ..][col0 : col0 + 16], starting from the bias: widened pairs, two FMAs */
+static inline __attribute__((always_inline)) void tile_pairs(
+        const float *xf, int64_t M, int64_t m0, int64_t pairs, const uint32_t *panel,
+        const float *bias, float *y, int64_t n_out, int64_t col0, const int rows) {
+    vf acc[PAIR_ROWS][SUB];
+    for (int v = 0; v < SUB; v++) {
+        const vf b = bias ? load_cols(bias, n_out, col0 + v * VLEN) : (vf){0};
+        for (int m = 0; m < PAIR_ROWS; m++)
+            acc[m][v] = b;
+    }
+    for (int64_t i = 0; i < pairs; i++) {
+        const uint32_t *p = panel + i * PANEL;
+        __builtin_prefetch((const char *)p + PREFETCH);
+        vf w0[SUB], w1[SUB];
+        for (int v = 0; v < SUB; v++) {
+            const vu w = *(const vu *)(p + v * VLEN);
+            w0[v] = (vf)(w << 16);
+            w1[v] = (vf)(w & 0xffff0000u);
+        }
+        for (int m = 0; m < PAIR_ROWS; m++) {
+            if (m < rows) {
+                const float *xp = xf + 2 * (i * M + m0 + m);
+                const vf x0 = xp[0] - (vf){0}, x1 = xp[1] - (vf){0};   /* broadcast loads */
+                for (int v = 0; v < SUB; v++)
+                    acc[m][v] += x0 * w0[v] + x1 * w1[v];
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int v = 0; v < SUB; v++)
+            store_cols(y + (m0 + m) * n_out, n_out, col0 + v * VLEN, acc[m][v]);
+}
+
+#if defined(NBP_ISA_AVX512)
+/* tile_pairs by vdpbf16ps: one instruction per row and pair */
+static inline __attribute__((always_inline, target("avx512bf16"))) void tile_dot(
+        const uint32_t *xg, int64_t M, int64_t m0, int64_t pairs, const uint32_t *panel,
+        const float *bias, float *y, int64_t n_out, int64_t col0, const int rows) {
+    const __m512 b = (__m512)(bias ? load_cols(bias, n_out, col0) : (vf){0});
+    __m512 acc[PAIR_ROWS];
+    for (int m = 0; m < PAIR_ROWS; m++)
+        acc[m] = b;
+    const uint32_t *x = xg + m0;
+    for (int64_t i = 0; i < pairs; i++) {
+        const uint32_t *p = panel + i * PANEL;
+        __builtin_prefetch((const char *)p + PREFETCH);
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(p);
+        for (int m = 0; m < PAIR_ROWS; m++)
+            if (m < rows)
+                acc[m] = _mm512_dpbf16_ps(acc[m], w, (__m512bh)_mm512_set1_epi32((int)x[m]));
+        x += M;
+    }
+    for (int m = 0; m < rows; m++)
+        store_cols(y + (m0 + m) * n_out, n_out, col0, (vf)acc[m]);
+}
+
+static __attribute__((noinline, target("avx512bf16"))) void panel_dot(
+        const uint32_t *xg, int64_t M, int64_t pairs, const uint32_t *panel, const float *bias,
+        float *y, int64_t n_out, int64_t col0) {
+    for (int64_t m0 = 0; m0 < M; m0 += PAIR_ROWS) {
+        if (M - m0 >= PAIR_ROWS)
+            tile_dot(xg, M, m0, pairs, panel, bias, y, n_out, col0, PAIR_ROWS);
+        else
+            tile_dot(xg, M, m0, pairs, panel, bias, y, n_out, col0, (int)(M - m0));
+    }
+}
+#endif
+
+static void panel_pairs(const float *xf, int64_t M, int64_t pairs, const uint32_t *panel,
+                        const float *bias, float *y, int64_t n_out, int64_t col0) {
+    for (int64_t m0 = 0; m0 < M; m0 += PAIR_ROWS) {
+        if (M - m0 >= PAIR_ROWS)
+            tile_pairs(xf, M, m0, pairs, panel, bias, y, n_out, col0, PAIR_ROWS);
+        else
+            tile_pairs(xf, M, m0, pairs, panel, bias, y, n_out, col0, (int)(M - m0));
+    }
+}
+
+/* y = xg @ W^T + bias, then the activation and residual, over panel groups */
+static void linear_pairs(const uint32_t *xg, int64_t M, int64_t K, const uint32_t *wp,
+                         const float *bias, float *y, int64_t n_out, int act,
+                         const float *residual, int dot) {
+    const int64_t n_panels = (n_out + PANEL - 1) / PANEL, pairs = (K + 1) / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < n_panels; p += GROUP) {
+        const int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;
+        for (int j = 0; j < n; j++) {
+            const uint32_t *panel = wp + (p + j) * pairs * PANEL;
+#if defined(NBP_ISA_AVX512)
+            if (dot) {
+                panel_dot(xg, M, pairs, panel, bias, y, n_out, (p + j) * PANEL);
+                continue;
+            }
+#endif
+            panel_pairs((const float *)xg, M, pairs, panel, bias, y, n_out, (p + j) * PANEL);
+        }
+        if (act != ACT_NONE || residual)
+            epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
+    }
+    (void)dot;
+}
+
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][K][16] of the weight dtype
- * (0 fp32, 1 bf16, 2 int8); scale: [n_out] fp32 for int8, else ignored;
+ * (0 fp32, 1 bf16, 2 int8), or bf16 [ceil(n_out / 16)][ceil(K / 2)][16][2] with the
+ * rows of x rounded to bf16 (3: FMAs, 4: vdpbf16ps; -1 where nbp_bf16_dot() is 0);
+ * scale: [n_out] fp32 for int8, else ignored;
  * bias: [n_out] or NULL; y: [M][n_out] row-major fp32 =
  * act(norm(x) @ W^T + bias) + residual; act: 0 none, 1 exact GELU.
  * norm: 1 for the LayerNorm of each row of x first (gamma, beta: [K] fp32 or
@@ -287,7 +451,8 @@ int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int 
                       const float *scale, const float *bias, float *y, int64_t n_out, int act,
                       int norm, const float *gamma, const float *beta, float eps,
                       const float *residual) {
-    if ((act != ACT_NONE && act != ACT_GELU) || dtype < W_F32 || dtype > W_I8)
+    if ((act != ACT_NONE && act != ACT_GELU) || dtype < W_F32 || dtype > W_BF16_PAIRS_DOT ||
+        (dtype == W_BF16_PAIRS_DOT && !nbp_bf16_dot()))
         return -1;
     float *xn = NULL, *xt = NULL;
     if (norm) {   /* normalised once here: every panel group reads all the rows */
@@ -296,6 +461,19 @@ int nbp_packed_linear(const float *x, int64_t M, int64_t K, const void *wp, int 
             return -2;
         layer_norm_rows(x, M, K, gamma, beta, eps, xn);
         x = xn;
+    }
+    if (dtype >= W_BF16_PAIRS) {   /* rounded into pairs once here, read by every group */
+        const int dot = dtype == W_BF16_PAIRS_DOT;
+        uint32_t *xg = malloc((size_t)(M * ((K + 1) / 2)) * (dot ? 1 : 2) * sizeof(uint32_t));
+        if (!xg) {
+            free(xn);
+            return -2;
+        }
+        pair_rows(x, M, K, xg, dot);
+        linear_pairs(xg, M, K, wp, bias, y, n_out, act, residual, dot);
+        free(xg);
+        free(xn);
+        return 0;
     }
     const int packed = PACK_ROWS && M > 1 && n_out * K >= PACK_MIN_WEIGHTS;
     if (packed) {   /* transposed once here, read by every panel group */
