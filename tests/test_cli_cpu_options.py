@@ -155,7 +155,7 @@ def test_eval_reports_each_weight_dtype(capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["pred_psnr_nbp_float32"] == res["pred_psnr_nbp"]   # the same greedy tokens
     assert res["token_agreement_nbp_float32"] == 1.0 and res["pred_psnr_drop_nbp_float32"] == 0
-    for w in ("bfloat16", "int8", "int8_a16", "int8_a8") if is_available()[0] else ():
+    for w in ("bfloat16", "int8", "int8_a16", "int8_a8", "bfloat16_abf16") if is_available()[0] else ():
         assert 0 <= res[f"token_agreement_nbp_{w}"] <= 1
         assert res[f"pred_psnr_drop_nbp_{w}"] == pytest.approx(
             res["pred_psnr_nbp_float32"] - res[f"pred_psnr_nbp_{w}"])

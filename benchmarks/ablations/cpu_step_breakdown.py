@@ -12,7 +12,9 @@ linears, the attention and the head) and, for comparison, some driven from
 Python (``-python``: the pieces timed by wrapping them, the packed linears of the
 layers, the vocabulary head, the decode attention the generator resolved with
 its fused cache append, LayerNorm, GELU). The sampler is timed by wrapping it;
-"other" is the rest (Python, embeddings, cache bookkeeping). Floors, per step:
+"other" is the rest (Python, embeddings, cache bookkeeping). ``--rounds`` (3)
+generations per variant, round-robin: each variant reports its median round. Floors,
+per step:
 
 * memory: bytes the step must read (weights at their dtype + the KV cache at
   the step's median length) over the read bandwidth (``read_bandwidth``: the
@@ -173,21 +175,37 @@ def breakdown(model, ids, new: int, mode: str, wd, ad, program: bool) -> dict:
             "ms_per_step": ms, "calls_per_step": {k: v / steps for k, v in timers.calls.items()}}
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median step time (its pieces add up to it), with every round's
+    step time (``step_ms_rounds``)."""
+    row = dict(sorted(rounds, key=lambda r: r["step_ms"])[len(rounds) // 2])
+    row["step_ms_rounds"] = [r["step_ms"] for r in rounds]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="generations per variant, round-robin; each variant reports its "
+                        "median round (the machine's load moved single runs by 20%%)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds: expected a positive int")
     configure_threads(args.threads)
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
-    bws, rates, rows = [], [], {}
-    for name, (mode, wd, ad, program) in VARIANTS.items():
-        bws.append(read_bandwidth())
-        rates.append(matmul_gflops())
-        rows[name] = breakdown(model, ids, new, mode, wd, ad, program)
-        print(f"{name:<12} {rows[name]['step_ms']:7.2f} ms/step  " + "  ".join(
-            f"{k} {v:.2f}" for k, v in rows[name]["ms_per_step"].items()), flush=True)
+    bws, rates, runs = [], [], {name: [] for name in VARIANTS}
+    for r in range(args.rounds):
+        for name, (mode, wd, ad, program) in VARIANTS.items():
+            bws.append(read_bandwidth())
+            rates.append(matmul_gflops())
+            runs[name].append(breakdown(model, ids, new, mode, wd, ad, program))
+            print(f"{r + 1}/{args.rounds} {name:<12} {runs[name][-1]['step_ms']:7.2f} ms/step  "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in runs[name][-1]["ms_per_step"].items()),
+                  flush=True)
+    rows = {name: median_round(v) for name, v in runs.items()}
     bw, rate = statistics.median(bws[1:] or bws), statistics.median(rates)
     macs = sum(m.in_features * m.out_features for m in model.modules()
                if isinstance(m, torch.nn.Linear))

@@ -3,9 +3,9 @@
 The K600 shape (6 layers x 384, vocabulary 64000): the 36 layer linears and
 the vocabulary head of one decode step, at 1 row (an NTP step) and 16 (an NBP
 step, L = 16), through ``PackedLinear`` with float32, bfloat16 and int8
-weights, and int8 weights with int16 or int8 activations (``act_dtype=torch.int16`` /
-``torch.int8``,
-``int8_linear``), against torch's ``F.linear`` (MKL). For the head alone, the libraries
+weights, int8 weights with int16 or int8 activations (``act_dtype=torch.int16`` /
+``torch.int8``, ``int8_linear``) and bfloat16 weights with bfloat16 activations
+(``act_dtype=torch.bfloat16``, on the path ``packed_linear.bf16_path`` names), against torch's ``F.linear`` (MKL). For the head alone, the libraries
 torch ships, side by side: oneDNN with a prepacked weight
 (``torch.ops.mkldnn._linear_pointwise``; its bf16 kernel takes bf16
 activations), ``torch._weight_int8pack_mm`` (int8 weights, fp32 activations)
@@ -21,6 +21,7 @@ benchmarks/results/cpu_weight_dtype_<isa>_<threads>t_<machine>.json.
 
     python benchmarks/ablations/cpu_weight_dtype.py --threads 2 --repeats 15
     NBP_CPU_ISA=avx2 python benchmarks/ablations/cpu_weight_dtype.py ...   # the AVX2 path
+    NBP_CPU_BF16=off python benchmarks/ablations/cpu_weight_dtype.py --tag _nobf16 ...
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 from nbp.commands.bench import machine_info, machine_tag, median, time_interleaved
 from nbp_kernels import reference
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
-from nbp_kernels.packed_linear import PackedLinear, is_available
+from nbp_kernels.packed_linear import PackedLinear, bf16_path, is_available
 from ablation_args import write_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -99,6 +100,9 @@ def methods(mods: dict, rows: int, libraries: bool) -> dict[str, tuple[callable,
             out[f"{group} int8_linear int8 ({act} activations)"] = (
                 lambda ps=ps, xs=xs: [p(x) for p, x in zip(ps, xs)],
                 n + 4 * sum(m.out_features for m in ms))
+        ps = [PackedLinear(m, weight_dtype=torch.bfloat16, act_dtype=torch.bfloat16) for m in ms]
+        out[f"{group} packed_linear bfloat16 (bfloat16 activations, {bf16_path()[0]})"] = (
+            lambda ps=ps, xs=xs: [p(x) for p, x in zip(ps, xs)], 2 * n)
         if group == "head" and libraries:
             out.update({f"head {k}": v for k, v in head_libraries(ms[0], rows).items()})
     return out
@@ -141,13 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-libraries", action="store_true", help="skip oneDNN / int8pack / torch.ao")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
     args = p.parse_args(argv)
     configure_threads(args.threads)
     ok, why = is_available()
     if not ok:
         raise SystemExit(f"packed_linear unusable here: {why}")
     isa, isa_why = cpu_isa()
-    info = dict(machine_info("cpu"), isa=isa, isa_reason=isa_why,
+    info = dict(machine_info("cpu"), isa=isa, isa_reason=isa_why, bf16_path=bf16_path(),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
     result = {"what": __doc__.split("\n\n")[0], "shape": {"width": WIDTH, "vocab": VOCAB,
@@ -159,7 +164,8 @@ def main(argv=None) -> int:
     for r in result["rows"]:
         print(f"rows={r['rows']:>2} {r['method']:<52} {r['median_ms']:8.2f} ms (best "
               f"{r['best_ms']:7.2f})  floor {r['floor_ms']:6.2f} ms  x{r['median_over_floor']:.2f}")
-    write_result(args.out / f"cpu_weight_dtype_{isa}_{info['torch_threads']}t_{machine_tag(info)}.json",
+    write_result(args.out / f"cpu_weight_dtype_{isa}_{info['torch_threads']}t_{machine_tag(info)}"
+                 f"{args.tag}.json",
                  result)
     return 0
 

@@ -318,8 +318,9 @@ static inline uint32_t bf16_bits(float v) {
 }
 
 /* x [M][K] -> xg [ceil(K / 2)][M] pairs (k, k + 1) rounded to bf16, 0 past K: with dot,
- * one uint32 each (k in the low half); else two floats each (the FMAs' broadcasts then
- * load from memory, where moving a word from an integer register cost more than the FMA) */
+ * one uint32 each (k in the low half); else two floats each, so the FMAs' broadcasts load
+ * from memory (splitting a word in integer registers made the 16-row K600 head 1.8x slower
+ * on a Zen 5 with NBP_CPU_BF16=off) */
 static void pair_rows(const float *x, int64_t M, int64_t K, uint32_t *xg, int dot) {
     for (int64_t i = 0; i < (K + 1) / 2; i++)
         for (int64_t m = 0; m < M; m++) {
@@ -418,6 +419,7 @@ static void linear_pairs(const uint32_t *xg, int64_t M, int64_t K, const uint32_
                          const float *bias, float *y, int64_t n_out, int act,
                          const float *residual, int dot) {
     const int64_t n_panels = (n_out + PANEL - 1) / PANEL, pairs = (K + 1) / 2;
+    (void)dot;   /* read by the avx512 build only */
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < n_panels; p += GROUP) {
         const int n = n_panels - p < GROUP ? (int)(n_panels - p) : GROUP;
@@ -434,7 +436,6 @@ static void linear_pairs(const uint32_t *xg, int64_t M, int64_t K, const uint32_
         if (act != ACT_NONE || residual)
             epilogue_cols(y, residual, M, n_out, p * PANEL, n * PANEL, act);
     }
-    (void)dot;
 }
 
 /* x: [M][K] row-major fp32; wp: [ceil(n_out / 16)][K][16] of the weight dtype
