@@ -220,3 +220,16 @@ def test_info_names_the_bf16_path(capsys, path):
     assert main(["info"]) == 0
     assert f"bf16_activations: {path} (bfloat16 weights and activations" in \
         capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("path")
+def test_custom_op_and_compile():
+    """Pair-packed weights through the custom op: opcheck, and torch.compile's graph (with
+    the LayerNorm prologue) computing what the eager call does."""
+    x, w, b = _rand(3, 70, seed=7), _rand(50, 70, seed=8), _rand(50, seed=9)
+    packed = pl.pack_weight(reference.quantize_weight(w, torch.bfloat16)[0], pairs=True)
+    torch.library.opcheck(torch.ops.nbp.packed_linear.default, (x, packed, b, 50))
+    norm = (_rand(70, seed=10), None, 1e-5)
+    f = torch.compile(lambda x: pl.packed_linear(x, packed, b, 50, act="gelu", norm=norm),
+                      fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), pl.packed_linear(x, packed, b, 50, act="gelu", norm=norm))
