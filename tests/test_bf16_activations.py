@@ -8,35 +8,20 @@ import json
 
 import pytest
 import torch
+from cpu_isa_paths import feature_paths, force_path
 from test_weight_dtype import sharp_model, video_ids  # the sharp tiny model, shared
 
 from nbp.cli import main
 from nbp.generate import FastGenerator
 from nbp_kernels import packed_linear as pl
 from nbp_kernels import reference
-from nbp_kernels.cpu_build import cpu_flags, cpu_isa, supported_isas
 from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
 
-# (NBP_CPU_ISA, NBP_CPU_BF16, the path that must run)
-_PATHS = [(isa, None, "avx512-bf16" if isa == "avx512" and "avx512_bf16" in cpu_flags()
-           else isa) for isa in supported_isas()]
-_PATHS += [("avx512", "off", "avx512") for *_, path in _PATHS if path == "avx512-bf16"]
-_PARAMS = [pytest.param(p, id=p[2] if p[1] is None else f"{p[2]}-nobf16") for p in _PATHS] or [
-    pytest.param(None, marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 
-
-@pytest.fixture(params=_PARAMS)
+@pytest.fixture(params=feature_paths("avx512_bf16", "bf16"))
 def path(request, monkeypatch):
-    isa, bf16, want = request.param
-    monkeypatch.setenv("NBP_CPU_ISA", isa)
-    if bf16 is None:
-        monkeypatch.delenv(pl.BF16_ENV, raising=False)
-    else:
-        monkeypatch.setenv(pl.BF16_ENV, bf16)
-    ok, why = pl.is_available()
-    assert ok, why   # a path this CPU runs whose kernel does not build is a failure
-    assert pl.bf16_path()[0] == want
-    return want
+    return force_path(monkeypatch, request.param, pl.BF16_ENV, pl.is_available,
+                      lambda: pl.bf16_path()[0])
 
 
 def _rand(*shape, seed=0):

@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_isa_paths import feature_paths, force_path
 from test_weight_dtype import sharp_model, video_ids  # the sharp tiny model, shared
 
 from nbp.cli import main
 from nbp.generate import FastGenerator
 from nbp_kernels import int8_linear as i8
 from nbp_kernels import reference
-from nbp_kernels.cpu_build import cpu_flags, cpu_isa, supported_isas
 from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
 
-# (NBP_CPU_ISA, NBP_CPU_VNNI, the path that must run): an AVX-512 machine with VNNI
-# tests the VNNI path, the AVX-512 build without it, and the AVX2 build.
-_PATHS = [(isa, None, "avx512-vnni" if isa == "avx512" and "avx512_vnni" in cpu_flags()
-           else isa) for isa in supported_isas()]
-_PATHS += [("avx512", "off", "avx512") for *_, path in _PATHS if path == "avx512-vnni"]
-_PARAMS = [pytest.param(p, id=p[2] if p[1] is None else f"{p[2]}-novnni") for p in _PATHS] or [
-    pytest.param(None, marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 
-
-@pytest.fixture(params=_PARAMS)
+@pytest.fixture(params=feature_paths("avx512_vnni", "vnni"))
 def path(request, monkeypatch):
-    isa, vnni, want = request.param
-    monkeypatch.setenv("NBP_CPU_ISA", isa)
-    if vnni is None:
-        monkeypatch.delenv(i8.VNNI_ENV, raising=False)
-    else:
-        monkeypatch.setenv(i8.VNNI_ENV, vnni)
-    ok, why = i8.is_available()
-    assert ok, why   # a path this CPU runs whose kernel does not build is a failure
-    assert i8.kernel_path()[0] == want and why.startswith(f"{want}:")
+    want = force_path(monkeypatch, request.param, i8.VNNI_ENV, i8.is_available,
+                      lambda: i8.kernel_path()[0])
+    assert i8.is_available()[1].startswith(f"{want}:")
     return want
 
 
