@@ -27,11 +27,13 @@
  * (2^31 - 1) / (127 K)) levels (so no int32 sum can overflow: 15 bits for K up to
  * 516, 13.4 for K = 1536), against int8's 127: near float32 activations, at twice
  * the multiply-adds of an fp32 FMA per instruction. The weights are the same
- * packed int8, widened to int16 in registers (vpmovsxbw), so each int32 lane
- * sums half the k of a column (k 0-1 or 2-3 of each group of 4) and the two
- * halves are added at the end of a tile:
- * - AVX512-VNNI: vpdpwssd (s16 x s16 pairs, 32 multiply-adds an instruction);
- * - x86 without it: AVX2 vpmaddwd then vpaddd; NEON: plain C.
+ * packed int8, widened to int16 in registers (vpmovsxbw):
+ * - AVX512-VNNI: vpdpwssd (s16 x s16 pairs, 32 multiply-adds an instruction), the
+ *   widened dwords split into every column's k 0-1 and k 2-3 (two vpermt2d), each
+ *   met by the row's pair as an embedded broadcast;
+ * - x86 without it: AVX2 vpmaddwd then vpaddd, each int32 lane summing half the k
+ *   of a column (k 0-1 or 2-3 of each group of 4), the halves added at the end of a
+ *   tile; NEON: plain C.
  *
  * Rounding: the sums are exact; the epilogue is float32 mul, mul, add in the
  * order reference.int8_linear gives, and cpu_build compiles this file with
@@ -75,7 +77,7 @@ typedef uint32_t vu __attribute__((vector_size(VLEN * 4), aligned(4)));
 /* the mode bits of nbp_int8_linear */
 enum { MODE_VNNI = 1, MODE_A16 = 2 };
 #ifndef A16_ROWS
-#  define A16_ROWS 8        /* 8 rows x 2 zmm per panel = 16 of the 32 zmm as accumulators */
+#  define A16_ROWS 16       /* 16 rows x 1 zmm per panel = 16 of the 32 zmm as accumulators */
 #endif
 #ifndef PORT16_ROWS
 #  define PORT16_ROWS 2     /* 2 rows x 4 ymm per panel = 8 of the 16 ymm */
@@ -251,37 +253,41 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
         }
     }
 }
-/* rows x 1 panel of int32 sums of 16-bit x and the widened weight on VNNI: acc[m][h]
- * lane i holds column 8 h + i / 2, k pair i % 2 of each group of 4 */
+/* rows x 1 panel of int32 sums of 16-bit x and the widened weight on VNNI. Each 64-byte
+ * weight vector (16 columns x k 0-3) is widened to int16 and its dwords split into wa
+ * (every column's k 0-1) and wb (k 2-3), so one vpdpwssd per row and pair takes the row's
+ * pair as an embedded 32-bit broadcast: one accumulator a row, 16 rows a tile. The
+ * tiles before it (8 rows of two accumulators, lane parity = k pair, a 64-bit broadcast
+ * per row, both widened weights re-made per row tile) made the 16-row K600 head 1.67x
+ * and a 16-row step's linears 1.52x slower on a Zen 5 (cpu_kernel_ab, int8_linear). */
 static inline __attribute__((always_inline, target("avx512vnni"))) void tile_vnni16(
         const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
     const int64_t Kp = j->Kp;
-    const int64_t *xg = (const int64_t *)j->xg + m0;
-    __m512i acc[A16_ROWS][2];
-    for (int m = 0; m < A16_ROWS; m++)
-        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < Kp; k += 4) {
-        const int8_t *q = panel + k * PANEL;
-        __builtin_prefetch(q + PREFETCH);
-        const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
-        const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32)));
-        for (int m = 0; m < A16_ROWS; m++) {
-            if (m < rows) {   /* x[k .. k + 3], one int16 pair per lane parity */
-                const __m512i xb = _mm512_set1_epi64(xg[m]);
-                acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], xb, w0);
-                acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], xb, w1);
-            }
-        }
-        xg += j->M;
-    }
+    const int32_t *xg = (const int32_t *)j->xg + 2 * m0;   /* [Kp / 4][M][2] int16 pairs */
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                            28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    __m512i acc[A16_ROWS];
+    for (int m = 0; m < A16_ROWS; m++)
+        acc[m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 4) {
+        const int8_t *q = panel + k * PANEL;
+        __builtin_prefetch(q + PREFETCH);
+        const __m512i z0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
+        const __m512i z1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + 32)));
+        const __m512i wa = _mm512_permutex2var_epi32(z0, even, z1);
+        const __m512i wb = _mm512_permutex2var_epi32(z0, odd, z1);
+        for (int m = 0; m < A16_ROWS; m++) {
+            if (m < rows) {
+                acc[m] = _mm512_dpwssd_epi32(acc[m], wa, _mm512_set1_epi32(xg[2 * m]));
+                acc[m] = _mm512_dpwssd_epi32(acc[m], wb, _mm512_set1_epi32(xg[2 * m + 1]));
+            }
+        }
+        xg += 2 * j->M;
+    }
     int32_t out[A16_ROWS * PANEL] __attribute__((aligned(64)));
-    for (int m = 0; m < rows; m++)   /* column c = lanes 2 c and 2 c + 1 of [acc0 | acc1] */
-        _mm512_store_si512(out + m * PANEL, _mm512_add_epi32(
-            _mm512_permutex2var_epi32(acc[m][0], even, acc[m][1]),
-            _mm512_permutex2var_epi32(acc[m][0], odd, acc[m][1])));
+    for (int m = 0; m < rows; m++)
+        _mm512_store_si512(out + m * PANEL, acc[m]);
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
 
