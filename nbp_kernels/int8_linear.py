@@ -16,10 +16,12 @@ about 1e-4 at most, is below that of the int8 weights themselves. Opt-in:
 
 ``cpu/int8_linear.c`` is compiled for the ISA ``cpu_build.cpu_isa()`` picks.
 ``kernel_path()`` says which code runs: ``avx512-vnni`` (AVX512-VNNI
-``vpdpbusd`` / ``vpdpwssd``, on an avx512 build where the CPU has it), ``avx512`` /
-``avx2`` (AVX2 ``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` (plain C). Every path
-computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps an
-AVX-512 CPU off the VNNI path (so both are tested on one machine).
+``vpdpbusd`` / ``vpdpwssd``, on an avx512 build where the CPU has it), ``avx2-vnni``
+(AVX-VNNI, the same instructions on 256-bit registers, on an avx2 build where the CPU
+has it: Intel cores since Alder Lake, AMD Zen 5), ``avx512`` / ``avx2`` (AVX2
+``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` (plain C). Every path
+computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps a CPU off
+the VNNI paths (so every path is tested on one machine).
 
 ``act="gelu"`` applies the exact GELU to each output in the kernel, after the
 scaling (``reference.gelu`` of the reference's value, to a few ulp).
@@ -64,6 +66,7 @@ MAX_IN_FEATURES = 131072     # 127 * 127 * K stays below 2**31: the int32 sums a
 VNNI_ENV = "NBP_CPU_VNNI"
 ACT_DTYPES = (torch.int8, torch.int16)   # what the rows of x are rounded to
 _MODE_VNNI, _MODE_A16 = 1, 2             # int8_linear.c's mode bits
+_VNNI_NAMES = {"avx512": "AVX512-VNNI", "avx2": "AVX-VNNI"}   # each x86 build's dot products
 
 
 @functools.cache
@@ -81,13 +84,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=16)
 def _path(lib: ctypes.CDLL, isa: str, why: str, vnni_env: str) -> tuple[str, str]:
-    if isa != "avx512":
-        return isa, f"{why}; AVX512-VNNI is used only by the avx512 build"
+    if isa not in _VNNI_NAMES:
+        return isa, f"{why}; VNNI is used only by the x86 builds"
+    name = _VNNI_NAMES[isa]
     if vnni_env.strip().lower() in ("off", "0"):
-        return "avx512", f"{why}; {VNNI_ENV}={vnni_env.strip()}"
+        return isa, f"{why}; {VNNI_ENV}={vnni_env.strip()}"
     if lib.nbp_int8_vnni():
-        return "avx512-vnni", f"{why}; the CPU has AVX512-VNNI ({VNNI_ENV}=off disables it)"
-    return "avx512", f"{why}; the CPU lacks AVX512-VNNI"
+        return f"{isa}-vnni", f"{why}; the CPU has {name} ({VNNI_ENV}=off disables it)"
+    return isa, f"{why}; the CPU lacks {name}"
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None, str]:
@@ -99,8 +103,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, str]:
 
 
 def kernel_path() -> tuple[str | None, str]:
-    """(path, reason): ``avx512-vnni``, ``avx512``, ``avx2`` or ``neon``, or None and why
-    the kernel cannot run here. Compiles the kernel on the first call."""
+    """(path, reason): ``avx512-vnni``, ``avx2-vnni``, ``avx512``, ``avx2`` or ``neon``, or None
+    and why the kernel cannot run here. Compiles the kernel on the first call."""
     return _load()[1:]
 
 
@@ -140,7 +144,7 @@ def checked_act_dtype(act_dtype) -> torch.dtype:
 
 def mode(path: str | None, act_dtype: torch.dtype) -> int:
     """int8_linear.c's mode for kernel path ``path`` and activations ``act_dtype``."""
-    return (_MODE_VNNI if path == "avx512-vnni" else 0) | (
+    return (_MODE_VNNI if path in ("avx512-vnni", "avx2-vnni") else 0) | (
         _MODE_A16 if act_dtype == torch.int16 else 0)
 
 

@@ -18,17 +18,17 @@ def force_isa(monkeypatch, isa: str, is_available, *args, **kwargs) -> str:
     return isa
 
 
-def feature_paths(cpu_flag: str, name: str) -> list:
+def feature_paths(cpu_flags_of: dict[str, str], name: str) -> list:
     """Parameters (NBP_CPU_ISA, the feature's environment value, the path that must run) of
-    a kernel with an optional AVX-512 extension (``cpu_flag`` in /proc/cpuinfo, its path
-    ``avx512-<name>``): every ISA this machine runs, and where the CPU has the extension,
-    the avx512 build with it turned off too."""
+    a kernel with optional extensions: ``cpu_flags_of`` maps an ISA to the /proc/cpuinfo
+    flag of its extension, whose path is ``<isa>-<name>``. Every ISA this machine runs, and
+    for each whose extension the CPU has, that ISA with the extension turned off too."""
     from nbp_kernels.cpu_build import cpu_flags
 
-    ext = f"avx512-{name}"
-    paths = [(isa, None, ext if isa == "avx512" and cpu_flag in cpu_flags() else isa)
+    have = cpu_flags()
+    paths = [(isa, None, f"{isa}-{name}" if cpu_flags_of.get(isa) in have else isa)
              for isa in supported_isas()]
-    paths += [("avx512", "off", "avx512") for *_, path in paths if path == ext]
+    paths += [(isa, "off", isa) for isa, _, path in paths if path != isa]
     return [pytest.param(p, id=p[2] if p[1] is None else f"{p[2]}-no{name}") for p in paths] or [
         pytest.param(None, marks=pytest.mark.skip(reason=cpu_isa()[1]))]
 

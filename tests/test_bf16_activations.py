@@ -18,7 +18,7 @@ from nbp_kernels import reference
 from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
 
 
-@pytest.fixture(params=feature_paths("avx512_bf16", "bf16"))
+@pytest.fixture(params=feature_paths({"avx512": "avx512_bf16"}, "bf16"))
 def path(request, monkeypatch):
     return force_path(monkeypatch, request.param, pl.BF16_ENV, pl.is_available,
                       lambda: pl.bf16_path()[0])

@@ -16,7 +16,7 @@ from nbp_kernels.cpu_ops import PackedLinears
 from nbp_kernels.packed_linear import MAX_ROWS, PackedLinear
 
 
-@pytest.fixture(params=feature_paths("avx512_vnni", "vnni"))
+@pytest.fixture(params=feature_paths({"avx512": "avx512_vnni", "avx2": "avx_vnni"}, "vnni"))
 def path(request, monkeypatch):
     want = force_path(monkeypatch, request.param, i8.VNNI_ENV, i8.is_available,
                       lambda: i8.kernel_path()[0])

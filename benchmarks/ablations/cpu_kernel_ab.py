@@ -20,6 +20,8 @@ Both sources are compiled with ``cpu_build``'s flags for the ISA in force
     python benchmarks/ablations/cpu_kernel_ab.py --rev HEAD~1 --repeats 15
     python benchmarks/ablations/cpu_kernel_ab.py --kernel decode_attention --repeats 40
     NBP_CPU_ISA=avx2 python benchmarks/ablations/cpu_kernel_ab.py --a-isa avx512   # ISA vs ISA
+    NBP_CPU_ISA=avx2 python benchmarks/ablations/cpu_kernel_ab.py --kernel int8_linear \
+        --a-path avx2                                        # AVX2 vs AVX-VNNI tiles
 """
 from __future__ import annotations
 
@@ -153,13 +155,15 @@ def int8_call(lib, mods, act_dtype, rows, path: str):
     return run
 
 
-def int8_rows(libs: dict, repeats: int) -> list[dict]:
+def int8_rows(libs: dict, repeats: int, a_path: str | None = None) -> list[dict]:
     """int8_linear's rows: head and step, 1 and 16 rows, int8 and int16 activations (exact
-    int32 sums: A and B agree bit for bit)."""
+    int32 sums: A and B agree bit for bit). B runs the path in force, A ``a_path`` (default
+    the same)."""
     path = int8_linear.kernel_path()[0]
-    return [timed_row({k: int8_call(lib, mods, act, rows, path) for k, lib in libs.items()},
+    paths = {"a": a_path or path, "b": path}
+    return [timed_row({k: int8_call(lib, mods, act, rows, paths[k]) for k, lib in libs.items()},
                       repeats, {"what": what, "rows": rows, "dtype": f"int8_a{name[3:]}",
-                                "path": path}, exact=True)
+                                "path": path, "a_path": paths["a"]}, exact=True)
             for what, mods in layers().items() for rows in (1, 16)
             for name, act in (("int8", torch.int8), ("int16", torch.int16))]
 
@@ -236,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--a-isa", default=None, choices=sorted(cpu_build.ISA_FLAGS),
                    help="build A for this ISA (B: the one in force); with --rev HEAD and an "
                         "unchanged kernel, an A/B of two ISAs (packed_linear, decode_attention)")
+    p.add_argument("--a-path", default=None,
+                   help="int8_linear: run A on this path of its build (e.g. avx2 where B runs "
+                        "avx2-vnni): an A/B of two code paths")
     args = p.parse_args(argv)
     if args.a_isa and args.kernel == "int8_linear":
         p.error("--a-isa: int8_linear's path follows the ISA in force; use NBP_CPU_ISA")
@@ -251,14 +258,17 @@ def main(argv=None) -> int:
         new = (cpu_build.SOURCES / f"{args.kernel}.c").read_text()
         libs = {"a": build(old, args.kernel, a_isa, a_dir / "a.so", a_dir),
                 "b": build(new, args.kernel, isa, b_dir / "b.so", cpu_build.SOURCES)}
-        rows = {"packed_linear": linear_rows, "int8_linear": int8_rows,
-                "decode_attention": attention_rows}[args.kernel](libs, args.repeats)
+        rows = (int8_rows(libs, args.repeats, args.a_path) if args.kernel == "int8_linear" else
+                {"packed_linear": linear_rows, "decode_attention": attention_rows}[args.kernel](
+                    libs, args.repeats))
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why)
     result = {"what": __doc__.split("\n\n")[0], "kernel": args.kernel, "a": args.rev,
               "a_isa": a_isa, "b": "working tree", "b_isa": isa, "machine": info, "rows": rows}
     name = "" if args.kernel == "packed_linear" else f"{args.kernel}_"
     where = int8_linear.kernel_path()[0] if args.kernel == "int8_linear" else \
         isa if a_isa == isa else f"{a_isa}_vs_{isa}"
+    if args.a_path:
+        where = f"{args.a_path}_vs_{where}"
     out = RESULTS / f"cpu_kernel_ab_{name}{where}_{machine_tag(info)}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
