@@ -17,6 +17,9 @@
  *   weight, precomputed at pack time, subtracted (exact in int32). Only the
  *   VNNI functions are compiled for VNNI (target attribute), so the rest of
  *   the library runs on AVX-512 CPUs without it.
+ * - AVX-VNNI (the same instructions on ymm, 32 multiply-adds a vpdpbusd), in the
+ *   avx2 build where the CPU has it (Intel cores since Alder Lake, AMD Zen 5), for
+ *   more than one row; the same u8 shift and correction.
  * - x86 without VNNI (the avx2 build, and the avx512 build on CPUs without
  *   VNNI): AVX2 vpmaddubsw with the sign trick (|xq| as u8 times the weight
  *   with xq's sign; a pair sums to at most 2 x 127 x 127, so it never
