@@ -83,7 +83,7 @@ enum { MODE_VNNI = 1, MODE_A16 = 2 };
 #  define A16_ROWS 16       /* 16 rows x 1 zmm per panel = 16 of the 32 zmm as accumulators */
 #endif
 #ifndef PORT16_ROWS
-#  define PORT16_ROWS 2     /* 2 rows x 4 ymm per panel = 8 of the 16 ymm */
+#  define PORT16_ROWS 4     /* 4 rows x 2 ymm per panel = 8 of the 16 ymm */
 #endif
 
 #ifndef AVX_VNNI_ROWS
@@ -454,38 +454,73 @@ static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, in
 #endif
 
 #if defined(X86)
-/* rows x 1 panel of int32 sums of 16-bit x with AVX2: acc[m][h] lane i holds column
- * 4 h + i / 2, k pair i % 2 of each group of 4 */
+/* rows x 1 panel of int32 sums of 16-bit x with AVX2 vpmaddwd, the weights split into k
+ * pairs as in tile_avx_vnni16 (two accumulators a row; the tile's end restores the
+ * column order), 4-row tiles: a 16-row K600 step's linears 1.5x faster (cold, a Zen 5
+ * forced to AVX2) than 2-row tiles of four accumulators re-widening the weights for
+ * every row pair */
 static inline __attribute__((always_inline)) void tile_port16(
         const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
     const int64_t Kp = j->Kp;
     const int16_t *x = (const int16_t *)j->xq + m0 * Kp;
-    __m256i acc[PORT16_ROWS][4];
+    __m256i acc[PORT16_ROWS][2];
     for (int m = 0; m < PORT16_ROWS; m++)
-        for (int h = 0; h < 4; h++)
-            acc[m][h] = _mm256_setzero_si256();
+        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
     for (int64_t k = 0; k < Kp; k += 4) {
         const int8_t *q = panel + k * PANEL;
         __builtin_prefetch(q + PREFETCH);
-        __m256i xb[PORT16_ROWS];
-        for (int m = 0; m < PORT16_ROWS; m++) {
-            int64_t x4 = 0;
-            if (m < rows)
-                memcpy(&x4, x + m * Kp + k, 8);
-            xb[m] = _mm256_set1_epi64x(x4);
-        }
-        for (int h = 0; h < 4; h++) {
-            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * h)));
-            for (int m = 0; m < PORT16_ROWS; m++)
-                if (m < rows)
-                    acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(xb[m], w));
+        for (int h = 0; h < 2; h++) {
+            const __m256 z0 = _mm256_castsi256_ps(
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
+            const __m256 z1 = _mm256_castsi256_ps(
+                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
+            const __m256i wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
+            const __m256i wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
+            for (int m = 0; m < PORT16_ROWS; m++) {
+                if (m < rows) {
+                    int32_t p01, p23;
+                    memcpy(&p01, x + m * Kp + k, 4);
+                    memcpy(&p23, x + m * Kp + k + 2, 4);
+                    acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_add_epi32(
+                        _mm256_madd_epi16(wa, _mm256_set1_epi32(p01)),
+                        _mm256_madd_epi16(wb, _mm256_set1_epi32(p23))));
+                }
+            }
         }
     }
     int32_t out[PORT16_ROWS * PANEL] __attribute__((aligned(32)));
-    for (int m = 0; m < rows; m++)   /* hadd pairs lanes; the permute restores column order */
-        for (int h = 0; h < 4; h += 2)
-            _mm256_store_si256((__m256i *)(out + m * PANEL + 4 * h), _mm256_permute4x64_epi64(
-                _mm256_hadd_epi32(acc[m][h], acc[m][h + 1]), 0xd8));
+    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
+        for (int h = 0; h < 2; h++)
+            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
+                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
+    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
+}
+
+/* One row (an NTP step) of int32 sums of 16-bit x with AVX2, the weights as widened:
+ * acc[h] lane i holds column 4 h + i / 2, k pair i % 2 of each group of 4, the halves
+ * added at the end. Splitting the weights into k pairs (tile_port16) costs four shuffles
+ * per group that only one row shares: a one-row K600 step's linears took 1.26x as long
+ * that way (cold, a Zen 5 forced to AVX2). */
+static inline __attribute__((always_inline)) void tile_port16_row(
+        const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
+    const int16_t *x = (const int16_t *)j->xq + m0 * j->Kp;
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+    for (int64_t k = 0; k < j->Kp; k += 4) {
+        const int8_t *q = panel + k * PANEL;
+        __builtin_prefetch(q + PREFETCH);
+        int64_t x4;
+        memcpy(&x4, x + k, 8);
+        const __m256i xb = _mm256_set1_epi64x(x4);
+        for (int h = 0; h < 4; h++) {
+            const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16 * h)));
+            acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(xb, w));
+        }
+    }
+    int32_t out[PANEL] __attribute__((aligned(32)));
+    for (int h = 0; h < 4; h += 2)   /* hadd pairs lanes; the permute restores column order */
+        _mm256_store_si256((__m256i *)(out + 4 * h), _mm256_permute4x64_epi64(
+            _mm256_hadd_epi32(acc[h], acc[h + 1]), 0xd8));
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
 #else
@@ -493,11 +528,14 @@ static inline void tile_port16(const job_t *j, const int8_t *panel, int64_t m0, 
                                const int rows) {
     tile_plain(j, panel, m0, col0, rows, 1);
 }
+#define tile_port16_row tile_port16
 #endif
 
 /* the portable tiles (int8 or, a16, 16-bit x) of n panels from col0 */
 static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n, int a16) {
-    if (a16) {
+    if (a16 && j->M == 1) {
+        FOR_TILES(1, tile_port16_row)
+    } else if (a16) {
         FOR_TILES(PORT16_ROWS, tile_port16)
     } else {
         FOR_TILES(PORT_ROWS, tile_port)
