@@ -17,8 +17,9 @@ about 1e-4 at most, is below that of the int8 weights themselves. Opt-in:
 ``cpu/int8_linear.c`` is compiled for the ISA ``cpu_build.cpu_isa()`` picks.
 ``kernel_path()`` says which code runs: ``avx512-vnni`` (AVX512-VNNI
 ``vpdpbusd`` / ``vpdpwssd``, on an avx512 build where the CPU has it), ``avx2-vnni``
-(AVX-VNNI, the same instructions on 256-bit registers, on an avx2 build where the CPU
-has it: Intel cores since Alder Lake, AMD Zen 5), ``avx512`` / ``avx2`` (AVX2
+(AVX-VNNI ``vpdpbusd`` on 256-bit registers for int8 rows, on an avx2 build where the
+CPU has it: Intel cores since Alder Lake, AMD Zen 5; int16 rows there take AVX2's
+tiles, as fast), ``avx512`` / ``avx2`` (AVX2
 ``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` (plain C). Every path
 computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps a CPU off
 the VNNI paths (so every path is tested on one machine).

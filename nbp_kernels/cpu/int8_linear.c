@@ -17,9 +17,9 @@
  *   weight, precomputed at pack time, subtracted (exact in int32). Only the
  *   VNNI functions are compiled for VNNI (target attribute), so the rest of
  *   the library runs on AVX-512 CPUs without it.
- * - AVX-VNNI (the same instructions on ymm, 32 multiply-adds a vpdpbusd), in the
- *   avx2 build where the CPU has it (Intel cores since Alder Lake, AMD Zen 5), for
- *   more than one row; the same u8 shift and correction.
+ * - AVX-VNNI (vpdpbusd on ymm, 32 multiply-adds an instruction), in the avx2 build
+ *   where the CPU has it (Intel cores since Alder Lake, AMD Zen 5), for int8 rows,
+ *   more than one; the same u8 shift and correction.
  * - x86 without VNNI (the avx2 build, and the avx512 build on CPUs without
  *   VNNI): AVX2 vpmaddubsw with the sign trick (|xq| as u8 times the weight
  *   with xq's sign; a pair sums to at most 2 x 127 x 127, so it never
@@ -33,10 +33,10 @@
  * packed int8, widened to int16 in registers (vpmovsxbw):
  * - AVX512-VNNI: vpdpwssd (s16 x s16 pairs, 32 multiply-adds an instruction), the
  *   widened dwords split into every column's k 0-1 and k 2-3 (two vpermt2d), each
- *   met by the row's pair as an embedded broadcast;
- * - x86 without it: AVX2 vpmaddwd then vpaddd, each int32 lane summing half the k
- *   of a column (k 0-1 or 2-3 of each group of 4), the halves added at the end of a
- *   tile; NEON: plain C.
+ *   met by the row's pair as a broadcast;
+ * - other x86: AVX2 vpmaddwd then vpaddd on the same split (vshufps, split_pairs);
+ *   one row keeps the widened order, each int32 lane summing half the k of a column,
+ *   the halves added at the end; NEON: plain C.
  *
  * Rounding: the sums are exact; the epilogue is float32 mul, mul, add in the
  * order reference.int8_linear gives, and cpu_build compiles this file with
@@ -309,9 +309,9 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni16(
 #endif
 
 #if defined(NBP_ISA_AVX2)
-/* AVX-VNNI (Alder Lake and later Intel cores, Zen 5): the AVX512-VNNI tiles' dot products
- * on ymm, one instruction where AVX2 takes three (int8) or two (int16). A ymm holds 8 of a
- * panel's 16 columns, so a row has two accumulators. */
+/* AVX-VNNI (Alder Lake and later Intel cores, Zen 5): vpdpbusd on ymm, one instruction
+ * where AVX2 takes three, for int8 rows. A ymm holds 8 of a panel's 16 columns, so a row
+ * has two accumulators. */
 
 /* rows x 1 panel of int32 sums of u8 (xq + 128) x and the int8 weight, vpdpbusd */
 static inline __attribute__((always_inline, target("avxvnni"))) void tile_avx_vnni(
@@ -343,54 +343,9 @@ static inline __attribute__((always_inline, target("avxvnni"))) void tile_avx_vn
     finish_tile(j, out, rows, 1, m0, col0, 1, 1);
 }
 
-/* rows x 1 panel of int32 sums of 16-bit x, vpdpwssd. Each 32-byte half of the weight
- * vector (8 columns x k 0-3) is widened to int16 in two ymm (4 columns each) whose dwords
- * vshufps splits into k 0-1 and k 2-3 for the 8 columns, in the order 0 1 4 5 2 3 6 7
- * (within 128-bit lanes), so a row's pairs go in as two 32-bit broadcasts; the tile's
- * end restores the column order. */
-static inline __attribute__((always_inline, target("avxvnni"))) void tile_avx_vnni16(
-        const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
-    const int64_t Kp = j->Kp;
-    const int32_t *xg = (const int32_t *)j->xg + 2 * m0;   /* [Kp / 4][M][2] int16 pairs */
-    __m256i acc[AVX_VNNI_ROWS][2];
-    for (int m = 0; m < AVX_VNNI_ROWS; m++)
-        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < Kp; k += 4) {
-        const int8_t *q = panel + k * PANEL;
-        __builtin_prefetch(q + PREFETCH);
-        for (int h = 0; h < 2; h++) {
-            const __m256 z0 = _mm256_castsi256_ps(
-                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
-            const __m256 z1 = _mm256_castsi256_ps(
-                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
-            const __m256i wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
-            const __m256i wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
-            for (int m = 0; m < AVX_VNNI_ROWS; m++) {
-                if (m < rows) {
-                    acc[m][h] = _mm256_dpwssd_avx_epi32(acc[m][h], wa,
-                                                        _mm256_set1_epi32(xg[2 * m]));
-                    acc[m][h] = _mm256_dpwssd_avx_epi32(acc[m][h], wb,
-                                                        _mm256_set1_epi32(xg[2 * m + 1]));
-                }
-            }
-        }
-        xg += 2 * j->M;
-    }
-    int32_t out[AVX_VNNI_ROWS * PANEL] __attribute__((aligned(32)));
-    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
-        for (int h = 0; h < 2; h++)
-            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
-                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
-    finish_tile(j, out, rows, 1, m0, col0, 1, 0);
-}
-
 static __attribute__((noinline, target("avxvnni"))) void group_avx_vnni(
-        const job_t *j, const int8_t *panels, int64_t col0, int n, int a16) {
-    if (a16) {
-        FOR_TILES(AVX_VNNI_ROWS, tile_avx_vnni16)
-    } else {
-        FOR_TILES(AVX_VNNI_ROWS, tile_avx_vnni)
-    }
+        const job_t *j, const int8_t *panels, int64_t col0, int n) {
+    FOR_TILES(AVX_VNNI_ROWS, tile_avx_vnni)
 }
 #endif
 
@@ -454,11 +409,34 @@ static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, in
 #endif
 
 #if defined(X86)
-/* rows x 1 panel of int32 sums of 16-bit x with AVX2 vpmaddwd, the weights split into k
- * pairs as in tile_avx_vnni16 (two accumulators a row; the tile's end restores the
- * column order), 4-row tiles: a 16-row K600 step's linears 1.5x faster (cold, a Zen 5
- * forced to AVX2) than 2-row tiles of four accumulators re-widening the weights for
- * every row pair */
+/* Half h (8 columns) of a panel's 64-byte
+ * int8 weight vector q, widened to int16 in two ymm of 4 columns each, their dwords split
+ * by vshufps into *wa, every column's k 0-1, and *wb, k 2-3, so a row's pairs go in as
+ * 32-bit broadcasts. vshufps works inside 128-bit lanes: the columns come in the order
+ * 0 1 4 5 2 3 6 7, which store_split undoes. */
+static inline __attribute__((always_inline)) void split_pairs(const int8_t *q, int h,
+                                                              __m256i *wa, __m256i *wb) {
+    const __m256 z0 = _mm256_castsi256_ps(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
+    const __m256 z1 = _mm256_castsi256_ps(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
+    *wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
+    *wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
+}
+
+/* rows x 2 accumulators of split_pairs' column order -> out[m][0 .. 15] in order */
+static inline __attribute__((always_inline)) void store_split(int32_t *out, __m256i acc[][2],
+                                                              int rows) {
+    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
+        for (int h = 0; h < 2; h++)
+            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
+                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
+}
+
+/* rows x 1 panel of int32 sums of 16-bit x with AVX2 vpmaddwd on split_pairs' halves, two
+ * accumulators a row, 4-row tiles: a 16-row K600 step's linears 1.5x faster (cold, a Zen
+ * 5 forced to AVX2) than 2-row tiles of four accumulators re-widening the weights for
+ * every row pair (AVX-VNNI's vpdpwssd on the same split was no faster) */
 static inline __attribute__((always_inline)) void tile_port16(
         const job_t *j, const int8_t *panel, int64_t m0, int64_t col0, const int rows) {
     const int64_t Kp = j->Kp;
@@ -470,12 +448,8 @@ static inline __attribute__((always_inline)) void tile_port16(
         const int8_t *q = panel + k * PANEL;
         __builtin_prefetch(q + PREFETCH);
         for (int h = 0; h < 2; h++) {
-            const __m256 z0 = _mm256_castsi256_ps(
-                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
-            const __m256 z1 = _mm256_castsi256_ps(
-                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
-            const __m256i wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
-            const __m256i wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
+            __m256i wa, wb;
+            split_pairs(q, h, &wa, &wb);
             for (int m = 0; m < PORT16_ROWS; m++) {
                 if (m < rows) {
                     int32_t p01, p23;
@@ -489,10 +463,7 @@ static inline __attribute__((always_inline)) void tile_port16(
         }
     }
     int32_t out[PORT16_ROWS * PANEL] __attribute__((aligned(32)));
-    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
-        for (int h = 0; h < 2; h++)
-            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
-                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
+    store_split(out, acc, rows);
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
 
@@ -563,9 +534,11 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
     if (vnni && !nbp_int8_vnni())
         return -1;
 #if defined(NBP_ISA_AVX2)
-    /* one row streams the weights either way (the same integers): AVX2's tiles were 3-5%
-     * faster cold and up to 1.46x hot than AVX-VNNI's there, on a Zen 5 (cpu_kernel_ab) */
-    if (M == 1)
+    /* AVX-VNNI for int8 rows, more than one: a row streams the weights either way (AVX2's
+     * tiles were 3-5% faster cold there), and for int16 rows vpdpwssd tiles were no faster
+     * than tile_port16's vpmaddwd + vpaddd (0.96-0.98x at 16 rows on a Zen 5; the same
+     * integers) */
+    if (M == 1 || a16)
         vnni = 0;
 #endif
     const int64_t Kp = (K + 3) / 4 * 4, row_bytes = Kp * (a16 ? 2 : 1);
@@ -611,7 +584,7 @@ int nbp_int8_linear(const float *x, int64_t M, int64_t K, const int8_t *wp, cons
         else
 #elif defined(NBP_ISA_AVX2)
         if (vnni)
-            group_avx_vnni(&j, panels, p * PANEL, n, a16);
+            group_avx_vnni(&j, panels, p * PANEL, n);
         else
 #endif
             group_port(&j, panels, p * PANEL, n, a16);
