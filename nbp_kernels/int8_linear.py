@@ -91,7 +91,8 @@ def _path(lib: ctypes.CDLL, isa: str, why: str, vnni_env: str) -> tuple[str, str
     if vnni_env.strip().lower() in ("off", "0"):
         return isa, f"{why}; {VNNI_ENV}={vnni_env.strip()}"
     if lib.nbp_int8_vnni():
-        return f"{isa}-vnni", f"{why}; the CPU has {name} ({VNNI_ENV}=off disables it)"
+        rows = " for int8 rows (int16 rows: AVX2's tiles, as fast)" if isa == "avx2" else ""
+        return f"{isa}-vnni", f"{why}; the CPU has {name}{rows} ({VNNI_ENV}=off disables it)"
     return isa, f"{why}; the CPU lacks {name}"
 
 
