@@ -103,21 +103,22 @@ def _bf16_path(lib: ctypes.CDLL, isa: str, env: str) -> tuple[str, str]:
     return "avx512", "the CPU lacks AVX512-BF16"
 
 
-def bf16_path() -> tuple[str | None, str]:
+def bf16_path(loaded: tuple | None = None) -> tuple[str | None, str]:
     """(path, reason) of bfloat16 activations: ``avx512-bf16`` (vdpbf16ps), or the ISA in
-    force (FMAs on widened pairs), or None and why the kernel cannot run here."""
-    lib, isa, why = _load()
+    force (FMAs on widened pairs), or None and why the kernel cannot run here. loaded:
+    ``_load()``'s result where the caller holds it (a launch)."""
+    lib, isa, why = loaded or _load()
     if lib is None:
         return None, why
     return _bf16_path(lib, isa, os.environ.get(BF16_ENV, ""))
 
 
-def kernel_code(packed: torch.Tensor) -> int:
+def kernel_code(packed: torch.Tensor, loaded: tuple | None = None) -> int:
     """The C kernel's code for ``pack_weight``'s output ``packed`` (pairs: the bf16 path in
-    force, ``bf16_path``)."""
-    if packed.dim() == 4:
-        return _PAIRS_DOT if bf16_path()[0] == "avx512-bf16" else _PAIRS
-    return WEIGHT_DTYPES[packed.dtype]
+    force, ``bf16_path``). loaded: as ``bf16_path``'s."""
+    if packed.dim() != 4:
+        return WEIGHT_DTYPES[packed.dtype]
+    return _PAIRS_DOT if bf16_path(loaded)[0] == "avx512-bf16" else _PAIRS
 
 
 def pack_weight(weight: torch.Tensor, pairs: bool = False) -> torch.Tensor:
@@ -183,14 +184,15 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
             norm=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel call on checked arguments (packed, bias, scale and norm's tensors
     contiguous)."""
-    lib, _, why = _load()
+    loaded = _load()
+    lib, why = loaded[0], loaded[2]
     if lib is None:
         raise RuntimeError(f"packed_linear is not usable here: {why}")
     code, n_args = checked_act(act), norm_args(norm)
+    dtype = kernel_code(packed, loaded)
 
     def kernel(x2, M, K, y, r2):
-        rc = lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(),
-                                   kernel_code(packed),
+        rc = lib.nbp_packed_linear(x2.data_ptr(), M, K, packed.data_ptr(), dtype,
                                    None if scale is None else scale.data_ptr(),
                                    None if bias is None else bias.data_ptr(), y.data_ptr(),
                                    out_features, code, *n_args,
