@@ -272,14 +272,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         w, b, eps = norm
         x = F.layer_norm(x, x.shape[-1:], None if w is None else w.to(x.dtype),
                          None if b is None else b.to(x.dtype), eps)
-    if act_dtype == torch.bfloat16:
-        y = dequantized_linear(bf16_rows(x), weight, scale,
-                               None if bias is None else bias.to(x.dtype))
-    elif act_dtype not in (None, torch.float32):
+    if act_dtype in (None, torch.float32, torch.bfloat16):
+        rows = bf16_rows(x) if act_dtype == torch.bfloat16 else x
+        y = dequantized_linear(rows, weight, scale, None if bias is None else bias.to(x.dtype))
+    else:   # integer rows (int8_linear refuses any other dtype)
         y = int8_linear(x.reshape(-1, x.shape[-1]), weight, scale, bias, act_dtype)
         y = y.view(*x.shape[:-1], -1)
-    else:
-        y = dequantized_linear(x, weight, scale, None if bias is None else bias.to(x.dtype))
     if act == "gelu":
         y = gelu(y)
     elif act is not None:
