@@ -267,7 +267,7 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni(
 /* rows x 1 panel of int32 sums of 16-bit x and the widened weight on VNNI. Each 64-byte
  * weight vector (16 columns x k 0-3) is widened to int16 and its dwords split into wa
  * (every column's k 0-1) and wb (k 2-3), so one vpdpwssd per row and pair takes the row's
- * pair as an embedded 32-bit broadcast: one accumulator a row, 16 rows a tile. The
+ * pair as a 32-bit broadcast: one accumulator a row, 16 rows a tile. The
  * tiles before it (8 rows of two accumulators, lane parity = k pair, a 64-bit broadcast
  * per row, both widened weights re-made per row tile) made the 16-row K600 head 1.67x
  * and a 16-row step's linears 1.52x slower on a Zen 5 (cpu_kernel_ab, int8_linear). */
@@ -308,6 +308,40 @@ static __attribute__((noinline, target("avx512vnni"))) void group_vnni16(
 }
 #endif
 
+#if defined(X86)
+/* rows x 2 ymm accumulators (columns 0-7, 8-15) -> out[m][0 .. 15] */
+static inline __attribute__((always_inline)) void store_halves(int32_t *out, __m256i acc[][2],
+                                                               int rows) {
+    for (int m = 0; m < rows; m++) {
+        _mm256_store_si256((__m256i *)(out + m * PANEL), acc[m][0]);
+        _mm256_store_si256((__m256i *)(out + m * PANEL + 8), acc[m][1]);
+    }
+}
+
+/* Half h (8 columns) of a panel's 64-byte int8 weight vector q, widened to int16 in two
+ * ymm of 4 columns each, their dwords split by vshufps into *wa, every column's k 0-1,
+ * and *wb, k 2-3, so a row's int16 pairs go in as 32-bit broadcasts. vshufps works inside 128-bit lanes: the columns come in the order
+ * 0 1 4 5 2 3 6 7, which store_split undoes. */
+static inline __attribute__((always_inline)) void split_pairs(const int8_t *q, int h,
+                                                              __m256i *wa, __m256i *wb) {
+    const __m256 z0 = _mm256_castsi256_ps(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
+    const __m256 z1 = _mm256_castsi256_ps(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
+    *wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
+    *wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
+}
+
+/* rows x 2 accumulators of split_pairs' column order -> out[m][0 .. 15] in order */
+static inline __attribute__((always_inline)) void store_split(int32_t *out, __m256i acc[][2],
+                                                              int rows) {
+    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
+        for (int h = 0; h < 2; h++)
+            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
+                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
+}
+#endif
+
 #if defined(NBP_ISA_AVX2)
 /* AVX-VNNI (Alder Lake and later Intel cores, Zen 5): vpdpbusd on ymm, one instruction
  * where AVX2 takes three, for int8 rows. A ymm holds 8 of a panel's 16 columns, so a row
@@ -336,10 +370,7 @@ static inline __attribute__((always_inline, target("avxvnni"))) void tile_avx_vn
         xg += j->M;
     }
     int32_t out[AVX_VNNI_ROWS * PANEL] __attribute__((aligned(32)));
-    for (int m = 0; m < rows; m++) {
-        _mm256_store_si256((__m256i *)(out + m * PANEL), acc[m][0]);
-        _mm256_store_si256((__m256i *)(out + m * PANEL + 8), acc[m][1]);
-    }
+    store_halves(out, acc, rows);
     finish_tile(j, out, rows, 1, m0, col0, 1, 1);
 }
 
@@ -377,10 +408,7 @@ static inline __attribute__((always_inline)) void tile_port(
         }
     }
     int32_t out[PORT_ROWS * PANEL] __attribute__((aligned(32)));
-    for (int m = 0; m < rows; m++) {
-        _mm256_store_si256((__m256i *)(out + m * PANEL), acc[m][0]);
-        _mm256_store_si256((__m256i *)(out + m * PANEL + 8), acc[m][1]);
-    }
+    store_halves(out, acc, rows);
     finish_tile(j, out, rows, 1, m0, col0, 1, 0);
 }
 #else
@@ -409,30 +437,6 @@ static inline void tile_port(const job_t *j, const int8_t *panel, int64_t m0, in
 #endif
 
 #if defined(X86)
-/* Half h (8 columns) of a panel's 64-byte
- * int8 weight vector q, widened to int16 in two ymm of 4 columns each, their dwords split
- * by vshufps into *wa, every column's k 0-1, and *wb, k 2-3, so a row's pairs go in as
- * 32-bit broadcasts. vshufps works inside 128-bit lanes: the columns come in the order
- * 0 1 4 5 2 3 6 7, which store_split undoes. */
-static inline __attribute__((always_inline)) void split_pairs(const int8_t *q, int h,
-                                                              __m256i *wa, __m256i *wb) {
-    const __m256 z0 = _mm256_castsi256_ps(
-        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h))));
-    const __m256 z1 = _mm256_castsi256_ps(
-        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 32 * h + 16))));
-    *wa = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0x88));
-    *wb = _mm256_castps_si256(_mm256_shuffle_ps(z0, z1, 0xdd));
-}
-
-/* rows x 2 accumulators of split_pairs' column order -> out[m][0 .. 15] in order */
-static inline __attribute__((always_inline)) void store_split(int32_t *out, __m256i acc[][2],
-                                                              int rows) {
-    for (int m = 0; m < rows; m++)   /* 64-bit lanes (0 1)(4 5)(2 3)(6 7) -> 0 .. 7 */
-        for (int h = 0; h < 2; h++)
-            _mm256_store_si256((__m256i *)(out + m * PANEL + 8 * h),
-                               _mm256_permute4x64_epi64(acc[m][h], 0xd8));
-}
-
 /* rows x 1 panel of int32 sums of 16-bit x with AVX2 vpmaddwd on split_pairs' halves, two
  * accumulators a row, 4-row tiles: a 16-row K600 step's linears 1.5x faster (cold, a Zen
  * 5 forced to AVX2) than 2-row tiles of four accumulators re-widening the weights for

@@ -281,7 +281,7 @@ DEFINE_LINEAR(linear_i8, W_I8)
 /* bf16 activations (W_BF16_PAIRS, W_BF16_PAIRS_DOT).
  *
  * A 16-row step with bf16 weights is bound by its FMAs, not by the weight stream
- * (both halve nothing but the bytes). Rounding the rows of x to bf16 as well (as
+ * (narrower weights halve the bytes, not the FMAs). Rounding the rows of x to bf16 as well (as
  * torch's .to(torch.bfloat16): nearest even, NaN kept) lets AVX512-BF16's vdpbf16ps
  * do 32 multiply-adds an instruction, twice an FMA's: its products of two bf16 are
  * exact in float32, its sums rounded in float32 (the reference, reference.bf16_rows,
@@ -369,6 +369,17 @@ static inline __attribute__((always_inline)) void tile_pairs(
             store_cols(y + (m0 + m) * n_out, n_out, col0 + v * VLEN, acc[m][v]);
 }
 
+/* The row tiles of one panel (M, pairs, panel, bias, y, n_out, col0 in scope): full
+ * tiles call tile with the constant PAIR_ROWS, so its loops unroll; the last with its
+ * row count. */
+#define PAIR_TILES(tile, x)                                                             \
+    for (int64_t m0 = 0; m0 < M; m0 += PAIR_ROWS) {                                     \
+        if (M - m0 >= PAIR_ROWS)                                                        \
+            tile(x, M, m0, pairs, panel, bias, y, n_out, col0, PAIR_ROWS);              \
+        else                                                                            \
+            tile(x, M, m0, pairs, panel, bias, y, n_out, col0, (int)(M - m0));          \
+    }
+
 #if defined(NBP_ISA_AVX512)
 /* tile_pairs by vdpbf16ps: one instruction per row and pair */
 static inline __attribute__((always_inline, target("avx512bf16"))) void tile_dot(
@@ -395,23 +406,13 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void tile_dot
 static __attribute__((noinline, target("avx512bf16"))) void panel_dot(
         const uint32_t *xg, int64_t M, int64_t pairs, const uint32_t *panel, const float *bias,
         float *y, int64_t n_out, int64_t col0) {
-    for (int64_t m0 = 0; m0 < M; m0 += PAIR_ROWS) {
-        if (M - m0 >= PAIR_ROWS)
-            tile_dot(xg, M, m0, pairs, panel, bias, y, n_out, col0, PAIR_ROWS);
-        else
-            tile_dot(xg, M, m0, pairs, panel, bias, y, n_out, col0, (int)(M - m0));
-    }
+    PAIR_TILES(tile_dot, xg)
 }
 #endif
 
 static void panel_pairs(const float *xf, int64_t M, int64_t pairs, const uint32_t *panel,
                         const float *bias, float *y, int64_t n_out, int64_t col0) {
-    for (int64_t m0 = 0; m0 < M; m0 += PAIR_ROWS) {
-        if (M - m0 >= PAIR_ROWS)
-            tile_pairs(xf, M, m0, pairs, panel, bias, y, n_out, col0, PAIR_ROWS);
-        else
-            tile_pairs(xf, M, m0, pairs, panel, bias, y, n_out, col0, (int)(M - m0));
-    }
+    PAIR_TILES(tile_pairs, xf)
 }
 
 /* y = xg @ W^T + bias, then the activation and residual, over panel groups */
