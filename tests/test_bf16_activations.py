@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from cpu_isa_paths import feature_paths, force_path
+from test_cli_cpu_options import check_act_dtype_cli
 from test_weight_dtype import sharp_model, video_ids  # the sharp tiny model, shared
 
 from nbp.cli import main
@@ -180,23 +181,7 @@ def test_generator_with_bf16_activations(path):
 
 @pytest.mark.usefixtures("path")
 def test_cli_flags(capsys, tmp_path):
-    before = torch.get_num_threads()
-    try:
-        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
-                     "cpu", "--threads", "1", "--act-dtype", "bfloat16"]) == 2
-        assert "act_dtype: torch.bfloat16 activations need weight_dtype" in \
-            capsys.readouterr().err
-        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
-                     "cpu", "--threads", "1", "--weight-dtype", "bfloat16", "--act-dtype",
-                     "bfloat16"]) == 0
-        assert "stored bfloat16, activations bfloat16" in capsys.readouterr().out
-        out = tmp_path / "abf16.gif"
-        assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
-                     "--weight-dtype", "bfloat16", "--act-dtype", "bfloat16",
-                     "--threads", "1"]) == 0
-        assert out.stat().st_size > 0
-    finally:
-        torch.set_num_threads(before)
+    check_act_dtype_cli(capsys, tmp_path, "bfloat16", ("bfloat16",))
 
 
 def test_info_names_the_bf16_path(capsys, path):

@@ -15,6 +15,28 @@ from nbp_kernels.packed_linear import is_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def check_act_dtype_cli(capsys, tmp_path, weight: str, acts: tuple[str, ...]) -> None:
+    """--act-dtype on nbp bench and generate: acts[0] refused without --weight-dtype
+    ``weight``, each of ``acts`` benched with it, acts[0] generating a file; torch's
+    threads restored after."""
+    bench = ["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device", "cpu",
+             "--threads", "1"]
+    before = torch.get_num_threads()
+    try:
+        assert main(bench + ["--act-dtype", acts[0]]) == 2
+        assert f"act_dtype: torch.{acts[0]} activations need weight_dtype" in \
+            capsys.readouterr().err
+        for act in acts:
+            assert main(bench + ["--weight-dtype", weight, "--act-dtype", act]) == 0
+            assert f"stored {weight}, activations {act}" in capsys.readouterr().out
+        out = tmp_path / f"{acts[0]}.gif"
+        assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
+                     "--weight-dtype", weight, "--act-dtype", acts[0], "--threads", "1"]) == 0
+        assert out.stat().st_size > 0
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def keep_threads():
     before = torch.get_num_threads()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cpu_isa_paths import feature_paths, force_path
+from test_cli_cpu_options import check_act_dtype_cli
 from test_weight_dtype import sharp_model, video_ids  # the sharp tiny model, shared
 
 from nbp.cli import main
@@ -371,24 +372,7 @@ _GREEDY: dict[str, torch.Tensor] = {}
 
 @pytest.mark.usefixtures("path")
 def test_cli_flags(capsys, tmp_path):
-    before = torch.get_num_threads()
-    try:
-        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
-                     "cpu", "--threads", "1", "--act-dtype", "int8"]) == 2
-        assert "act_dtype: torch.int8 activations need weight_dtype" in capsys.readouterr().err
-        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
-                     "cpu", "--threads", "1", "--weight-dtype", "int8", "--act-dtype", "int8"]) == 0
-        assert "stored int8, activations int8" in capsys.readouterr().out
-        assert main(["bench", "--preset", "tiny", "--repeats", "1", "--top-k", "10", "--device",
-                     "cpu", "--threads", "1", "--weight-dtype", "int8", "--act-dtype",
-                     "int16"]) == 0
-        assert "stored int8, activations int16" in capsys.readouterr().out
-        out = tmp_path / "a8.gif"
-        assert main(["generate", "--out", str(out), "--random", "--seed", "1", "--greedy",
-                     "--weight-dtype", "int8", "--act-dtype", "int8", "--threads", "1"]) == 0
-        assert out.stat().st_size > 0
-    finally:
-        torch.set_num_threads(before)
+    check_act_dtype_cli(capsys, tmp_path, "int8", ("int8", "int16"))
 
 
 def test_info_names_the_int8_path(capsys, monkeypatch):
