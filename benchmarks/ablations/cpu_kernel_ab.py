@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--a-path", default=None,
                    help="int8_linear: run A on this path of its build (e.g. avx2 where B runs "
                         "avx2-vnni): an A/B of two code paths")
+    p.add_argument("--tag", default="", help="appended to the result file's name (keeps an "
+                                              "A/B against another revision beside this one)")
     args = p.parse_args(argv)
     if args.a_isa and args.kernel == "int8_linear":
         p.error("--a-isa: int8_linear's path follows the ISA in force; use NBP_CPU_ISA")
@@ -262,14 +264,17 @@ def main(argv=None) -> int:
                 {"packed_linear": linear_rows, "decode_attention": attention_rows}[args.kernel](
                     libs, args.repeats))
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why)
+    a_commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev],
+                              check=True, capture_output=True, text=True).stdout.strip()
     result = {"what": __doc__.split("\n\n")[0], "kernel": args.kernel, "a": args.rev,
+              "a_commit": a_commit,
               "a_isa": a_isa, "b": "working tree", "b_isa": isa, "machine": info, "rows": rows}
     name = "" if args.kernel == "packed_linear" else f"{args.kernel}_"
     where = int8_linear.kernel_path()[0] if args.kernel == "int8_linear" else \
         isa if a_isa == isa else f"{a_isa}_vs_{isa}"
     if args.a_path:
         where = f"{args.a_path}_vs_{where}"
-    out = RESULTS / f"cpu_kernel_ab_{name}{where}_{machine_tag(info)}.json"
+    out = RESULTS / f"cpu_kernel_ab_{name}{where}_{machine_tag(info)}{args.tag}.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
