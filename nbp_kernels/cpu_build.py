@@ -2,8 +2,11 @@
 
 One portable C source per kernel (GCC vector extensions) is compiled once per
 instruction set: ``avx512`` (AVX-512 F/BW/DQ/VL + FMA), ``avx2`` (AVX2 + FMA)
-on x86-64, ``neon`` on AArch64. ``cpu_isa()`` picks the best one this CPU runs,
-or the one ``NBP_CPU_ISA=avx512|avx2|neon|off`` names, and says why.
+on x86-64, ``neon`` on AArch64, and last ``portable``: the NEON build's code (no
+intrinsics, four float lanes) for the host's baseline (SSE2 on x86-64), the
+fallback of a CPU without AVX2+FMA, and on x86 machines the tests' stand-in for an
+AArch64 one. ``cpu_isa()`` picks the best one this CPU runs, or the one
+``NBP_CPU_ISA=avx512|avx2|neon|portable|off`` names, and says why.
 
 ``load("packed_linear")`` compiles ``cpu/packed_linear.c`` for that ISA with
 the system C compiler (``$CC``, default ``cc``; about a second) into
@@ -43,17 +46,19 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "avx2": ["-mavx2", "-mfma"],
     "neon": [],
+    "portable": [],
 }
 CPU_FLAGS = {
     "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma"),
     "avx2": ("avx2", "fma"),
     "neon": ("asimd",),
+    "portable": (),
 }
-ISAS = {"x86_64": ("avx512", "avx2"), "aarch64": ("neon",)}
+ISAS = {"x86_64": ("avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
 LIBS = {name: ["-lmvec", "-lm"]
         for name in ("sample_cpu", "packed_linear", "int8_linear", "decode_attention")}
-# libmvec is linked on x86 only: the NEON code calls libm's scalar functions lane by
-# lane, and AArch64 glibc ships libmvec only from 2.38 (older ones fail to link it).
+# libmvec is linked for the x86 ISAs only: the NEON (and portable) code calls libm's
+# scalar functions lane by lane, and AArch64 glibc ships libmvec only from 2.38.
 MVEC_ISAS = ("avx512", "avx2")
 # int8_linear's float epilogue must round each operation as the reference does
 KERNEL_FLAGS = {"int8_linear": ["-ffp-contract=off"]}
@@ -90,7 +95,7 @@ def supported_isas() -> tuple[str, ...]:
 def cpu_isa() -> tuple[str, str]:
     """(isa, reason): the kernels' instruction set here, ``"off"`` if none.
 
-    ``NBP_CPU_ISA`` forces one (``avx512``, ``avx2``, ``neon`` or ``off``); a
+    ``NBP_CPU_ISA`` forces one (``avx512``, ``avx2``, ``neon``, ``portable`` or ``off``); a
     forced ISA this CPU lacks gives ``"off"`` (running it would be SIGILL).
     Raises ValueError for any other value of ``NBP_CPU_ISA``.
     """
@@ -103,7 +108,8 @@ def cpu_isa() -> tuple[str, str]:
 def _cpu_isa(env: str) -> tuple[str, str]:
     forced = env.strip().lower()
     if forced and forced not in ("off", *ISA_FLAGS):
-        raise ValueError(f"{ENV}: expected one of avx512, avx2, neon, off; got {forced!r}")
+        raise ValueError(f"{ENV}: expected one of avx512, avx2, neon, portable, off; "
+                         f"got {forced!r}")
     have = supported_isas()
     if forced == "off":
         return "off", f"{ENV}=off"
@@ -112,10 +118,10 @@ def _cpu_isa(env: str) -> tuple[str, str]:
             return "off", f"{ENV}={forced}, but this CPU lacks it (it runs: {', '.join(have) or 'none'})"
         return forced, f"{ENV}={forced} (this CPU runs: {', '.join(have)})"
     if not have:
-        if platform.system() != "Linux" or _arch() not in ISAS:
-            return "off", f"needs Linux on x86-64 or AArch64, this is {platform.system()} on {_arch()}"
-        need = " or ".join("+".join(CPU_FLAGS[i]) for i in ISAS[_arch()])
-        return "off", f"this CPU lacks {need}"
+        return "off", f"needs Linux on x86-64 or AArch64, this is {platform.system()} on {_arch()}"
+    if have[0] == "portable":
+        need = " or ".join("+".join(CPU_FLAGS[i]) for i in ISAS[_arch()] if i != "portable")
+        return "portable", f"the portable build: this CPU lacks {need} ({ENV} overrides)"
     return have[0], f"best this CPU runs (of {', '.join(have)}; {ENV} overrides)"
 
 
@@ -145,11 +151,17 @@ def _verified(lib: Path) -> bool:
         return False
 
 
+def compile_flags(name: str, isa: str) -> tuple[list[str], list[str]]:
+    """(compiler flags, libraries) that build ``cpu/<name>.c`` for ``isa`` into a shared
+    library (what ``load`` compiles; the cross-compile tests reuse them)."""
+    cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
+    return cmd, [f for f in LIBS.get(name, []) if f != "-lmvec" or isa in MVEC_ISAS]
+
+
 def _compile(name: str, isa: str, cc: str) -> Path:
     """Path of the shared library for ``cpu/<name>.c`` on ``isa``, compiled now unless cached."""
     src = SOURCES / f"{name}.c"
-    cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
-    libs = [f for f in LIBS.get(name, []) if f != "-lmvec" or isa in MVEC_ISAS]
+    cmd, libs = compile_flags(name, isa)
     # The headers the sources include are part of what is compiled, hence of the key.
     code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
     tag = hashlib.sha256(code + " ".join([cc, *cmd, *libs]).encode()).hexdigest()[:16]

@@ -20,7 +20,7 @@ about 1e-4 at most, is below that of the int8 weights themselves. Opt-in:
 (AVX-VNNI ``vpdpbusd`` on 256-bit registers for int8 rows, on an avx2 build where the
 CPU has it: Intel cores since Alder Lake, AMD Zen 5; int16 rows there take AVX2's
 tiles, as fast), ``avx512`` / ``avx2`` (AVX2
-``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` (plain C). Every path
+``vpmaddubsw`` with the sign trick / ``vpmaddwd``) or ``neon`` / ``portable`` (plain C). Every path
 computes the same integers, so the same floats. ``NBP_CPU_VNNI=off`` keeps a CPU off
 the VNNI paths (so every path is tested on one machine).
 
@@ -105,8 +105,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None, str]:
 
 
 def kernel_path() -> tuple[str | None, str]:
-    """(path, reason): ``avx512-vnni``, ``avx2-vnni``, ``avx512``, ``avx2`` or ``neon``, or None
-    and why the kernel cannot run here. Compiles the kernel on the first call."""
+    """(path, reason): ``avx512-vnni``, ``avx2-vnni``, ``avx512``, ``avx2``, ``neon`` or
+    ``portable``, or None and why the kernel cannot run here. Compiles the kernel on the
+    first call."""
     return _load()[1:]
 
 

@@ -13,7 +13,7 @@ read fewer bytes (measurements: ``benchmarks/bench_packed_linear.py``,
 ``benchmarks/ablations/cpu_weight_dtype.py``).
 
 The C file is compiled at first use for the ISA ``cpu_build.cpu_isa()`` picks
-(AVX-512, AVX2 or NEON; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
+(AVX-512, AVX2, NEON or the portable build; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
 which, or why none; callers (``FastGenerator``) then use
 ``torch.nn.functional.linear``. Inference only: there is no backward.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import stat
@@ -14,13 +15,14 @@ import pytest
 from nbp_kernels import cpu_build
 
 ISAS = cpu_build.supported_isas()
+AUTO = ISAS[0] if ISAS else "off"   # cpu_isa's choice
 needs_isa = pytest.mark.skipif(not ISAS, reason=f"no kernel ISA here: {cpu_build.cpu_isa()[1]}")
 
 
 def test_isa_choice_follows_the_environment(monkeypatch):
     monkeypatch.delenv("NBP_CPU_ISA", raising=False)
     isa, why = cpu_build.cpu_isa()
-    assert isa == (ISAS[0] if ISAS else "off") and why
+    assert isa == AUTO and why
     monkeypatch.setenv("NBP_CPU_ISA", "off")
     assert cpu_build.cpu_isa() == ("off", "NBP_CPU_ISA=off")
     for forced in ISAS:
@@ -33,8 +35,28 @@ def test_isa_choice_follows_the_environment(monkeypatch):
         isa, why = cpu_build.cpu_isa()
         assert isa == "off" and "lacks it" in why
     monkeypatch.setenv("NBP_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="NBP_CPU_ISA: expected one of avx512, avx2, neon, off"):
+    with pytest.raises(ValueError, match="NBP_CPU_ISA: expected one of avx512, avx2, neon, "
+                                         "portable, off"):
         cpu_build.cpu_isa()
+
+
+def test_portable_is_the_last_resort(monkeypatch):
+    """A Linux CPU with none of the SIMD ISAs' flags gets the portable build, saying why;
+    one with them never gets it unless forced."""
+    if not ISAS:
+        pytest.skip(cpu_build.cpu_isa()[1])
+    monkeypatch.delenv("NBP_CPU_ISA", raising=False)
+    assert ISAS[-1] == "portable" and cpu_build.cpu_isa()[0] == AUTO
+    monkeypatch.setattr(cpu_build, "cpu_flags", lambda: frozenset())
+    cpu_build._cpu_isa.cache_clear()
+    try:
+        assert cpu_build.supported_isas() == ("portable",)
+        isa, why = cpu_build.cpu_isa()
+        assert isa == "portable" and why.startswith("the portable build: this CPU lacks")
+        monkeypatch.setenv("NBP_CPU_ISA", "avx2" if "avx2" in cpu_build.ISA_FLAGS else "neon")
+        assert cpu_build.cpu_isa()[0] == "off"
+    finally:
+        cpu_build._cpu_isa.cache_clear()
 
 
 def test_off_disables_both_kernels(monkeypatch):
@@ -104,16 +126,47 @@ def test_cache_files_take_the_umask_modes(tmp_path):
 
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
+KERNELS = sorted(p.stem for p in cpu_build.SOURCES.glob("*.c"))
+EM_AARCH64 = 183   # ELF e_machine
 
 
 @pytest.mark.skipif(shutil.which(CROSS_CC) is None, reason=f"no {CROSS_CC} cross compiler here")
-@pytest.mark.parametrize("name", ["packed_linear", "int8_linear", "sample_cpu"])
+@pytest.mark.parametrize("name", KERNELS)
 def test_neon_builds_compile_and_link(tmp_path, monkeypatch, name):
     """Every kernel compiles and links for AArch64 with the flags and libraries cpu_build
     uses there (not libmvec, which AArch64 glibc lacks before 2.38)."""
     monkeypatch.setenv("NBP_CACHE_DIR", str(tmp_path))
     lib = cpu_build._compile(name, "neon", CROSS_CC)
     assert lib.read_bytes()[:4] == b"\x7fELF" and cpu_build._verified(lib)
+
+
+def _host_omp_include() -> Path | None:
+    """The folder of the host GCC's omp.h (its declarations do not depend on the target)."""
+    if shutil.which("gcc") is None:
+        return None
+    found = Path(subprocess.run(["gcc", "-print-file-name=include/omp.h"], capture_output=True,
+                                text=True).stdout.strip())
+    return found.parent if found.is_absolute() and found.exists() else None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ziglang") is None or _host_omp_include() is None,
+                    reason="no ziglang (pip install ziglang: clang with AArch64 glibc headers) "
+                           "or no host omp.h")
+@pytest.mark.parametrize("name", KERNELS)
+def test_neon_builds_compile_with_clang(tmp_path, name):
+    """Every kernel compiles for AArch64 Linux with a second compiler, clang (``zig cc``),
+    with cpu_build's NEON flags, warnings as errors. An object only: no AArch64 OpenMP
+    runtime here to link against."""
+    flags, _ = cpu_build.compile_flags(name, "neon")
+    out = tmp_path / f"{name}.o"
+    r = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", "aarch64-linux-gnu",
+                        *[f for f in flags if f != "-shared"], "-Wall", "-Wextra", "-Werror",
+                        "-isystem", str(_host_omp_include()), "-c",
+                        str(cpu_build.SOURCES / f"{name}.c"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = out.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == EM_AARCH64
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])

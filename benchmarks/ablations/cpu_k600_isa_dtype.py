@@ -151,8 +151,14 @@ def per_call(values: list, n: int) -> list:
     return [statistics.fmean(values[i:i + n]) for i in range(0, len(values) - n + 1, n)]
 
 
+def simd_isas() -> tuple[str, ...]:
+    """The ISAs this CPU runs less the portable build (the fallback of CPUs without them,
+    timed by cpu_portable.py)."""
+    return tuple(i for i in supported_isas() if i != "portable")
+
+
 def part_isa(model, ids, new, repeats: int, nbp_per_round: int) -> dict:
-    isas = supported_isas()
+    isas = simd_isas()
     fns, first = {}, {}
     calls = {}   # generations per timed call: NBP runs nbp_per_round times in a row
     for isa in isas:
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
     isa, why = cpu_isa()
-    info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(supported_isas()),
+    info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(simd_isas()),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
     body = part_isa(model, ids, new, args.repeats, args.nbp_per_round) if args.part == "isa" else \

@@ -73,10 +73,9 @@ def build(source: str, kernel: str, isa: str, out: Path, include: Path) -> ctype
     """``source`` compiled as cpu_build does for ``isa``, its headers from ``include``."""
     src = out.with_suffix(".c")
     src.write_text(source)
-    subprocess.run([os.environ.get("CC", "cc"), *cpu_build.FLAGS, *cpu_build.ISA_FLAGS[isa],
-                    *cpu_build.KERNEL_FLAGS.get(kernel, []), f"-DNBP_ISA_{isa.upper()}=1",
-                    f"-I{include}", str(src), "-o", str(out), *cpu_build.LIBS.get(kernel, [])],
-                   check=True)
+    flags, libs = cpu_build.compile_flags(kernel, isa)
+    subprocess.run([os.environ.get("CC", "cc"), *flags, f"-I{include}", str(src), "-o", str(out),
+                    *libs], check=True)
     return BINDS[kernel](ctypes.CDLL(str(out)))
 
 

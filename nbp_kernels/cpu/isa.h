@@ -31,8 +31,13 @@
 #  endif
 #  define ISA_NAME "neon"
 #  define VLEN 4
+#elif defined(NBP_ISA_PORTABLE)
+/* the NEON build's source (no intrinsics, 4 float lanes) compiled for the host's baseline
+ * (SSE2 on x86-64): it runs that code where no AArch64 machine is at hand */
+#  define ISA_NAME "portable"
+#  define VLEN 4
 #else
-#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2 or -DNBP_ISA_NEON"
+#  error "compile with -DNBP_ISA_AVX512, -DNBP_ISA_AVX2, -DNBP_ISA_NEON or -DNBP_ISA_PORTABLE"
 #endif
 
 const char *nbp_cpu_isa(void) { return ISA_NAME; }
