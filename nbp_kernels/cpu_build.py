@@ -55,6 +55,7 @@ CPU_FLAGS = {
     "portable": (),
 }
 ISAS = {"x86_64": ("avx512", "avx2", "portable"), "aarch64": ("neon", "portable")}
+PORTABLE_MARCH = {"x86_64": ["-march=x86-64"], "aarch64": ["-march=armv8-a"]}
 LIBS = {name: ["-lmvec", "-lm"]
         for name in ("sample_cpu", "packed_linear", "int8_linear", "decode_attention")}
 # libmvec is linked for the x86 ISAs only: the NEON (and portable) code calls libm's
@@ -155,6 +156,8 @@ def compile_flags(name: str, isa: str) -> tuple[list[str], list[str]]:
     """(compiler flags, libraries) that build ``cpu/<name>.c`` for ``isa`` into a shared
     library (what ``load`` compiles; the cross-compile tests reuse them)."""
     cmd = [*FLAGS, *ISA_FLAGS[isa], *KERNEL_FLAGS.get(name, []), f"-DNBP_ISA_{isa.upper()}=1"]
+    if isa == "portable":   # a compiler whose default is x86-64-v3 would emit AVX2 for it
+        cmd += PORTABLE_MARCH.get(_arch(), [])
     return cmd, [f for f in LIBS.get(name, []) if f != "-lmvec" or isa in MVEC_ISAS]
 
 

@@ -212,3 +212,18 @@ def test_configure_threads_sets_passive_waits_before_torch_loads():
                        timeout=300, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "PASSIVE"
+
+
+@pytest.mark.skipif(cpu_build._arch() != "x86_64" or shutil.which("objdump") is None
+                    or "portable" not in ISAS, reason="needs x86-64 Linux with objdump")
+@pytest.mark.parametrize("name", KERNELS)
+def test_portable_build_keeps_to_the_x86_64_baseline(tmp_path, monkeypatch, name):
+    """The portable build runs on a CPU without AVX: no VEX or EVEX instruction in it
+    (their mnemonics start with v), whatever -march the compiler defaults to."""
+    monkeypatch.setenv("NBP_CACHE_DIR", str(tmp_path))
+    lib = cpu_build._compile(name, "portable", os.environ.get("CC", "cc"))
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], check=True,
+                          capture_output=True, text=True).stdout
+    mnemonics = [line.split("\t")[1].split()[0] for line in text.splitlines()
+                 if line.count("\t") >= 1 and ":\t" in line and line.split("\t")[1].strip()]
+    assert mnemonics and not [m for m in mnemonics if m.startswith("v")]
