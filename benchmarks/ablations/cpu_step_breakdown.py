@@ -23,9 +23,10 @@ per step:
   n x n ``torch.mm`` (same run); the integer-activation variants' dot products
   are not bound by it (VNNI does 4 int8 or 2 int16 multiply-adds per fp32 FMA).
 
-Writes benchmarks/results/cpu_step_breakdown_<threads>t_<machine>.json.
+Writes benchmarks/results/cpu_step_breakdown_<threads>t_<machine><tag>.json.
 
     python benchmarks/ablations/cpu_step_breakdown.py --threads 2
+    NBP_CPU_ISA=avx2 python benchmarks/ablations/cpu_step_breakdown.py --tag _avx2
 """
 from __future__ import annotations
 
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
                    help="generations per variant, round-robin; each variant reports its "
                         "median round (the machine's load moved single runs by 20%%)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="appended to the result file's name (e.g. _avx2 "
+                                              "with NBP_CPU_ISA=avx2)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds: expected a positive int")
@@ -223,8 +226,8 @@ def main(argv=None) -> int:
               "linear_macs_per_row": macs, "machine": info, "variants": rows}
     print(json.dumps({k: (round(v["step_ms"], 2), round(v["memory_floor_ms"], 2),
                           round(v["fp32_compute_floor_ms"], 2)) for k, v in rows.items()}))
-    write_result(args.out / f"cpu_step_breakdown_{info['torch_threads']}t_{machine_tag(info)}.json",
-                 result)
+    write_result(args.out / f"cpu_step_breakdown_{info['torch_threads']}t_{machine_tag(info)}"
+                            f"{args.tag}.json", result)
     return 0
 
 
