@@ -14,8 +14,9 @@ within ~1e-7 of a token's CDF edge, may differ by that token).
 
 Compiled at first use (``nbp_kernels.cpu_build``) for the ISA
 ``cpu_build.cpu_isa()`` picks (AVX-512 or AVX2 with glibc's libmvec on x86-64
-Linux, NEON on AArch64, the portable build elsewhere; ``NBP_CPU_ISA`` forces one). ``is_available()`` says
-which, or why none, and ``nbp.sampler`` then uses its numpy/torch path.
+Linux, NEON on AArch64, the portable build elsewhere; ``NBP_CPU_ISA`` forces one).
+``is_available()`` says which, or why none, and ``nbp.sampler`` then uses its
+numpy/torch path.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def measure(repeats: int, threads: int) -> dict:
+    import torch
     from ablation_args import write_result
     from cpu_k600_isa_dtype import SAMPLING, k600_problem, with_isa
     from nbp.commands.bench import machine_info, machine_tag, median, time_interleaved
@@ -46,7 +47,6 @@ def measure(repeats: int, threads: int) -> dict:
                 ids, new, mode=m, **SAMPLING))
     times = time_interleaved(fns, repeats)
     med = {k: median(v) for k, v in times.items()}
-    import torch
     info = dict(machine_info("cpu"), torch_env=SSE_ONLY,
                 aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
     result = {"what": __doc__.split("\n\n")[0], "given": ids.shape[1], "new": new,
