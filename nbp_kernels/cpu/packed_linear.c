@@ -45,6 +45,7 @@
 #  define TILE_PANELS 1
 #  define GROUP 2
 #  define PACK_ROWS 1     /* as on AVX-512: the 16-row float32 head 1.02-1.07x on a Zen 4 */
+#  define K_UNROLL 2      /* k steps a loop iteration (tile) */
 #else
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 24 of the 32 q registers as accumulators */
 #  define TILE_PANELS 1
@@ -53,6 +54,9 @@
 
 #ifndef PACK_ROWS
 #  define PACK_ROWS 0     /* NEON tiles of 6 rows keep their row pointers in registers */
+#endif
+#ifndef K_UNROLL
+#  define K_UNROLL 1
 #endif
 /* weights (n_out x K) from which a product of several rows is worth transposing x for:
  * the K600 vocabulary head (64000 x 384), not its 384-wide layers (packing 16 x 384
@@ -116,12 +120,54 @@ static inline __attribute__((always_inline)) vf load_w(const char *p, const int 
 
 #include "panel_cols.h"
 
+/* One k of a tile (below): acc[m][j] += x[m][k] w[k][j] for its rows and panels. Each
+ * panel's row streams with a software prefetch PREFETCH bytes ahead where the tile is
+ * the product's only row tile (ahead NULL); several row tiles read panels the previous
+ * group's tiles brought to L2 (`ahead`, which pf_ahead issues: every k, or every other
+ * k where its step is at most half a cache line, as row_tiles' is with AVX2's groups). */
+static inline __attribute__((always_inline)) void k_step(
+        vf acc[TILE_ROWS][GROUP * SUB], const float *x, int64_t K, int64_t k,
+        const char *panels, const int dtype, const int rows, const int n_panels,
+        const char *ahead, const int64_t ahead_step, const int64_t ahead_stride, const int xt,
+        const int pf_ahead) {
+    const int64_t row_bytes = PANEL * elem_bytes(dtype);
+    if (ahead && pf_ahead) {   /* the next group's panels, into L2, at the rate this group reads */
+        for (int j = 0; j < GROUP; j++)
+            __builtin_prefetch(ahead + j * ahead_stride + k * ahead_step, 0, 2);
+    }
+    vf w[GROUP * SUB] = {0};   /* only the first n_panels * SUB are used */
+    for (int j = 0; j < GROUP; j++) {
+        if (j < n_panels) {
+            const char *p = panels + (j * K + k) * row_bytes;
+            if (!ahead)
+                __builtin_prefetch(p + PREFETCH);
+            for (int v = 0; v < SUB; v++)
+                w[j * SUB + v] = load_w(p + v * VLEN * elem_bytes(dtype), dtype);
+        }
+    }
+    for (int m = 0; m < TILE_ROWS; m++) {
+        if (m < rows) {
+            /* x - 0 is x for every x (0 + x is not, for -0), so this compiles to a
+             * broadcast load: 0 + x cost an add and a shuffle on the FMA ports */
+            vf xv = (xt ? x[k * TILE_ROWS + m] : x[m * K + k]) - (vf){0};
+            for (int j = 0; j < GROUP * SUB; j++)
+                if (j < n_panels * SUB)
+                    acc[m][j] += xv * w[j];
+        }
+    }
+}
+
 /* rows (<= TILE_ROWS) rows of x times n_panels (<= GROUP) consecutive panels [K][16]
  * -> y[rows][col0 : col0 + 16 n_panels] = acc * scale + bias. x: [rows][K], or with
  * xt, this row tile transposed, [K][TILE_ROWS] (pack_rows): the tile's broadcasts then
  * take one pointer and constant offsets (AVX-512's eight row pointers did not fit the
  * registers left, and moving them back from vector registers took issue slots of an
- * FMA port). Inlined so the common tiles compile with constant trip counts. */
+ * FMA port). Inlined so the common tiles compile with constant trip counts.
+ * AVX2 steps two k an iteration, the `ahead` prefetch at the first: its 6-row tile issues
+ * 12 FMAs a k from 16 registers, and the loop's counters, the ahead test and redundant
+ * prefetches took a third of its instructions (with the 4 KiB prefetch kept to one-tile
+ * products, the 16-row float32 head 2-8% faster where a busy machine slowed it, Zen 4;
+ * no faster on AVX-512). */
 static inline __attribute__((always_inline)) void tile(
         const float *x, int64_t K, const char *panels, const int dtype, const float *scale,
         const float *bias, float *y, int64_t n_out, int64_t col0, const int rows,
@@ -136,32 +182,18 @@ static inline __attribute__((always_inline)) void tile(
         for (int m = 0; m < TILE_ROWS; m++)
             acc[m][j] = b;
     }
-    const int64_t row_bytes = PANEL * elem_bytes(dtype);
-    for (int64_t k = 0; k < K; k++) {
-        if (ahead) {   /* the next group's panels, into L2, at the rate this group reads */
-            for (int j = 0; j < GROUP; j++)
-                __builtin_prefetch(ahead + j * ahead_stride + k * ahead_step, 0, 2);
-        }
-        vf w[GROUP * SUB] = {0};   /* only the first n_panels * SUB are used */
-        for (int j = 0; j < GROUP; j++) {
-            if (j < n_panels) {
-                const char *p = panels + (j * K + k) * row_bytes;
-                __builtin_prefetch(p + PREFETCH);
-                for (int v = 0; v < SUB; v++)
-                    w[j * SUB + v] = load_w(p + v * VLEN * elem_bytes(dtype), dtype);
-            }
-        }
-        for (int m = 0; m < TILE_ROWS; m++) {
-            if (m < rows) {
-                /* x - 0 is x for every x (0 + x is not, for -0), so this compiles to a
-                 * broadcast load: 0 + x cost an add and a shuffle on the FMA ports */
-                vf xv = (xt ? x[k * TILE_ROWS + m] : x[m * K + k]) - (vf){0};
-                for (int j = 0; j < GROUP * SUB; j++)
-                    if (j < n_panels * SUB)
-                        acc[m][j] += xv * w[j];
-            }
+#define K_STEP(k, pf_ahead) k_step(acc, x, K, k, panels, dtype, rows, n_panels, ahead, \
+                                   ahead_step, ahead_stride, xt, pf_ahead)
+    int64_t k = 0;
+    if (K_UNROLL == 2 && ahead_step <= 32) {
+        for (; k + 1 < K; k += 2) {
+            K_STEP(k, 1);
+            K_STEP(k + 1, 0);
         }
     }
+    for (; k < K; k++)
+        K_STEP(k, 1);
+#undef K_STEP
     for (int j = 0; j < n_panels * SUB; j++) {
         int64_t c = col0 + j * VLEN;
         if (scale) {
