@@ -122,9 +122,9 @@ def test_matches_reference_bit_for_bit(path, adt, bias):
                 assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
 
 
-# reference.gelu in float64 against the kernel's float32 GELU: a few ulp (tens where GELU
-# is tiny), and float32 may flush values below ~1e-30 (tests/test_packed_linear.py)
-GELU_TOL = {"rtol": 2e-5, "atol": 1e-30}
+# reference.gelu in float64 against the kernel's float32 GELU: within 5e-7 relative, and
+# float32 may flush values below ~1e-37 (tests/test_packed_linear.py)
+GELU_TOL = {"rtol": 1e-6, "atol": 1e-36}
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

@@ -1,6 +1,7 @@
-/* vmath.h: glibc's vector math at the register width, expf and erfcf of VLEN lanes:
- * libmvec on x86 (AVX-512: 16 lanes, AVX2: 8), libm lane by lane on NEON (AArch64
- * glibc ships libmvec only from 2.38); and vexp_inline, an exp the compiler inlines.
+/* vmath.h: glibc's vector math at the register width, expf of VLEN lanes: libmvec on
+ * x86 (AVX-512: 16 lanes, AVX2: 8), libm lane by lane on NEON (AArch64 glibc ships
+ * libmvec only from 2.38); and functions the compiler inlines: exp (vexp_inline,
+ * vexp_split) and 2 Phi (vphi2, for the exact GELU).
  * Shared by every kernel in this folder, which
  * defines VLEN (floats per vector register), its vector type vf and one NBP_ISA_<isa>
  * before including it. cpu_build.py links libmvec on x86 and hashes this file into
@@ -17,28 +18,33 @@ typedef float vf_native __attribute__((vector_size(VLEN * 4)));
 
 #if defined(NBP_ISA_AVX512)
 vf_native _ZGVeN16v_expf(vf_native x);
-vf_native _ZGVeN16v_erfcf(vf_native x);
 static inline vf vexp(vf x) { return (vf)_ZGVeN16v_expf((vf_native)x); }
-static inline vf verfc(vf x) { return (vf)_ZGVeN16v_erfcf((vf_native)x); }
 #elif defined(NBP_ISA_AVX2)
 vf_native _ZGVdN8v_expf(vf_native x);
-vf_native _ZGVdN8v_erfcf(vf_native x);
 static inline vf vexp(vf x) { return (vf)_ZGVdN8v_expf((vf_native)x); }
-static inline vf verfc(vf x) { return (vf)_ZGVdN8v_erfcf((vf_native)x); }
 #else
 static inline vf vexp(vf x) {
     for (int i = 0; i < VLEN; i++)
         x[i] = expf(x[i]);
     return x;
 }
-static inline vf verfc(vf x) {
-    for (int i = 0; i < VLEN; i++)
-        x[i] = erfcf(x[i]);
-    return x;
-}
 #endif
 
 typedef int32_t vmath_vi __attribute__((vector_size(VLEN * 4)));
+
+/* 2^n exp(r), r in [-ln 2 / 2, ln 2 / 2] (n integral), zero in the lanes of under: the
+ * polynomial of vexp_inline and vexp_split */
+static inline vf vexp_reduced(vf n, vf r, vmath_vi under) {
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf y = p * (r * r) + r + 1.0f;
+    vmath_vi e = (__builtin_convertvector(n, vmath_vi) + 127) << 23;   /* 2^n, n in [-126, 128] */
+    return (vf)((vmath_vi)(y * (vf)e) & ~under);
+}
 
 /* exp of VLEN lanes, inline: Cephes' expf (range reduction by ln 2 in two parts, a
  * degree-6 polynomial; within 2 ulp of expf over the range). For softmaxes, which call
@@ -53,15 +59,49 @@ static inline vf vexp_inline(vf x) {
     const vf magic = (vf){0} + 12582912.0f;   /* 1.5 2^23: t - magic rounds to an integer */
     vf n = (x * 1.44269504088896341f + magic) - magic;
     vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vf y = p * (r * r) + r + 1.0f;
-    vmath_vi e = (__builtin_convertvector(n, vmath_vi) + 127) << 23;   /* 2^n, n in [-126, 128] */
-    return (vf)((vmath_vi)(y * (vf)e) & ~under);
+    return vexp_reduced(n, r, under);
+}
+
+/* exp(hi + lo) for hi + lo <= 88 (0 below -87.33), where hi is exact and large and lo
+ * small: the reduction subtracts n ln 2 from hi (exact, Cody-Waite) before lo joins, so
+ * hi + lo is never rounded to hi's grid (at hi = -64 that alone is 4e-6 relative). */
+static inline vf vexp_split(vf hi, vf lo) {
+    const vf magic = (vf){0} + 12582912.0f;
+    vmath_vi under = hi + lo < -87.33654f;
+    vf n = ((hi + lo) * 1.44269504088896341f + magic) - magic;
+    vf r = (hi - n * 0.693359375f) + (lo - n * -2.12194440e-4f);
+    return vexp_reduced(n, r, under);
+}
+
+/* 2 Phi(x) = erfc(-x / sqrt 2) of VLEN lanes (Phi: the standard normal CDF), inline,
+ * within 5e-7 relative of the exact value wherever x Phi(x) is a normal float (x above
+ * -13; checked over every 7th float32 in [-15, 15], tests/test_packed_linear.py), where
+ * glibc's erfcf of x rounded times 1/sqrt 2 was 1e-5 off near x = -11.
+ * erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z = |x| / sqrt 2 >= 0, with the
+ * Chebyshev fit P of Numerical Recipes' erfcc (fractional error below 1.2e-7); erfc(-z) =
+ * 2 - erfc(z). z^2 = x^2 / 2 comes from x's halves (xh: its top 12 bits, xh^2 exact), so
+ * rounding x / sqrt 2 does not enter the exponent. |x| is capped at 30 (2 Phi is 0 or 2
+ * in float32 beyond); NaN stays NaN. */
+static inline vf vphi2(vf x) {
+    const vf cap = (vf){0} + 30.0f;
+    vmath_vi high = x > cap, low = x < -cap;
+    x = (vf)(((vmath_vi)cap & high) | ((vmath_vi)-cap & low) | ((vmath_vi)x & ~(high | low)));
+    const vmath_vi negative = x < 0;
+    const vf z = (vf)((vmath_vi)x & 0x7fffffff) * 0.70710678118654752440f;
+    const vf t = 1.0f / (1.0f + 0.5f * z);
+    vf p = (vf){0} + 0.17087277f;
+    p = p * t + -0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t + -1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t + -0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t + -1.26551223f;
+    const vf xh = (vf)((vmath_vi)x & (int32_t)0xfffff000), xl = x - xh;
+    const vf e = t * vexp_split(-0.5f * (xh * xh), -0.5f * ((xh + x) * xl) + p);
+    return (vf)(((vmath_vi)e & negative) | ((vmath_vi)(2.0f - e) & ~negative));
 }
 
 #endif
