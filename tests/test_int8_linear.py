@@ -122,7 +122,7 @@ def test_matches_reference_bit_for_bit(path, adt, bias):
                 assert torch.equal(got, want), (path, M, K, N, (got - want).abs().max())
 
 
-# reference.gelu in float64 against the kernel's float32 GELU: within 5e-7 relative, and
+# reference.gelu in float64 against the kernel's float32 GELU: within 5.5e-7 relative, and
 # float32 may flush values below ~1e-37 (tests/test_packed_linear.py)
 GELU_TOL = {"rtol": 1e-6, "atol": 1e-36}
 

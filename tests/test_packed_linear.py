@@ -12,7 +12,7 @@ from nbp_kernels.packed_linear import (MAX_ROWS, PANEL, PackedLinear, is_availab
                                        packed_linear)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int8]
-# The kernels' GELU against reference.gelu in float64: within 5e-7 relative (vmath.h's
+# The kernels' GELU against reference.gelu in float64: within 5.5e-7 relative (vmath.h's
 # vphi2) down to |GELU| ~ 1e-37, below which float32 may flush it to zero.
 GELU_TOL = {"rtol": 1e-6, "atol": 1e-36}
 
@@ -80,7 +80,7 @@ def test_matches_reference(M, K, N, bias, threads, dtype, act):
 def test_gelu_accuracy_over_its_range():
     """act="gelu" on a dense sweep of x in [-13, 13], through an identity weight (the product
     is x exactly): within 1e-6 relative of the exact GELU in float64 (glibc's erfcf, which the
-    kernels called before vmath.h's vphi2, was 1e-5 off near x = -11); x itself far above 0,
+    kernels called before vmath.h's vphi2, was 1.2e-5 off near x = -13); x itself far above 0,
     zero far below it, and subnormal inputs halved."""
     K = 64
     eye = pack_weight(torch.eye(K))
