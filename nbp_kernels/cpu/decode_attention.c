@@ -49,15 +49,10 @@
 typedef float vf __attribute__((vector_size(VLEN * 4), aligned(4)));   /* unaligned loads */
 typedef int32_t vi __attribute__((vector_size(VLEN * 4)));
 
-#include "vmath.h"   /* vexp_inline */
+#include "vmath.h"   /* vexp_inline, vmax */
 
 /* x - 0 is x for every x (0 + x is not, for -0): a broadcast load (packed_linear.c) */
 static inline vf splat(float x) { return x - (vf){0}; }
-
-static inline vf vmax(vf a, vf b) {
-    vi gt = a > b;
-    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
-}
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

@@ -54,29 +54,6 @@ static inline vf load_tail(const float *p, int64_t n, float fill) {
 
 static inline vf select_mask(vi mask, vf v) { return (vf)((vi)v & mask); }   /* v or +0.0 */
 
-/* lane-wise max and min; a NaN lane of v may or may not pass (callers test NaN apart) */
-static inline vf vmax(vf v, vf m) {
-#if defined(NBP_ISA_AVX512)
-    return (vf)_mm512_max_ps((__m512)v, (__m512)m);
-#elif defined(NBP_ISA_AVX2)
-    return (vf)_mm256_max_ps((__m256)v, (__m256)m);
-#else
-    vi up = v > m;
-    return (vf)(((vi)v & up) | ((vi)m & ~up));
-#endif
-}
-
-static inline vf vmin(vf v, vf m) {
-#if defined(NBP_ISA_AVX512)
-    return (vf)_mm512_min_ps((__m512)v, (__m512)m);
-#elif defined(NBP_ISA_AVX2)
-    return (vf)_mm256_min_ps((__m256)v, (__m256)m);
-#else
-    vi down = v < m;
-    return (vf)(((vi)v & down) | ((vi)m & ~down));
-#endif
-}
-
 static inline vd widen_sum(vf v) {   /* LANES floats -> LANES / 2 doubles (pairwise sums) */
 #if defined(NBP_ISA_AVX512)   /* GCC split __builtin_convertvector into 4-lane pieces */
     __m512 x = (__m512)v;

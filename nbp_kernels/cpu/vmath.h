@@ -1,9 +1,9 @@
 /* vmath.h: glibc's vector math at the register width, expf of VLEN lanes: libmvec on
  * x86 (AVX-512: 16 lanes, AVX2: 8), libm lane by lane on NEON (AArch64 glibc ships
- * libmvec only from 2.38); and functions the compiler inlines: exp (vexp_inline,
- * vexp_split) and 2 Phi (vphi2, for the exact GELU).
- * Shared by every kernel in this folder, which
- * defines VLEN (floats per vector register), its vector type vf and one NBP_ISA_<isa>
+ * libmvec only from 2.38); and functions the compiler inlines: lane-wise max / min,
+ * exp (vexp_inline, vexp_split) and 2 Phi (vphi2, for the exact GELU).
+ * Shared by every kernel in this folder, which defines VLEN (floats per vector
+ * register), its vector type vf and one NBP_ISA_<isa> (isa.h: the intrinsics' headers)
  * before including it. cpu_build.py links libmvec on x86 and hashes this file into
  * every library's cache key.
  */
@@ -32,6 +32,31 @@ static inline vf vexp(vf x) {
 
 typedef int32_t vmath_vi __attribute__((vector_size(VLEN * 4)));
 
+/* lane-wise max and min: v > m ? v : m and v < m ? v : m (maxps / minps on x86 compute
+ * exactly these, so every build gives the same lanes): a NaN in v gives m, a NaN in m
+ * stays (vexp_inline's and vphi2's caps keep NaN by passing x second) */
+static inline vf vmax(vf v, vf m) {
+#if defined(NBP_ISA_AVX512)
+    return (vf)_mm512_max_ps((__m512)v, (__m512)m);
+#elif defined(NBP_ISA_AVX2)
+    return (vf)_mm256_max_ps((__m256)v, (__m256)m);
+#else
+    vmath_vi up = v > m;
+    return (vf)(((vmath_vi)v & up) | ((vmath_vi)m & ~up));
+#endif
+}
+
+static inline vf vmin(vf v, vf m) {
+#if defined(NBP_ISA_AVX512)
+    return (vf)_mm512_min_ps((__m512)v, (__m512)m);
+#elif defined(NBP_ISA_AVX2)
+    return (vf)_mm256_min_ps((__m256)v, (__m256)m);
+#else
+    vmath_vi down = v < m;
+    return (vf)(((vmath_vi)v & down) | ((vmath_vi)m & ~down));
+#endif
+}
+
 /* 2^n exp(r), r in [-ln 2 / 2, ln 2 / 2] (n integral), zero in the lanes of under: the
  * polynomial of vexp_inline and vexp_split */
 static inline vf vexp_reduced(vf n, vf r, vmath_vi under) {
@@ -54,8 +79,8 @@ static inline vf vexp_reduced(vf n, vf r, vmath_vi under) {
  * -inf) gives 0, not expf's subnormals; NaN stays NaN; x above 88.72 gives inf. */
 static inline vf vexp_inline(vf x) {
     const vf lo = (vf){0} + -87.33654f, hi = (vf){0} + 88.72283f;
-    vmath_vi under = x < lo, over = x > hi;
-    x = (vf)(((vmath_vi)hi & over) | ((vmath_vi)x & ~over));   /* NaN compares false: kept */
+    vmath_vi under = x < lo;
+    x = vmin(hi, x);   /* NaN kept */
     const vf magic = (vf){0} + 12582912.0f;   /* 1.5 2^23: t - magic rounds to an integer */
     vf n = (x * 1.44269504088896341f + magic) - magic;
     vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
@@ -84,8 +109,7 @@ static inline vf vexp_split(vf hi, vf lo) {
  * in float32 beyond); NaN stays NaN. */
 static inline vf vphi2(vf x) {
     const vf cap = (vf){0} + 30.0f;
-    vmath_vi high = x > cap, low = x < -cap;
-    x = (vf)(((vmath_vi)cap & high) | ((vmath_vi)-cap & low) | ((vmath_vi)x & ~(high | low)));
+    x = vmin(cap, vmax(-cap, x));   /* NaN kept */
     const vmath_vi negative = x < 0;
     const vf z = (vf)((vmath_vi)x & 0x7fffffff) * 0.70710678118654752440f;
     const vf t = 1.0f / (1.0f + 0.5f * z);
