@@ -40,8 +40,9 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
-from . import int8_linear, reference
+from . import int8_linear, prefill_gemm, reference
 from ._cpu_launch import (
     apply_torch,
     checked_act,
@@ -259,12 +260,13 @@ class PackedLinear:
     -> [..., out_features], act(norm(x) @ W.T + bias) + residual with act None or
     "gelu", norm None or (weight, bias, eps) and residual None or float32
     [..., out_features], all inside the kernel (``packed_linear``). With
-    float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through the
-    module's BLAS GEMM, and so does one row against fewer than
-    ``GEMV_MIN_WEIGHTS`` weights (faster there). Narrower weights go through
-    the kernel at every row count: no float32 copy is kept. Where the module
-    computes the product, ``F.layer_norm`` precedes it and ``F.gelu`` and the
-    residual's add follow it.
+    float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through oneDNN
+    (``prefill_gemm``: the module's weight, GELU or residual add fused), or the
+    module's BLAS GEMM where that route is off; one row against fewer than
+    ``GEMV_MIN_WEIGHTS`` weights goes through the module too (faster there). Narrower weights go through the kernel at
+    every row count: no float32 copy is kept. Outside the kernel,
+    ``F.layer_norm`` precedes the product, and on the BLAS route ``F.gelu``
+    and the residual's add follow it.
     """
 
     def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None,
@@ -318,7 +320,11 @@ class PackedLinear:
         if norm is not None or residual is not None:
             norm = self._check_extras(x, norm, residual)
         if self.takes_module(x.numel() // max(x.shape[-1], 1)):
-            return apply_torch(self.module, x, norm, act, residual)
+            if not self._onednn(x):
+                return apply_torch(self.module, x, norm, act, residual)
+            if norm is not None:
+                x = F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
+            return prefill_gemm.linear(x, self.module.weight, self.module.bias, act, residual)
         int8 = self.act_dtype in int8_linear.ACT_DTYPES
         if torch.compiler.is_compiling():
             if int8:
@@ -344,6 +350,14 @@ class PackedLinear:
                                        self.out_features, act, norm, residual, self.act_dtype)
         return _launch(x, self.packed, self.bias, self.out_features, self.scale, act, norm,
                        residual)
+
+    def _onednn(self, x: torch.Tensor) -> bool:
+        """Whether the module's product of x goes through oneDNN (``prefill_gemm``): a
+        prefill-sized x on that route, without autograd or torch.compile in play (the
+        oneDNN op has neither); else the module's BLAS call computes it."""
+        return x.numel() // max(x.shape[-1], 1) > MAX_ROWS and \
+            not torch.compiler.is_compiling() and prefill_gemm.route()[0] == "onednn" and \
+            not (torch.is_grad_enabled() and (x.requires_grad or self.module.weight.requires_grad))
 
     def _check_extras(self, x: torch.Tensor, norm, residual: torch.Tensor | None):
         """The checked ``norm`` (contiguous); a ValueError naming norm, residual or x if one

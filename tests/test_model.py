@@ -150,11 +150,17 @@ def test_block_call_module_path_is_the_published_composition(tiny):
 @pytest.mark.skipif(not packed_linear.is_available()[0], reason=packed_linear.is_available()[1])
 @pytest.mark.parametrize("rows", [16, 40])  # decode step; prefill
 @pytest.mark.parametrize("dtype", [None, torch.int8], ids=["fp32", "int8_a8"])
-def test_block_with_packed_linears_fuses_norms_and_residuals(tiny, rows, dtype):
+@pytest.mark.parametrize("route", ["onednn", "blas"])
+def test_block_with_packed_linears_fuses_norms_and_residuals(tiny, rows, dtype, route,
+                                                             monkeypatch):
     """Block.forward and logits with PackedLinears run every linear through ``fused`` or
     ``many`` (LayerNorms as prologues, GELU and residuals as epilogues) and compute what
-    the module path computes; a prefill (float32 weights, > MAX_ROWS rows) bit for bit."""
+    the module path computes; a prefill (float32 weights, > MAX_ROWS rows) on the BLAS
+    route bit for bit (``prefill_gemm``)."""
+    from nbp_kernels import prefill_gemm
     from nbp_kernels.cpu_ops import PackedLinears
+
+    monkeypatch.setenv(prefill_gemm.ENV, route)
 
     blk = tiny.blocks[0]
     linears = PackedLinears(tiny, dtype, dtype)
@@ -174,7 +180,7 @@ def test_block_with_packed_linears_fuses_norms_and_residuals(tiny, rows, dtype):
     assert calls == [(blk.attn.qkv, blk.ln1), (blk.attn.proj, None, None, True),
                      (blk.mlp[0], blk.ln2, "gelu", False), (blk.mlp[2], None, None, True),
                      (tiny.head, tiny.ln_f, None, False)]
-    if rows > packed_linear.MAX_ROWS and dtype is None:
+    if rows > packed_linear.MAX_ROWS and dtype is None and route == "blas":
         assert torch.equal(got, want) and torch.equal(logits, want_logits)
     tol = 1e-4 if dtype is None else 5e-2   # int8 weights and activations: quantization error
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)

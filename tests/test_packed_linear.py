@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cpu_isa_paths import ISAS, force_isa
-from nbp_kernels import reference
+from nbp_kernels import prefill_gemm, reference
 from nbp_kernels.packed_linear import (MAX_ROWS, PANEL, PackedLinear, is_available, pack_weight,
                                        packed_linear)
 
@@ -181,9 +181,10 @@ def test_leading_dims_strides_and_empty():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
-def test_packed_module_routes_by_rows(dtype):
-    """Few rows use the kernel; a float32 prefill-sized input uses the module (BLAS); every
-    row count computes the same function of the stored weight, with or without the GELU."""
+def test_packed_module_routes_by_rows(dtype, monkeypatch):
+    """Few rows use the kernel; a float32 prefill-sized input uses oneDNN (the default route)
+    or the module (BLAS); every row count computes the same function of the stored weight,
+    with or without the GELU."""
     lin = torch.nn.Linear(64, 50)
     pl = PackedLinear(lin, weight_dtype=dtype)
     stored, scale = reference.quantize_weight(lin.weight.detach(), dtype or torch.float32)
@@ -195,6 +196,7 @@ def test_packed_module_routes_by_rows(dtype):
             torch.testing.assert_close(pl(x, act="gelu"), reference.gelu(want), atol=1e-5,
                                        rtol=1e-5)
         if dtype in (None, torch.float32):   # the module's own forward, then torch's GELU
+            monkeypatch.setenv(prefill_gemm.ENV, "blas")   # (oneDNN: tests/test_prefill_gemm)
             x = _rand(MAX_ROWS + 1, 64, seed=1)
             assert torch.equal(pl(x, act="gelu"), F.gelu(lin(x)))
         with pytest.raises(ValueError, match="act: expected None or 'gelu', got 'relu'"):
@@ -333,9 +335,10 @@ def test_prologue_leading_dims_and_empty():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [None, *DTYPES], ids=str)
-def test_packed_module_prologue_and_residual_at_every_row_count(dtype):
+def test_packed_module_prologue_and_residual_at_every_row_count(dtype, monkeypatch):
     """PackedLinear(x, act, norm, residual) at every row count: the kernel, or (float32
-    prefills) F.layer_norm, the module, F.gelu and the add in torch, bit for bit."""
+    prefills) oneDNN, or on the BLAS route F.layer_norm, the module, F.gelu and the add
+    in torch, bit for bit."""
     lin = torch.nn.Linear(64, 50)
     pl = PackedLinear(lin, weight_dtype=dtype)
     stored, scale = reference.quantize_weight(lin.weight.detach(), dtype or torch.float32)
@@ -347,7 +350,8 @@ def test_packed_module_prologue_and_residual_at_every_row_count(dtype):
                                           residual=r)
             torch.testing.assert_close(pl(x, act="gelu", norm=n, residual=r), want, atol=2e-5,
                                        rtol=1e-5)
-        if dtype in (None, torch.float32):
+        if dtype in (None, torch.float32):   # the BLAS route: the module's own forward
+            monkeypatch.setenv(prefill_gemm.ENV, "blas")
             x, r = _rand(MAX_ROWS + 1, 64, seed=1), _rand(MAX_ROWS + 1, 50, seed=2)
             want = r + F.gelu(lin(F.layer_norm(x, (64,), n[0], n[1], n[2])))
             assert torch.equal(pl(x, act="gelu", norm=n, residual=r), want)

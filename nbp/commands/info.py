@@ -37,7 +37,7 @@ def collect() -> dict:
     except ImportError:
         info["triton"] = None
     from nbp_kernels import (decode_attention_cpu, decode_step_cpu, int8_linear, packed_linear,
-                             sample_cpu)
+                             prefill_gemm, sample_cpu)
     from nbp_kernels.cpu_build import cpu_isa
     from nbp_kernels.cuda_ops import build_info
     info["cuda_extension"] = build_info()
@@ -58,6 +58,8 @@ def collect() -> dict:
     info["int8_linear"] = {"path": path, "why": why}
     path, why = packed_linear.bf16_path()
     info["bf16_activations"] = {"path": path, "why": why}
+    route, why = prefill_gemm.route()
+    info["prefill_gemm"] = {"route": route, "why": why}
     return info
 
 
@@ -89,6 +91,8 @@ def run(args) -> int:
     print(f"{'bf16_activations':>16}: " + (
         f"{bf['path']} (bfloat16 weights and activations: {bf['why']})" if bf["path"]
         else f"no ({bf['why']})"))
+    pf = info["prefill_gemm"]
+    print(f"{'prefill_gemm':>16}: {pf['route']} (float32 CPU prefill linears: {pf['why']})")
     for dev, name in info["devices"].items():
         print(f"{'device':>16}: {dev} ({name})")
         _print_table(info["ops"][dev])
