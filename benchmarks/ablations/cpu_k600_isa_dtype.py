@@ -46,6 +46,7 @@ from baseline import generate_tokens as baseline_generate
 from nbp.commands.bench import (bench_config, frame_prediction_shape, machine_info, machine_tag,
                                 random_model, time_interleaved)
 from nbp.generate import FastGenerator
+from nbp_kernels import prefill_gemm
 from nbp_kernels.packed_linear import packed_linear
 from nbp_kernels.cpu_build import configure_threads, cpu_isa, supported_isas
 from ablation_args import write_result
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
     given = ids.shape[1]
     isa, why = cpu_isa()
     info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(simd_isas()),
+                prefill_gemm=prefill_gemm.route()[0],
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
     body = part_isa(model, ids, new, args.repeats, args.nbp_per_round) if args.part == "isa" else \
