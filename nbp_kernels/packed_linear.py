@@ -263,10 +263,10 @@ class PackedLinear:
     float32 weights, more than ``MAX_ROWS`` rows (a prefill) go through oneDNN
     (``prefill_gemm``: the module's weight, GELU or residual add fused), or the
     module's BLAS GEMM where that route is off; one row against fewer than
-    ``GEMV_MIN_WEIGHTS`` weights goes through the module too (faster there). Narrower weights go through the kernel at
-    every row count: no float32 copy is kept. Outside the kernel,
-    ``F.layer_norm`` precedes the product, and on the BLAS route ``F.gelu``
-    and the residual's add follow it.
+    ``GEMV_MIN_WEIGHTS`` weights goes through the module too (faster there).
+    Narrower weights go through the kernel at every row count: no float32 copy
+    is kept. Outside the kernel, ``F.layer_norm`` precedes the product, and on
+    the BLAS route ``F.gelu`` and the residual's add follow it.
     """
 
     def __init__(self, module: torch.nn.Linear, weight_dtype: torch.dtype | None = None,
@@ -355,9 +355,9 @@ class PackedLinear:
         """Whether the module's product of x goes through oneDNN (``prefill_gemm``): a
         prefill-sized x on that route, without autograd or torch.compile in play (the
         oneDNN op has neither); else the module's BLAS call computes it."""
-        return x.numel() // max(x.shape[-1], 1) > MAX_ROWS and \
-            not torch.compiler.is_compiling() and prefill_gemm.route()[0] == "onednn" and \
-            not (torch.is_grad_enabled() and (x.requires_grad or self.module.weight.requires_grad))
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.module.weight.requires_grad)
+        return x.numel() // max(x.shape[-1], 1) > MAX_ROWS and not grad and \
+            not torch.compiler.is_compiling() and prefill_gemm.route()[0] == "onednn"
 
     def _check_extras(self, x: torch.Tensor, norm, residual: torch.Tensor | None):
         """The checked ``norm`` (contiguous); a ValueError naming norm, residual or x if one

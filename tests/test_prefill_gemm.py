@@ -100,7 +100,9 @@ def test_onednn_linear_matches_the_reference(rows, K, N, act, bias, residual):
     x, w = _rand(2, rows, K, seed=1), _rand(N, K, seed=2) / K ** 0.5
     b = _rand(N, seed=3) if bias else None
     r = _rand(2, rows, N, seed=4) if residual else None
+    r0 = None if r is None else r.clone()
     got = prefill_gemm.linear(x, w, b, act, r)
+    assert r is None or torch.equal(r, r0)   # the add's post-op writes a new tensor
     want = reference.fused_linear(x.double(), w.double(), None if b is None else b.double(),
                                   act=act, residual=None if r is None else r.double())
     assert got.dtype == torch.float32 and got.shape == (2, rows, N)

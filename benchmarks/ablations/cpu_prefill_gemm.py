@@ -4,10 +4,11 @@
 K600 frame-prediction shape (6 layers x 384, vocabulary 64000, 512 given tokens,
 L = 16, random weights), one FastGenerator, float32 weights. Each round times,
 round-robin, the first block of an NBP generation (the 512-token prefill and
-the draw of its 16 tokens) with ``NBP_PREFILL_GEMM=onednn`` and ``=blas``, and with
-oneDNN given each weight reordered once into its blocked layout (``onednn_prepacked``,
-the variant not taken: a second copy of every weight); paired ratios within each round. Also each layer shape's product alone
-(512 rows, ``F.linear`` against ``prefill_gemm.linear``, GFLOP/s).
+the draw of its 16 tokens) with ``NBP_PREFILL_GEMM=onednn`` and ``=blas``, and
+with oneDNN given each weight reordered once into its blocked layout
+(``onednn_prepacked``, the variant not taken: a second copy of every weight);
+paired ratios within each round. Also each layer shape's product alone (512
+rows, ``F.linear`` against ``prefill_gemm.linear``, GFLOP/s).
 
 Writes benchmarks/results/cpu_prefill_gemm_<threads>t_<machine><tag>.json.
 
