@@ -12,7 +12,9 @@ oneDNN's blocked layout (``_reorder_linear_weight``) was another 1.02x, not
 worth a second float32 copy of every weight.
 
 ``NBP_PREFILL_GEMM=onednn|blas`` forces a route (``onednn`` falls back to BLAS
-where this torch lacks the op); the default is oneDNN where it runs. The two
+where this torch lacks the op); the default is oneDNN where it runs on x86-64
+(measured there; elsewhere, e.g. AArch64 where torch's oneDNN may sit on another
+backend, BLAS until measured). The two
 routes round differently (another summation order past ~100 terms): each is
 within float32 rounding of the exact product (tests/test_prefill_gemm.py).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 __all__ = ["ENV", "route", "is_available", "linear"]
 
 ENV = "NBP_PREFILL_GEMM"
+X86_64 = ("x86_64", "amd64")
 
 
 def route() -> tuple[str, str]:
@@ -39,6 +43,9 @@ def route() -> tuple[str, str]:
         raise ValueError(f"{ENV}: expected onednn or blas, got {forced!r}")
     if forced == "blas":
         return "blas", f"{ENV}=blas"
+    if not forced and platform.machine().lower() not in X86_64:
+        return "blas", (f"the default on x86-64 only, where it was measured faster; this is "
+                        f"{platform.machine()} ({ENV}=onednn forces it)")
     ok, why = is_available()
     if not ok:
         return "blas", why

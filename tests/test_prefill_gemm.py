@@ -41,6 +41,17 @@ def test_route_reads_the_environment(route):
         prefill_gemm.route()
 
 
+def test_default_route_is_x86_64_only(route, monkeypatch):
+    """Unforced, another architecture keeps BLAS (oneDNN measured faster on x86-64 only);
+    NBP_PREFILL_GEMM=onednn still takes it there."""
+    monkeypatch.delenv(prefill_gemm.ENV, raising=False)
+    monkeypatch.setattr(prefill_gemm.platform, "machine", lambda: "aarch64")
+    assert prefill_gemm.route() == ("blas", "the default on x86-64 only, where it was measured "
+                                    "faster; this is aarch64 (NBP_PREFILL_GEMM=onednn forces it)")
+    route("onednn")
+    assert prefill_gemm.route()[0] == ("onednn" if prefill_gemm.is_available()[0] else "blas")
+
+
 def test_unavailable_onednn_is_reported_and_not_used(route, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     prefill_gemm.is_available.cache_clear()
