@@ -76,12 +76,15 @@ def norm_args(norm) -> tuple[int, int | None, int | None, float]:
     return 1, None if w is None else w.data_ptr(), None if b is None else b.data_ptr(), eps
 
 
+def apply_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """x, or ``F.layer_norm`` of it over the last dimension for a norm (weight, bias, eps)."""
+    return x if norm is None else F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
+
+
 def apply_torch(product: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, norm,
                 act: str | None, residual: torch.Tensor | None) -> torch.Tensor:
     """act(product(layer_norm(x))) + residual in torch (the paths that do not run a kernel)."""
-    if norm is not None:
-        x = F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
-    y = apply_act(product(x), act)
+    y = apply_act(product(apply_norm(x, norm)), act)
     return y if residual is None else y + residual
 
 

@@ -17,9 +17,9 @@ Each is usable where its C file compiles (``is_available()`` of its module);
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import decode_attention_cpu, packed_linear, sample_cpu
+from ._cpu_launch import apply_norm
 from .registry import register
 
 __all__ = ["PackedLinears"]
@@ -61,9 +61,10 @@ class PackedLinears:
         """``residual + act(self(module, norm(x)))`` in one kernel launch: norm (a LayerNorm
         over the last dimension, affine or not) as the kernel's prologue, act (None or
         "gelu", the exact GELU) and residual (float32 [..., out_features]) in its epilogue,
-        so a decode step has no torch LayerNorm or add between its linears. Where the
-        module's own forward computes the product (float32 prefills), ``F.layer_norm``,
-        ``F.gelu`` and the add run around it in torch."""
+        so a decode step has no torch LayerNorm or add between its linears. Float32
+        prefills run ``F.layer_norm``, then oneDNN with the GELU or add fused
+        (``prefill_gemm``), or on the BLAS route the module's forward with ``F.gelu``
+        and the add in torch."""
         return self.packed[module](x, act=act, norm=self.norm_args(norm), residual=residual)
 
     def norm_args(self, norm: torch.nn.LayerNorm | None):
@@ -83,15 +84,14 @@ class PackedLinears:
         Each output column is computed exactly as alone (same weights, scales and
         summation order; int8 activations: the same quantized rows), so the results
         are bit-identical to separate calls;
-        where a part would take its module's BLAS call (float32 prefills and
-        small one-row products) every part is called alone, on x normalised once. The
+        where a part would leave the kernel (float32 prefills: oneDNN or BLAS; small
+        one-row products: BLAS) every part is called alone, on x normalised once. The
         stacked copy is packed at the first call.
         """
         parts = [self.packed[m] for m in modules]
         args = self.norm_args(norm)
         if any(p.takes_module(x.numel() // max(x.shape[-1], 1)) for p in parts):
-            if args is not None:
-                x = F.layer_norm(x, x.shape[-1:], *args)
+            x = apply_norm(x, args)
             return tuple(p(x) for p in parts)
         return self.stacked(modules)(x, norm=args).split([m.out_features for m in modules],
                                                          dim=-1)

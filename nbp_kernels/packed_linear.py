@@ -40,10 +40,10 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
 from . import int8_linear, prefill_gemm, reference
 from ._cpu_launch import (
+    apply_norm,
     apply_torch,
     checked_act,
     checked_norm,
@@ -319,12 +319,12 @@ class PackedLinear:
         checked_act(act)
         if norm is not None or residual is not None:
             norm = self._check_extras(x, norm, residual)
-        if self.takes_module(x.numel() // max(x.shape[-1], 1)):
-            if not self._onednn(x):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.takes_module(rows):
+            if not self._onednn(x, rows):
                 return apply_torch(self.module, x, norm, act, residual)
-            if norm is not None:
-                x = F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
-            return prefill_gemm.linear(x, self.module.weight, self.module.bias, act, residual)
+            return prefill_gemm.linear(apply_norm(x, norm), self.module.weight, self.module.bias,
+                                       act, residual)
         int8 = self.act_dtype in int8_linear.ACT_DTYPES
         if torch.compiler.is_compiling():
             if int8:
@@ -351,13 +351,13 @@ class PackedLinear:
         return _launch(x, self.packed, self.bias, self.out_features, self.scale, act, norm,
                        residual)
 
-    def _onednn(self, x: torch.Tensor) -> bool:
-        """Whether the module's product of x goes through oneDNN (``prefill_gemm``): a
-        prefill-sized x on that route, without autograd or torch.compile in play (the
-        oneDNN op has neither); else the module's BLAS call computes it."""
+    def _onednn(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether the module's product of x (rows of it) goes through oneDNN
+        (``prefill_gemm``): a prefill-sized x on that route, without autograd or
+        torch.compile in play (the oneDNN op has neither); else the module's BLAS call."""
         grad = torch.is_grad_enabled() and (x.requires_grad or self.module.weight.requires_grad)
-        return x.numel() // max(x.shape[-1], 1) > MAX_ROWS and not grad and \
-            not torch.compiler.is_compiling() and prefill_gemm.route()[0] == "onednn"
+        return rows > MAX_ROWS and not grad and not torch.compiler.is_compiling() and \
+            prefill_gemm.route()[0] == "onednn"
 
     def _check_extras(self, x: torch.Tensor, norm, residual: torch.Tensor | None):
         """The checked ``norm`` (contiguous); a ValueError naming norm, residual or x if one
