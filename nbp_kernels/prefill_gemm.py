@@ -8,15 +8,22 @@ GELU or the residual's add into the product (``torch.ops.mkldnn._linear_pointwis
 Measured side by side on a 2-core AMD EPYC Zen 4 (2 threads): the K600 model's
 512-token prefill 1.20x faster than through BLAS (paired median of 31 rounds,
 benchmarks/ablations/cpu_prefill_gemm.py). A copy of each weight reordered into
-oneDNN's blocked layout (``_reorder_linear_weight``) was another 1.02x, not
-worth a second float32 copy of every weight.
+oneDNN's blocked layout (``_reorder_linear_weight``) was another 1.02x (1.03-1.07x in
+later runs), not worth a second float32 copy of every layer's weight.
+
+With torch's libraries held to AVX2 on the same machine (``ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2``, as on a CPU without AVX-512) oneDNN was no faster:
+0.96-0.98x of BLAS (paired medians of three runs, each beside an unheld run: 1.13-1.21x;
+benchmarks/results/cpu_prefill_gemm_2t_*_avx2libs_run*.json, *_native_run*.json).
 
 ``NBP_PREFILL_GEMM=onednn|blas`` forces a route (``onednn`` falls back to BLAS
-where this torch lacks the op); the default is oneDNN where it runs on x86-64
-(measured there; elsewhere, e.g. AArch64 where torch's oneDNN may sit on another
-backend, BLAS until measured). The two
-routes round differently (another summation order past ~100 terms): each is
-within float32 rounding of the exact product (tests/test_prefill_gemm.py).
+where this torch lacks the op); the default is oneDNN where its AVX-512 kernels
+run (an x86-64 CPU with AVX-512 F/BW/DQ/VL, and no ``ONEDNN_MAX_CPU_ISA`` below
+it), BLAS elsewhere: on AVX2-only CPUs, measured no faster, and on other
+architectures (e.g. AArch64, where torch's oneDNN may sit on another backend)
+until measured. The two routes round differently (another summation order past
+~100 terms): each is within float32 rounding of the exact product
+(tests/test_prefill_gemm.py).
 """
 from __future__ import annotations
 
@@ -27,10 +34,16 @@ import platform
 import torch
 import torch.nn.functional as F
 
+from . import cpu_build
+
 __all__ = ["ENV", "route", "is_available", "linear"]
 
 ENV = "NBP_PREFILL_GEMM"
 X86_64 = ("x86_64", "amd64")
+AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")   # oneDNN's avx512_core
+# oneDNN's cap on its kernels' instruction set (DNNL_: its name before oneDNN 2.x); values
+# below AVX-512: SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def route() -> tuple[str, str]:
@@ -46,10 +59,28 @@ def route() -> tuple[str, str]:
     if not forced and platform.machine().lower() not in X86_64:
         return "blas", (f"the default on x86-64 only, where it was measured faster; this is "
                         f"{platform.machine()} ({ENV}=onednn forces it)")
+    if not forced:
+        below = _below_avx512()
+        if below:
+            return "blas", (f"oneDNN was measured faster with AVX-512 only; {below} "
+                            f"({ENV}=onednn forces it)")
     ok, why = is_available()
     if not ok:
         return "blas", why
     return "onednn", f"{ENV}=onednn" if forced else f"oneDNN runs here ({ENV}=blas overrides)"
+
+
+def _below_avx512() -> str:
+    """Why oneDNN's kernels here are below AVX-512 ("" when they are not): the CPU lacks it,
+    or ``ONEDNN_MAX_CPU_ISA`` caps them below it."""
+    missing = [f for f in AVX512 if f not in cpu_build.cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    for name in ISA_CAPS:
+        cap = os.environ.get(name, "").strip().upper()
+        if cap.startswith(("SSE", "AVX2")) or cap == "AVX":
+            return f"{name}={cap} holds oneDNN below it"
+    return ""
 
 
 @functools.lru_cache(maxsize=1)

@@ -90,6 +90,19 @@ def test_machine_info_names_the_cpu():
     json.dumps(info)
 
 
+def test_machine_info_records_isa_caps(monkeypatch):
+    """A run with the libraries held to AVX2 (standing for an AVX2-only CPU) says so."""
+    from nbp.commands.bench import ISA_CAP_ENVS, machine_info
+    for name in ISA_CAP_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    assert machine_info("cpu")["isa_caps"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("NBP_CPU_ISA", "avx2")
+    info = machine_info("cpu")
+    assert info["isa_caps"] == {"NBP_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert info["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_machine_tag_tells_apart_cpus_behind_one_generic_name():
     from nbp.commands.bench import machine_tag
     zen4 = {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "17", "cpu_cores": 2}

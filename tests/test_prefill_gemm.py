@@ -52,6 +52,49 @@ def test_default_route_is_x86_64_only(route, monkeypatch):
     assert prefill_gemm.route()[0] == ("onednn" if prefill_gemm.is_available()[0] else "blas")
 
 
+AVX512_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"})
+
+
+@pytest.fixture
+def x86_cpu(monkeypatch):
+    """An x86-64 machine with the given CPU flags, NBP_PREFILL_GEMM and oneDNN's caps unset."""
+    def cpu(flags):
+        monkeypatch.setattr(prefill_gemm.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(prefill_gemm.cpu_build, "cpu_flags", lambda: frozenset(flags))
+    for name in (prefill_gemm.ENV, *prefill_gemm.ISA_CAPS):
+        monkeypatch.delenv(name, raising=False)
+    return cpu
+
+
+def test_default_route_needs_avx512(x86_cpu, route):
+    """Unforced, an AVX2-only CPU keeps BLAS (oneDNN's AVX2 kernels measured no faster);
+    NBP_PREFILL_GEMM=onednn still takes oneDNN there."""
+    x86_cpu({"avx2", "fma", "avx512f"})
+    assert prefill_gemm.route() == (
+        "blas", "oneDNN was measured faster with AVX-512 only; this CPU lacks avx512bw, "
+                "avx512dq, avx512vl (NBP_PREFILL_GEMM=onednn forces it)")
+    route("onednn")
+    assert prefill_gemm.route()[0] == ("onednn" if prefill_gemm.is_available()[0] else "blas")
+
+
+@pytest.mark.parametrize("name", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+@pytest.mark.parametrize("cap,below", [("AVX2", True), ("avx2_vnni", True), ("SSE41", True),
+                                       ("AVX", True), ("AVX512_CORE", False),
+                                       ("AVX512_CORE_AMX", False), ("AVX10_1_512", False),
+                                       ("ALL", False), ("", False)])
+def test_default_route_follows_onednns_isa_cap(x86_cpu, monkeypatch, name, cap, below):
+    """oneDNN held below AVX-512 by its environment variable counts as a CPU without it."""
+    x86_cpu(AVX512_FLAGS)
+    monkeypatch.setenv(name, cap)
+    if below:
+        assert prefill_gemm.route() == (
+            "blas", f"oneDNN was measured faster with AVX-512 only; {name}={cap.upper()} holds "
+                    f"oneDNN below it (NBP_PREFILL_GEMM=onednn forces it)")
+    else:
+        assert prefill_gemm.route()[0] == ("onednn" if prefill_gemm.is_available()[0]
+                                           else "blas")
+
+
 def test_unavailable_onednn_is_reported_and_not_used(route, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     prefill_gemm.is_available.cache_clear()

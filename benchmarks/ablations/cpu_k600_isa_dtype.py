@@ -28,6 +28,13 @@ threaded sum and the packed linear's one-row stream, over 1 GiB) (target: within
 
     python benchmarks/ablations/cpu_k600_isa_dtype.py --part dtype --threads 2 --repeats 5
     python benchmarks/ablations/cpu_k600_isa_dtype.py --part isa --threads 2 --repeats 3
+
+An AVX2-only CPU, stood for on an AVX-512 one: nbp's kernels forced to AVX2 and torch's
+libraries held there too (the prefill's oneDNN or BLAS products, the published sampler's
+torch ops), the caps recorded in the result's ``machine.isa_caps``:
+
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python benchmarks/ablations/cpu_k600_isa_dtype.py --part isa --isas avx2 --tag _avx2libs
 """
 from __future__ import annotations
 
@@ -158,8 +165,7 @@ def simd_isas() -> tuple[str, ...]:
     return tuple(i for i in supported_isas() if i != "portable")
 
 
-def part_isa(model, ids, new, repeats: int, nbp_per_round: int) -> dict:
-    isas = simd_isas()
+def part_isa(model, ids, new, repeats: int, nbp_per_round: int, isas: tuple[str, ...]) -> dict:
     fns, first = {}, {}
     calls = {}   # generations per timed call: NBP runs nbp_per_round times in a row
     for isa in isas:
@@ -261,7 +267,14 @@ def main(argv=None) -> int:
                    help="--part isa: NBP generations per round, back to back, their mean the "
                         "round's time (about as long as the round's one NTP generation, so "
                         "both average the machine's load over similar windows)")
+    p.add_argument("--isas", default=None,
+                   help="--part isa: comma-separated ISAs to time (default: every one this CPU "
+                        "runs)")
     args = p.parse_args(argv)
+    isas = simd_isas() if args.isas is None else tuple(args.isas.split(","))
+    if args.isas is not None and any(i not in simd_isas() for i in isas):
+        p.error(f"--isas: expected some of {', '.join(simd_isas()) or 'none'} (this CPU), "
+                f"got {args.isas!r}")
     configure_threads(args.threads)
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
@@ -270,7 +283,8 @@ def main(argv=None) -> int:
                 prefill_gemm=prefill_gemm.route()[0],
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))
-    body = part_isa(model, ids, new, args.repeats, args.nbp_per_round) if args.part == "isa" else \
+    body = part_isa(model, ids, new, args.repeats, args.nbp_per_round, isas) \
+        if args.part == "isa" else \
         part_dtype(model, ids, new, args.repeats)
     info["load_avg_1m_after"] = os.getloadavg()[0]
     result = {"what": __doc__.split("\n\n")[0], "part": args.part, "config": cfg.to_dict(),

@@ -13,6 +13,13 @@ rows, ``F.linear`` against ``prefill_gemm.linear``, GFLOP/s).
 Writes benchmarks/results/cpu_prefill_gemm_<threads>t_<machine><tag>.json.
 
     python benchmarks/ablations/cpu_prefill_gemm.py --threads 2 --repeats 21
+
+The same with torch's libraries held to AVX2, standing for a CPU without AVX-512
+(the default route is then BLAS; both routes are still timed, the caps recorded in
+``machine.isa_caps``):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python benchmarks/ablations/cpu_prefill_gemm.py --tag _avx2libs
 """
 from __future__ import annotations
 
@@ -102,6 +109,7 @@ def main(argv=None) -> int:
     fns = {r: with_route(r, generation(gen, ids, cfg.block_size, "nbp", first_times=first[r]))
            for r in ROUTES}
     saved = os.environ.get(prefill_gemm.ENV)
+    default = prefill_gemm.route()   # before the variants set the variable
     try:
         time_interleaved(fns, args.repeats)
     finally:
@@ -119,6 +127,7 @@ def main(argv=None) -> int:
         "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
                    "given": ids.shape[1], "block": cfg.block_size},
         "threads": args.threads, "machine": info,
+        "default_route": {"route": default[0], "why": default[1]},
         "load_avg_1m": os.getloadavg()[0],
         "first_block_s": first,
         "median_first_block_s": {r: statistics.median(v) for r, v in first.items()},

@@ -46,14 +46,23 @@ def cpu_identity() -> dict:
     return out
 
 
+# environment variables that hold a library's (or nbp's) CPU kernels to a narrower ISA: a
+# run with them set stands for a CPU without the wider one (benchmarks/ablations/*.py)
+ISA_CAP_ENVS = ("NBP_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """CPU model (with its family and model numbers) and cores (from /proc/cpuinfo), load,
-    torch threads, and the GPU's name."""
+    torch threads, ATen's CPU capability and the ISA caps set in the environment
+    (``ISA_CAP_ENVS``), and the GPU's name."""
     device = torch.device(device)
     info = {**cpu_identity(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": str(device),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_caps": {k: os.environ[k] for k in ISA_CAP_ENVS if os.environ.get(k)}}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
