@@ -73,7 +73,10 @@ def route() -> tuple[str, str]:
 def _below_avx512() -> str:
     """Why oneDNN's kernels here are below AVX-512 ("" when they are not): the CPU lacks it,
     or ``ONEDNN_MAX_CPU_ISA`` caps them below it."""
-    missing = [f for f in AVX512 if f not in cpu_build.cpu_flags()]
+    flags = cpu_build.cpu_flags()
+    if not flags:
+        return "this CPU's flags are unknown (no /proc/cpuinfo)"
+    missing = [f for f in AVX512 if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     for name in ISA_CAPS:

@@ -77,6 +77,14 @@ def test_default_route_needs_avx512(x86_cpu, route):
     assert prefill_gemm.route()[0] == ("onednn" if prefill_gemm.is_available()[0] else "blas")
 
 
+def test_default_route_without_cpu_flags_is_blas(x86_cpu):
+    """Where the flags cannot be read (no /proc/cpuinfo) the default is BLAS, saying why."""
+    x86_cpu(())
+    assert prefill_gemm.route() == (
+        "blas", "oneDNN was measured faster with AVX-512 only; this CPU's flags are unknown "
+                "(no /proc/cpuinfo) (NBP_PREFILL_GEMM=onednn forces it)")
+
+
 @pytest.mark.parametrize("name", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
 @pytest.mark.parametrize("cap,below", [("AVX2", True), ("avx2_vnni", True), ("SSE41", True),
                                        ("AVX", True), ("AVX512_CORE", False),
