@@ -13,7 +13,7 @@ later runs), not worth a second float32 copy of every layer's weight.
 
 With torch's libraries held to AVX2 on the same machine (``ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2``, as on a CPU without AVX-512) oneDNN was no faster:
-0.96-0.98x of BLAS (paired medians of three runs, each beside an unheld run: 1.13-1.21x;
+0.96-0.98x of BLAS (paired medians of three runs, each beside an unheld run: 1.12-1.21x;
 benchmarks/results/cpu_prefill_gemm_2t_*_avx2libs_run*.json, *_native_run*.json).
 
 ``NBP_PREFILL_GEMM=onednn|blas`` forces a route (``onednn`` falls back to BLAS
