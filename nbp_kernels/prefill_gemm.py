@@ -40,7 +40,6 @@ __all__ = ["ENV", "route", "is_available", "linear"]
 
 ENV = "NBP_PREFILL_GEMM"
 X86_64 = ("x86_64", "amd64")
-AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")   # oneDNN's avx512_core
 # oneDNN's cap on its kernels' instruction set (DNNL_: its name before oneDNN 2.x); values
 # below AVX-512: SSE41, AVX, AVX2, AVX2_VNNI, AVX2_VNNI_2
 ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
@@ -56,10 +55,10 @@ def route() -> tuple[str, str]:
         raise ValueError(f"{ENV}: expected onednn or blas, got {forced!r}")
     if forced == "blas":
         return "blas", f"{ENV}=blas"
-    if not forced and platform.machine().lower() not in X86_64:
-        return "blas", (f"the default on x86-64 only, where it was measured faster; this is "
-                        f"{platform.machine()} ({ENV}=onednn forces it)")
     if not forced:
+        if platform.machine().lower() not in X86_64:
+            return "blas", (f"the default on x86-64 only, where it was measured faster; this is "
+                            f"{platform.machine()} ({ENV}=onednn forces it)")
         below = _below_avx512()
         if below:
             return "blas", (f"oneDNN was measured faster with AVX-512 only; {below} "
@@ -71,12 +70,13 @@ def route() -> tuple[str, str]:
 
 
 def _below_avx512() -> str:
-    """Why oneDNN's kernels here are below AVX-512 ("" when they are not): the CPU lacks it,
-    or ``ONEDNN_MAX_CPU_ISA`` caps them below it."""
+    """Why oneDNN's kernels here are below AVX-512 ("" when they are not): the CPU lacks the
+    flags nbp's avx512 kernels need (F/BW/DQ/VL, oneDNN's avx512_core, and FMA), or
+    ``ONEDNN_MAX_CPU_ISA`` caps them below it."""
     flags = cpu_build.cpu_flags()
     if not flags:
         return "this CPU's flags are unknown (no /proc/cpuinfo)"
-    missing = [f for f in AVX512 if f not in flags]
+    missing = [f for f in cpu_build.CPU_FLAGS["avx512"] if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     for name in ISA_CAPS:

@@ -271,15 +271,16 @@ def main(argv=None) -> int:
                    help="--part isa: comma-separated ISAs to time (default: every one this CPU "
                         "runs)")
     args = p.parse_args(argv)
-    isas = simd_isas() if args.isas is None else tuple(args.isas.split(","))
-    if args.isas is not None and any(i not in simd_isas() for i in isas):
-        p.error(f"--isas: expected some of {', '.join(simd_isas()) or 'none'} (this CPU), "
+    available = simd_isas()
+    isas = available if args.isas is None else tuple(args.isas.split(","))
+    if any(i not in available for i in isas):
+        p.error(f"--isas: expected some of {', '.join(available) or 'none'} (this CPU), "
                 f"got {args.isas!r}")
     configure_threads(args.threads)
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
     isa, why = cpu_isa()
-    info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(simd_isas()),
+    info = dict(machine_info("cpu"), isa=isa, isa_reason=why, isas=list(available),
                 prefill_gemm=prefill_gemm.route()[0],
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from nbp_kernels import cpu_build, prefill_gemm
+
 from .cpu_options import (
     act_dtype,
     add_act_dtype,
@@ -48,8 +50,8 @@ def cpu_identity() -> dict:
 
 # environment variables that hold a library's (or nbp's) CPU kernels to a narrower ISA: a
 # run with them set stands for a CPU without the wider one (benchmarks/ablations/*.py)
-ISA_CAP_ENVS = ("NBP_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+ISA_CAP_ENVS = (cpu_build.ENV, *prefill_gemm.ISA_CAPS, "MKL_ENABLE_INSTRUCTIONS",
+                "ATEN_CPU_CAPABILITY")
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
