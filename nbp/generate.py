@@ -425,7 +425,8 @@ class FastGenerator:
                 step.noise.copy_(noise[offset * B:(offset + n) * B])
             cached += n
             out[:, offset:offset + n].copy_(step.run(generator, cached))
-            invalid_steps.record(s, step.invalid)
+            if not step.valid_on_host:
+                invalid_steps.record(s, step.invalid)
             prev = out[:, offset:offset + n]
             yield s, prev
             offset += n

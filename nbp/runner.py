@@ -73,6 +73,7 @@ class ModelRunner:
         self.block_size, self.hybrid, self.cond_len = block_size, hybrid, cond_len
         self.length, self.linear = length, linear
         self.programs = programs
+        self.vocab = model.config.vocab_size
         self._programs: dict[tuple, decode_step_cpu.DecodeProgram | None] = {}
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
@@ -113,7 +114,7 @@ class ModelRunner:
         length = self.length if length is None else length
         seq_lens = self.cache.seq_lens
         n = ids.shape[1]
-        program = self._program(ids) if self.programs else None
+        program = self.step_program(ids)
         if program is not None:
             logits = program(ids.contiguous(), seq_lens, length)
             seq_lens.add_(n)
@@ -128,6 +129,11 @@ class ModelRunner:
         x = self.model.run_layers(self.model.embed(ids, positions), attend, self.linear)
         seq_lens.add_(n)
         return self.model.logits(x, self.linear)
+
+    def step_program(self, ids: torch.Tensor) -> decode_step_cpu.DecodeProgram | None:
+        """The ``DecodeProgram`` that runs a decode step of ids' shape, or None (``programs``
+        off, or a step the C kernels do not run whole: ``_program``)."""
+        return self._program(ids) if self.programs else None
 
     def _program(self, ids: torch.Tensor) -> decode_step_cpu.DecodeProgram | None:
         """The C-driven step (``DecodeProgram``) of ids' shape, built once per ISA and shape,
@@ -173,8 +179,9 @@ class DecodeStep:
     ids: int64 [rows, n] (the tokens fed); noise: float64 [batch * n];
     cfg_weight: float64 0-d; tokens: int64 [batch, n] (the tokens drawn);
     invalid: bool 0-d (the sampler's flag: a row of logits it could not sample).
-    ``run()`` reads ids/noise/cfg_weight and writes tokens and invalid; the
-    cache's seq_lens advance by n.
+    ``run()`` reads ids/noise/cfg_weight and writes tokens and invalid, except
+    where it sets ``valid_on_host`` (a CPU step whose C call drew every row:
+    invalid is then left as it was, unread); the cache's seq_lens advance by n.
     """
 
     def __init__(self, runner: ModelRunner, sampler: BatchedSampler, *, batch: int, n: int,
@@ -190,12 +197,43 @@ class DecodeStep:
         self._decode = compiled if compiled is not None else runner.decode
         self.use_graph = use_graph
         self.graph = None
+        self.valid_on_host = False   # the last run drew every row (its ``invalid`` unused)
+        self._bound, self._bound_draw = None, None   # _drawn_in_program's binding
 
     def _eager(self, generator: torch.Generator | None = None, length: int | None = None) -> None:
+        if self._drawn_in_program(length):
+            return
         if length is None or self.compiled:   # a compiled step keeps one static length
             logits = self._decode(self.ids)
         else:
             logits = self._decode(self.ids, length)
+        self._sample(logits, generator)
+
+    def _drawn_in_program(self, length: int | None) -> bool:
+        """The CPU step and its draw in one C call (``DecodeProgram.bind_draw``, bound to this
+        step's buffers once per program and sampler) where the runner has a program for
+        the step and the sampler's draw is that of the C kernels
+        (``BatchedSampler.program_draw``). True when the step has run: ``valid_on_host``
+        then says whether every row was drawn (else ``_sample`` has flagged the step)."""
+        self.valid_on_host = False
+        if self.compiled or self.ids.device.type != "cpu":
+            return False
+        draw = self.sampler.program_draw(self.batch * self.n, self.runner.vocab)
+        program = self.runner.step_program(self.ids) if draw is not None else None
+        if program is None:
+            return False
+        bound = self._bound
+        if bound is None or bound.program is not program or self._bound_draw is not draw:
+            bound = self._bound = program.bind_draw(self.ids, self.runner.cache.seq_lens,
+                                                    u=self.noise, tokens=self.tokens, **draw)
+            self._bound_draw = draw
+        if bound(self.runner.length if length is None else length):
+            self._sample(program.logits, None)
+        else:
+            self.valid_on_host = True
+        return True
+
+    def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> None:
         noise = self.noise if self.sampler.needs_noise else None
         tokens, invalid = self.sampler(logits, self.cfg_weight, noise, generator)
         self.tokens.copy_(tokens)

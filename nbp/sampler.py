@@ -74,6 +74,7 @@ class BatchedSampler:
         self.params, self.draw, self.backend = params, draw, backend
         self._work: torch.Tensor | None = None
         self._resolved: dict[tuple, ModuleType] = {}   # resolved once per (device, dtype)
+        self._program_draws: dict[tuple[int, int], dict | None] = {}
 
     @property
     def needs_noise(self) -> bool:
@@ -134,6 +135,22 @@ class BatchedSampler:
             tokens = kernels.draw_kept(x, tau, row_max, noise, **extra)
         return tokens.view(shape), bad.any()
 
+    def program_draw(self, rows: int, vocab: int) -> dict | None:
+        """The arguments of ``DecodeProgram.draw`` (top_k, top_p, work) for float32 CPU logits
+        [rows, vocab] when this sampler's draw is exactly ``sample_cpu.sample`` on them
+        (do_sample, draw="fast", temperature 1, no guidance, the C kernels chosen); else None
+        (the step's logits then come back to ``__call__``). Decided once per shape."""
+        key = (rows, vocab)
+        if key not in self._program_draws:
+            p = self.params
+            fused = p.do_sample and self.draw == "fast" and p.temperature == 1.0 and \
+                p.cfg_scale is None and self._kernels(torch.empty(0, vocab)) is sample_cpu
+            top_k, top_p = threshold_args(p, vocab) or (vocab, 1.0)
+            self._program_draws[key] = dict(
+                top_k=top_k, top_p=top_p,
+                work=self._work_of(sample_cpu.work_shape(rows, vocab))) if fused else None
+        return self._program_draws[key]
+
     def _kernels(self, x: torch.Tensor) -> ModuleType:
         key = (x.device, x.dtype)
         if key not in self._resolved:
@@ -145,7 +162,9 @@ class BatchedSampler:
         the CPU): a fresh multi-MB array per step is paid in page faults."""
         if x.device.type != "cpu":
             return None
-        shape = kernels.work_shape(*x.shape)
+        return self._work_of(kernels.work_shape(*x.shape))
+
+    def _work_of(self, shape: tuple[int, int]) -> torch.Tensor:
         if self._work is None or tuple(self._work.shape) != shape:
             self._work = torch.empty(shape, dtype=torch.float32)
         return self._work

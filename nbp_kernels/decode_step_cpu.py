@@ -7,7 +7,10 @@ evicted. A program holds everything a step reads and writes (the packed
 weights' pointers, the caches, static activation buffers) and runs the same
 kernels in the same order from C: the logits are those of the Python-driven
 step bit for bit (``tests/test_decode_step_cpu.py``). Semantics:
-``reference.decode_step``.
+``reference.decode_step``. ``DecodeProgram.draw`` runs the step and then the
+sampler's threshold and draw (``sample_cpu.sample``) over its logits in the same
+call, and advances ``seq_lens``: the Python between the two (the sampler's
+wrapper, checks, torch ops) cost 0.4-0.8 ms a step on a 2-core Zen 4.
 
 Usable where ``packed_linear``, ``decode_attention`` (and ``int8_linear`` for
 int8 activations) and ``decode_step`` compile for the ISA in force; a program
@@ -22,14 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import decode_attention_cpu, int8_linear, packed_linear
+from . import decode_attention_cpu, int8_linear, packed_linear, sample_cpu
 from ._cpu_launch import ACTS, check_rc
 from .cpu_build import load, usable
 
-__all__ = ["DecodeProgram", "LayerParts", "PIECES", "is_available"]
+__all__ = ["BoundDraw", "DecodeProgram", "LayerParts", "PIECES", "is_available"]
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-PIECES = ("embedding", "linears", "attention", "head")   # decode_step.c's seconds[] order
+# decode_step.c's seconds[] order ("sampler": the draw of DecodeProgram.draw)
+PIECES = ("embedding", "linears", "attention", "head", "sampler")
 
 
 class _Linear(ctypes.Structure):   # decode_step.c's linear_t
@@ -51,11 +55,16 @@ class _Step(ctypes.Structure):     # step_t
                 ("x", _P), ("x1", _P), ("qkv", _P), ("att", _P), ("h", _P), ("logits", _P)]
 
 
+class _Draw(ctypes.Structure):     # draw_t
+    _fields_ = [("fn", _P), ("top_k", _I64), ("top_p", ctypes.c_double), ("work", _P)]
+
+
 @functools.cache
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    lib.nbp_decode_step.restype = ctypes.c_int
-    lib.nbp_decode_step.argtypes = [ctypes.POINTER(_Step), _P, _P, _I64, _I64, _I64, _P, _P,
-                                    _P]
+    step = [ctypes.POINTER(_Step), _P, _P, _I64, _I64, _I64, _P, _P, _P]
+    lib.nbp_decode_step.restype = lib.nbp_decode_draw.restype = ctypes.c_int
+    lib.nbp_decode_step.argtypes = step
+    lib.nbp_decode_draw.argtypes = [*step, ctypes.POINTER(_Draw), _P, _P, _P]
     return lib
 
 
@@ -149,6 +158,7 @@ class DecodeProgram:
                                                               "nbp_decode_attention"),
                            1.0 / math.sqrt(D), *(b.data_ptr() for b in self._buffers.values()))
         self._parts: dict[int, torch.Tensor] = {}
+        self._scratch: dict[tuple[int, int], tuple] = {}   # _attention_scratch's
         self.timing: torch.Tensor | None = None   # float64 [len(PIECES)] to time the pieces
 
     @staticmethod
@@ -185,30 +195,123 @@ class DecodeProgram:
         advanced); length: cache positions attention reads (<= capacity). Appends every
         layer's keys/values at seq_lens and returns logits float32 [B, L, V]: the
         program's buffer, overwritten by its next call. With ``timing`` set to a float64
-        tensor [4], the call adds to it the seconds of its embeddings, layer linears,
+        tensor [5], the call adds to it the seconds of its embeddings, layer linears,
         attention and head (``PIECES``; the benchmarks' step breakdown)."""
+        self._check_inputs(ids, seq_lens)
+        rc = self.libs["decode_step"].nbp_decode_step(ctypes.byref(self._step), ids.data_ptr(),
+                                                      seq_lens.data_ptr(), *self._run_args(length))
+        self._check(rc)
+        return self.logits
+
+    def draw(self, ids: torch.Tensor, seq_lens: torch.Tensor, length: int, **draw) -> int:
+        """The step of ``__call__``, then ``seq_lens += L`` and the draw of
+        ``sample_cpu.sample(logits, top_k, top_p, u, work=work)`` into ``tokens``, in one
+        C call (``draw``: the keyword arguments of ``bind_draw``). Returns how many rows
+        had no distribution (their tokens are -1; ``logits`` still holds the step's
+        logits). With ``timing`` set, the draw's seconds go to its "sampler" entry."""
+        return self.bind_draw(ids, seq_lens, **draw)(length)
+
+    def bind_draw(self, ids: torch.Tensor, seq_lens: torch.Tensor, *, top_k: int, top_p: float,
+                  u: torch.Tensor, work: torch.Tensor, tokens: torch.Tensor) -> "BoundDraw":
+        """``draw`` over these tensors, checked once: the returned ``BoundDraw`` takes only
+        the length. ids, seq_lens as ``__call__``; u float64 [B L] (one uniform per token);
+        work float32 ``sample_cpu.work_shape(B L, V)``; tokens int64 [B, L], written in
+        place; all contiguous. A FastGenerator decode step binds its static buffers once:
+        after the weight stream of a step every Python and torch call runs on cold
+        caches (tens of us each), so the per-step path keeps few of them. The tensors
+        must keep their storage while the binding is used."""
+        self._check_inputs(ids, seq_lens)
+        n, V = self.B * self.L, self.logits.shape[-1]
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= V:
+            raise ValueError(f"top_k: expected an int in [1, {V}], got {top_k!r}")
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+        for t, name, dtype, shape in ((u, "u", torch.float64, (n,)),
+                                      (work, "work", torch.float32, sample_cpu.work_shape(n, V)),
+                                      (tokens, "tokens", torch.int64, (self.B, self.L))):
+            if (t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape
+                    or not t.is_contiguous()):
+                raise ValueError(f"{name}: expected a contiguous {dtype} CPU tensor {shape}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        lib = self.libs.get("sample_cpu")
+        if lib is None:
+            lib, _, why = sample_cpu._load()
+            if lib is None:
+                raise RuntimeError(f"DecodeProgram.draw is not usable here: {why}")
+            self.libs["sample_cpu"] = lib
+        spec = _Draw(self._fn("sample_cpu", "nbp_sample"), top_k, float(top_p), work.data_ptr())
+        return BoundDraw(self, spec, (ids, seq_lens, u, work, tokens))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """float32 [B, L, V]: the last step's logits (the program's buffer)."""
+        return self._buffers["logits"].view(self.B, self.L, -1)
+
+    def _check_inputs(self, ids: torch.Tensor, seq_lens: torch.Tensor) -> None:
         B, L = self.B, self.L
-        if ids.shape != (B, L) or ids.dtype != torch.int64 or not ids.is_contiguous():
-            raise ValueError(f"ids: expected contiguous int64 [{B}, {L}], got {ids.dtype} "
-                             f"{tuple(ids.shape)}")
-        if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
-            raise ValueError(f"seq_lens: expected int32 [{B}], got {seq_lens.dtype} "
-                             f"{tuple(seq_lens.shape)}")
+        if ids.shape != (B, L) or ids.dtype != torch.int64 or not ids.is_contiguous() \
+                or ids.device.type != "cpu":
+            raise ValueError(f"ids: expected contiguous int64 [{B}, {L}] on the CPU, got "
+                             f"{ids.dtype} {tuple(ids.shape)} on {ids.device}")
+        if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32 or \
+                not seq_lens.is_contiguous() or seq_lens.device.type != "cpu":
+            raise ValueError(f"seq_lens: expected int32 [{B}] on the CPU, got {seq_lens.dtype} "
+                             f"{tuple(seq_lens.shape)} on {seq_lens.device}")
+
+    def _run_args(self, length: int) -> tuple:
+        """nbp_decode_step's arguments after ids and seq_lens, length checked."""
         if not 0 < length <= self.capacity:
             raise ValueError(f"length: expected 1..{self.capacity} (the cache capacity), got "
                              f"{length}")
+        t = self.timing
+        if t is not None and (t.dtype != torch.float64 or tuple(t.shape) != (len(PIECES),)
+                              or t.device.type != "cpu" or not t.is_contiguous()):
+            raise ValueError(f"timing: expected None or a contiguous float64 CPU tensor "
+                             f"[{len(PIECES)}], got {t.dtype} {tuple(t.shape)}")
         threads = max(1, torch.get_num_threads())
-        splits = decode_attention_cpu.splits_for(B * self.H, threads,
-                                                 -(-length // decode_attention_cpu.CHUNK))
-        work = decode_attention_cpu._work(self.libs["decode_attention"], threads, L, self.D)
-        parts = self._parts.get(splits) if splits > 1 else None
-        if splits > 1 and parts is None:
-            parts = self._parts[splits] = torch.empty(B * self.H * splits * L * (self.D + 2))
-        rc = self.libs["decode_step"].nbp_decode_step(
-            ctypes.byref(self._step), ids.data_ptr(), seq_lens.data_ptr(), length, splits,
-            threads, work.data_ptr(), _ptr(parts), _ptr(self.timing))
+        splits, work, parts = self._attention_scratch(threads, length)
+        return (length, splits, threads, work.data_ptr(), _ptr(parts), _ptr(t))
+
+    def _attention_scratch(self, threads: int, length: int) -> tuple:
+        """(splits, work, parts) of the attention for this thread count and length, kept:
+        a step's Python is what DecodeProgram saves."""
+        key = (threads, length)
+        got = self._scratch.get(key)
+        if got is None:
+            pairs = self.B * self.H
+            splits = decode_attention_cpu.splits_for(pairs, threads,
+                                                     -(-length // decode_attention_cpu.CHUNK))
+            work = decode_attention_cpu._work(self.libs["decode_attention"], threads, self.L,
+                                              self.D)
+            parts = self._parts.get(splits) if splits > 1 else None
+            if splits > 1 and parts is None:
+                parts = self._parts[splits] = torch.empty(pairs * splits * self.L * (self.D + 2))
+            got = self._scratch[key] = (splits, work, parts)
+        return got
+
+    @staticmethod
+    def _check(rc: int) -> None:
         if rc == -3:
             raise ValueError("ids: a token id is outside the vocabulary, or a position outside "
                              "the position table")
         check_rc("decode_step", rc)
-        return self._buffers["logits"].view(B, L, -1)
+
+
+class BoundDraw:
+    """``DecodeProgram.draw`` with its tensors checked and their pointers taken once
+    (``DecodeProgram.bind_draw``); calling it with a length runs the step and the draw and
+    returns how many rows had no distribution."""
+
+    def __init__(self, program: DecodeProgram, spec: _Draw, tensors: tuple):
+        self.program, self._spec, self._tensors = program, spec, tensors   # kept alive
+        ids, seq_lens, u, _, tokens = tensors
+        self._bad = ctypes.c_int64(0)
+        self._head = (ctypes.byref(program._step), ids.data_ptr(), seq_lens.data_ptr())
+        self._tail = (ctypes.byref(spec), u.data_ptr(), tokens.data_ptr(),
+                      ctypes.byref(self._bad))
+        self._fn = program.libs["decode_step"].nbp_decode_draw
+
+    def __call__(self, length: int) -> int:
+        rc = self._fn(*self._head, *self.program._run_args(length), *self._tail)
+        self.program._check(rc)
+        return self._bad.value

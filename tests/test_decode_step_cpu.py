@@ -190,7 +190,7 @@ def test_generator_runs_programs_with_the_same_tokens(isa, mode):
 @torch.no_grad()
 def test_program_times_its_pieces_when_asked(isa):
     """With a ``timing`` tensor the program adds each piece's seconds to it (the step breakdown
-    benchmark reads them); without one it writes nothing there."""
+    benchmark reads them), the draw's only when it draws; without one it writes nothing."""
     from nbp_kernels.decode_step_cpu import PIECES
 
     model = model_of(2, 16, 101)
@@ -202,9 +202,86 @@ def test_program_times_its_pieces_when_asked(isa):
     program.timing = torch.zeros(len(PIECES), dtype=torch.float64)
     program(ids, r.cache.seq_lens, 40)
     first = program.timing.clone()
-    assert (first > 0).all() and first.sum() < 10
-    program(ids, r.cache.seq_lens, 40)
+    step = [PIECES.index(p) for p in ("embedding", "linears", "attention", "head")]
+    assert (first[step] > 0).all() and first.sum() < 10 and first[PIECES.index("sampler")] == 0
+    program.draw(ids, r.cache.seq_lens, 40, **draw_args(program, 1, 4))
     assert (program.timing > first).all()
+    program.timing = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"timing: expected None or a contiguous float64 CPU "
+                                         r"tensor \[5\]"):
+        program(ids, r.cache.seq_lens, 40)
+
+
+def draw_args(program, rows: int, n: int, top_k: int = 7, top_p: float = 0.8,
+              seed: int = 3) -> dict:
+    """DecodeProgram.draw's keyword arguments for rows x n tokens (fresh buffers)."""
+    from nbp_kernels import sample_cpu
+
+    u = torch.rand(rows * n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return dict(top_k=top_k, top_p=top_p, u=u, tokens=torch.full((rows, n), -5),
+                work=torch.empty(sample_cpu.work_shape(rows * n, program.logits.shape[-1])))
+
+
+@pytest.mark.parametrize("sampling", [(7, 0.8), (101, 1.0), (1, 1.0), (101, 0.3)],
+                         ids=["k7-p0.8", "unfiltered", "k1", "p0.3"])
+@pytest.mark.parametrize("rows", [1, 3])
+@torch.no_grad()
+def test_program_draw_is_the_step_then_the_sampler(isa, sampling, rows):
+    """draw() = the step (logits and caches bit for bit), seq_lens + L, then
+    sample_cpu.sample over its logits with the same uniforms: the same tokens."""
+    from nbp_kernels import sample_cpu
+
+    model = model_of(2, 16, 101)
+    linear = PackedLinears(model)
+    ids = torch.randint(0, 101, (rows, 4), generator=torch.Generator().manual_seed(6))
+    plain, fused = (runner(model, linear, rows, prefix=21, programs=True) for _ in range(2))
+    lens = plain.cache.seq_lens.clone()
+    logits = plain._program(ids)(ids, plain.cache.seq_lens, 40).clone()
+    program = fused._program(ids)
+    args = draw_args(program, rows, 4, *sampling)
+    want, bad = sample_cpu.sample(logits.view(rows * 4, -1), *sampling, args["u"])
+    assert program.draw(ids, fused.cache.seq_lens, 40, **args) == 0 and bad == 0
+    assert torch.equal(args["tokens"].view(-1), want)
+    assert torch.equal(program.logits, logits)
+    assert torch.equal(fused.cache.k, plain.cache.k) and torch.equal(fused.cache.v, plain.cache.v)
+    assert torch.equal(fused.cache.seq_lens, lens + 4)
+
+
+@torch.no_grad()
+def test_program_draw_refuses_bad_arguments_before_running(isa):
+    model = model_of(2, 16, 101)
+    r = runner(model, PackedLinears(model), 2, prefix=21, programs=True)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    program = r._program(ids)
+    k, lens = r.cache.k.clone(), r.cache.seq_lens.clone()
+    ok = draw_args(program, 2, 4)
+    bad = {"top_k": [0, 102, 3.0, True], "top_p": [0.0, 1.5, "0.9", False],
+           "u": [ok["u"].float(), ok["u"][:7], ok["u"].view(4, 2)],
+           "tokens": [ok["tokens"].int(), ok["tokens"][:1], ok["tokens"].t()],
+           "work": [ok["work"][:7], ok["work"].double()]}
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=f"^{name}: expected"):
+                program.draw(ids, r.cache.seq_lens, 40, **{**ok, name: value})
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        program.draw(ids + 101, r.cache.seq_lens, 40, **ok)
+    assert torch.equal(r.cache.k, k) and torch.equal(r.cache.seq_lens, lens)
+    assert (ok["tokens"] == -5).all()
+
+
+@torch.no_grad()
+def test_program_draw_reports_rows_without_a_distribution(isa):
+    """NaN logits: draw() returns how many rows could not be sampled (tokens -1), and leaves
+    the logits in place for the sampler that flags the step."""
+    model = model_of(2, 16, 101)
+    with torch.no_grad():
+        model.head.weight[5, 0] = float("nan")
+    r = runner(model, PackedLinears(model), 2, prefix=21, programs=True)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    program = r._program(ids)
+    args = draw_args(program, 2, 4)
+    assert program.draw(ids, r.cache.seq_lens, 40, **args) == 8
+    assert (args["tokens"] == -1).all() and program.logits[:, :, 5].isnan().all()
 
 
 def test_program_refuses_linears_of_other_widths(isa):
@@ -227,3 +304,21 @@ def test_program_refuses_linears_of_other_widths(isa):
         DecodeProgram(layers=bad, **kw)
     with pytest.raises(ValueError, match="head: expected 32 -> 101"):
         DecodeProgram(layers=ok, **{**kw, "head": parts["fc1"]})
+
+
+def test_generator_rebinds_the_draw_for_each_request(isa):
+    """A FastGenerator reused across requests (other top-k / top-p, other seeds) draws what a
+    fresh one draws: each request's sampler binds the program's draw anew."""
+    model = model_of(2, 16, 101)
+    ids = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(4))
+    requests = [dict(top_k=5), dict(top_k=50, top_p=0.7), dict(top_k=5), dict()]
+
+    def run(gen, kw, seed):
+        return gen.generate_tokens(ids, 16, top_k=kw.get("top_k"), top_p=kw.get("top_p"),
+                                   generator=torch.Generator().manual_seed(seed))
+    shared = FastGenerator(model, packed_linear=True)
+    for seed, kw in enumerate(requests):
+        got = run(shared, kw, seed)
+        assert torch.equal(got, run(FastGenerator(model, packed_linear=True), kw, seed)), kw
+    bound = [s._bound for s in shared._steps.values() if s._bound is not None]
+    assert bound, "no decode step ran through DecodeProgram.bind_draw"

@@ -7,12 +7,12 @@ variant (NBP, 16 rows a step, at float32 / bfloat16 / int8 weights, bfloat16 wei
 with bfloat16 activations, int8 weights with int16 or
 int8 activations;
 NTP, one row a step, float32), each with the step driven from C (one
-``DecodeProgram`` call: it times its own pieces, the embeddings, the layers'
-linears, the attention and the head) and, for comparison, some driven from
-Python (``-python``: the pieces timed by wrapping them, the packed linears of the
-layers, the vocabulary head, the decode attention the generator resolved with
-its fused cache append, LayerNorm, GELU). The sampler is timed by wrapping it;
-"other" is the rest (Python, embeddings, cache bookkeeping). ``--rounds`` (3)
+``DecodeProgram.draw`` call: it times its own pieces, the embeddings, the layers'
+linears, the attention, the head and the sampler's draw) and, for comparison, some
+driven from Python (``-python``: the pieces timed by wrapping them, the packed
+linears of the layers, the vocabulary head, the decode attention the generator
+resolved with its fused cache append, LayerNorm, GELU, the sampler); "other" is
+the rest (Python, embeddings, cache bookkeeping). ``--rounds`` (3)
 generations per variant, round-robin: each variant reports its median round. Floors,
 per step:
 

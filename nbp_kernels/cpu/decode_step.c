@@ -11,6 +11,13 @@
  * the pointers the caller passes, from the libraries built for the same ISA),
  * so the logits are those of the Python-driven step bit for bit.
  *
+ * nbp_decode_draw is the same step followed by the sampler's one-call threshold and
+ * draw (sample_cpu.c's nbp_sample, through the pointer the caller passes) over its
+ * logits, and the advance of seq_lens: the whole step of a FastGenerator sampling
+ * with draw="fast" at temperature 1 without guidance. Between the two calls the
+ * Python sampler, the checks and the torch ops around it took 0.4-0.8 ms a step on a
+ * 2-core Zen 4 (7-10% of an NTP step), with the OpenMP workers left spinning.
+ *
  * nbp_kernels/decode_step_cpu.py has the Python contract (and the structs'
  * mirror), nbp_kernels/reference.py the semantics (``decode_step``).
  */
@@ -48,6 +55,18 @@ typedef struct {
     linear_t qkv, proj, fc1, fc2;   /* qkv: the stacked [q | k | v] columns */
     float *k_cache, *v_cache;       /* [B, H, capacity, D], D contiguous */
 } layer_t;
+
+typedef int64_t (*sample_fn)(const float *logits, int64_t n, int64_t V, int64_t ld,
+                             int64_t k, float p, const double *u, float *work,
+                             int64_t *index);
+
+/* The draw after a step: nbp_sample with top-k, top-p and its scratch */
+typedef struct {
+    void *fn;
+    int64_t top_k;
+    double top_p;
+    float *work;    /* sample_cpu.work_shape(B L, vocab) */
+} draw_t;
 
 typedef struct {
     int64_t n_layer, B, L, H, D, vocab, n_pos;
@@ -104,13 +123,14 @@ static void lap(double *acc, double *t0) {
     }
 }
 
-enum { T_EMBED, T_LINEARS, T_ATTENTION, T_HEAD };   /* seconds[] of nbp_decode_step */
+enum { T_EMBED, T_LINEARS, T_ATTENTION, T_HEAD, T_DRAW };   /* seconds[] of nbp_decode_step */
 
 /* ids: int64 [B, L]; seq_lens: int32 [B] (read, not advanced); length: cache
  * positions attention reads (<= capacity); splits: key splits of the attention
  * (decode_attention_cpu.splits_for); threads: its thread count; work, parts: its
- * scratch; seconds: NULL, or 4 doubles to which the time of the embeddings, the
- * layers' linears, the attention and the head (with ln_f) is added.
+ * scratch; seconds: NULL, or 5 doubles to which the time of the embeddings, the
+ * layers' linears, the attention and the head (with ln_f) is added (the fifth,
+ * the draw's, is nbp_decode_draw's).
  * Writes s->logits [B L, vocab] (and every layer's cache at seq_lens).
  * Returns 0, -3 for a token id or position out of range (checked before anything
  * is written), or the first nonzero code of a linear (caches may be written then). */
@@ -146,4 +166,24 @@ int nbp_decode_step(const step_t *s, const int64_t *ids, const int32_t *seq_lens
     rc = rc ? rc : linear(&s->head, s->x, M, s->logits, NULL);
     lap(seconds ? seconds + T_HEAD : NULL, &t0);
     return rc;
+}
+
+/* nbp_decode_step, then (when it returns 0) seq_lens[b] += L and the draw: tokens
+ * int64 [B L] from u float64 [B L] (one uniform per token) as nbp_sample draws them
+ * over s->logits; *bad: how many rows had no distribution (their token -1). Returns
+ * nbp_decode_step's code (nothing drawn, seq_lens unchanged, unless 0). */
+int nbp_decode_draw(const step_t *s, const int64_t *ids, int32_t *seq_lens, int64_t length,
+                    int64_t splits, int64_t threads, float *work, float *parts,
+                    double *seconds, const draw_t *d, const double *u, int64_t *tokens,
+                    int64_t *bad) {
+    int rc = nbp_decode_step(s, ids, seq_lens, length, splits, threads, work, parts, seconds);
+    if (rc)
+        return rc;
+    double t0 = seconds ? now() : 0.0;
+    for (int64_t b = 0; b < s->B; b++)
+        seq_lens[b] += (int32_t)s->L;
+    *bad = ((sample_fn)d->fn)(s->logits, s->B * s->L, s->vocab, s->vocab, d->top_k,
+                              (float)d->top_p, u, d->work, tokens);
+    lap(seconds ? seconds + T_DRAW : NULL, &t0);
+    return 0;
 }
