@@ -168,7 +168,10 @@ class FastGenerator:
     packed linears and the ``cpu`` decode attention, each decode step is one C
     call (``nbp_kernels.decode_step_cpu.DecodeProgram``, the same kernels bit for
     bit); set ``decode_programs = False`` before the first request to drive the
-    steps from Python instead.
+    steps from Python instead. Where the sampler's draw is the C sampler's
+    (draw="fast", temperature 1, no guidance) it runs in the same call
+    (``DecodeProgram.draw``); ``draw_in_program = False`` calls the sampler after
+    the step instead (A/B runs).
 
     Threads: one generator may be shared, but its calls run one at a time (its
     public methods hold one reentrant lock, as they share the static cache and
@@ -231,6 +234,7 @@ class FastGenerator:
         # CPU decode steps as one C call each where the kernels compute every piece
         # (ModelRunner.programs); False keeps the Python-driven step (A/B runs, debugging)
         self.decode_programs = True
+        self.draw_in_program = True   # and the draw in the same call (DecodeStep)
         self.cache: StaticKVCache | None = None
         self._steps: dict[tuple, DecodeStep] = {}
         self._lock = threading.RLock()   # reentrant: predict_frames calls generate_tokens
@@ -296,7 +300,7 @@ class FastGenerator:
             compiled = torch.compile(runner.decode, dynamic=False) if self.compile else None
             step = DecodeStep(runner, sampler, batch=batch, n=n, cfg=cfg, use_graph=self.use_graphs and sampler.graph_safe, compiled=compiled)
             self._steps[key] = step
-        step.sampler = sampler
+        step.sampler, step.draw_in_program = sampler, self.draw_in_program
         return step
 
     # --- token generation ----------------------------------------------------

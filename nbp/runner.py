@@ -198,6 +198,7 @@ class DecodeStep:
         self.use_graph = use_graph
         self.graph = None
         self.valid_on_host = False   # the last run drew every row (its ``invalid`` unused)
+        self.draw_in_program = True  # False: the sampler after the program (A/B runs)
         self._bound, self._bound_draw = None, None   # _drawn_in_program's binding
 
     def _eager(self, generator: torch.Generator | None = None, length: int | None = None) -> None:
@@ -216,7 +217,7 @@ class DecodeStep:
         (``BatchedSampler.program_draw``). True when the step has run: ``valid_on_host``
         then says whether every row was drawn (else ``_sample`` has flagged the step)."""
         self.valid_on_host = False
-        if self.compiled or self.ids.device.type != "cpu":
+        if not self.draw_in_program or self.compiled or self.ids.device.type != "cpu":
             return False
         draw = self.sampler.program_draw(self.batch * self.n, self.runner.vocab)
         program = self.runner.step_program(self.ids) if draw is not None else None

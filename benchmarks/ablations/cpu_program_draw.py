@@ -6,8 +6,8 @@ new tokens, L = 16, top-k 16000, top-p 0.9, random weights), 2 threads. Each
 round times, round-robin, NBP at float32 and int8 (int8 activations) weights
 and NTP at float32, each with the draw inside the step's C call
 (``DecodeProgram.draw``, what ``FastGenerator`` runs) and with the sampler
-called from Python after the step (``separate``: ``BatchedSampler.program_draw``
-declined, the path before the change). NBP generations run ``--nbp-per-round``
+called from Python after the step (``separate``: ``draw_in_program = False``,
+the path before the change). NBP generations run ``--nbp-per-round``
 times back to back per round (their mean is the round's time), so NBP and NTP
 average the machine's load over similar windows. Paired ratios within each
 round: fused against separate per variant, and the issue's two ratios (NTP over
@@ -33,25 +33,12 @@ from ablation_args import write_result
 from cpu_k600_isa_dtype import SAMPLING, generation, k600_problem, repeated, timed_rounds
 from nbp.commands.bench import machine_info, machine_tag
 from nbp.generate import FastGenerator
-from nbp.sampler import BatchedSampler
 from nbp_kernels.cpu_build import configure_threads, cpu_isa
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # name: (mode, weight_dtype, act_dtype)
 VARIANTS = {"nbp-float32": ("nbp", None, None), "nbp-int8_a8": ("nbp", torch.int8, torch.int8),
             "ntp-float32": ("ntp", None, None)}
-
-
-def separate(fn):
-    """fn run with the draw left to the sampler after the step (program_draw declined)."""
-    def run():
-        base = BatchedSampler.program_draw
-        BatchedSampler.program_draw = lambda self, rows, vocab: None
-        try:
-            return fn()
-        finally:
-            BatchedSampler.program_draw = base
-    return run
 
 
 def ratios(times: dict) -> dict:
@@ -78,11 +65,11 @@ def main(argv=None) -> int:
     cfg, model, ids, new = k600_problem()
     fns, calls = {}, {}
     for name, (mode, wd, ad) in VARIANTS.items():
-        gen = FastGenerator(model, weight_dtype=wd, act_dtype=ad)
-        n = args.nbp_per_round if mode == "nbp" else 1
-        run = repeated(generation(gen, ids, new, mode), n)
-        fns[f"{name}-fused"], fns[f"{name}-separate"] = run, separate(run)
-        calls[f"{name}-fused"] = calls[f"{name}-separate"] = n
+        for how in ("fused", "separate"):
+            gen = FastGenerator(model, weight_dtype=wd, act_dtype=ad)
+            gen.draw_in_program = how == "fused"
+            calls[f"{name}-{how}"] = n = args.nbp_per_round if mode == "nbp" else 1
+            fns[f"{name}-{how}"] = repeated(generation(gen, ids, new, mode), n)
     times, loads = timed_rounds(fns, args.repeats)
     times = {k: [t / calls[k] for t in v] for k, v in times.items()}
     isa, why = cpu_isa()
