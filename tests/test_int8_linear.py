@@ -208,6 +208,26 @@ def test_threads_and_leading_dims(path, adt, threads):
                        .view(17, 2, 100))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_rows_prepared_across_threads_as_one_by_one(path, adt, threads):
+    """64 rows and more are normalised and quantized across the threads (a prefill): each row
+    gets exactly what it gets alone, with its LayerNorm, GELU and residual."""
+    x, wq, ws, b = _case(131, 96, 40, seed=9)
+    x = x * 3 + 1
+    norm = (_rand(96, seed=21), _rand(96, seed=22), 1e-5)
+    r = _rand(131, 40, seed=4)
+    packed, corr = i8.pack_weight(wq)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = i8.int8_linear(x, packed, corr, ws, b, 40, "gelu", norm, r, adt)
+        alone = torch.cat([i8.int8_linear(x[m:m + 1], packed, corr, ws, b, 40, "gelu", norm,
+                                          r[m:m + 1], adt) for m in range(131)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, alone)
+
+
 @pytest.mark.usefixtures("path")
 def test_zero_rows_and_empty_inputs(adt):
     """A zero row (sx = 0) gives exactly the bias; no rows, or no inputs, give the bias too."""

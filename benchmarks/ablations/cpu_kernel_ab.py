@@ -9,7 +9,7 @@ Both sources are compiled with ``cpu_build``'s flags for the ISA in force
   linears (6 layers x 384 + head) at 1 and 16 rows, per weight dtype; writes
   benchmarks/results/cpu_kernel_ab_<isa>_<machine>.json.
 * ``int8_linear``: the same head and step with int8 weights and int8 or int16
-  activations (``act_dtype``), on the path in force (``nbp info``'s int8_linear line);
+  activations (``act_dtype``), and a prefill's layer products (512 rows), on the path in force (``nbp info``'s int8_linear line);
   writes benchmarks/results/cpu_kernel_ab_int8_linear_<path>_<machine>.json.
 * ``decode_attention``: one K600 decode step's attention (6 layers of 6 heads x 64,
   a cache of 900 positions, 16 and 1 queries), hot (each side reads its caches just before:
@@ -155,7 +155,7 @@ def int8_call(lib, mods, act_dtype, rows, path: str):
 
 
 def int8_rows(libs: dict, repeats: int, a_path: str | None = None) -> list[dict]:
-    """int8_linear's rows: head and step, 1 and 16 rows, int8 and int16 activations (exact
+    """int8_linear's rows (``int8_cases``), int8 and int16 activations (exact
     int32 sums: A and B agree bit for bit). B runs the path in force, A ``a_path`` (default
     the same)."""
     path = int8_linear.kernel_path()[0]
@@ -163,8 +163,16 @@ def int8_rows(libs: dict, repeats: int, a_path: str | None = None) -> list[dict]
     return [timed_row({k: int8_call(lib, mods, act, rows, paths[k]) for k, lib in libs.items()},
                       repeats, {"what": what, "rows": rows, "dtype": f"int8_a{name[3:]}",
                                 "path": path, "a_path": paths["a"]}, exact=True)
-            for what, mods in layers().items() for rows in (1, 16)
+            for what, mods, rows in int8_cases()
             for name, act in (("int8", torch.int8), ("int16", torch.int16))]
+
+
+def int8_cases() -> list[tuple]:
+    """(what, modules, rows): head and step at 1 and 16 rows, and a prefill's layer products
+    (the step's linears less the head) at 512 rows."""
+    mods = layers()
+    return [(what, m, rows) for what, m in mods.items() for rows in (1, 16)] + [
+        ("prefill layers", mods["step"][:-1], 512)]
 
 
 def summary(row: dict, t: dict) -> dict:
