@@ -35,7 +35,7 @@ from nbp_kernels.packed_linear import checked_act_dtype
 
 from . import devices, layout, long_video
 from .cache import StaticKVCache
-from .runner import DecodeStep, Kernels, ModelRunner
+from .runner import DecodeStep, Kernels, ModelRunner, ProgramLane
 from .model import NBPTransformer
 from .sampler import DRAWS, BatchedSampler, InvalidSteps
 from .sampling import SamplingParams, cfg_weight, check_generator
@@ -402,38 +402,54 @@ class FastGenerator:
                      out: torch.Tensor, noise, generator, progress: bool,
                      length: int, cached: int, invalid_steps: InvalidSteps):
         """Steps 1.. of ``plan``: feed the previous step's tokens (+ fillers), draw the next;
-        yields (step, out's slice of that step).
+        yields (step, out's slice of that step). One CPU sequence whose steps are all
+        ``DecodeProgram.draw`` calls runs them in a ``ProgramLane`` (in place in out).
 
         No host synchronisation: offsets and lengths are Python ints from the plan
         (``cached``: positions in the cache after the prefill).
         """
         B, params = out.shape[0], sampler.params
         cfg = params.cfg_scale is not None
-        fillers = plan.fillers(B, out.device)
         steps = range(1, len(plan.tokens))
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"nbp {plan.mode}", unit="step")
         offset, prev = plan.tokens[0], out[:, :plan.tokens[0]]
+        lane = None if cfg or len(plan.tokens) < 2 else ProgramLane.build(
+            self._step(runner, sampler, B, plan.tokens[1], params.temperature, cfg, length),
+            plan, out, noise)
         for s in steps:
             n = plan.tokens[s]
-            step = self._step(runner, sampler, B, n, params.temperature, cfg, length)
-            k = prev.shape[1]
-            step.ids[:B, :k].copy_(prev)
-            if s - 1 == plan.filler_after:
-                step.ids[:B, k:].copy_(fillers)
-            if cfg:
-                step.ids[B:].copy_(step.ids[:B])
-                step.cfg_weight.fill_(cfg_weight(params, s))
-            if noise is not None:
-                step.noise.copy_(noise[offset * B:(offset + n) * B])
             cached += n
-            out[:, offset:offset + n].copy_(step.run(generator, cached))
+            if lane is not None:   # the same steps, without torch ops between them
+                step, prev = lane.step, lane.run(s, cached)
+            else:
+                step = self._fed_step(runner, sampler, plan, prev, s, noise, offset, length)
+                out[:, offset:offset + n].copy_(step.run(generator, cached))
+                prev = out[:, offset:offset + n]
             if not step.valid_on_host:
                 invalid_steps.record(s, step.invalid)
-            prev = out[:, offset:offset + n]
             yield s, prev
             offset += n
+
+    def _fed_step(self, runner: ModelRunner, sampler: BatchedSampler, plan: StepPlan,
+                  prev: torch.Tensor, s: int, noise, offset: int, length: int) -> DecodeStep:
+        """Step s's DecodeStep with its inputs in place: the previous step's tokens prev
+        int64 [B, k] (+ fillers after ``plan.filler_after``), duplicated for guidance with
+        its weight, and the step's uniforms from noise."""
+        B, n, params = prev.shape[0], plan.tokens[s], sampler.params
+        cfg = params.cfg_scale is not None
+        step = self._step(runner, sampler, B, n, params.temperature, cfg, length)
+        k = prev.shape[1]
+        step.ids[:B, :k].copy_(prev)
+        if s - 1 == plan.filler_after:
+            step.ids[:B, k:].copy_(plan.fillers(B, prev.device))
+        if cfg:
+            step.ids[B:].copy_(step.ids[:B])
+            step.cfg_weight.fill_(cfg_weight(params, s))
+        if noise is not None:
+            step.noise.copy_(noise[offset * B:(offset + n) * B])
+        return step
 
     # --- video-level tasks (the token layout lives in nbp.layout) --------------
     def _require_tokenizer(self):

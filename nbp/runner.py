@@ -26,7 +26,7 @@ from .cache import StaticKVCache
 from .model import LinearFn, NBPTransformer, call_module, fusable
 from .sampler import BatchedSampler
 
-__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears"]
+__all__ = ["Kernels", "ModelRunner", "DecodeStep", "PackedLinears", "ProgramLane"]
 
 
 @dataclass(frozen=True)
@@ -270,3 +270,56 @@ class DecodeStep:
             self._capture()
         self.graph.replay()
         return self.tokens
+
+
+class ProgramLane:
+    """The decode steps of a one-sequence CPU request, each one ``DecodeProgram.draw`` call
+    that reads its ids from, and writes its tokens into, the request's output tensor, and
+    its uniforms from the request's noise, in place: no torch op runs between two steps'
+    C calls. After a step's weight stream every Python and torch call runs on cold caches
+    (the first tiny op took 40-90 us on a Zen 4), and a gap longer than the OpenMP
+    workers' spin puts them to sleep (``nbp/_wait_policy.py``); the general loop's copies,
+    views and flag per step measured 1.04x (NBP) and 1.07x (NTP) slower on whole K600
+    generations. ``build`` returns None where a step is not such a call.
+    """
+
+    def __init__(self, step: DecodeStep, bound, out: torch.Tensor, noise: torch.Tensor,
+                 offsets: list[int]):
+        self.step, self.bound, self.out, self.noise = step, bound, out, noise
+        n = step.n
+        self.views = [out[:, o:o + n] for o in offsets]   # what each step yields
+        self._at = [(out.data_ptr() + (o - n) * 8, noise.data_ptr() + o * 8,
+                     out.data_ptr() + o * 8) for o in offsets]
+
+    @classmethod
+    def build(cls, step: DecodeStep, plan, out: torch.Tensor,
+              noise: torch.Tensor | None) -> "ProgramLane | None":
+        """A lane for ``plan``'s decode steps (all of ``step``'s shape: n tokens, the first
+        block n too, no fillers) over out int64 [1, new] and noise float64 [new], or None."""
+        n = step.n
+        if (out.shape[0] != 1 or noise is None or not step.draw_in_program or step.compiled
+                or out.device.type != "cpu" or not out.is_contiguous()
+                or not noise.is_contiguous() or plan.filler_after != -1
+                or any(t != n for t in plan.tokens)):
+            return None
+        draw = step.sampler.program_draw(n, step.runner.vocab)
+        program = step.runner.step_program(step.ids) if draw is not None else None
+        if program is None:
+            return None
+        bound = program.bind_draw(step.ids, step.runner.cache.seq_lens, u=step.noise,
+                                  tokens=step.tokens, **draw)
+        return cls(step, bound, out, noise, [n * s for s in range(len(plan.tokens))])
+
+    def run(self, s: int, length: int) -> torch.Tensor:
+        """Step s (>= 1) at ``length`` cached positions; returns its tokens (a view of out).
+        A row without a distribution is drawn by the sampler, which flags the step
+        (``step.valid_on_host`` False, ``step.invalid`` set)."""
+        step = self.step
+        step.valid_on_host = not self.bound.at(length, *self._at[s])
+        if not step.valid_on_host:
+            lo = s * step.n
+            tokens, invalid = step.sampler(self.bound.program.logits, None,
+                                           self.noise[lo:lo + step.n])
+            self.views[s].copy_(tokens)
+            step.invalid.copy_(invalid)
+        return self.views[s]

@@ -315,3 +315,12 @@ class BoundDraw:
         rc = self._fn(*self._head, *self.program._run_args(length), *self._tail)
         self.program._check(rc)
         return self._bad.value
+
+    def at(self, length: int, ids: int, u: int, tokens: int) -> int:
+        """``__call__`` over other memory laid out as the bound ids, u and tokens (their
+        addresses: blocks of B L int64, float64 and int64, e.g. inside a generation's output
+        and uniforms, which the caller has checked hold them)."""
+        rc = self._fn(self._head[0], ids, self._head[2], *self.program._run_args(length),
+                      self._tail[0], u, tokens, self._tail[3])
+        self.program._check(rc)
+        return self._bad.value

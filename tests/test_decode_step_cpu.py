@@ -306,11 +306,21 @@ def test_program_refuses_linears_of_other_widths(isa):
         DecodeProgram(layers=ok, **{**kw, "head": parts["fc1"]})
 
 
-def test_generator_rebinds_the_draw_for_each_request(isa):
+@pytest.mark.parametrize("batch", [1, 2], ids=["lane", "step"])
+def test_generator_rebinds_the_draw_for_each_request(isa, batch, monkeypatch):
     """A FastGenerator reused across requests (other top-k / top-p, other seeds) draws what a
-    fresh one draws: each request's sampler binds the program's draw anew."""
+    fresh one draws: each request binds the program's draw anew (one sequence: the
+    ProgramLane, its ids and tokens inside the output; more: DecodeStep's buffers)."""
+    from nbp_kernels.decode_step_cpu import BoundDraw
+
+    calls = {"__call__": 0, "at": 0}
+    for name in calls:
+        def counted(self, *a, _f=getattr(BoundDraw, name), _n=name):
+            calls[_n] += 1
+            return _f(self, *a)
+        monkeypatch.setattr(BoundDraw, name, counted)
     model = model_of(2, 16, 101)
-    ids = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 101, (batch, 8), generator=torch.Generator().manual_seed(4))
     requests = [dict(top_k=5), dict(top_k=50, top_p=0.7), dict(top_k=5), dict()]
 
     def run(gen, kw, seed):
@@ -320,5 +330,40 @@ def test_generator_rebinds_the_draw_for_each_request(isa):
     for seed, kw in enumerate(requests):
         got = run(shared, kw, seed)
         assert torch.equal(got, run(FastGenerator(model, packed_linear=True), kw, seed)), kw
-    bound = [s._bound for s in shared._steps.values() if s._bound is not None]
-    assert bound, "no decode step ran through DecodeProgram.bind_draw"
+    # 3 decode steps a request, 8 requests (shared and fresh)
+    assert calls == ({"__call__": 0, "at": 24} if batch == 1 else {"__call__": 24, "at": 0})
+
+
+@pytest.mark.parametrize("mode", ["nbp", "ntp"])
+def test_lane_draws_what_the_step_by_step_loop_draws(isa, mode):
+    """One sequence: the ProgramLane (ids and tokens in place in the output) draws the tokens
+    of the general loop with the sampler after each program step, bit for bit."""
+    model = model_of(2, 16, 101)
+    ids = torch.randint(0, 101, (1, 8), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for in_program in (True, False):
+        gen = FastGenerator(model, packed_linear=True)
+        gen.draw_in_program = in_program
+        out[in_program] = gen.generate_tokens(ids, 24, mode=mode, top_k=50, top_p=0.95,
+                                              generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out[True], out[False])
+
+
+def test_lane_flags_a_step_without_a_distribution(isa, monkeypatch):
+    """NaN embeddings for every id but the prompt's: the prefill's step 0 draws, the lane's
+    step 1 has NaN logits, and the generation stops naming it."""
+    from nbp_kernels.decode_step_cpu import BoundDraw
+
+    ran = []
+    at = BoundDraw.at
+    monkeypatch.setattr(BoundDraw, "at", lambda self, *a: ran.append(1) or at(self, *a))
+    model = model_of(2, 16, 101)
+    ids = torch.full((1, 8), 7)
+    with torch.no_grad():
+        keep = model.tok_emb.weight[7].clone()
+        model.tok_emb.weight.fill_(float("nan"))
+        model.tok_emb.weight[7] = keep
+    gen = FastGenerator(model, packed_linear=True)
+    with pytest.raises(ValueError, match="step 1 "):
+        gen.generate_tokens(ids, 12, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert ran == [1]
