@@ -278,9 +278,9 @@ class ProgramLane:
     its uniforms from the request's noise, in place: no torch op runs between two steps'
     C calls. After a step's weight stream every Python and torch call runs on cold caches
     (the first tiny op took 40-90 us on a Zen 4), and a gap longer than the OpenMP
-    workers' spin puts them to sleep (``nbp/_wait_policy.py``); the general loop's copies,
-    views and flag per step measured 1.04x (NBP) and 1.07x (NTP) slower on whole K600
-    generations. ``build`` returns None where a step is not such a call.
+    workers' spin puts them to sleep (``nbp/_wait_policy.py``): the general loop's copies,
+    views and flag cost a K600 step ~0.1 ms more of Python on a 2-core Zen 4. ``build`` returns
+    None where a step is not such a call.
     """
 
     def __init__(self, step: DecodeStep, bound, out: torch.Tensor, noise: torch.Tensor,
@@ -298,9 +298,11 @@ class ProgramLane:
         block n too, no fillers) over out int64 [1, new] and noise float64 [new], or None."""
         n = step.n
         if (out.shape[0] != 1 or noise is None or not step.draw_in_program or step.compiled
-                or out.device.type != "cpu" or not out.is_contiguous()
-                or not noise.is_contiguous() or plan.filler_after != -1
-                or any(t != n for t in plan.tokens)):
+                or out.device.type != "cpu" or out.dtype != torch.int64
+                or not out.is_contiguous() or noise.dtype != torch.float64
+                or not noise.is_contiguous() or noise.numel() < out.numel()
+                or plan.filler_after != -1 or any(t != n for t in plan.tokens)
+                or sum(plan.tokens) != out.numel()):
             return None
         draw = step.sampler.program_draw(n, step.runner.vocab)
         program = step.runner.step_program(step.ids) if draw is not None else None
