@@ -5,13 +5,14 @@
 
 The K600 model of the CPU study (6 x 384, vocabulary 64000; random weights), one
 sequence, a cache holding 900 positions: an NBP step (16 tokens) and an NTP step
-(1 token), at float32 weights and at int8 weights with int8 activations. Both
-drivers run the same kernels (``ModelRunner.decode`` with ``programs`` on or off);
-each call writes the same block at the same positions again, so the cache does
-not grow. ``test_decode_step_cpu_draw``: the step with its sampling (top-k 16000,
-top-p 0.9), the draw in the program's C call (``draw``, what ``FastGenerator``
-runs) against the sampler called after it (``sampler``), through ``DecodeStep``. Bytes: the weights at their dtype and the cache read once (the step's
-memory floor); FLOPs: 2 x tokens x the linears' weights. CPU only.
+(1 token), at float32 weights and at int8 weights with int16 or int8 activations.
+Drivers ``program`` and ``python`` run the same kernels (``ModelRunner.decode`` with
+``programs`` on or off); ``draw`` and ``sampler`` add the step's sampling (top-k
+16000, top-p 0.9) through ``DecodeStep``, the draw in the program's C call (what
+``FastGenerator`` runs) or the sampler called after it. Each call writes the same
+block at the same positions again, so the cache does not grow. Bytes: the weights at
+their dtype and the cache read once (the step's memory floor); FLOPs: 2 x tokens x
+the linears' weights. CPU only.
 """
 import pytest
 import torch
@@ -42,23 +43,53 @@ def _model() -> NBPTransformer:
 MODEL = _model()
 
 
-@pytest.mark.parametrize("driver", ["program", "python"])
+@pytest.mark.parametrize("driver", ["program", "python", "draw", "sampler"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [16, 1], ids=["nbp16", "ntp1"])
 def test_decode_step_cpu(benchmark, floors, driver, dtype, tokens):
-    ok, why = is_available(int8_act=DTYPES[dtype][1] is not None)
-    if not ok:
-        pytest.skip(f"decode_step unusable here: {why}")
-    benchmark.group = f"decode_step_cpu {dtype} {tokens} tokens"
-    runner = _runner(dtype, tokens, programs=driver == "program")
+    _require(dtype)
+    sampled = driver in ("draw", "sampler")
+    benchmark.group = f"decode_step_cpu{'+draw' if sampled else ''} {dtype} {tokens} tokens"
+    runner = _runner(dtype, tokens, programs=driver != "python")
+    fn = _sampled_step(runner, tokens, driver == "draw") if sampled else _step(runner, tokens)
+    run(benchmark, fn, 30)
+    _record(benchmark, floors, "decode_step_cpu+draw" if sampled else "decode_step_cpu",
+            driver, dtype, tokens)
+
+
+def _step(runner: ModelRunner, tokens: int):
+    """The step alone (``ModelRunner.decode``), the same block at the same positions."""
     ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def step():
         runner.cache.seq_lens.fill_(CACHED)
         return runner.decode(ids, CACHED + tokens)
-    run(benchmark, step, 30)
-    _record(benchmark, floors, "decode_step_cpu", driver, dtype, tokens)
+    return step
+
+
+def _sampled_step(runner: ModelRunner, tokens: int, in_program: bool):
+    """The step and its sampling through ``DecodeStep``: the draw in the program's call, or
+    the sampler after it."""
+    sampler = BatchedSampler(SamplingParams(top_k=min(16000, VOCAB), top_p=0.9))
+    step = DecodeStep(runner, sampler, batch=1, n=tokens, cfg=False, use_graph=False)
+    step.draw_in_program = in_program
+    step.ids.random_(0, VOCAB, generator=torch.Generator().manual_seed(0))
+    step.noise.uniform_(0, 1, generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def one():
+        runner.cache.seq_lens.fill_(CACHED)
+        step.run(None, CACHED + tokens)
+        assert step.valid_on_host == in_program
+        return step.tokens
+    return one
+
+
+def _require(dtype: str) -> None:
+    ok, why = is_available(int8_act=DTYPES[dtype][1] is not None)
+    if not ok:
+        pytest.skip(f"decode_step unusable here: {why}")
 
 
 def _runner(dtype: str, tokens: int, programs: bool) -> ModelRunner:
@@ -67,34 +98,9 @@ def _runner(dtype: str, tokens: int, programs: bool) -> ModelRunner:
     cache = StaticKVCache.for_model(cfg, 1, cfg.max_seq_len)
     kernels = Kernels.resolve("cpu", device=torch.device("cpu"), dtype=torch.float32,
                               head_dim=cfg.head_dim, block_size=tokens, step_lens=(tokens,))
+    linear = PackedLinears(MODEL, *DTYPES[dtype])
     return ModelRunner(MODEL, cache, kernels=kernels, block_size=tokens, hybrid=False,
-                       cond_len=0, length=cfg.max_seq_len, linear=PackedLinears(MODEL, *DTYPES[dtype]),
-                       programs=programs)
-
-
-@pytest.mark.parametrize("how", ["draw", "sampler"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [16, 1], ids=["nbp16", "ntp1"])
-def test_decode_step_cpu_draw(benchmark, floors, how, dtype, tokens):
-    ok, why = is_available(int8_act=DTYPES[dtype][1] is not None)
-    if not ok:
-        pytest.skip(f"decode_step unusable here: {why}")
-    benchmark.group = f"decode_step_cpu+draw {dtype} {tokens} tokens"
-    runner = _runner(dtype, tokens, programs=True)
-    sampler = BatchedSampler(SamplingParams(top_k=min(16000, VOCAB), top_p=0.9))
-    step = DecodeStep(runner, sampler, batch=1, n=tokens, cfg=False, use_graph=False)
-    step.draw_in_program = how == "draw"
-    step.ids.random_(0, VOCAB, generator=torch.Generator().manual_seed(0))
-    step.noise.uniform_(0, 1, generator=torch.Generator().manual_seed(1))
-
-    @torch.no_grad()
-    def one():
-        runner.cache.seq_lens.fill_(CACHED)
-        step.run(None, CACHED + tokens)
-        assert step.valid_on_host == (how == "draw")
-        return step.tokens
-    run(benchmark, one, 30)
-    _record(benchmark, floors, "decode_step_cpu+draw", how, dtype, tokens)
+                       cond_len=0, length=cfg.max_seq_len, linear=linear, programs=programs)
 
 
 def _record(benchmark, floors, op: str, impl: str, dtype: str, tokens: int) -> None:
