@@ -73,7 +73,6 @@ class ModelRunner:
         self.block_size, self.hybrid, self.cond_len = block_size, hybrid, cond_len
         self.length, self.linear = length, linear
         self.programs = programs
-        self.vocab = model.config.vocab_size
         self._programs: dict[tuple, decode_step_cpu.DecodeProgram | None] = {}
 
     def prefill(self, ids: torch.Tensor, prefix_embeddings: torch.Tensor | None,
@@ -199,7 +198,7 @@ class DecodeStep:
         self.graph = None
         self.valid_on_host = False   # the last run drew every row (its ``invalid`` unused)
         self.draw_in_program = True  # False: the sampler after the program (A/B runs)
-        self._bound, self._bound_draw = None, None   # _drawn_in_program's binding
+        self._bound, self._bound_draw = None, None   # bound_draw's, and its draw
 
     def _eager(self, generator: torch.Generator | None = None, length: int | None = None) -> None:
         if self._drawn_in_program(length):
@@ -211,28 +210,37 @@ class DecodeStep:
         self._sample(logits, generator)
 
     def _drawn_in_program(self, length: int | None) -> bool:
-        """The CPU step and its draw in one C call (``DecodeProgram.bind_draw``, bound to this
-        step's buffers once per program and sampler) where the runner has a program for
-        the step and the sampler's draw is that of the C kernels
-        (``BatchedSampler.program_draw``). True when the step has run: ``valid_on_host``
-        then says whether every row was drawn (else ``_sample`` has flagged the step)."""
+        """The CPU step and its draw in one C call (``bound_draw``). True when the step has
+        run: ``valid_on_host`` then says whether every row was drawn (else ``_sample`` has
+        flagged the step)."""
         self.valid_on_host = False
-        if not self.draw_in_program or self.compiled or self.ids.device.type != "cpu":
+        bound = self.bound_draw()
+        if bound is None:
             return False
-        draw = self.sampler.program_draw(self.batch * self.n, self.runner.vocab)
-        program = self.runner.step_program(self.ids) if draw is not None else None
-        if program is None:
-            return False
-        bound = self._bound
-        if bound is None or bound.program is not program or self._bound_draw is not draw:
-            bound = self._bound = program.bind_draw(self.ids, self.runner.cache.seq_lens,
-                                                    u=self.noise, tokens=self.tokens, **draw)
-            self._bound_draw = draw
         if bound(self.runner.length if length is None else length):
-            self._sample(program.logits, None)
+            self._sample(bound.program.logits, None)
         else:
             self.valid_on_host = True
         return True
+
+    def bound_draw(self) -> "decode_step_cpu.BoundDraw | None":
+        """``DecodeProgram.bind_draw`` over this step's buffers (ids, the cache's seq_lens,
+        noise, tokens), kept while the program and the sampler's draw stay, where the runner
+        has a program for the step and the sampler's draw is that of the C kernels
+        (``BatchedSampler.program_draw``); else None."""
+        if not self.draw_in_program or self.compiled or self.ids.device.type != "cpu":
+            return None
+        draw = self.sampler.program_draw(self.batch * self.n,
+                                         self.runner.model.config.vocab_size)
+        program = self.runner.step_program(self.ids) if draw is not None else None
+        if program is None:
+            return None
+        if self._bound is None or self._bound.program is not program or \
+                self._bound_draw is not draw:
+            self._bound = program.bind_draw(self.ids, self.runner.cache.seq_lens,
+                                            u=self.noise, tokens=self.tokens, **draw)
+            self._bound_draw = draw
+        return self._bound
 
     def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> None:
         noise = self.noise if self.sampler.needs_noise else None
@@ -297,20 +305,16 @@ class ProgramLane:
         """A lane for ``plan``'s decode steps (all of ``step``'s shape: n tokens, the first
         block n too, no fillers) over out int64 [1, new] and noise float64 [new], or None."""
         n = step.n
-        if (out.shape[0] != 1 or noise is None or not step.draw_in_program or step.compiled
+        if (out.shape[0] != 1 or noise is None
                 or out.device.type != "cpu" or out.dtype != torch.int64
                 or not out.is_contiguous() or noise.dtype != torch.float64
                 or not noise.is_contiguous() or noise.numel() < out.numel()
                 or plan.filler_after != -1 or any(t != n for t in plan.tokens)
                 or sum(plan.tokens) != out.numel()):
             return None
-        draw = step.sampler.program_draw(n, step.runner.vocab)
-        program = step.runner.step_program(step.ids) if draw is not None else None
-        if program is None:
-            return None
-        bound = program.bind_draw(step.ids, step.runner.cache.seq_lens, u=step.noise,
-                                  tokens=step.tokens, **draw)
-        return cls(step, bound, out, noise, [n * s for s in range(len(plan.tokens))])
+        bound = step.bound_draw()
+        return None if bound is None else cls(step, bound, out, noise,
+                                              [n * s for s in range(len(plan.tokens))])
 
     def run(self, s: int, length: int) -> torch.Tensor:
         """Step s (>= 1) at ``length`` cached positions; returns its tokens (a view of out).

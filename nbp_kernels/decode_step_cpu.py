@@ -221,18 +221,14 @@ class DecodeProgram:
         caches (tens of us each), so the per-step path keeps few of them. The tensors
         must keep their storage while the binding is used."""
         self._check_inputs(ids, seq_lens)
-        n, V = self.B * self.L, self.logits.shape[-1]
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= V:
-            raise ValueError(f"top_k: expected an int in [1, {V}], got {top_k!r}")
-        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+        n = self.B * self.L
+        # the sampler's own checks of top_k, top_p and work, then u's and tokens'
+        sample_cpu._check_filter(self.logits.view(n, -1), top_k, top_p, work)
         for t, name, dtype, shape in ((u, "u", torch.float64, (n,)),
-                                      (work, "work", torch.float32, sample_cpu.work_shape(n, V)),
                                       (tokens, "tokens", torch.int64, (self.B, self.L))):
-            if (t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape
-                    or not t.is_contiguous()):
-                raise ValueError(f"{name}: expected a contiguous {dtype} CPU tensor {shape}, got "
-                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+            sample_cpu._check_tensor(name, t, dtype, shape)
+            if not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor")
         lib = self.libs.get("sample_cpu")
         if lib is None:
             lib, _, why = sample_cpu._load()
@@ -306,21 +302,22 @@ class BoundDraw:
         self.program, self._spec, self._tensors = program, spec, tensors   # kept alive
         ids, seq_lens, u, _, tokens = tensors
         self._bad = ctypes.c_int64(0)
-        self._head = (ctypes.byref(program._step), ids.data_ptr(), seq_lens.data_ptr())
-        self._tail = (ctypes.byref(spec), u.data_ptr(), tokens.data_ptr(),
-                      ctypes.byref(self._bad))
+        self._step, self._seq_lens = ctypes.byref(program._step), seq_lens.data_ptr()
+        self._spec_ref, self._bad_ref = ctypes.byref(spec), ctypes.byref(self._bad)
+        self._own = (ids.data_ptr(), u.data_ptr(), tokens.data_ptr())
         self._fn = program.libs["decode_step"].nbp_decode_draw
 
     def __call__(self, length: int) -> int:
-        rc = self._fn(*self._head, *self.program._run_args(length), *self._tail)
-        self.program._check(rc)
-        return self._bad.value
+        return self._run(length, *self._own)
 
     def at(self, length: int, ids: int, u: int, tokens: int) -> int:
         """``__call__`` over other memory laid out as the bound ids, u and tokens (their
         addresses: blocks of B L int64, float64 and int64, e.g. inside a generation's output
         and uniforms, which the caller has checked hold them)."""
-        rc = self._fn(self._head[0], ids, self._head[2], *self.program._run_args(length),
-                      self._tail[0], u, tokens, self._tail[3])
+        return self._run(length, ids, u, tokens)
+
+    def _run(self, length: int, ids: int, u: int, tokens: int) -> int:
+        rc = self._fn(self._step, ids, self._seq_lens, *self.program._run_args(length),
+                      self._spec_ref, u, tokens, self._bad_ref)
         self.program._check(rc)
         return self._bad.value
