@@ -21,7 +21,13 @@ per step:
   faster of a threaded sum and the packed linear's one-row stream; same run);
 * compute: the linears' multiply-adds at the float32 matmul rate of an
   n x n ``torch.mm`` (same run); the integer-activation variants' dot products
-  are not bound by it (VNNI does 4 int8 or 2 int16 multiply-adds per fp32 FMA).
+  are not bound by it (VNNI does 4 int8 or 2 int16 multiply-adds per fp32 FMA);
+* peak compute (``compute_floor_ms``): the linears' multiply-adds at this CPU's
+  float32 FMA peak, or for int8 rows its int8 dot-product peak (cpu_peak.py's
+  register-only loops at the ISA in force, same run), plus the attention's (QK^T
+  and PV at the step's median length) at the FMA peak. No step can beat it; none
+  for int16 or bfloat16 rows (their instructions' peaks are not measured) or int8
+  rows without VNNI.
 
 Writes benchmarks/results/cpu_step_breakdown_<threads>t_<machine><tag>.json.
 
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 
 import nbp.sampler as sampler_module
 import nbp_kernels.packed_linear as packed_module
+import cpu_peak
 from ablation_args import write_result
 from cpu_k600_isa_dtype import cache_bytes, k600_problem, read_bandwidth, weight_bytes
 from nbp.commands.bench import machine_info, machine_tag
@@ -131,6 +138,17 @@ def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
+def compute_floor_ms(name: str, macs: int, attention_flops: float, peak: dict) -> float | None:
+    """``macs`` linear multiply-adds and ``attention_flops`` at ``peak`` (cpu_peak.peaks):
+    float32 FMAs, or int8 dot products for int8 rows; None where the step's instructions
+    have no measured peak (int16 or bfloat16 rows, int8 rows without VNNI)."""
+    fp32 = peak["fp32_gflops"] * 1e9
+    if name.endswith(("_a16", "_abf16")) or ("_a8" in name and not peak["int8_gmacs"]):
+        return None
+    linears = macs / (peak["int8_gmacs"] * 1e9) if "_a8" in name else 2 * macs / fp32
+    return (linears + attention_flops / fp32) * 1e3
+
+
 def programs(gen: FastGenerator) -> list:
     """The C-driven decode steps (``DecodeProgram``) the generator's cached steps run."""
     return [p for step in gen._steps.values() for p in step.runner._programs.values()
@@ -200,6 +218,7 @@ def main(argv=None) -> int:
     cfg, model, ids, new = k600_problem()
     given = ids.shape[1]
     bws, rates, runs = [], [], {name: [] for name in VARIANTS}
+    peaks = [cpu_peak.peaks(args.threads, repeats=5)]
     for r in range(args.rounds):
         for name, (mode, wd, ad, program) in VARIANTS.items():
             bws.append(read_bandwidth())
@@ -209,7 +228,9 @@ def main(argv=None) -> int:
                   + "  ".join(f"{k} {v:.2f}" for k, v in runs[name][-1]["ms_per_step"].items()),
                   flush=True)
     rows = {name: median_round(v) for name, v in runs.items()}
+    peaks.append(cpu_peak.peaks(args.threads, repeats=5))
     bw, rate = statistics.median(bws[1:] or bws), statistics.median(rates)
+    peak = {k: max(p[k] or 0 for p in peaks) or None for k in ("fp32_gflops", "int8_gmacs")}
     macs = sum(m.in_features * m.out_features for m in model.modules()
                if isinstance(m, torch.nn.Linear))
     for name, row in rows.items():
@@ -219,13 +240,19 @@ def main(argv=None) -> int:
         row["memory_floor_ms"] = nbytes / bw * 1e3
         row["fp32_compute_floor_ms"] = 2 * macs * rows_per_step / (rate * 1e9) * 1e3
         row["step_over_memory_floor"] = row["step_ms"] / row["memory_floor_ms"]
+        # QK^T and PV: a multiply-add each per query row, cached position and channel
+        attention = 4 * rows_per_step * (given + new // 2) * cfg.n_embd * cfg.n_layer
+        row["compute_floor_ms"] = compute_floor_ms(name, macs * rows_per_step, attention, peak)
     info = dict(machine_info("cpu"), isa=cpu_isa()[0],
                 wait_policy={k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
     result = {"what": __doc__.split("\n\n")[0], "config": cfg.to_dict(), "given": given, "new": new,
               "read_bandwidth_GBps": bw / 1e9, "matmul_fp32_gflops": rate,
+              "peak": {"isa": cpu_isa()[0], **peak},
               "linear_macs_per_row": macs, "machine": info, "variants": rows}
     print(json.dumps({k: (round(v["step_ms"], 2), round(v["memory_floor_ms"], 2),
-                          round(v["fp32_compute_floor_ms"], 2)) for k, v in rows.items()}))
+                          round(v["fp32_compute_floor_ms"], 2),
+                          v["compute_floor_ms"] and round(v["compute_floor_ms"], 2))
+                      for k, v in rows.items()}))
     write_result(args.out / f"cpu_step_breakdown_{info['torch_threads']}t_{machine_tag(info)}"
                             f"{args.tag}.json", result)
     return 0
