@@ -38,7 +38,7 @@
 #if defined(NBP_ISA_AVX512)
 #  define TILE_ROWS 8     /* 8 rows x 3 panels = 24 of the 32 zmm as accumulators */
 #  define TILE_PANELS 3
-#  define GROUP 3         /* panels per thread work item; one row streams all of them */
+#  define GROUP 3         /* panels per thread work item (one row streams them one by one) */
 #  define PACK_ROWS 1     /* several rows of a large product read x transposed (pack_rows) */
 #elif defined(NBP_ISA_AVX2)
 #  define TILE_ROWS 6     /* 6 rows x 1 panel = 12 of the 16 ymm as accumulators */
