@@ -17,6 +17,7 @@ import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgom
 
 import argparse
 import ctypes
+import functools
 import os
 import subprocess
 import tempfile
@@ -35,8 +36,10 @@ RESULTS = HERE.parent / "results"
 SECONDS = 0.2   # per timed call
 
 
+@functools.cache
 def build(isa: str) -> ctypes.CDLL:
-    """cpu_peak.c compiled with cpu_build's flags for ``isa`` (its isa.h from nbp_kernels/cpu)."""
+    """cpu_peak.c compiled with cpu_build's flags for ``isa`` (its isa.h from nbp_kernels/cpu),
+    once per process and ISA."""
     flags, libs = cpu_build.compile_flags("cpu_peak", isa)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"cpu_peak_{isa}.so"

@@ -138,14 +138,18 @@ def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def compute_floor_ms(name: str, macs: int, attention_flops: float, peak: dict) -> float | None:
+def compute_floor_ms(act_dtype, macs: int, attention_flops: float, peak: dict) -> float | None:
     """``macs`` linear multiply-adds and ``attention_flops`` at ``peak`` (cpu_peak.peaks):
-    float32 FMAs, or int8 dot products for int8 rows; None where the step's instructions
-    have no measured peak (int16 or bfloat16 rows, int8 rows without VNNI)."""
+    float32 FMAs (act_dtype None: float32 rows), or int8 dot products for int8 rows; None
+    where the step's instructions have no measured peak (int16 or bfloat16 rows, int8 rows
+    without VNNI)."""
     fp32 = peak["fp32_gflops"] * 1e9
-    if name.endswith(("_a16", "_abf16")) or ("_a8" in name and not peak["int8_gmacs"]):
+    if act_dtype is None:
+        linears = 2 * macs / fp32
+    elif act_dtype == torch.int8 and peak["int8_gmacs"]:
+        linears = macs / (peak["int8_gmacs"] * 1e9)
+    else:
         return None
-    linears = macs / (peak["int8_gmacs"] * 1e9) if "_a8" in name else 2 * macs / fp32
     return (linears + attention_flops / fp32) * 1e3
 
 
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
         row["step_over_memory_floor"] = row["step_ms"] / row["memory_floor_ms"]
         # QK^T and PV: a multiply-add each per query row, cached position and channel
         attention = 4 * rows_per_step * (given + new // 2) * cfg.n_embd * cfg.n_layer
-        row["compute_floor_ms"] = compute_floor_ms(name, macs * rows_per_step, attention, peak)
+        row["compute_floor_ms"] = compute_floor_ms(ad, macs * rows_per_step, attention, peak)
     info = dict(machine_info("cpu"), isa=cpu_isa()[0],
                 wait_policy={k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
     result = {"what": __doc__.split("\n\n")[0], "config": cfg.to_dict(), "given": given, "new": new,

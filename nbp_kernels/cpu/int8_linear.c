@@ -517,10 +517,10 @@ static void group_port(const job_t *j, const int8_t *panels, int64_t col0, int n
     }
 }
 
-/* Row m of x (after its LayerNorm into xn + m K, with norm) quantized into xq (row_bytes
- * apart) and, for the VNNI tiles, copied into the groups xg; returns its sx. The copies
- * have constant sizes: a memcpy of a variable group size was a libc call per group (25 us
- * of a 16 x 1536 call on a Zen 4). */
+/* Row m of x (after its LayerNorm into xn + m K, with norm) quantized into xq (rows Kp
+ * bytes apart, 2 Kp for int16) and, for the VNNI tiles, copied into the groups xg;
+ * returns its sx. The copies have constant sizes: a memcpy of a variable group size was
+ * a libc call per group (25 us of a 16 x 1536 call on a Zen 4). */
 static float prepare_row(const float *x, int64_t m, int64_t M, int64_t K, int64_t Kp, int norm,
                          const float *gamma, const float *beta, float eps, float *xn,
                          uint8_t *xq, uint8_t *xg, float levels, int a16, int vnni) {
