@@ -168,11 +168,12 @@ def int8_rows(libs: dict, repeats: int, a_path: str | None = None) -> list[dict]
 
 
 def int8_cases() -> list[tuple]:
-    """(what, modules, rows): head and step at 1 and 16 rows, and a prefill's layer products
-    (the step's linears less the head) at 512 rows."""
+    """(what, modules, rows): head and step at 1 and 16 rows, a step's layer products (the
+    step's linears less the head, whose time hides theirs in the step row) at 16 rows, and a
+    prefill's at 512 rows."""
     mods = layers()
     return [(what, m, rows) for what, m in mods.items() for rows in (1, 16)] + [
-        ("prefill layers", mods["step"][:-1], 512)]
+        ("step layers", mods["step"][:-1], 16), ("prefill layers", mods["step"][:-1], 512)]
 
 
 def summary(row: dict, t: dict) -> dict:
