@@ -161,6 +161,22 @@ def compile_flags(name: str, isa: str) -> tuple[list[str], list[str]]:
     return cmd, [f for f in LIBS.get(name, []) if f != "-lmvec" or isa in MVEC_ISAS]
 
 
+def compile_c(src: Path, name: str, isa: str, out: Path, include: Path = SOURCES,
+              cc: str | None = None) -> None:
+    """Compiles ``src`` into the shared library ``out`` as ``cpu/<name>.c`` is built for
+    ``isa`` (``compile_flags``), its headers from ``include`` (what ``load`` builds; the
+    ablations' kernel revisions and register loops, which live elsewhere, too). Raises
+    RuntimeError with the compiler's message if it fails."""
+    cc = cc or os.environ.get("CC", "cc")
+    cmd, libs = compile_flags(name, isa)
+    try:
+        subprocess.run([cc, *cmd, f"-I{include}", str(src), "-o", str(out), *libs], check=True,
+                       capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {Path(src).name} for {isa} with {cc} failed: "
+                           f"{e.stderr.strip()[-500:]}") from None
+
+
 def _compile(name: str, isa: str, cc: str) -> Path:
     """Path of the shared library for ``cpu/<name>.c`` on ``isa``, compiled now unless cached."""
     src = SOURCES / f"{name}.c"
@@ -174,12 +190,7 @@ def _compile(name: str, isa: str, cc: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-build-") as tmpdir:
         tmp = Path(tmpdir) / out.name   # the linker gives it the umask's mode
-        try:
-            subprocess.run([cc, *cmd, str(src), "-o", str(tmp), *libs], check=True,
-                           capture_output=True, text=True)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"compiling {src.name} for {isa} with {cc} failed: "
-                               f"{e.stderr.strip()[-500:]}") from None
+        compile_c(src, name, isa, tmp, cc=cc)
         digest = _digest(tmp)
         os.replace(tmp, out)   # atomic: a concurrent process sees no file or a whole one
     _atomic_write(out.with_name(out.name + ".sha256"), digest.encode())   # after the library

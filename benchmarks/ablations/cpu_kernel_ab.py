@@ -73,9 +73,7 @@ def build(source: str, kernel: str, isa: str, out: Path, include: Path) -> ctype
     """``source`` compiled as cpu_build does for ``isa``, its headers from ``include``."""
     src = out.with_suffix(".c")
     src.write_text(source)
-    flags, libs = cpu_build.compile_flags(kernel, isa)
-    subprocess.run([os.environ.get("CC", "cc"), *flags, f"-I{include}", str(src), "-o", str(out),
-                    *libs], check=True)
+    cpu_build.compile_c(src, kernel, isa, out, include)
     return BINDS[kernel](ctypes.CDLL(str(out)))
 
 

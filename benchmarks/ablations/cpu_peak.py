@@ -18,8 +18,6 @@ import nbp  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads libgom
 import argparse
 import ctypes
 import functools
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,11 +38,9 @@ SECONDS = 0.2   # per timed call
 def build(isa: str) -> ctypes.CDLL:
     """cpu_peak.c compiled with cpu_build's flags for ``isa`` (its isa.h from nbp_kernels/cpu),
     once per process and ISA."""
-    flags, libs = cpu_build.compile_flags("cpu_peak", isa)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"cpu_peak_{isa}.so"
-        subprocess.run([os.environ.get("CC", "cc"), *flags, f"-I{cpu_build.SOURCES}",
-                        str(HERE / "cpu_peak.c"), "-o", str(out), *libs], check=True)
+        cpu_build.compile_c(HERE / "cpu_peak.c", "cpu_peak", isa, out)
         lib = ctypes.CDLL(str(out))   # mapped: the file may go
     for name in ("nbp_fma_peak", "nbp_int8_dot_peak"):
         getattr(lib, name).restype = ctypes.c_double
