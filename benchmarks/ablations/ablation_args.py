@@ -24,6 +24,15 @@ def add_ablation_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def add_cpu_run_args(p, results: Path, repeats: int = 21) -> None:
+    """--threads, --repeats, --out and --tag of a CPU ablation that writes one result file
+    into ``results`` (its name tagged)."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--out", type=Path, default=results)
+    p.add_argument("--tag", default="", help="appended to the result file's name")
+
+
 def write_result(path: Path, result: dict) -> Path:
     """Write an ablation's result JSON atomically (creating its folder) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ablation_args import write_result
+from ablation_args import add_cpu_run_args, write_result
 from cpu_k600_isa_dtype import read_bandwidth
 from cpu_kernel_ab import attention_step, call, int8_call
 from cpu_peak import peaks
@@ -153,10 +153,7 @@ def prefill_rows(repeats: int, flush, peak: dict, bandwidth: float) -> list[dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default="", help="appended to the result file's name")
+    add_cpu_run_args(p, RESULTS)
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         p.error("--threads and --repeats: expected positive ints")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ablation_args import write_result
+from ablation_args import add_cpu_run_args, write_result
 from cpu_k600_isa_dtype import generation, k600_problem
 from nbp.commands.bench import machine_info, machine_tag, time_interleaved
 from nbp.generate import FastGenerator
@@ -93,10 +93,7 @@ def layer_rates(width: int, rows: int, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--tag", default="", help="appended to the result file's name")
+    add_cpu_run_args(p, RESULTS)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: expected a positive int")
