@@ -104,6 +104,8 @@ int nbp_int8_vnni(void) {
 #endif
 }
 
+#include "vmath.h"   /* vmax */
+
 /* max |x[k]| (x finite), a vector at a time: GCC leaves the scalar form unvectorised
  * (a max is not reassociated without -ffast-math), one element per max latency,
  * which made quantizing x most of the time of a 16 x 1536 -> 384 product. Any
@@ -112,18 +114,13 @@ static float abs_max(const float *x, int64_t K) {
     vf m[4] = {{0}, {0}, {0}, {0}};   /* 4 chains: the max's latency, not its rate, bound one */
     int64_t k = 0;
     for (; k + 4 * VLEN <= K; k += 4 * VLEN)
-        for (int c = 0; c < 4; c++) {
-            vf a = (vf)(*(const vu *)(x + k + c * VLEN) & 0x7fffffffu);
-            vi gt = a > m[c];
-            m[c] = (vf)(((vi)a & gt) | ((vi)m[c] & ~gt));
-        }
+        for (int c = 0; c < 4; c++)
+            m[c] = vmax((vf)(*(const vu *)(x + k + c * VLEN) & 0x7fffffffu), m[c]);
     /* the chains merged as vectors first: 4 VLEN lanes one by one were a chain of 64
      * dependent maxes on AVX-512 (~0.1 us a row, a quarter of a 16 x 384 call's
      * preparation) */
-    for (int c = 1; c < 4; c++) {
-        vi gt = m[c] > m[0];
-        m[0] = (vf)(((vi)m[c] & gt) | ((vi)m[0] & ~gt));
-    }
+    for (int c = 1; c < 4; c++)
+        m[0] = vmax(m[c], m[0]);
     float amax = 0.0f;
     for (int v = 0; v < VLEN; v++)
         amax = m[0][v] > amax ? m[0][v] : amax;
